@@ -1,0 +1,30 @@
+"""VeRA Lab core: VeRA and LoRA adapters for Hugging Face models, and the tools to train and compare them.
+
+The adapter API is a handful of verbs:
+
+    model = add_adapter(model, VeraConfig(r=256, target_modules="all-linear"))
+    ...train...
+    save_adapter(model, "my-adapter")            # b, d, seed and fingerprint: kilobytes
+    model = load_adapter(base_model, "my-adapter")
+    merge_adapter(model); unmerge_adapter(model); model = remove_adapter(model, merge=True)
+"""
+from .config import LoraConfig, VeraConfig
+from .count import count_parameters, estimate_parameters
+from .inject import (
+    active_adapter,
+    adapter_configs,
+    add_adapter,
+    disabled_adapter,
+    merge_adapter,
+    remove_adapter,
+    set_active_adapter,
+    unmerge_adapter,
+)
+from .io import export_peft, load_adapter, save_adapter
+from .projections import generate_projections
+
+__all__ = [
+    "VeraConfig", "LoraConfig", "add_adapter", "set_active_adapter", "active_adapter", "adapter_configs",
+    "disabled_adapter", "merge_adapter", "unmerge_adapter", "remove_adapter", "save_adapter", "load_adapter",
+    "export_peft", "count_parameters", "estimate_parameters", "generate_projections",
+]

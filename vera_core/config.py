@@ -1,0 +1,142 @@
+"""Adapter configurations: typed, validated on construction, JSON round-trippable.
+
+`target_modules` follows PEFT's semantics:
+  None          -> the architecture's default (see DEFAULT_TARGETS)
+  list of names -> module-name suffixes matched on a dot boundary ("q_proj" matches "model.layers.0.self_attn.q_proj")
+  a string      -> a regex full-matched against the whole module path
+  "all-linear"  -> every Linear / Conv1D except the output head
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field, fields
+from typing import Union
+
+TargetModules = Union[None, str, list[str], tuple[str, ...]]
+
+# Per-architecture defaults (attention query and value, as in the LoRA and VeRA papers).
+DEFAULT_TARGETS: dict[str, list[str]] = {
+    "llama": ["q_proj", "v_proj"],
+    "mistral": ["q_proj", "v_proj"],
+    "qwen2": ["q_proj", "v_proj"],
+    "gemma": ["q_proj", "v_proj"],
+    "phi3": ["qkv_proj"],
+    "opt": ["q_proj", "v_proj"],
+    "bert": ["query", "value"],
+    "roberta": ["query", "value"],
+    "distilbert": ["q_lin", "v_lin"],
+    "gpt2": ["c_attn"],
+}
+
+ALL_LINEAR = "all-linear"
+
+
+def _check_positive_int(name: str, value) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+        raise ValueError(f"{name} must be a positive integer, got {value!r}. Use for example {name}=8.")
+
+
+def _check_finite(name: str, value) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise ValueError(f"{name} must be a finite number, got {value!r}.")
+
+
+def _check_dropout(value) -> None:
+    _check_finite("dropout", value)
+    if not 0.0 <= value < 1.0:
+        raise ValueError(f"dropout must be in [0, 1), got {value!r}. Use 0.0 to disable it.")
+
+
+def _normalise_targets(value: TargetModules) -> TargetModules:
+    if value is None or isinstance(value, str):
+        if isinstance(value, str) and not value:
+            raise ValueError("target_modules is an empty string; give module names, a regex or 'all-linear'.")
+        return value
+    if isinstance(value, (list, tuple)) and value and all(isinstance(v, str) and v for v in value):
+        return list(value)
+    raise ValueError(
+        f"target_modules must be None, a non-empty list of module names, a regex string or 'all-linear'; got {value!r}."
+    )
+
+
+def _normalise_names(value) -> tuple[str, ...]:
+    if isinstance(value, str):
+        return (value,)
+    if isinstance(value, (list, tuple)) and all(isinstance(v, str) and v for v in value):
+        return tuple(value)
+    raise ValueError(f"modules_to_save must be a list of module names such as ['classifier'], got {value!r}.")
+
+
+@dataclass
+class VeraConfig:
+    """VeRA: h = W0 x + b * (B (d * (A x))) with A, B random, frozen and shared; b, d trained per layer."""
+
+    r: int = 256  # rank of the shared projections; raising it adds one trainable parameter per layer
+    d_init: float = 0.1  # initial value of every d (paper: small values such as 0.1 beat 1.0)
+    target_modules: TargetModules = None  # which layers get an adapter (see module docstring)
+    projection_seed: int = 0  # seed that regenerates A and B (PEFT's projection_prng_key)
+    dropout: float = 0.0  # dropout on the adapter's input
+    save_projection: bool = False  # also store A and B in the adapter file (else regenerated from the seed)
+    modules_to_save: tuple[str, ...] = ()  # extra modules trained as full copies, e.g. a classifier head
+
+    method = "vera"
+
+    def __post_init__(self):
+        _check_positive_int("r", self.r)
+        _check_finite("d_init", self.d_init)
+        _check_dropout(self.dropout)
+        if isinstance(self.projection_seed, bool) or not isinstance(self.projection_seed, int) or self.projection_seed < 0:
+            raise ValueError(f"projection_seed must be a non-negative integer, got {self.projection_seed!r}.")
+        if not isinstance(self.save_projection, bool):
+            raise ValueError(f"save_projection must be True or False, got {self.save_projection!r}.")
+        self.target_modules = _normalise_targets(self.target_modules)
+        self.modules_to_save = _normalise_names(self.modules_to_save)
+
+    def to_dict(self) -> dict:
+        return {"method": self.method, **asdict(self), "modules_to_save": list(self.modules_to_save)}
+
+
+@dataclass
+class LoraConfig:
+    """LoRA: h = W0 x + (alpha / r) B A x with A, B trained per layer (B starts at zero)."""
+
+    r: int = 8  # rank of each layer's A (r x in) and B (out x r)
+    alpha: float = 16  # scaling numerator: the update is multiplied by alpha / r
+    target_modules: TargetModules = None  # which layers get an adapter (see module docstring)
+    dropout: float = 0.0  # dropout on the adapter's input
+    modules_to_save: tuple[str, ...] = ()  # extra modules trained as full copies, e.g. a classifier head
+
+    method = "lora"
+
+    def __post_init__(self):
+        _check_positive_int("r", self.r)
+        _check_finite("alpha", self.alpha)
+        if self.alpha <= 0:
+            raise ValueError(f"alpha must be positive, got {self.alpha!r}. A common choice is alpha = 2 * r.")
+        _check_dropout(self.dropout)
+        self.target_modules = _normalise_targets(self.target_modules)
+        self.modules_to_save = _normalise_names(self.modules_to_save)
+
+    @property
+    def scaling(self) -> float:
+        return self.alpha / self.r
+
+    def to_dict(self) -> dict:
+        return {"method": self.method, **asdict(self), "modules_to_save": list(self.modules_to_save)}
+
+
+AdapterConfig = Union[VeraConfig, LoraConfig]
+
+
+def config_from_dict(data: dict) -> AdapterConfig:
+    """Rebuild a config written by `to_dict` (unknown keys are an error, so typos in hand-edited files show up)."""
+    data = dict(data)
+    method = data.pop("method", None)
+    cls = {"vera": VeraConfig, "lora": LoraConfig}.get(method)
+    if cls is None:
+        raise ValueError(f"unknown adapter method {method!r}; expected 'vera' or 'lora'.")
+    known = {f.name for f in fields(cls)}
+    unknown = set(data) - known
+    if unknown:
+        raise ValueError(f"unknown {method} config fields {sorted(unknown)}; known fields: {sorted(known)}.")
+    return cls(**data)

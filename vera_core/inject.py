@@ -1,0 +1,279 @@
+"""The public verbs: add, switch, merge, unmerge and remove adapters on a Hugging Face (or any torch) model.
+
+Every verb checks its input before it touches the model, so a failed call leaves the model as it was.
+"""
+from __future__ import annotations
+
+import re
+from contextlib import contextmanager
+from typing import Iterator
+
+from torch import nn
+
+from .config import ALL_LINEAR, DEFAULT_TARGETS, AdapterConfig, LoraConfig, VeraConfig
+from .layers import AdapterLayer, LoraLayer, ModulesToSave, VeraLayer, is_supported, layer_shape
+from .projections import VeraProjections
+
+# Plain attributes set on the adapted model (not modules, so they never enter its state dict).
+_CONFIGS = "_adapter_configs"  # {name: AdapterConfig}
+_ACTIVE = "_active_adapter"
+_REQUIRES_GRAD = "_base_requires_grad"  # {param name: requires_grad} before the first adapter, restored on removal
+
+
+def adapter_configs(model: nn.Module) -> dict[str, AdapterConfig]:
+    """The adapters on `model`, by name (empty when it has none)."""
+    return getattr(model, _CONFIGS, {})
+
+
+def active_adapter(model: nn.Module) -> str | None:
+    return getattr(model, _ACTIVE, None)
+
+
+def adapter_layers(model: nn.Module) -> Iterator[tuple[str, AdapterLayer]]:
+    for path, module in model.named_modules():
+        if isinstance(module, AdapterLayer):
+            yield path, module
+
+
+def _head_wrappers(model: nn.Module) -> Iterator[tuple[str, ModulesToSave]]:
+    for path, module in model.named_modules():
+        if isinstance(module, ModulesToSave):
+            yield path, module
+
+
+def _output_head_names(model: nn.Module) -> set[str]:
+    """Paths of the output embedding (lm_head), never an adapter target for "all-linear"."""
+    get = getattr(model, "get_output_embeddings", None)
+    head = get() if callable(get) else None
+    return {path for path, m in model.named_modules() if head is not None and m is head}
+
+
+def _candidates(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """Every module path that is not inside an adapter wrapper (the wrapper stands in for its base layer)."""
+    out = []
+    for path, module in model.named_modules():
+        if not path or ".base_layer" in f".{path}" or ".modules_to_save." in f".{path}" or ".original_module" in f".{path}":
+            continue
+        out.append((path, module))
+    return out
+
+
+def _matches(path: str, targets) -> bool:
+    if isinstance(targets, str):
+        return re.fullmatch(targets, path) is not None
+    return any(path == t or path.endswith("." + t) for t in targets)
+
+
+def resolve_targets(model: nn.Module, config: AdapterConfig) -> list[str]:
+    """Module paths the config adapts, with the error a user needs when none (or the wrong kind) match."""
+    targets = config.target_modules
+    if targets is None:
+        model_type = getattr(getattr(model, "config", None), "model_type", None)
+        if model_type not in DEFAULT_TARGETS:
+            raise ValueError(
+                f"no default target_modules for model type {model_type!r}; pass target_modules, e.g. "
+                f"{_leaf_names(model)[:8]} or 'all-linear'."
+            )
+        targets = DEFAULT_TARGETS[model_type]
+    excluded = set(config.modules_to_save) | _output_head_names(model)
+
+    def is_excluded(path: str) -> bool:
+        return any(path == e or path.endswith("." + e) or f".{e}." in f".{path}." for e in excluded)
+
+    found = []
+    for path, module in _candidates(model):
+        if isinstance(module, AdapterLayer):
+            wrapped = module.base_layer
+        else:
+            wrapped = module
+        if targets == ALL_LINEAR:
+            if is_supported(wrapped) and not is_excluded(path):
+                found.append(path)
+            continue
+        if _matches(path, targets):
+            if not is_supported(wrapped):
+                raise ValueError(
+                    f"module {path!r} matches target_modules but is a {type(wrapped).__name__}; only nn.Linear, "
+                    "transformers Conv1D and bitsandbytes Linear4bit / Linear8bitLt can carry an adapter."
+                )
+            found.append(path)
+    if not found:
+        raise ValueError(
+            f"no module matches target_modules={config.target_modules!r}. Candidate layer names in this model: "
+            f"{_leaf_names(model)}."
+        )
+    return found
+
+
+def _leaf_names(model: nn.Module) -> list[str]:
+    names = []
+    for path, module in _candidates(model):
+        leaf = path.rsplit(".", 1)[-1]
+        if (is_supported(module) or isinstance(module, AdapterLayer)) and leaf not in names:
+            names.append(leaf)
+    return names
+
+
+def _check_compatible(model: nn.Module, config: AdapterConfig, name: str) -> None:
+    existing = adapter_configs(model)
+    if not isinstance(name, str) or not name or "." in name:
+        raise ValueError(f"adapter name must be a non-empty string without dots, got {name!r}.")
+    if name in existing:
+        raise ValueError(f"model already has an adapter named {name!r}; pick another name or remove it first.")
+    for other_name, other in existing.items():
+        if type(other) is not type(config):
+            raise ValueError(
+                f"model already carries a {other.method} adapter ({other_name!r}); one model holds adapters of one "
+                f"method. Use a fresh copy of the base model for {config.method}."
+            )
+        if isinstance(config, VeraConfig) and (other.r, other.projection_seed) != (config.r, config.projection_seed):
+            raise ValueError(
+                f"VeRA adapters on one model share one (A, B) pair: {name!r} needs r={config.r}, "
+                f"projection_seed={config.projection_seed} but {other_name!r} has r={other.r}, "
+                f"projection_seed={other.projection_seed}. Use the same r and seed, or another model copy."
+            )
+    if any(isinstance(m, AdapterLayer) and m.merged_adapter for _, m in adapter_layers(model)):
+        raise ValueError("the model has a merged adapter; call unmerge_adapter(model) before adding another.")
+
+
+def _get_parent(model: nn.Module, path: str) -> tuple[nn.Module, str]:
+    parent_path, _, child = path.rpartition(".")
+    return (model.get_submodule(parent_path) if parent_path else model), child
+
+
+def _shared_projections(model: nn.Module, config: VeraConfig, paths: list[str]) -> VeraProjections:
+    """The model's (A, B) pair, made at the largest (in, out) among the targets; reused by later adapters."""
+    shapes = [layer_shape(_unwrapped(model.get_submodule(p))) for p in paths]
+    max_in, max_out = max(s[0] for s in shapes), max(s[1] for s in shapes)
+    for _, layer in adapter_layers(model):
+        if isinstance(layer, VeraLayer):
+            proj = layer.projections
+            if max_in > proj.max_in or max_out > proj.max_out:
+                raise ValueError(
+                    f"the new adapter's targets need projections of at least (in={max_in}, out={max_out}) but the "
+                    f"model's shared pair is (in={proj.max_in}, out={proj.max_out}); target the same layers as the "
+                    "first adapter, or use another model copy."
+                )
+            return proj
+    return VeraProjections(config.r, max_in, max_out, config.projection_seed).to(
+        next(model.parameters()).device
+    )
+
+
+def _unwrapped(module: nn.Module) -> nn.Module:
+    return module.base_layer if isinstance(module, AdapterLayer) else module
+
+
+def add_adapter(model: nn.Module, config: AdapterConfig, name: str = "default") -> nn.Module:
+    """Add a VeRA or LoRA adapter in place and make it the active, trainable one; everything else is frozen.
+
+    Each target is replaced at its path by a wrapper that keeps the original as `base_layer`. Modules named in
+    `modules_to_save` (e.g. a classifier head) are trained as copies so the original stays untouched.
+    """
+    if not isinstance(config, (VeraConfig, LoraConfig)):
+        raise TypeError(f"config must be a VeraConfig or LoraConfig, got {type(config).__name__}.")
+    _check_compatible(model, config, name)
+    paths = resolve_targets(model, config)
+    head_paths = []
+    for wanted in config.modules_to_save:
+        hits = [p for p, _ in _candidates(model) if p == wanted or p.endswith("." + wanted)]
+        if not hits:
+            raise ValueError(f"modules_to_save names {wanted!r} but the model has no such module.")
+        head_paths += hits
+    projections = _shared_projections(model, config, paths) if isinstance(config, VeraConfig) else None
+
+    # All checks passed: from here on the model is changed.
+    if not adapter_configs(model):
+        setattr(model, _REQUIRES_GRAD, {n: p.requires_grad for n, p in model.named_parameters()})
+        setattr(model, _CONFIGS, {})
+    for path in paths:
+        module = model.get_submodule(path)
+        if not isinstance(module, AdapterLayer):
+            module = VeraLayer(module, projections) if projections is not None else LoraLayer(module)
+            parent, child = _get_parent(model, path)
+            setattr(parent, child, module)
+        module.add(name, config)
+    for path in head_paths:
+        module = model.get_submodule(path)
+        if not isinstance(module, ModulesToSave):
+            module = ModulesToSave(module)
+            parent, child = _get_parent(model, path)
+            setattr(parent, child, module)
+        module.add(name)
+    adapter_configs(model)[name] = config
+    set_active_adapter(model, name)
+    return model
+
+
+def set_active_adapter(model: nn.Module, name: str | None) -> nn.Module:
+    """Make `name` the adapter used in forward and the only one trained (None: run the plain base model)."""
+    configs = adapter_configs(model)
+    if name is not None and name not in configs:
+        raise ValueError(f"no adapter named {name!r}; the model has {sorted(configs)}.")
+    if any(m.merged_adapter for _, m in adapter_layers(model)):
+        raise ValueError("an adapter is merged into the weights; call unmerge_adapter(model) before switching.")
+    for param in model.parameters():
+        param.requires_grad_(False)
+    for _, module in list(adapter_layers(model)) + list(_head_wrappers(model)):
+        module.active_adapter = name
+        for param_name, param in module.named_parameters():
+            # Only the active adapter's own tensors (`<dict>.<name>` or `modules_to_save.<name>.*`) train.
+            parts = param_name.split(".")
+            if name is not None and len(parts) >= 2 and parts[0] != "base_layer" and parts[0] != "original_module" \
+                    and parts[1] == name:
+                param.requires_grad_(True)
+    setattr(model, _ACTIVE, name)
+    return model
+
+
+@contextmanager
+def disabled_adapter(model: nn.Module):
+    """Run the base model inside the block (e.g. to compare outputs), then restore the active adapter."""
+    name = active_adapter(model)
+    grads = {n: p.requires_grad for n, p in model.named_parameters()}
+    set_active_adapter(model, None)
+    try:
+        yield model
+    finally:
+        set_active_adapter(model, name)
+        for n, p in model.named_parameters():
+            p.requires_grad_(grads[n])
+
+
+def merge_adapter(model: nn.Module) -> nn.Module:
+    """Bake the active adapter into the base weights: same outputs, no adapter cost at inference."""
+    if active_adapter(model) is None:
+        raise ValueError("the model has no active adapter to merge.")
+    for _, layer in adapter_layers(model):
+        layer.merge()
+    return model
+
+
+def unmerge_adapter(model: nn.Module) -> nn.Module:
+    """Take a merged adapter back out of the base weights (within float rounding of the originals)."""
+    for _, layer in adapter_layers(model):
+        layer.unmerge()
+    return model
+
+
+def remove_adapter(model: nn.Module, merge: bool = False) -> nn.Module:
+    """Give back the plain model: wrappers replaced by their base layers (merge=True bakes the active adapter in)."""
+    if not adapter_configs(model):
+        raise ValueError("the model has no adapter to remove.")
+    if merge:
+        merge_adapter(model)
+    else:
+        unmerge_adapter(model)
+    for path, layer in list(adapter_layers(model)):
+        parent, child = _get_parent(model, path)
+        setattr(parent, child, layer.base_layer)
+    for path, wrapper in list(_head_wrappers(model)):
+        parent, child = _get_parent(model, path)
+        keep = wrapper.modules_to_save[wrapper.active_adapter] if merge and wrapper.active_adapter else wrapper.original_module
+        setattr(parent, child, keep)
+    flags = getattr(model, _REQUIRES_GRAD)
+    for n, p in model.named_parameters():
+        p.requires_grad_(flags.get(n, True))
+    for attr in (_CONFIGS, _ACTIVE, _REQUIRES_GRAD):
+        delattr(model, attr)
+    return model

@@ -1,0 +1,292 @@
+"""Adapter files: native save / load (safetensors + JSON, written atomically, never unpickled) and PEFT export.
+
+Both formats use one tensor layout, PEFT's, keyed by module path:
+    <path>.vera_lambda_b (out,)  <path>.vera_lambda_d (r,)      VeRA vectors
+    <path>.lora_A.weight (r, in) <path>.lora_B.weight (out, r)  LoRA matrices
+    <head path>.<param>                                         trained head copies (modules_to_save)
+    vera_A (r, max_in), vera_B (max_out, r)                     only when the projections are saved
+PEFT files prefix every key with "base_model.model." (projections with "base_model.").
+A native VeRA file stores b, d, the seed and a fingerprint of (A, B) instead of A and B: loading regenerates them.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+from torch import nn
+from transformers.pytorch_utils import Conv1D
+
+from .config import AdapterConfig, LoraConfig, VeraConfig, config_from_dict
+from .files import atomic_directory
+from .inject import active_adapter, adapter_configs, adapter_layers, add_adapter
+from .layers import LoraLayer, ModulesToSave, VeraLayer, layer_shape
+from .projections import VeraProjections, fingerprint, generate_projections
+
+NATIVE_CONFIG = "vera_lab_adapter.json"
+NATIVE_WEIGHTS = "adapter.safetensors"
+PEFT_CONFIG = "adapter_config.json"
+PEFT_WEIGHTS = "adapter_model.safetensors"
+FORMAT = "vera-lab-adapter"
+_PEFT_PREFIX = "base_model.model."
+_ADAPTER_SUFFIXES = (".vera_lambda_b", ".vera_lambda_d", ".lora_A.weight", ".lora_B.weight")
+
+
+def _resolve_name(model: nn.Module, name: str | None) -> str:
+    configs = adapter_configs(model)
+    if not configs:
+        raise ValueError("the model has no adapter; call add_adapter(model, config) first.")
+    name = name or active_adapter(model)
+    if name not in configs:
+        raise ValueError(f"no adapter named {name!r}; the model has {sorted(configs)}.")
+    return name
+
+
+def _projections(model: nn.Module) -> VeraProjections:
+    return next(layer.projections for _, layer in adapter_layers(model) if isinstance(layer, VeraLayer))
+
+
+def adapter_tensors(model: nn.Module, name: str, as_lora: bool = False) -> dict[str, torch.Tensor]:
+    """The adapter `name` (and its head copies) as {key: fp32 CPU tensor} in the layout above.
+
+    as_lora=True turns VeRA into the exact rank-r LoRA: lora_A = d * A_s, lora_B = b * B_s (use alpha = r).
+    """
+    out: dict[str, torch.Tensor] = {}
+    for path, layer in adapter_layers(model):
+        if name not in layer.adapter_names:
+            continue
+        if isinstance(layer, VeraLayer):
+            b, d = layer.vera_lambda_b[name].detach().float(), layer.vera_lambda_d[name].detach().float()
+            if as_lora:
+                A = layer.projections.A[:, : layer.in_features].float()
+                B = layer.projections.B[: layer.out_features, :].float()
+                out[f"{path}.lora_A.weight"] = d[:, None] * A  # (r, in)
+                out[f"{path}.lora_B.weight"] = b[:, None] * B  # (out, r)
+            else:
+                out[f"{path}.vera_lambda_b"] = b
+                out[f"{path}.vera_lambda_d"] = d
+        elif isinstance(layer, LoraLayer):
+            out[f"{path}.lora_A.weight"] = layer.lora_A[name].detach().float()
+            out[f"{path}.lora_B.weight"] = layer.lora_B[name].detach().float()
+    for path, module in model.named_modules():
+        if isinstance(module, ModulesToSave) and name in module.modules_to_save:
+            for key, value in module.modules_to_save[name].state_dict().items():
+                out[f"{path}.{key}"] = value.detach()
+    return {k: v.to("cpu").contiguous().clone() for k, v in out.items()}
+
+
+def _vera_meta(model: nn.Module) -> dict:
+    proj = _projections(model)
+    return {"seed": proj.seed, "r": proj.r, "max_in": proj.max_in, "max_out": proj.max_out,
+            "fingerprint": proj.fingerprint()}
+
+
+def save_adapter(model: nn.Module, directory: str | os.PathLike, name: str | None = None) -> Path:
+    """Write adapter `name` (default: the active one) to `directory`: adapter.safetensors + vera_lab_adapter.json.
+
+    The directory is filled as a temporary sibling and renamed into place, so a crash never leaves a mix.
+    """
+    name = _resolve_name(model, name)
+    config = adapter_configs(model)[name]
+    tensors = adapter_tensors(model, name)
+    meta = {"format": FORMAT, "format_version": 1, "adapter_name": name, "config": config.to_dict(),
+            "base_model": getattr(getattr(model, "config", None), "_name_or_path", None),
+            "torch_version": torch.__version__}
+    if isinstance(config, VeraConfig):
+        meta["projection"] = _vera_meta(model)
+        if config.save_projection:
+            proj = _projections(model)
+            tensors["vera_A"], tensors["vera_B"] = proj.A.cpu().contiguous(), proj.B.cpu().contiguous()
+    with atomic_directory(directory) as tmp:
+        save_file(tensors, str(tmp / NATIVE_WEIGHTS), metadata={"format": FORMAT})
+        (tmp / NATIVE_CONFIG).write_text(json.dumps(meta, indent=2) + "\n")
+    return Path(directory)
+
+
+def export_peft(model: nn.Module, directory: str | os.PathLike, as_lora: bool = False, name: str | None = None) -> Path:
+    """Write a PEFT adapter directory (adapter_config.json + adapter_model.safetensors) for `PeftModel.from_pretrained`.
+
+    as_lora=True exports a VeRA adapter as the exact LoRA of rank r (alpha = r, so scaling 1): any LoRA stack serves it.
+    """
+    name = _resolve_name(model, name)
+    config = adapter_configs(model)[name]
+    paths = [p for p, layer in adapter_layers(model) if name in layer.adapter_names]
+    conv1d = any(isinstance(model.get_submodule(p).base_layer, Conv1D) for p in paths)
+    common = {"base_model_name_or_path": getattr(getattr(model, "config", None), "_name_or_path", None) or None,
+              "target_modules": paths, "modules_to_save": list(config.modules_to_save) or None,
+              "fan_in_fan_out": conv1d, "bias": "none", "inference_mode": True, "task_type": None, "revision": None,
+              "layers_to_transform": None, "layers_pattern": None}
+    tensors = {_PEFT_PREFIX + k: v for k, v in adapter_tensors(model, name, as_lora=as_lora).items()}
+    if isinstance(config, VeraConfig) and not as_lora:
+        peft_config = {**common, "peft_type": "VERA", "r": config.r, "projection_prng_key": config.projection_seed,
+                       "save_projection": config.save_projection, "d_initial": config.d_init,
+                       "vera_dropout": config.dropout, "init_weights": True}
+        if config.save_projection:
+            proj = _projections(model)
+            tensors["base_model.vera_A"], tensors["base_model.vera_B"] = proj.A.cpu().contiguous(), proj.B.cpu().contiguous()
+    else:
+        alpha = config.r if isinstance(config, VeraConfig) else config.alpha
+        peft_config = {**common, "peft_type": "LORA", "r": config.r, "lora_alpha": alpha,
+                       "lora_dropout": config.dropout, "init_lora_weights": True, "use_rslora": False,
+                       "use_dora": False}
+    with atomic_directory(directory) as tmp:
+        save_file(tensors, str(tmp / PEFT_WEIGHTS), metadata={"format": "pt"})
+        (tmp / PEFT_CONFIG).write_text(json.dumps(peft_config, indent=2) + "\n")
+    return Path(directory)
+
+
+def _read(directory: Path) -> tuple[AdapterConfig, dict, dict[str, torch.Tensor]]:
+    """(config, metadata, tensors in the native layout) from a native or PEFT adapter directory."""
+    if not directory.is_dir():
+        raise FileNotFoundError(f"adapter directory {str(directory)!r} does not exist.")
+    native, peft = directory / NATIVE_CONFIG, directory / PEFT_CONFIG
+    config_file = native if native.exists() else peft
+    weights = directory / (NATIVE_WEIGHTS if native.exists() else PEFT_WEIGHTS)
+    if not config_file.exists():
+        raise FileNotFoundError(
+            f"{str(directory)!r} is not an adapter directory: neither {NATIVE_CONFIG} (VeRA Lab) nor {PEFT_CONFIG} "
+            f"(PEFT) is there. Found: {sorted(p.name for p in directory.iterdir())}."
+        )
+    if not weights.exists():
+        raise FileNotFoundError(f"adapter directory {str(directory)!r} has {config_file.name} but no {weights.name}.")
+    try:
+        meta = json.loads(config_file.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ValueError(f"{config_file} is not valid JSON ({err}); the adapter directory is corrupt.") from err
+    try:
+        tensors = load_file(str(weights))
+    except (SafetensorError, OSError, ValueError) as err:
+        raise ValueError(f"{weights} is not a readable safetensors file ({err}); the adapter directory is corrupt.") from err
+    if native.exists():
+        if meta.get("format") != FORMAT or "config" not in meta:
+            raise ValueError(f"{config_file} is not a {FORMAT} config (missing 'format' or 'config').")
+        return config_from_dict(meta["config"]), meta, tensors
+    return _from_peft(meta, tensors, config_file)
+
+
+def _from_peft(meta: dict, tensors: dict, config_file: Path) -> tuple[AdapterConfig, dict, dict]:
+    kind = meta.get("peft_type")
+    mts = tuple(meta.get("modules_to_save") or ())
+    targets = meta.get("target_modules")
+    if kind == "VERA":
+        config = VeraConfig(r=meta["r"], d_init=meta.get("d_initial", 0.1), target_modules=targets,
+                            projection_seed=meta.get("projection_prng_key", 0), dropout=meta.get("vera_dropout", 0.0),
+                            save_projection=bool(meta.get("save_projection", False)), modules_to_save=mts)
+    elif kind == "LORA":
+        if meta.get("use_dora") or meta.get("use_rslora"):
+            raise ValueError(f"{config_file}: DoRA / rsLoRA adapters are not supported; plain LoRA only.")
+        config = LoraConfig(r=meta["r"], alpha=meta.get("lora_alpha", 8), target_modules=targets,
+                            dropout=meta.get("lora_dropout", 0.0), modules_to_save=mts)
+    else:
+        raise ValueError(f"{config_file}: peft_type {kind!r} is not supported; VERA and LORA are.")
+    renamed = {}
+    for key, value in tensors.items():
+        # PEFT keys: base_model.model.<path>... and base_model.vera_A / vera_B.
+        key = key[len(_PEFT_PREFIX):] if key.startswith(_PEFT_PREFIX) else key.removeprefix("base_model.")
+        renamed[key] = value
+    return config, {"format": "peft"}, renamed
+
+
+def _check_against_model(model: nn.Module, config: AdapterConfig, tensors: dict, where: Path) -> list[str]:
+    """Adapter paths in the file, after checking each exists in `model` with matching shapes and nothing is missing."""
+    paths = []
+    for key, value in tensors.items():
+        suffix = next((s for s in _ADAPTER_SUFFIXES if key.endswith(s)), None)
+        if suffix is None:
+            continue
+        path = key[: -len(suffix)]
+        try:
+            in_f, out_f = _shape(model, path)
+        except (AttributeError, TypeError):
+            raise ValueError(
+                f"adapter {str(where)!r} was made for a different base model: it adapts module {path!r}, which this "
+                "model does not have (or is not a linear layer)."
+            ) from None
+        expected = {".vera_lambda_b": (out_f,), ".vera_lambda_d": (config.r,), ".lora_A.weight": (config.r, in_f),
+                    ".lora_B.weight": (out_f, config.r)}[suffix]
+        if tuple(value.shape) != expected:
+            raise ValueError(
+                f"adapter {str(where)!r} was made for a different base model: {key} has shape {tuple(value.shape)}, "
+                f"but module {path!r} here (in={in_f}, out={out_f}, r={config.r}) needs {expected}."
+            )
+        if path not in paths:
+            paths.append(path)
+    if not paths:
+        raise ValueError(f"adapter {str(where)!r} holds no VeRA or LoRA tensors; the file is empty or not an adapter.")
+    needed = [s for s in _ADAPTER_SUFFIXES if ("vera" in s) == isinstance(config, VeraConfig)]
+    needed = [f"{p}{s}" for p in paths for s in needed]
+    for wanted in config.modules_to_save:
+        for path, module in model.named_modules():
+            if path == wanted or path.endswith("." + wanted):
+                needed += [f"{path}.{k}" for k in module.state_dict()]
+    missing = [k for k in needed if k not in tensors]
+    if missing:
+        raise ValueError(f"adapter {str(where)!r} lacks {len(missing)} tensors its config needs, first: {missing[0]}.")
+    return paths
+
+
+def load_adapter(base_model: nn.Module, directory: str | os.PathLike, name: str = "default") -> nn.Module:
+    """Add the adapter saved in `directory` (VeRA Lab, or a PEFT VeRA / LoRA directory) to `base_model`, in place.
+
+    VeRA projections are regenerated from the seed and must match the saved fingerprint (or come from the file).
+    Every check runs before the model is touched.
+    """
+    directory = Path(directory)
+    config, meta, tensors = _read(directory)
+    paths = _check_against_model(base_model, config, tensors, directory)
+    projections = None
+    if isinstance(config, VeraConfig):
+        saved = meta.get("projection", {})
+        shapes = [_shape(base_model, p) for p in paths]
+        max_in = saved.get("max_in", max(s[0] for s in shapes))
+        max_out = saved.get("max_out", max(s[1] for s in shapes))
+        if "vera_A" in tensors and "vera_B" in tensors:
+            A, B = tensors.pop("vera_A"), tensors.pop("vera_B")
+            max_in, max_out = A.shape[1], B.shape[0]
+        else:
+            A, B = generate_projections(config.r, max_in, max_out, config.projection_seed)
+        if "fingerprint" in saved and fingerprint(A, B) != saved["fingerprint"]:
+            raise ValueError(
+                f"adapter {str(directory)!r}: the projections regenerated from seed {config.projection_seed} do not "
+                f"match the saved fingerprint (torch here {torch.__version__}, adapter saved with "
+                f"{meta.get('torch_version')}). The random generator changed; save the adapter with "
+                "VeraConfig(save_projection=True) so A and B travel with it."
+            )
+        projections = VeraProjections(config.r, max_in, max_out, config.projection_seed, A, B)
+    load_config = dataclasses.replace(config, target_modules=paths)
+    add_adapter(base_model, load_config, name=name)
+    adapter_configs(base_model)[name] = config
+    if projections is not None:
+        projections = projections.to(next(base_model.parameters()).device)
+        for _, layer in adapter_layers(base_model):
+            layer.projections = projections
+    _copy_into(base_model, name, tensors)
+    return base_model
+
+
+def _shape(model: nn.Module, path: str) -> tuple[int, int]:
+    module = model.get_submodule(path)
+    return layer_shape(module.base_layer if hasattr(module, "base_layer") else module)
+
+
+def _copy_into(model: nn.Module, name: str, tensors: dict[str, torch.Tensor]) -> None:
+    params = dict(model.named_parameters())
+    buffers = dict(model.named_buffers())
+    with torch.no_grad():
+        for path, layer in adapter_layers(model):
+            if isinstance(layer, VeraLayer) and name in layer.adapter_names:
+                layer.vera_lambda_b[name].copy_(tensors[f"{path}.vera_lambda_b"])
+                layer.vera_lambda_d[name].copy_(tensors[f"{path}.vera_lambda_d"])
+            elif isinstance(layer, LoraLayer) and name in layer.adapter_names:
+                layer.lora_A[name].copy_(tensors[f"{path}.lora_A.weight"])
+                layer.lora_B[name].copy_(tensors[f"{path}.lora_B.weight"])
+        for path, module in model.named_modules():
+            if isinstance(module, ModulesToSave) and name in module.modules_to_save:
+                for key in module.modules_to_save[name].state_dict():
+                    full = f"{path}.modules_to_save.{name}.{key}"
+                    target = params.get(full, buffers.get(full))
+                    target.copy_(tensors[f"{path}.{key}"])

@@ -1,0 +1,63 @@
+"""VeRA's shared random projections A (r x max_in) and B (max_out x r), regenerated from one seed.
+
+They are generated exactly as PEFT's `peft.tuners.vera` does, so adapters move between the two: a CPU
+`torch.Generator` seeded with the projection seed draws A first, then B, each Kaiming-uniform with gain sqrt(2)
+(bound = sqrt(6 / fan_in), fan_in = max_in for A and r for B).
+"""
+from __future__ import annotations
+
+import hashlib
+import math
+
+import torch
+from torch import nn
+
+
+def kaiming_uniform(shape: tuple[int, int], generator: torch.Generator) -> torch.Tensor:
+    """Uniform(-sqrt(6 / fan_in), +sqrt(6 / fan_in)) with fan_in = shape[1], drawn from `generator`."""
+    bound = math.sqrt(6.0 / shape[1])
+    return torch.empty(shape).uniform_(-bound, bound, generator=generator)
+
+
+def generate_projections(r: int, max_in: int, max_out: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """A (r, max_in) then B (max_out, r) from one seeded CPU generator, in fp32."""
+    generator = torch.Generator(device="cpu").manual_seed(seed)
+    A = kaiming_uniform((r, max_in), generator)
+    B = kaiming_uniform((max_out, r), generator)
+    return A, B
+
+
+def fingerprint(A: torch.Tensor, B: torch.Tensor) -> str:
+    """SHA-256 of A then B as contiguous fp32 bytes: proves a regenerated pair is the one an adapter was trained with."""
+    digest = hashlib.sha256()
+    for t in (A, B):
+        digest.update(t.detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
+    return digest.hexdigest()
+
+
+class VeraProjections(nn.Module):
+    """One frozen (A, B) pair shared by every VeRA layer of a model: a single storage, not per-layer copies.
+
+    The buffers are non-persistent so the model's state dict stays the base model's; the adapter file stores the
+    seed and a fingerprint instead (or A and B themselves with save_projection=True).
+    """
+
+    def __init__(self, r: int, max_in: int, max_out: int, seed: int, A: torch.Tensor | None = None,
+                 B: torch.Tensor | None = None):
+        super().__init__()
+        self.r, self.max_in, self.max_out, self.seed = r, max_in, max_out, seed
+        if A is None or B is None:
+            A, B = generate_projections(r, max_in, max_out, seed)
+        if tuple(A.shape) != (r, max_in) or tuple(B.shape) != (max_out, r):
+            raise ValueError(
+                f"projection shapes A {tuple(A.shape)} / B {tuple(B.shape)} do not match r={r}, "
+                f"max_in={max_in}, max_out={max_out}."
+            )
+        self.register_buffer("A", A.to(torch.float32), persistent=False)  # (r, max_in)
+        self.register_buffer("B", B.to(torch.float32), persistent=False)  # (max_out, r)
+
+    def fingerprint(self) -> str:
+        return fingerprint(self.A, self.B)
+
+    def extra_repr(self) -> str:
+        return f"r={self.r}, max_in={self.max_in}, max_out={self.max_out}, seed={self.seed}"
