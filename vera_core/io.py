@@ -193,12 +193,17 @@ def _from_peft(meta: dict, tensors: dict, config_file: Path) -> tuple[AdapterCon
 
 def _check_against_model(model: nn.Module, config: AdapterConfig, tensors: dict, where: Path) -> list[str]:
     """Adapter paths in the file, after checking each exists in `model` with matching shapes and nothing is missing."""
-    paths = []
+    entries = []  # (module path, suffix, tensor) for every VeRA / LoRA tensor in the file
     for key, value in tensors.items():
         suffix = next((s for s in _ADAPTER_SUFFIXES if key.endswith(s)), None)
-        if suffix is None:
-            continue
-        path = key[: -len(suffix)]
+        if suffix is not None:
+            entries.append((key[: -len(suffix)], suffix, value))
+    # Report problems in the model's own module order (the file's keys are sorted alphabetically).
+    order = {path: i for i, (path, _) in enumerate(model.named_modules())}
+    entries.sort(key=lambda e: order.get(e[0], -1))
+    paths = []
+    for path, suffix, value in entries:
+        key = path + suffix
         try:
             in_f, out_f = _shape(model, path)
         except (AttributeError, TypeError):
