@@ -264,3 +264,22 @@ def test_second_adapter_must_share_seed_and_r():
     with pytest.raises(ValueError, match="projections of at least"):
         add_adapter(model, VeraConfig(r=8, target_modules=["gate_proj"]), name="wide")
     assert [n for n, _ in model.named_parameters()] == names
+
+
+@pytest.mark.parametrize("bits", ["4bit", "8bit"])
+def test_bitsandbytes_base(bits, tmp_path, tokens):
+    from transformers import BitsAndBytesConfig, LlamaForCausalLM
+
+    tiny_llama().save_pretrained(tmp_path)
+    quant = (BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.float32)
+             if bits == "4bit" else BitsAndBytesConfig(load_in_8bit=True))
+    model = LlamaForCausalLM.from_pretrained(tmp_path, quantization_config=quant)
+    assert type(model.model.layers[0].self_attn.q_proj).__name__ == {"4bit": "Linear4bit", "8bit": "Linear8bitLt"}[bits]
+    reference = model(tokens).logits
+    add_adapter(model, VeraConfig(r=16, target_modules=LLAMA_ALL))
+    torch.testing.assert_close(model(tokens).logits, reference, atol=0, rtol=0)
+    assert count_parameters(model)["trainable"] == 2 * (32 + 16 + 16 + 32 + 72 + 72 + 32 + 7 * 16)
+    model(tokens, labels=tokens).loss.backward()
+    assert model.model.layers[0].self_attn.q_proj.vera_lambda_b["default"].grad.abs().sum() > 0
+    with pytest.raises(NotImplementedError, match="4-bit / 8-bit base is refused"):
+        merge_adapter(model)
