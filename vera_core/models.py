@@ -98,6 +98,7 @@ def _gguf_cache(name: str, entry: OfflineModel) -> Path:
     del model.config.quantization_config
     model.hf_quantizer = None
     tmp = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=target.parent))
+    tmp.chmod(0o755)  # mkdtemp makes it private; the cache is an ordinary folder
     try:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
@@ -190,7 +191,8 @@ def load_model(
     if trust_remote_code:
         kwargs["trust_remote_code"] = True
     if task == "classification":
-        kwargs["num_labels"] = num_labels
+        # A checkpoint whose head has another label count gets a fresh head instead of a size-mismatch error.
+        kwargs.update(num_labels=num_labels, ignore_mismatched_sizes=True)
     quant_config = _quantization_config(quantization, task, device)
     if quant_config is not None:
         # bitsandbytes quantizes while placing weights, so the device is chosen at load time.
