@@ -75,7 +75,7 @@ class TrainConfig:
     grad_accum: int = 1  # micro-batches per optimizer step; effective batch = batch_size * grad_accum * processes
     max_length: int = 128  # tokens per row; longer rows are truncated (counted in TrainResult.truncated)
     lr: float | None = None  # adapter (or full-model) learning rate; None -> default_lr(method)
-    head_lr: float | None = None  # classifier-head rate (modules_to_save, or everything in head-only runs); None -> default
+    head_lr: float | None = None  # head rate (modules_to_save, or all that trains in head-only runs); None -> default
     weight_decay: float = 0.0  # AdamW decoupled weight decay
     warmup_ratio: float = 0.06  # fraction of the steps spent ramping the rate up from 0
     schedule: str = "linear"  # decay after warm-up: "linear" or "cosine" (to 0), or "constant"
@@ -119,7 +119,9 @@ class TrainConfig:
             try:
                 torch.device(self.device)
             except (RuntimeError, TypeError):
-                raise ValueError(f"device must be 'auto' or a torch device such as 'cpu' or 'cuda', got {self.device!r}.") from None
+                raise ValueError(
+                    f"device must be 'auto' or a torch device such as 'cpu' or 'cuda', got {self.device!r}."
+                ) from None
         if self.bf16 not in ("auto", True, False):
             raise ValueError(f"bf16 must be 'auto', True or False, got {self.bf16!r}.")
 
@@ -310,7 +312,9 @@ def _check_writable(out_dir: Path) -> None:
         probe.write_text("ok")
         probe.unlink()
     except OSError as e:
-        raise ValueError(f"out_dir {str(out_dir)!r} is not a writable directory ({e}); choose another out_dir.") from None
+        raise ValueError(
+            f"out_dir {str(out_dir)!r} is not a writable directory ({e}); choose another out_dir."
+        ) from None
 
 
 @torch.no_grad()
@@ -384,7 +388,12 @@ def _save_checkpoint(out_dir: Path, model: nn.Module, method: str, optimizer, sc
         tensors = {n: p.detach().cpu().contiguous() for n, p in _trainable(model).items()}
         save_file(tensors, str(tmp / "trainable.safetensors"))
         if method in ("vera", "lora"):
-            save_adapter(model, tmp / "adapter")  # a usable adapter on its own (load_adapter)
+            # The adapter's own files sit flat in the checkpoint, so load_adapter(base, checkpoint) works on it
+            # (atomic_directory holds plain files only: save next to it, then move the files in).
+            scratch = save_adapter(model, directory.with_name(f".{directory.name}.adapter"))
+            for f in scratch.iterdir():
+                os.replace(f, tmp / f.name)
+            scratch.rmdir()
         torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "rng": rng},
                    tmp / _CHECKPOINT_STATE)
         write_json(tmp / "train_config.json", run_config)
@@ -459,7 +468,8 @@ def train(
     if _distributed():
         from accelerate import Accelerator  # imported only for multi-process runs
 
-        accelerator = Accelerator()
+        # cpu=True is what makes accelerate start gloo DDP (MULTI_CPU) rather than one process per rank.
+        accelerator = Accelerator(cpu=_resolve_device(config).type == "cpu")
     device = accelerator.device if accelerator else _resolve_device(config)
     rank, world = (accelerator.process_index, accelerator.num_processes) if accelerator else (0, 1)
     use_bf16 = _use_bf16(config, device)
@@ -488,10 +498,13 @@ def train(
         _seed_everything(config.seed)
     if config.grad_checkpointing:
         if not getattr(core, "supports_gradient_checkpointing", False):
-            raise ValueError(f"{type(core).__name__} does not support gradient checkpointing; set grad_checkpointing=False.")
+            raise ValueError(
+                f"{type(core).__name__} does not support gradient checkpointing; set grad_checkpointing=False."
+            )
         # Non-reentrant checkpointing back-propagates to the adapter even though the frozen inputs need no grad,
-        # so enable_input_require_grads (needed by the reentrant variant) is not.
-        core.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        # so enable_input_require_grads (needed by the reentrant variant) is not. (transformers 5 renamed
+        # gradient_checkpointing_enable to activation_checkpointing_enable.)
+        core.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     if accelerator:
         # DDP all-reduces gradients in backward; the scheduler stays ours (accelerate's would step once per process).
         model, optimizer = accelerator.prepare(model, optimizer)
@@ -602,7 +615,7 @@ def train(
     finally:
         model.eval()
         if config.grad_checkpointing:
-            core.gradient_checkpointing_disable()
+            core.activation_checkpointing_disable()
 
     timed = step_times[1:] or step_times  # the first step pays for warm-up (allocations, lazy init)
     timed_tokens = step_tokens[1:] or step_tokens

