@@ -20,11 +20,15 @@ from .inject import (
     set_active_adapter,
     unmerge_adapter,
 )
+from .data import BUILTIN_DATASETS, TextDataset, format_preview, load_dataset, preview
 from .io import export_peft, load_adapter, save_adapter
+from .models import OFFLINE_MODELS, generate, load_model, model_summary, predict
 from .projections import generate_projections
 
 __all__ = [
     "VeraConfig", "LoraConfig", "add_adapter", "set_active_adapter", "active_adapter", "adapter_configs",
     "disabled_adapter", "merge_adapter", "unmerge_adapter", "remove_adapter", "save_adapter", "load_adapter",
     "export_peft", "count_parameters", "estimate_parameters", "generate_projections",
+    "load_model", "generate", "predict", "model_summary", "OFFLINE_MODELS",
+    "TextDataset", "load_dataset", "preview", "format_preview", "BUILTIN_DATASETS",
 ]
