@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
+from . import fused
 from .config import LoraConfig, VeraConfig
 from .projections import VeraProjections
 
@@ -115,7 +116,43 @@ class VeraLayer(AdapterLayer):
         self.vera_lambda_d[name] = nn.Parameter(torch.full((config.r,), float(config.d_init), device=device))
         self.dropout[name] = nn.Dropout(config.dropout) if config.dropout > 0 else nn.Identity()
 
+    def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        name = self.active_adapter
+        if name is None or self.merged_adapter is not None or args or kwargs or not self._foldable(x, name):
+            return super().forward(x, *args, **kwargs)
+        b, d = self.vera_lambda_b[name], self.vera_lambda_d[name]
+        weight, bias = self.base_layer.weight, self.base_layer.bias
+        if isinstance(self.base_layer, Conv1D):
+            weight = weight.T  # Conv1D stores (in, out)
+        A_s = self.projections.A[:, : self.in_features]  # (r, in)
+        B_s = self.projections.B[: self.out_features, :]  # (out, r)
+        u = None
+        if torch.is_grad_enabled() and (b.requires_grad or d.requires_grad):
+            u = self.projections.project_input(x, self.in_features, b.dtype).detach()  # (..., r), shared
+        return fused.FoldedVera.apply(x, weight, bias, b, d, A_s, B_s, u)
+
+    def _foldable(self, x: torch.Tensor, name: str) -> bool:
+        """Fold the update into the frozen weight when that is exact (fp32, frozen plain Linear / Conv1D, no active
+        dropout, no hooks on the base) and cheaper: N·(in + out) > in·out for N tokens (see fused.py)."""
+        base, dropout = self.base_layer, self.dropout[name]
+        frozen = not base.weight.requires_grad and (base.bias is None or not base.bias.requires_grad)
+        fp32 = base.weight.dtype == x.dtype == self.vera_lambda_b[name].dtype == self.projections.A.dtype == torch.float32
+        tokens = x.numel() // self.in_features
+        return (fused.fast_path_enabled() and type(base) in (nn.Linear, Conv1D) and frozen and fp32
+                and not (base._forward_hooks or base._forward_pre_hooks)
+                and (isinstance(dropout, nn.Identity) or not dropout.training)
+                and tokens * (self.in_features + self.out_features) > self.in_features * self.out_features)
+
     def adapter_output(self, x: torch.Tensor, name: str) -> torch.Tensor:
+        """b * (B_s (d * (A_s x))) with A_s x shared between layers that read the same input (fused.py)."""
+        if not fused.fast_path_enabled():
+            return self.plain_adapter_output(x, name)
+        b, d = self.vera_lambda_b[name], self.vera_lambda_d[name]
+        u = self.projections.project_input(x, self.in_features, b.dtype)  # (..., r)
+        return b * F.linear(d * u, self.projections.B[: self.out_features, :])  # (..., out)
+
+    def plain_adapter_output(self, x: torch.Tensor, name: str) -> torch.Tensor:
+        """The formula as written, nothing shared or folded: the reference the fast path is tested against."""
         b, d = self.vera_lambda_b[name], self.vera_lambda_d[name]
         A = self.projections.A[:, : self.in_features]  # (r, in)
         B = self.projections.B[: self.out_features, :]  # (out, r)

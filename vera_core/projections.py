@@ -12,6 +12,8 @@ import math
 import torch
 from torch import nn
 
+from .fused import InputProjectionCache
+
 
 def kaiming_uniform(shape: tuple[int, int], generator: torch.Generator) -> torch.Tensor:
     """Uniform(-sqrt(6 / fan_in), +sqrt(6 / fan_in)) with fan_in = shape[1], drawn from `generator`."""
@@ -55,6 +57,11 @@ class VeraProjections(nn.Module):
             )
         self.register_buffer("A", A.to(torch.float32), persistent=False)  # (r, max_in)
         self.register_buffer("B", B.to(torch.float32), persistent=False)  # (max_out, r)
+        self.input_cache = InputProjectionCache()  # x A_sᵀ of the last input, shared by layers that read it
+
+    def project_input(self, x: torch.Tensor, in_features: int, dtype: torch.dtype) -> torch.Tensor:
+        """u = x A[:, :in]ᵀ (..., r), computed once per input tensor and reused by every layer that reads it."""
+        return self.input_cache.project(x, self.A, in_features, dtype)
 
     def fingerprint(self) -> str:
         return fingerprint(self.A, self.B)

@@ -1,0 +1,330 @@
+"""Speed and memory of our VeRA against PEFT's, on SmolLM2-135M, each configuration in its own process.
+
+    python benchmarks/speed.py --quick      # headline ratios, ≤ 15 min on a 2-core CPU
+    python benchmarks/speed.py              # + r and sequence-length sweeps, adapter load, cold model load
+
+Results go to benchmarks/results/speed.json (resumable: configurations already there are skipped; --fresh
+starts over), speed.md and PNG plots. Peak memory is the child's `resource.getrusage(RUSAGE_SELF).ru_maxrss`
+(peak RSS of the whole process, model load included). Repeats are interleaved so that load from other processes
+on a shared machine hits every configuration alike; medians, min–max spread and ratios are reported.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "benchmarks" / "results"
+MODEL = "smollm2-135m-instruct"
+TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+# ---------------------------------------------------------------------------------------------- child process
+def _model(device: str, dtype: str):
+    import torch
+
+    from vera_core.models import load_model
+
+    model, _ = load_model(MODEL, dtype=dtype, device=device)
+    return model.train(), torch
+
+
+def _adapt(model, method: str, impl: str, r: int):
+    """Attach the adapter; "frozen" gets a tiny trainable probe on the embeddings so backward still runs through
+    every layer (the lower bound for any adapter)."""
+    import peft
+    import torch
+
+    import vera_core
+
+    if method == "frozen":
+        model.requires_grad_(False)
+        probe = torch.nn.Parameter(torch.ones(model.config.hidden_size, device=model.device))
+        model.get_input_embeddings().register_forward_hook(lambda m, i, out: out * probe)
+        return model, [probe]
+    if impl == "peft":
+        cfg = (peft.VeraConfig(r=r, target_modules=TARGETS, d_initial=0.1) if method == "vera"
+               else peft.LoraConfig(r=r, lora_alpha=2 * r, target_modules=TARGETS))
+        model = peft.get_peft_model(model, cfg)
+    else:
+        cfg = (vera_core.VeraConfig(r=r, target_modules=TARGETS) if method == "vera"
+               else vera_core.LoraConfig(r=r, alpha=2 * r, target_modules=TARGETS))
+        vera_core.add_adapter(model, cfg)
+    params = [p for p in model.parameters() if p.requires_grad]
+    with torch.no_grad():  # b = 0 / lora_B = 0 at init: give the update a value so nothing is trivially zero
+        for p in params:
+            p.add_(0.01)
+    return model, params
+
+
+def child_train(cfg: dict) -> dict:
+    model, torch = _model(cfg["device"], cfg["dtype"])
+    model, params = _adapt(model, cfg["method"], cfg["impl"], cfg["r"])
+    opt = torch.optim.AdamW(params, lr=1e-3)
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, model.config.vocab_size, (cfg["batch"], cfg["seq"]), generator=g).to(model.device)
+    times = []
+    for step in range(cfg["warmup"] + cfg["steps"]):
+        start = time.perf_counter()
+        loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        if cfg["device"] == "cuda":
+            torch.cuda.synchronize()
+        if step >= cfg["warmup"]:
+            times.append(time.perf_counter() - start)
+    out = {"step_s": times, "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+    if cfg["device"] == "cuda":
+        out["peak_cuda_mb"] = torch.cuda.max_memory_allocated() / 2**20
+    return out
+
+
+def child_infer(cfg: dict) -> dict:
+    """Forward latency (no grad) of the base, our unmerged VeRA, our merged VeRA and PEFT's unmerged VeRA."""
+    import copy
+
+    import peft
+
+    import vera_core
+
+    base, torch = _model(cfg["device"], cfg["dtype"])
+    base.eval()
+    ours = vera_core.add_adapter(copy.deepcopy(base), vera_core.VeraConfig(r=cfg["r"], target_modules=TARGETS))
+    merged = vera_core.merge_adapter(copy.deepcopy(ours))
+    theirs = peft.get_peft_model(copy.deepcopy(base), peft.VeraConfig(r=cfg["r"], target_modules=TARGETS)).eval()
+    ids = torch.randint(0, base.config.vocab_size, (cfg["batch"], cfg["seq"]), generator=torch.Generator().manual_seed(0))
+    models = {"base": base, "ours_unmerged": ours, "ours_merged": merged, "peft_unmerged": theirs}
+    times = {k: [] for k in models}
+    with torch.inference_mode():
+        for rep in range(1 + cfg["steps"]):  # interleaved; the first round is warm-up
+            for name, m in models.items():
+                start = time.perf_counter()
+                m(input_ids=ids)
+                if rep:
+                    times[name].append(time.perf_counter() - start)
+    return {"latency_s": times}
+
+
+def child_load(cfg: dict) -> dict:
+    """Adapter load (regenerate A and B, check the fingerprint, copy b and d) and cached vs cold model load."""
+    import vera_core
+    from vera_core.models import load_model
+
+    out = {}
+    start = time.perf_counter()
+    model, _ = load_model(MODEL)
+    out["model_load_cached_s"] = time.perf_counter() - start
+    vera_core.add_adapter(model, vera_core.VeraConfig(r=cfg["r"], target_modules=TARGETS))
+    with tempfile.TemporaryDirectory() as tmp:
+        vera_core.save_adapter(model, tmp)
+        base = vera_core.remove_adapter(model)
+        loads = []
+        for _ in range(cfg["steps"]):
+            start = time.perf_counter()
+            vera_core.load_adapter(base, tmp)
+            loads.append(time.perf_counter() - start)
+            vera_core.remove_adapter(base)
+        out["adapter_load_s"] = loads
+    if cfg.get("cold"):
+        with tempfile.TemporaryDirectory() as cache:
+            os.environ["VERA_LAB_CACHE"] = cache  # an empty cache: the GGUF is converted again
+            start = time.perf_counter()
+            load_model(MODEL)
+            out["model_load_cold_s"] = time.perf_counter() - start
+    return out
+
+
+CHILDREN = {"train": child_train, "infer": child_infer, "load": child_load}
+
+
+# ---------------------------------------------------------------------------------------------- parent
+def key(cfg: dict) -> str:
+    return "|".join(f"{k}={cfg[k]}" for k in sorted(cfg) if k != "repeat") + f"|repeat={cfg['repeat']}"
+
+
+def configs(quick: bool, device: str) -> list[dict]:
+    gpu = device == "cuda"
+    common = {"device": device, "dtype": "bfloat16" if gpu else "float32", "batch": 16 if gpu else 4, "seq": 128,
+              "warmup": 1, "steps": 3 if quick else 5}
+    train = [("frozen", "none", 0), ("vera", "ours", 256), ("vera", "peft", 256), ("vera", "ours", 1024),
+             ("vera", "peft", 1024), ("lora", "ours", 8), ("lora", "peft", 8)]
+    if not quick:
+        train += [("lora", "ours", 64), ("lora", "peft", 64)]
+    out = []
+    for repeat in range(2 if quick else 3):  # interleaved repeats
+        out += [{"kind": "train", "method": m, "impl": i, "r": r, "repeat": repeat, **common} for m, i, r in train]
+    out.append({"kind": "infer", "r": 256, "repeat": 0, **common, "steps": 5})
+    out.append({"kind": "load", "r": 256, "repeat": 0, "steps": 5, "cold": not quick})
+    if not quick:
+        for r in (16, 64, 512, 2048):
+            out += [{"kind": "train", "method": "vera", "impl": i, "r": r, "repeat": 0, **common} for i in ("ours", "peft")]
+        for seq in (32, 512):
+            for i, r in (("ours", 256), ("peft", 256), ("none", 0)):
+                out.append({"kind": "train", "method": "vera" if r else "frozen", "impl": i, "r": r, "repeat": 0,
+                            **common, "seq": seq})
+    return out
+
+
+def run_child(cfg: dict) -> dict:
+    proc = subprocess.run([sys.executable, __file__, "--child", json.dumps(cfg)], capture_output=True, text=True,
+                          cwd=ROOT, env={**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"})
+    if proc.returncode != 0:
+        return {"error": proc.stderr[-2000:]}
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def adapter_flops(r: int, tokens: int, method: str) -> float:
+    """Forward + backward FLOPs of the adapter path of PEFT's formula, summed over SmolLM2's adapted layers."""
+    shapes = [(576, 576), (576, 192), (576, 192), (576, 576), (576, 1536), (576, 1536), (1536, 576)]
+    per_layer = sum(4 * tokens * r * (i + o) for i, o in shapes)
+    return 30 * per_layer if method != "frozen" else 0.0
+
+
+def summarise(results: dict) -> dict:
+    """Medians over steps and repeats per configuration, and the headline ratios."""
+    groups: dict[str, dict] = {}
+    for cfg_key, res in results.items():
+        cfg = res["config"]
+        if cfg["kind"] != "train" or "error" in res:
+            continue
+        name = f"{cfg['method']}|{cfg['impl']}|r={cfg['r']}|seq={cfg['seq']}"
+        g = groups.setdefault(name, {"config": cfg, "steps": [], "rss": []})
+        g["steps"] += res["step_s"]
+        g["rss"].append(res["peak_rss_mb"])
+    table = {n: {"median_step_s": statistics.median(g["steps"]), "min_step_s": min(g["steps"]),
+                 "max_step_s": max(g["steps"]), "peak_rss_mb": statistics.median(g["rss"]), "n": len(g["steps"]),
+                 **{k: g["config"][k] for k in ("method", "impl", "r", "seq")}} for n, g in groups.items()}
+    ratios = {}
+    frozen = table.get("frozen|none|r=0|seq=128")
+    for r in (256, 1024):
+        ours, theirs = table.get(f"vera|ours|r={r}|seq=128"), table.get(f"vera|peft|r={r}|seq=128")
+        if ours and theirs:
+            ratios[f"vera_r{r}_step_ours_over_peft"] = ours["median_step_s"] / theirs["median_step_s"]
+            ratios[f"vera_r{r}_rss_ours_over_peft"] = ours["peak_rss_mb"] / theirs["peak_rss_mb"]
+            if frozen and theirs["peak_rss_mb"] > frozen["peak_rss_mb"]:
+                ratios[f"vera_r{r}_rss_overhead_ours_over_peft"] = (
+                    (ours["peak_rss_mb"] - frozen["peak_rss_mb"]) / (theirs["peak_rss_mb"] - frozen["peak_rss_mb"]))
+    for r in (8, 64):
+        ours, theirs = table.get(f"lora|ours|r={r}|seq=128"), table.get(f"lora|peft|r={r}|seq=128")
+        if ours and theirs:
+            ratios[f"lora_r{r}_step_ours_over_peft"] = ours["median_step_s"] / theirs["median_step_s"]
+    for res in results.values():
+        if res["config"]["kind"] == "infer" and "error" not in res:
+            lat = {k: statistics.median(v) for k, v in res["latency_s"].items()}
+            ratios["merged_over_base_latency"] = lat["ours_merged"] / lat["base"]
+            ratios["ours_unmerged_over_base_latency"] = lat["ours_unmerged"] / lat["base"]
+            ratios["peft_unmerged_over_base_latency"] = lat["peft_unmerged"] / lat["base"]
+        if res["config"]["kind"] == "load" and "error" not in res:
+            ratios["adapter_load_median_s"] = statistics.median(res["adapter_load_s"])
+            ratios["model_load_cached_s"] = res["model_load_cached_s"]
+            if "model_load_cold_s" in res:
+                ratios["model_load_cold_s"] = res["model_load_cold_s"]
+    return {"table": table, "ratios": ratios}
+
+
+def write_report(data: dict) -> None:
+    summary = summarise(data["results"])
+    data["summary"] = summary
+    (RESULTS / "speed.json").write_text(json.dumps(data, indent=1))
+    lines = [f"# Speed and memory: our VeRA vs PEFT (SmolLM2-135M, all 7 projections)", "",
+             f"Machine: {data['machine']}. Date: {data['date']}. Mode: {data['mode']}. "
+             "Peak memory: child-process `ru_maxrss` (peak RSS, model load included).", "",
+             "| method | impl | r | seq | median step (s) | min–max (s) | steps | peak RSS (MB) |",
+             "|---|---|---|---|---|---|---|---|"]
+    for row in sorted(summary["table"].values(), key=lambda t: (t["seq"], t["method"], t["r"], t["impl"])):
+        lines.append(f"| {row['method']} | {row['impl']} | {row['r']} | {row['seq']} | {row['median_step_s']:.2f} | "
+                     f"{row['min_step_s']:.2f}–{row['max_step_s']:.2f} | {row['n']} | {row['peak_rss_mb']:.0f} |")
+    lines += ["", "| ratio | value |", "|---|---|"]
+    lines += [f"| {k} | {v:.3f} |" for k, v in summary["ratios"].items()]
+    (RESULTS / "speed.md").write_text("\n".join(lines) + "\n")
+    plot(summary)
+
+
+def plot(summary: dict) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [t for t in summary["table"].values() if t["seq"] == 128]
+    rows.sort(key=lambda t: (t["method"], t["r"], t["impl"]))
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4))
+    labels = [f"{t['method']} {t['impl']} r={t['r']}" for t in rows]
+    axes[0].barh(labels, [t["median_step_s"] for t in rows],
+                 xerr=[[t["median_step_s"] - t["min_step_s"] for t in rows],
+                       [t["max_step_s"] - t["median_step_s"] for t in rows]])
+    axes[0].set_xlabel("training step (s), median and min–max")
+    axes[1].barh(labels, [t["peak_rss_mb"] for t in rows])
+    axes[1].set_xlabel("peak RSS (MB)")
+    fig.tight_layout()
+    fig.savefig(RESULTS / "speed_step_memory.png", dpi=100)
+    plt.close(fig)
+    sweep = [t for t in summary["table"].values() if t["method"] == "vera" and t["seq"] == 128]
+    if len({t["r"] for t in sweep}) > 2:
+        fig, ax = plt.subplots(figsize=(6, 4))
+        frozen = summary["table"].get("frozen|none|r=0|seq=128")
+        for impl in ("ours", "peft"):
+            pts = sorted((t["r"], t["median_step_s"]) for t in sweep if t["impl"] == impl)
+            ax.plot(*zip(*pts), marker="o", label=impl)
+        if frozen:
+            peft_pts = sorted((t["r"], t["median_step_s"]) for t in sweep if t["impl"] == "peft")
+            # The FLOP-count line: frozen time plus PEFT's adapter FLOPs at the rate PEFT reached at its largest r.
+            r_max, t_max = peft_pts[-1]
+            rate = adapter_flops(r_max, 512, "vera") / (t_max - frozen["median_step_s"])
+            rs = [p[0] for p in peft_pts]
+            ax.plot(rs, [frozen["median_step_s"] + adapter_flops(r, 512, "vera") / rate for r in rs], "k--",
+                    label="FLOP count (PEFT formula)")
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("r")
+        ax.set_ylabel("training step (s)")
+        ax.legend()
+        fig.tight_layout()
+        fig.savefig(RESULTS / "speed_vs_r.png", dpi=100)
+        plt.close(fig)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="headline ratios only (≤ 15 min on CPU)")
+    parser.add_argument("--fresh", action="store_true", help="ignore results already in speed.json")
+    parser.add_argument("--child", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child:
+        cfg = json.loads(args.child)
+        print(json.dumps(CHILDREN[cfg["kind"]](cfg)))
+        return
+    import torch
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    path = RESULTS / "speed.json"
+    data = json.loads(path.read_text()) if path.exists() and not args.fresh else {"results": {}}
+    machine = (torch.cuda.get_device_name() if device == "cuda"
+               else f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPU cores")
+    data.update(machine=f"{machine}, torch {torch.__version__}", mode="quick" if args.quick else "full",
+                date=datetime.date.today().isoformat())
+    for cfg in configs(args.quick, device):
+        k = key(cfg)
+        if k in data["results"] and "error" not in data["results"][k]:
+            continue  # resumable
+        print(f"running {k}", flush=True)
+        data["results"][k] = {"config": cfg, **run_child(cfg)}
+        write_report(data)
+    write_report(data)
+    print((RESULTS / "speed.md").read_text())
+
+
+if __name__ == "__main__":
+    sys.path.insert(0, str(ROOT))
+    main()

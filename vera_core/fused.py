@@ -1,0 +1,95 @@
+"""The fast VeRA path: shared input projections and the folded update. Exact: same formula, less arithmetic.
+
+Two savings, both chosen per call by `VeraLayer` (layers.py):
+
+1. Shared input projection. q, k, v (and gate, up) read the same tensor x and, having the same in_features, the
+   same slice A_s = A[:, :in]. u = x A_sᵀ is computed once per input and reused; because u is then one autograd
+   node feeding several layers, autograd sums their gradients first and does a single g_u A_s in backward.
+
+2. Folded update. With N tokens, the per-token path costs 4·N·r·(in + out) FLOPs (forward + backward) and keeps an
+   (N, out) activation for b's gradient. Forming W' = W0 + (b ⊙ B_s)(d ⊙ A_s) once costs 2·out·r·in, after which
+   the forward and the input gradient are the frozen layer's own products; b's and d's gradients come from one
+   (out, r) product P = gᵀu. It wins when N·(in + out) > in·out (for SmolLM2 at 512 tokens: every projection).
+"""
+from __future__ import annotations
+
+import weakref
+from contextlib import contextmanager
+from typing import Iterator
+
+import torch
+import torch.nn.functional as F
+
+_fast_path = True
+
+
+def fast_path_enabled() -> bool:
+    return _fast_path
+
+
+@contextmanager
+def fast_vera(enabled: bool) -> Iterator[None]:
+    """Switch the fast path on or off inside the block (off: the plain formula, for references and benchmarks)."""
+    global _fast_path
+    previous, _fast_path = _fast_path, enabled
+    try:
+        yield
+    finally:
+        _fast_path = previous
+
+
+class InputProjectionCache:
+    """u = x A_sᵀ for the last input seen: one slot, so at most one (N, r) tensor is held.
+
+    A hit needs the very same tensor object (a weakref, never an id that a new tensor could reuse), an unchanged
+    version counter (no in-place edit since), the same slice, cast dtype, projection tensor and grad mode. The slot
+    is dropped as soon as x is freed. Inference tensors carry no version counter, so they are never cached.
+    """
+
+    def __init__(self):
+        self._clear()
+
+    def __reduce__(self):  # deepcopy / pickle give an empty cache (weakrefs cannot be copied)
+        return (InputProjectionCache, ())
+
+    def _clear(self, ref: weakref.ref | None = None) -> None:
+        if ref is None or ref is getattr(self, "_ref", None):
+            self._ref = self._key = self._A = self._u = None
+
+    def project(self, x: torch.Tensor, A: torch.Tensor, in_features: int, dtype: torch.dtype) -> torch.Tensor:
+        """F.linear(x.to(dtype), A[:, :in_features]) of shape (..., r), computed once per input and slice."""
+        if x.is_inference():
+            return F.linear(x.to(dtype), A[:, :in_features])
+        key = (x._version, in_features, dtype, torch.is_grad_enabled(), A._version)
+        if self._ref is not None and self._ref() is x and self._A is A and self._key == key:
+            return self._u
+        u = F.linear(x.to(dtype), A[:, :in_features])  # (..., r)
+        self._ref, self._key, self._A, self._u = weakref.ref(x, self._clear), key, A, u
+        return u
+
+
+class FoldedVera(torch.autograd.Function):
+    """h = x (W0 + diag(b) B_s diag(d) A_s)ᵀ + bias, with W0 and bias frozen.
+
+    Backward: grad_x = g W' (the frozen layer's own product), and b's, d's gradients from P = gᵀu (out, r):
+    grad_b = (P ⊙ B_s) d, grad_d = (P ⊙ B_s)ᵀ b. Saved: W' only when x needs a gradient, u only when b or d do.
+    """
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, b, d, A_s, B_s, u):
+        folded = torch.addmm(weight, B_s * b[:, None], A_s * d[:, None])  # (out, in)
+        need_x, need_bd = ctx.needs_input_grad[0], ctx.needs_input_grad[3] or ctx.needs_input_grad[4]
+        ctx.save_for_backward(folded if need_x else None, u if need_bd else None, b, d, B_s)
+        return F.linear(x, folded, bias)  # (..., out)
+
+    @staticmethod
+    def backward(ctx, grad):
+        folded, u, b, d, B_s = ctx.saved_tensors
+        grad_x = grad_b = grad_d = None
+        if folded is not None:
+            grad_x = grad @ folded  # (..., in)
+        if u is not None:
+            P = grad.reshape(-1, grad.shape[-1]).T @ u.reshape(-1, u.shape[-1])  # (out, r)
+            P.mul_(B_s)
+            grad_b, grad_d = P @ d, P.T @ b  # (out,), (r,)
+        return grad_x, None, None, grad_b, grad_d, None, None, None
