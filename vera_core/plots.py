@@ -1,0 +1,90 @@
+"""Figures of a comparison, drawn from report.json data and step/eval histories (see `compare.load_run`).
+
+Each function returns a matplotlib Figure built on the Agg canvas (no pyplot, no display needed), so the app and
+notebooks can show it and `save_figures` can write PNGs.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+
+
+def _figure(width: float = 7.0, height: float = 4.0) -> tuple[Figure, object]:
+    fig = Figure(figsize=(width, height), layout="constrained")
+    FigureCanvasAgg(fig)
+    return fig, fig.add_subplot()
+
+
+def _bars(ax, names: list[str], values: list[float], fmt: str) -> None:
+    colours = [f"C{i}" for i in range(len(names))]
+    bars = ax.bar(names, values, color=colours)
+    ax.bar_label(bars, labels=[fmt.format(v) for v in values], fontsize=8)
+    ax.tick_params(axis="x", labelrotation=20)
+
+
+def loss_figure(histories: dict[str, list[dict]]) -> Figure:
+    """Every run's training loss against the step on one plot; evaluation losses as markers of the same colour."""
+    fig, ax = _figure()
+    for i, (name, history) in enumerate(histories.items()):
+        steps = [(e["step"], e["loss"]) for e in history if e["type"] == "step"]
+        evals = [(e["step"], e["eval_loss"]) for e in history if e["type"] == "eval"]
+        if steps:
+            ax.plot(*zip(*steps), color=f"C{i}", lw=1.2, label=f"{name} train")
+        if evals:
+            ax.plot(*zip(*evals), "o--", color=f"C{i}", ms=5, lw=0.8, label=f"{name} eval")
+    ax.set(xlabel="optimizer step", ylabel="loss", title="Loss curves")
+    if ax.has_data():
+        ax.legend(fontsize=8)
+    return fig
+
+
+def params_figure(runs: list[dict]) -> Figure:
+    """Trainable parameters per run (head excluded) on a log scale; runs that train nothing are left out."""
+    runs = [r for r in runs if r["trainable_params"]]
+    fig, ax = _figure()
+    _bars(ax, [r["name"] for r in runs], [r["trainable_params"] for r in runs], "{:,.0f}")
+    ax.set_yscale("log")
+    ax.set(ylabel="trainable parameters (log scale)", title="Trainable parameters (head excluded)")
+    return fig
+
+
+def memory_figure(runs: list[dict]) -> Figure:
+    """Measured peak memory per run in MiB, labelled with how it was measured."""
+    runs = [r for r in runs if r["peak_memory_bytes"] is not None]
+    fig, ax = _figure()
+    _bars(ax, [r["name"] for r in runs], [r["peak_memory_bytes"] / 2**20 for r in runs], "{:,.1f}")
+    kinds = sorted({r["peak_memory_kind"] for r in runs})
+    ax.set(ylabel="MiB", title=f"Peak memory ({', '.join(kinds) or 'not measured'})")
+    return fig
+
+
+def metric_figure(runs: list[dict], task: str) -> Figure:
+    """Test accuracy (classification) or BLEU and ROUGE-L (generation) per run, 0-100."""
+    runs = [r for r in runs if r["eval"]]
+    fig, ax = _figure()
+    names = [r["name"] for r in runs]
+    if task == "classification":
+        _bars(ax, names, [r["eval"]["accuracy"] for r in runs], "{:.1f}")
+        ax.set(ylabel="accuracy %", title="Test accuracy")
+    else:
+        width = 0.4
+        for j, key in enumerate(("bleu", "rougeL")):
+            values = [r["eval"][key] or 0.0 for r in runs]
+            bars = ax.bar([i + (j - 0.5) * width for i in range(len(runs))], values, width, label=key)
+            ax.bar_label(bars, labels=[f"{v:.1f}" for v in values], fontsize=8)
+        ax.set_xticks(range(len(runs)), names, rotation=20)
+        ax.set(ylabel="score (0-100)", title="Test BLEU and ROUGE-L")
+        ax.legend(fontsize=8)
+    return fig
+
+
+def save_figures(report: dict, histories: dict[str, list[dict]], directory: str | Path) -> list[Path]:
+    """Write loss.png, params.png, memory.png and metric.png for a report.json dict; return their paths."""
+    directory = Path(directory)
+    figures = {"loss.png": loss_figure(histories), "params.png": params_figure(report["runs"]),
+               "memory.png": memory_figure(report["runs"]), "metric.png": metric_figure(report["runs"], report["task"])}
+    for name, fig in figures.items():
+        fig.savefig(directory / name, dpi=110)
+    return [directory / name for name in figures]
