@@ -248,6 +248,8 @@ def generate(
                 enc = tokenizer(
                     texts[start : start + batch_size], return_tensors="pt", padding=True, add_special_tokens=add_special
                 ).to(device)
+                # Only what a decoder reads: BERT-style tokenizers also return token_type_ids, which Llama rejects.
+                enc = {k: enc[k] for k in ("input_ids", "attention_mask")}
                 out = model.generate(
                     **enc, max_new_tokens=max_new_tokens, pad_token_id=tokenizer.pad_token_id, **sampling
                 )
