@@ -28,9 +28,6 @@ def assets(tmp_path_factory, tokenizer):  # noqa: F811
                                          max_position_embeddings=128))
     llama.save_pretrained(root / "llama")
     tokenizer.save_pretrained(root / "llama")
-    config_file = root / "llama" / "tokenizer_config.json"  # a decoder takes no token_type_ids
-    config_file.write_text(json.dumps({**json.loads(config_file.read_text()),
-                                       "model_input_names": ["input_ids", "attention_mask"]}))
     rows = [{"text": t, "label": 1} for t in GOOD * 2] + [{"text": t, "label": 0} for t in BAD * 2]
     (root / "sentiment.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     return root

@@ -1,5 +1,4 @@
 """The comparison runner on tiny models: report.json contract, numbers that agree with the files, stop, estimates."""
-import copy
 import importlib.util
 import json
 import threading
@@ -106,8 +105,6 @@ def test_classification_comparison_writes_a_consistent_run_directory(tokenizer, 
 
 
 def test_generation_comparison_scores_bleu_against_all_references(tokenizer, tmp_path):
-    tokenizer = copy.deepcopy(tokenizer)
-    tokenizer.model_input_names = ["input_ids", "attention_mask"]  # a BERT tokenizer's token_type_ids would reach Llama
     torch.manual_seed(0)
     llama = LlamaForCausalLM(LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                                          num_attention_heads=4, num_key_value_heads=2, vocab_size=len(tokenizer),
