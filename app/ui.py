@@ -1,0 +1,517 @@
+"""The Gradio lab: train & compare VeRA with LoRA, read the results, try the adapters, size them, export them.
+
+Layout and event wiring only. Training runs in the JobManager's worker thread; the page polls its snapshot
+every second (and on load, which is how a reloaded page reattaches to a running job).
+"""
+from __future__ import annotations
+
+import functools
+import inspect
+import json
+import shutil
+from dataclasses import asdict, fields
+from pathlib import Path
+
+import gradio as gr
+import pandas as pd
+import torch
+
+from vera_core import export_peft, load_adapter, merge_adapter, remove_adapter, unmerge_adapter
+from vera_core.calculator import KNOWN_MODELS
+from vera_core.compare import compare, load_run
+from vera_core.data import BUILTIN_DATASETS, format_preview
+from vera_core.models import OFFLINE_MODELS, generate, load_model, predict
+from vera_core.plots import loss_figure, memory_figure, metric_figure, params_figure
+
+from . import views
+from .jobs import JobBusy, JobManager
+from .views import RunForm
+
+MAX_UPLOAD = "20mb"
+EXPORT_FORMATS = {
+    "native (VeRA Lab: vectors + seed)": "native",
+    "PEFT (loads with peft.PeftModel)": "peft",
+    "exact LoRA (PEFT LoRA; VeRA as d·A, b·B)": "lora",
+    "merged model (save_pretrained folder)": "merged",
+}
+# Form fields in the order of the Train tab's inputs, which is also the order of the /start_run API parameters.
+FORM_FIELDS = [f.name for f in fields(RunForm)]
+CSS = """
+#job-status progress { width: 100%; height: 14px; }
+#job-status .badge { font-weight: 600; padding: 1px 8px; border-radius: 8px; background: var(--neutral-200); }
+#job-status[data-status=running] .badge, #job-status[data-status=stopping] .badge { background: #fde68a; }
+#job-status[data-status=done] .badge { background: #bbf7d0; }
+#job-status[data-status^=failed] .badge { background: #fecaca; }
+.mono textarea { font-family: var(--font-mono); font-size: 12px; }
+"""
+
+
+def _fmt_seconds(seconds: float | None) -> str:
+    if seconds is None:
+        return "-"
+    seconds = int(round(seconds))
+    return f"{seconds // 60}:{seconds % 60:02d}"
+
+
+def status_html(snapshot: dict) -> str:
+    """Status badge, the current run's place in the comparison, a progress bar with step, total and ETA."""
+    status = snapshot["status"]
+    html_status = status.replace("<", "&lt;")
+    if snapshot["name"] is None:
+        return f'<div id="job-status" data-status="idle"><span class="badge">idle</span> no run yet</div>'
+    progress = snapshot["progress"] or {}
+    runs = snapshot["config"].get("planned_runs", [])
+    current = progress.get("run")
+    place = f" ({runs.index(current) + 1}/{len(runs)})" if current in runs else ""
+    step, total = progress.get("step", 0), progress.get("total", 0)
+    eta = progress.get("eta_s") if status == "running" else None
+    line = (f'<span class="badge">{html_status}</span> {snapshot["name"]} — '
+            f'{current or "preparing"}{place} · step {step}/{total} · ETA {_fmt_seconds(eta)} · '
+            f'elapsed {_fmt_seconds(snapshot["elapsed_s"])}')
+    return (f'<div id="job-status" data-status="{html_status.split(":")[0]}" data-step="{step}">{line}'
+            f'<progress max="{max(total, 1)}" value="{step}"></progress></div>')
+
+
+def _job_results(snapshot: dict) -> pd.DataFrame:
+    """The current job's results so far: compare rewrites report.json after every method."""
+    run_dir = snapshot["run_dir"]
+    if not run_dir or not (Path(run_dir) / "report.json").is_file():
+        return pd.DataFrame(columns=views.RESULT_COLUMNS)
+    meta = views.read_lab_meta(Path(run_dir))
+    return views.results_table(json.loads((Path(run_dir) / "report.json").read_text()), meta.get("total_params"))
+
+
+def form_handler(method, defaults: RunForm):
+    """Let a handler take (RunForm, upload) while Gradio, and so API clients, see one named parameter per field
+    (with the form's defaults, so a client names only what it changes)."""
+    names = ["upload", *FORM_FIELDS]
+    default_values = {"upload": None, **asdict(defaults)}
+
+    @functools.wraps(method)
+    def handler(*values):
+        named = dict(zip(names, values))
+        upload = named.pop("upload")
+        return method(RunForm(**named), upload)
+
+    handler.__signature__ = inspect.Signature(
+        [inspect.Parameter(n, inspect.Parameter.POSITIONAL_OR_KEYWORD, default=default_values[n]) for n in names])
+    return handler
+
+
+class Lab:
+    """The app's state: where runs live, the job manager, and the models loaded for the Outputs / Export tabs."""
+
+    def __init__(self, runs_dir: str | Path = "runs"):
+        self.runs_dir = Path(runs_dir).resolve()
+        self.runs_dir.mkdir(parents=True, exist_ok=True)
+        self.manager = JobManager()
+        self._loaded: dict[tuple[str, str], tuple] = {}  # (run_dir, adapter run or "base") -> (model, tokenizer)
+
+    # ------------------------------------------------------------------ train & compare
+    def preview(self, dataset: str, upload: str | None, task: str, max_rows: int, seed: int) -> str:
+        form = RunForm(dataset=dataset, task=task, max_rows=max_rows, seed=seed)
+        try:
+            return format_preview(views.load_form_dataset(form, views.dataset_source(form, upload)), n=5)
+        except ValueError as err:
+            return f"error: {err}"
+
+    def estimate(self, form: RunForm, upload: str | None) -> pd.DataFrame:
+        try:
+            return views.estimate_table(form)
+        except ValueError as err:
+            raise gr.Error(str(err)) from None
+
+    def start(self, form: RunForm, upload: str | None) -> str:
+        """Validate everything, then start the comparison in the worker thread (one job at a time)."""
+        try:
+            source = views.dataset_source(form, upload)
+            dataset = views.load_form_dataset(form, source)
+            vera, lora = views.adapter_configs(form)
+            train = views.train_config(form)
+            methods, lrs = views.methods(form), views.learning_rates(form)
+            config = views.model_config(form.model, form.trust_remote_code)
+            planned = views.planned_runs(methods, vera, lora, dataset.task)
+        except ValueError as err:
+            raise gr.Error(str(err)) from None
+        run_dir = views.new_run_dir(self.runs_dir, form.model)
+        quantization = "4bit" if form.quantize_4bit else None
+
+        def job(on_event, stop):
+            run_dir.mkdir(parents=True)
+            kept = views.keep_upload(source, run_dir)
+            views.write_form(run_dir, form, data=kept, labels=dataset.labels, total_params=views.total_parameters(config))
+            model = form.model.strip()
+            if form.trust_remote_code:  # compare loads by name without remote code; hand it the loaded model
+                model = load_model(model, dataset.task, quantization, trust_remote_code=True,
+                                   num_labels=len(dataset.labels or [0, 1]))
+            return compare(model, dataset, methods, vera, lora, train, out_dir=run_dir, on_event=on_event, stop=stop,
+                           lrs=lrs, quantization=quantization, eval_generate=form.eval_generate,
+                           samples=views.SAMPLES)
+
+        try:
+            self.manager.start(run_dir.name, job, run_dir, {"form": asdict(form), "planned_runs": planned})
+        except JobBusy as err:
+            raise gr.Error(str(err)) from None
+        return f"started {run_dir.name}"
+
+    def stop(self) -> str:
+        return self.manager.stop()
+
+    def poll(self, seen: tuple | None):
+        """Status, curves, log and results of the current job; the rest is skipped (and the plot not redrawn)
+        unless a new event arrived."""
+        snap = self.manager.snapshot()
+        key = (snap["name"], snap["status"], len(snap["curves"]), len(snap["log"]))
+        status = status_html(snap)
+        if key == seen:
+            return status, gr.skip(), gr.skip(), gr.skip(), seen
+        log = "\n".join(snap["log"][-200:])
+        figure = loss_figure(views.histories(snap["curves"])) if snap["curves"] else None
+        return status, figure, log, _job_results(snap), key
+
+    def job_state(self) -> dict:
+        """The job as JSON, for API clients: status, run directory, progress."""
+        snap = self.manager.snapshot()
+        return {"status": snap["status"], "run_dir": snap["run_dir"], "name": snap["name"],
+                "progress": snap["progress"], "points": len(snap["curves"])}
+
+    # ------------------------------------------------------------------ results
+    def _run_dir(self, run_dir: str | None) -> Path:
+        """A run directory inside runs_dir (paths from the browser are never trusted)."""
+        if not run_dir:
+            raise gr.Error("choose a run first")
+        path = Path(run_dir).resolve()
+        if path.parent != self.runs_dir or not (path / "report.json").is_file():
+            raise gr.Error(f"{run_dir} is not a run of this lab (runs live in {self.runs_dir})")
+        return path
+
+    def run_choices(self, current: str | None = None):
+        choices = views.list_runs(self.runs_dir)
+        paths = [p for _, p in choices]
+        value = current if current in paths else (paths[0] if paths else None)
+        return gr.update(choices=choices, value=value)
+
+    def show_run(self, run_dir: str | None):
+        """A finished (or stopped) run: summary, table, bar charts, loss curves, and its saved settings."""
+        if not run_dir:
+            return "No run selected.", pd.DataFrame(columns=views.RESULT_COLUMNS), None, None, None, None, {}
+        path = self._run_dir(run_dir)
+        report, histories = load_run(path)
+        meta = views.read_lab_meta(path)
+        config = json.loads((path / "config.json").read_text())
+        summary = (f"**{report['model']}** on **{report['dataset']}** ({report['task']}) — device {report['device']}, "
+                   f"dtype {report['dtype']}, seed {report['seed']}, peak memory measured {report['memory_mode']}"
+                   + (" — **stopped early**" if report.get("stopped") else ""))
+        runs = report["runs"]
+        figures = (loss_figure(histories), params_figure(runs), memory_figure(runs), metric_figure(runs, report["task"]))
+        return (summary, views.results_table(report, meta.get("total_params")), *figures,
+                {"compare config.json": config, "lab form": meta.get("form")})
+
+    def reopen(self, run_dir: str | None):
+        """Put a run's saved settings back into the Train tab's form."""
+        form = views.read_form(self._run_dir(run_dir))
+        if form is None:
+            raise gr.Error("this run has no saved lab form (it was not started from the lab)")
+        return [getattr(form, name) for name in FORM_FIELDS]
+
+    def samples(self, run_dir: str | None) -> pd.DataFrame:
+        """The test inputs the comparison already answered, one column per run."""
+        if not run_dir:
+            return pd.DataFrame()
+        path = self._run_dir(run_dir)
+        rows = [json.loads(line) for line in (path / "samples.jsonl").read_text().splitlines()]
+        table = views.samples_table(rows, views.read_lab_meta(path).get("labels"))
+        # Fixed widths: left to itself, a wrapped long input column pushes the answers out of view.
+        rest = len(table.columns) - 1
+        return gr.Dataframe(table, column_widths=["34%"] + [f"{66 // max(rest, 1)}%"] * rest)
+
+    # ------------------------------------------------------------------ outputs side by side
+    def _model(self, path: Path, run: str):
+        """The run's base model with `run`'s adapter loaded ("base": no adapter), cached for the selected run."""
+        if any(key[0] != str(path) for key in self._loaded):
+            self._loaded.clear()  # one run's models at a time
+        key = (str(path), run)
+        if key not in self._loaded:
+            report = json.loads((path / "report.json").read_text())
+            meta = views.read_lab_meta(path)
+            form = views.read_form(path) or RunForm()
+            torch.manual_seed(report["seed"])  # the same new classification head as the comparison started from
+            model, tokenizer = load_model(report["model"], report["task"], "4bit" if form.quantize_4bit else None,
+                                          num_labels=len(meta.get("labels") or [0, 1]),
+                                          trust_remote_code=form.trust_remote_code)
+            if run != "base":
+                load_adapter(model, path / "adapters" / run, name="lab")
+            self._loaded[key] = (model, tokenizer)
+        return self._loaded[key]
+
+    def _adapter_runs(self, path: Path) -> list[str]:
+        """The runs that saved an adapter, in the comparison's order."""
+        report = json.loads((path / "report.json").read_text())
+        return [r["name"] for r in report["runs"] if (path / "adapters" / r["name"]).is_dir()]
+
+    def outputs(self, run_dir: str | None, prompt: str, sampled: bool, max_tokens: int, temperature: float):
+        """The prompt through the base model and every adapter of the run: generations or class probabilities."""
+        path = self._run_dir(run_dir)
+        if not prompt or not prompt.strip():
+            raise gr.Error("enter a prompt")
+        report = json.loads((path / "report.json").read_text())
+        labels = views.read_lab_meta(path).get("labels")
+        rows = []
+        for run in ["base", *self._adapter_runs(path)]:
+            model, tokenizer = self._model(path, run)
+            if report["task"] == "classification":
+                probs = predict(model, tokenizer, [prompt])[0].tolist()
+                names = labels or [str(i) for i in range(len(probs))]
+                rows.append({"model": run, "output": ", ".join(f"{n} {p:.3f}" for n, p in zip(names, probs))})
+            else:
+                text = generate(model, tokenizer, [prompt], max_new_tokens=int(max_tokens), do_sample=sampled,
+                                temperature=temperature)[0]
+                rows.append({"model": run, "output": text})
+        return pd.DataFrame(rows)
+
+    def merged_check(self, run_dir: str | None, prompt: str, max_tokens: int) -> str:
+        """Each VeRA adapter, merged into the weights, must answer exactly as when it runs beside them."""
+        path = self._run_dir(run_dir)
+        prompt = prompt.strip() or "Hello"
+        report = json.loads((path / "report.json").read_text())
+        veras = [r["name"] for r in report["runs"] if r["method"] == "vera" and r["name"] in self._adapter_runs(path)]
+        if not veras:
+            raise gr.Error("this run has no VeRA adapter")
+        lines = []
+        for run in veras:
+            model, tokenizer = self._model(path, run)
+            if report["task"] == "classification":
+                outputs = [predict(model, tokenizer, [prompt])]
+                merge_adapter(model)
+                try:
+                    outputs.append(predict(model, tokenizer, [prompt]))
+                finally:
+                    unmerge_adapter(model)
+                diff = float((outputs[0] - outputs[1]).abs().max())
+                lines.append(f"- **{run}**: max |p_unmerged - p_merged| = {diff:.2e} — "
+                             + ("same output ✓" if diff < 1e-4 else "DIFFERENT ✗"))
+            else:
+                outputs = [generate(model, tokenizer, [prompt], max_new_tokens=int(max_tokens))[0]]
+                merge_adapter(model)
+                try:
+                    outputs.append(generate(model, tokenizer, [prompt], max_new_tokens=int(max_tokens))[0])
+                finally:
+                    unmerge_adapter(model)
+                same = outputs[0] == outputs[1]
+                lines.append(f"- **{run}**: greedy generation unmerged vs merged — "
+                             + ("identical ✓" if same else f"DIFFERENT ✗\n  - unmerged: {outputs[0]!r}\n"
+                                                            f"  - merged: {outputs[1]!r}"))
+        return "\n".join(lines)
+
+    # ------------------------------------------------------------------ export
+    def adapters(self, run_dir: str | None):
+        names = self._adapter_runs(self._run_dir(run_dir)) if run_dir else []
+        return gr.update(choices=names, value=names[0] if names else None)
+
+    def export(self, run_dir: str | None, run: str | None, fmt: str) -> str:
+        """Write the chosen export inside the run directory and hand it over as one zip file."""
+        path = self._run_dir(run_dir)
+        if run not in self._adapter_runs(path):
+            raise gr.Error("choose an adapter of this run")
+        kind = EXPORT_FORMATS[fmt]
+        target = path / "exports" / f"{run}-{kind}"
+        if kind == "native":
+            source = path / "adapters" / run
+        else:
+            model, tokenizer = self._model(path, run)
+            if kind == "merged":
+                # remove_adapter changes the model in place: export from a private copy, keep the cached one intact.
+                self._loaded.pop((str(path), run))
+                try:
+                    remove_adapter(model, merge=True).save_pretrained(target)
+                except ValueError as err:  # e.g. merging into a 4-bit base is refused
+                    raise gr.Error(str(err)) from None
+                tokenizer.save_pretrained(target)
+            else:
+                export_peft(model, target, as_lora=kind == "lora")
+            source = target
+        archive = Path(shutil.make_archive(str(target), "zip", root_dir=source))
+        if archive.resolve().parent != (path / "exports").resolve():
+            raise gr.Error("refusing to serve a file outside the run directory")
+        return str(archive)
+
+    # ------------------------------------------------------------------ calculator
+    def calculator(self, models: list[str], vera_ranks: str, lora_ranks: str, save_projection: bool):
+        try:
+            table = views.calculator_rows(models, vera_ranks, lora_ranks, save_projection)
+        except ValueError as err:
+            raise gr.Error(str(err)) from None
+        return table, views.calculator_figure(table)
+
+
+def build_app(runs_dir: str | Path = "runs", defaults: RunForm | None = None, poll_s: float = 1.0) -> gr.Blocks:
+    """The lab's Blocks; runs land in `runs_dir`. `defaults` pre-fills the form (tests use a tiny MiniLM run);
+    None picks `views.default_form()`, a few-minute SmolLM2 comparison on CPU."""
+    lab = Lab(runs_dir)
+    defaults = defaults or views.default_form()
+    with gr.Blocks(title="VeRA Lab") as demo:
+        demo.lab = lab  # for callers that build the app and then need its state (tests, __main__)
+        gr.Markdown("# VeRA Lab — fine-tune with VeRA and LoRA, side by side\n"
+                    "VeRA trains two small vectors per layer on top of random frozen matrices shared by all layers; "
+                    "LoRA trains two matrices per layer. Choose a model, data and ranks, then compare.")
+        with gr.Tabs():
+            with gr.Tab("Train & compare", id="train"):
+                with gr.Row():
+                    with gr.Column():
+                        gr.Markdown("### Model and data")
+                        model = gr.Dropdown(list(OFFLINE_MODELS), value=defaults.model, allow_custom_value=True,
+                                            label="Model", info="offline defaults, or a Hub id / local folder")
+                        with gr.Row():
+                            trust_remote_code = gr.Checkbox(defaults.trust_remote_code, label="trust_remote_code",
+                                                            info="runs code from the model's repository")
+                            quantize_4bit = gr.Checkbox(defaults.quantize_4bit, label="4-bit base (bitsandbytes)")
+                        task = gr.Radio(["auto", "causal-lm", "classification"], value=defaults.task, label="Task",
+                                        info="auto: the data set's own task")
+                        dataset = gr.Dropdown([*BUILTIN_DATASETS, views.UPLOAD], value=defaults.dataset,
+                                              label="Data set")
+                        upload = gr.File(label=f"Upload JSONL / CSV / TSV (max {MAX_UPLOAD})",
+                                         file_types=list(views.UPLOAD_SUFFIXES), type="filepath", height=120)
+                        max_rows = gr.Number(defaults.max_rows, precision=0, label="Rows per split (0 = all)")
+                        preview = gr.Textbox(label="Preview", lines=9, elem_id="preview", max_lines=14, elem_classes="mono",
+                                             interactive=False)
+                    with gr.Column():
+                        gr.Markdown("### Methods and adapters")
+                        methods = gr.CheckboxGroup(views.METHOD_CHOICES, value=defaults.methods, label="Methods",
+                                                   info="base: evaluate only; full: full fine-tuning")
+                        with gr.Row():
+                            vera_r = gr.Number(defaults.vera_r, precision=0, label="VeRA r")
+                            vera_d_init = gr.Textbox(str(defaults.vera_d_init), label="VeRA d_init")
+                        with gr.Row():
+                            lora_r = gr.Number(defaults.lora_r, precision=0, label="LoRA r")
+                            lora_alpha = gr.Number(defaults.lora_alpha, label="LoRA alpha")
+                        targets = gr.Dropdown(list(views.TARGET_PRESETS), value=defaults.targets,
+                                              label="Target modules")
+                        custom_targets = gr.Textbox(defaults.custom_targets, label="Custom targets",
+                                                    placeholder="q_proj,v_proj  or a regex")
+                        gr.Markdown("### Training")
+                        with gr.Row():
+                            vera_lr = gr.Number(defaults.vera_lr, label="VeRA lr")
+                            lora_lr = gr.Number(defaults.lora_lr, label="LoRA lr")
+                            full_lr = gr.Number(defaults.full_lr, label="full lr")
+                        with gr.Row():
+                            steps = gr.Number(defaults.steps, precision=0, label="Steps")
+                            batch_size = gr.Number(defaults.batch_size, precision=0, label="Batch")
+                            max_length = gr.Number(defaults.max_length, precision=0, label="Sequence length")
+                            seed = gr.Number(defaults.seed, precision=0, label="Seed")
+                        with gr.Row():
+                            eval_batches = gr.Number(defaults.eval_batches, precision=0,
+                                                     label="Eval batches (0 = whole split)")
+                            eval_generate = gr.Number(defaults.eval_generate, precision=0,
+                                                      label="Test generations scored (BLEU)")
+                estimate = gr.Dataframe(label="Before starting: trainable parameters (heads excluded) and memory "
+                                              "estimate per method", interactive=False, elem_id="estimate")
+                with gr.Row():
+                    estimate_btn = gr.Button("Estimate")
+                    start_btn = gr.Button("Start", variant="primary", elem_id="start")
+                    stop_btn = gr.Button("Stop", variant="stop", elem_id="stop")
+                notice = gr.Markdown(elem_id="notice")
+                status = gr.HTML(status_html(lab.manager.snapshot()))
+                curves = gr.Plot(label="Loss curves (train and eval)", elem_id="loss-plot")
+                job_results = gr.Dataframe(pd.DataFrame(columns=views.RESULT_COLUMNS), label="Results of this run",
+                                           interactive=False, elem_id="job-results")
+                log = gr.Textbox(label="Log", lines=8, max_lines=8, elem_classes="mono", autoscroll=True)
+
+            with gr.Tab("Results", id="results") as results_tab:
+                with gr.Row():
+                    run_pick = gr.Dropdown(label="Run", choices=views.list_runs(lab.runs_dir), scale=4, allow_custom_value=True)
+                    refresh_btn = gr.Button("Refresh", scale=1)
+                    reopen_btn = gr.Button("Load settings into the form", scale=1)
+                summary = gr.Markdown()
+                results = gr.Dataframe(pd.DataFrame(columns=views.RESULT_COLUMNS), label="Results", interactive=False,
+                                       elem_id="results-table")
+                with gr.Row():
+                    loss_plot, params_plot = gr.Plot(label="Loss"), gr.Plot(label="Trainable parameters")
+                with gr.Row():
+                    memory_plot, metric_plot = gr.Plot(label="Peak memory"), gr.Plot(label="Test metric")
+                saved_config = gr.JSON(label="Saved configuration")
+
+            with gr.Tab("Outputs", id="outputs") as outputs_tab:
+                out_run = gr.Dropdown(label="Run", choices=views.list_runs(lab.runs_dir), allow_custom_value=True)
+                samples = gr.Dataframe(label="Test inputs answered during the comparison", interactive=False,
+                                       wrap=True, elem_id="samples")
+                prompt = gr.Textbox(label="Prompt (or text to classify)", lines=3)
+                with gr.Row():
+                    sampled = gr.Checkbox(False, label="Sample (else greedy)")
+                    max_tokens = gr.Slider(8, 256, value=48, step=8, label="Max new tokens")
+                    temperature = gr.Slider(0.1, 2.0, value=0.8, step=0.1, label="Temperature (sampling)")
+                with gr.Row():
+                    generate_btn = gr.Button("Run base | VeRA | LoRA", variant="primary")
+                    merged_btn = gr.Button("Check merged VeRA = unmerged")
+                side_by_side = gr.Dataframe(pd.DataFrame(columns=["model", "output"]), label="Outputs",
+                                            interactive=False, wrap=True, column_widths=["20%", "80%"],
+                                            elem_id="side-by-side")
+                merged_result = gr.Markdown()
+
+            with gr.Tab("Calculator", id="calculator"):
+                gr.Markdown("Trainable parameters and stored bytes from the architectures' shapes alone — no weights "
+                            "are downloaded. RoBERTa-base LoRA r=8 vs VeRA r=1024 and RoBERTa-large LoRA r=8 vs "
+                            "VeRA r=256 are the paper's Table 1.")
+                with gr.Row():
+                    calc_models = gr.CheckboxGroup(list(KNOWN_MODELS), value=list(KNOWN_MODELS), label="Models")
+                    calc_vera = gr.Textbox("256,1024", label="VeRA ranks")
+                    calc_lora = gr.Textbox("8,64", label="LoRA ranks")
+                    calc_save = gr.Checkbox(False, label="VeRA stores A and B too")
+                calc_btn = gr.Button("Compute", variant="primary")
+                calc_table = gr.Dataframe(interactive=False, elem_id="calc-table")
+                calc_plot = gr.Plot()
+
+            with gr.Tab("Export", id="export") as export_tab:
+                exp_run = gr.Dropdown(label="Run", choices=views.list_runs(lab.runs_dir), allow_custom_value=True)
+                exp_adapter = gr.Dropdown(label="Adapter", allow_custom_value=True)
+                exp_format = gr.Radio(list(EXPORT_FORMATS), value=next(iter(EXPORT_FORMATS)), label="Format")
+                exp_btn = gr.Button("Export", variant="primary")
+                exp_file = gr.File(label="Download", interactive=False, height=100, elem_id="export-file")
+
+        form_inputs = [model, trust_remote_code, quantize_4bit, task, dataset, max_rows, methods, vera_r, vera_d_init,
+                       lora_r, lora_alpha, targets, custom_targets, vera_lr, lora_lr, full_lr, steps, batch_size,
+                       max_length, seed, eval_batches, eval_generate]
+        assert len(form_inputs) == len(FORM_FIELDS), "the form's inputs must match RunForm's fields, in order"
+        all_inputs = [upload, *form_inputs]
+
+        # Train & compare
+        preview_inputs = [dataset, upload, task, max_rows, seed]
+        upload.upload(lambda _: views.UPLOAD, upload, dataset, api_visibility="private")  # an upload is the data set
+        for trigger in (dataset.change, upload.change, task.change, max_rows.submit, demo.load):
+            trigger(lab.preview, preview_inputs, preview, api_visibility="private")
+        estimate_btn.click(form_handler(lab.estimate, defaults), all_inputs, estimate, api_name="estimate")
+        demo.load(form_handler(lab.estimate, defaults), all_inputs, estimate, api_visibility="private")
+        start_btn.click(form_handler(lab.start, defaults), all_inputs, notice, api_name="start_run", concurrency_limit=1)
+        stop_btn.click(lab.stop, None, notice, api_name="stop_run", queue=False)
+        seen = gr.State(None)
+        poll_outputs = [status, curves, log, job_results, seen]
+        gr.Timer(poll_s).tick(lab.poll, seen, poll_outputs, api_visibility="private", show_progress="hidden",
+                              queue=False)
+        demo.load(lab.poll, seen, poll_outputs, api_visibility="private")
+        gr.api(lab.job_state, api_name="job_state")
+
+        # Results, Outputs, Export: every run picker is refreshed when its tab opens
+        for tab, picker in ((results_tab, run_pick), (outputs_tab, out_run), (export_tab, exp_run)):
+            tab.select(lab.run_choices, picker, picker, api_visibility="private")
+        refresh_btn.click(lab.run_choices, run_pick, run_pick, api_visibility="private")
+        run_pick.change(lab.show_run, run_pick, [summary, results, loss_plot, params_plot, memory_plot, metric_plot,
+                                                 saved_config], api_name="show_run")
+        reopen_btn.click(lab.reopen, run_pick, form_inputs, api_name="reopen_run")
+        out_run.change(lab.samples, out_run, samples, api_visibility="private")
+        generate_btn.click(lab.outputs, [out_run, prompt, sampled, max_tokens, temperature], side_by_side,
+                           api_name="outputs", concurrency_limit=1)
+        merged_btn.click(lab.merged_check, [out_run, prompt, max_tokens], merged_result, api_name="merged_check",
+                         concurrency_limit=1)
+        exp_run.change(lab.adapters, exp_run, exp_adapter, api_visibility="private")
+        exp_btn.click(lab.export, [exp_run, exp_adapter, exp_format], exp_file, api_name="export", concurrency_limit=1)
+
+        # Calculator
+        calc_inputs = [calc_models, calc_vera, calc_lora, calc_save]
+        calc_btn.click(lab.calculator, calc_inputs, [calc_table, calc_plot], api_name="calculator")
+        demo.load(lab.calculator, calc_inputs, [calc_table, calc_plot], api_visibility="private")
+    return demo
+
+
+def launch(demo: gr.Blocks, host: str = "127.0.0.1", port: int | None = None, **kwargs):
+    """Serve the lab: local-only by default, uploads capped, files served only from the runs directory."""
+    return demo.launch(server_name=host, server_port=port, max_file_size=MAX_UPLOAD,
+                       allowed_paths=[str(demo.lab.runs_dir)], css=CSS, **kwargs)

@@ -1,0 +1,212 @@
+"""The lab through its API (gradio_client), end to end on the real offline MiniLM with a few rows and steps, and its
+job manager on plain functions."""
+import json
+import socket
+import threading
+import time
+import zipfile
+from pathlib import Path
+
+import pytest
+from gradio_client import Client, handle_file
+from gradio_client.exceptions import AppError
+
+from app import build_app, launch
+from app.jobs import JobBusy, JobManager
+from app.views import UPLOAD, RunForm
+
+# A comparison that takes seconds: MiniLM on 16 Rotten Tomatoes rows per split, 2 steps per method.
+TINY = dict(model="minilm-l6", dataset="rotten-tomatoes", max_rows=16, methods=["base", "vera", "lora"], vera_r=16,
+            lora_r=2, targets="default (the architecture's query + value)", steps=2, batch_size=4, max_length=32,
+            eval_batches=1, eval_generate=0)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_for_job(client: Client, timeout: float = 240) -> dict:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        state = client.predict(api_name="/job_state")
+        if state["status"] not in ("running", "stopping"):
+            return state
+        time.sleep(0.5)
+    raise AssertionError(f"the job did not finish within {timeout} s: {state}")
+
+
+@pytest.fixture(scope="module")
+def lab(tmp_path_factory):
+    demo = build_app(tmp_path_factory.mktemp("runs"), defaults=RunForm(**TINY))
+    launch(demo, port=free_port(), prevent_thread_lock=True, quiet=True)
+    assert demo.local_url.startswith("http://127.0.0.1:"), "the lab must bind 127.0.0.1 by default"
+    client = Client(demo.local_url, verbose=False, download_files=str(tmp_path_factory.mktemp("downloads")))
+    yield demo, client
+    demo.lab.manager.stop()
+    demo.lab.manager.wait(60)
+    demo.close()
+
+
+@pytest.mark.integration
+def test_comparison_through_the_api_matches_report_json(lab):
+    demo, client = lab
+    estimate = client.predict(**TINY, api_name="/estimate")
+    by_method = {row[0]: dict(zip(estimate["headers"], row)) for row in estimate["data"]}
+    assert by_method["vera"]["trainable params"] == 6 * 2 * (384 + 16)  # 6 layers x query, value: out + r each
+    assert by_method["lora"]["trainable params"] == 6 * 2 * 2 * (384 + 384)
+
+    assert client.predict(**TINY, api_name="/start_run").startswith("started ")
+    state = wait_for_job(client)
+    assert state["status"] == "done", state
+    run_dir = Path(state["run_dir"])
+    report = json.loads((run_dir / "report.json").read_text())
+    assert [r["name"] for r in report["runs"]] == ["base", "vera-r16", "lora-r2"]
+
+    summary, table, *_figures, saved = client.predict(str(run_dir), api_name="/show_run")
+    assert "minilm-l6" in summary and "rotten-tomatoes" in summary
+    rows = [dict(zip(table["headers"], row)) for row in table["data"]]
+    assert [r["run"] for r in rows] == [r["name"] for r in report["runs"]]
+    for row, run in zip(rows, report["runs"]):
+        assert row["trainable params"] == run["trainable_params"]
+        assert row["head params"] == run["head_params"]
+        assert row["test loss"] == pytest.approx(run["eval"]["loss"], abs=1e-4)
+        assert row["test metric"] == f"accuracy {run['eval']['accuracy']:.1f}%"
+        if run["method"] != "base":
+            assert row["adapter file (KiB)"] == pytest.approx(run["adapter_bytes"] / 1024, abs=0.05)
+            assert row["peak memory (MiB)"] == pytest.approx(run["peak_memory_bytes"] / 2**20, abs=0.05)
+            assert row["step time (s)"] == pytest.approx(run["step_time_s"], abs=1e-3)
+            assert row["tokens/s"] == pytest.approx(run["tokens_per_s"], abs=0.05)
+    assert saved["lab form"]["vera_r"] == 16 and saved["compare config.json"]["train"]["steps"] == 2
+
+    # The saved settings re-open into the form.
+    reopened = client.predict(str(run_dir), api_name="/reopen_run")
+    assert reopened[0] == "minilm-l6" and reopened[list(RunForm.__dataclass_fields__).index("lora_r")] == 2
+
+    # Outputs side by side: class probabilities from base, VeRA and LoRA; merged VeRA answers like unmerged.
+    outputs = client.predict(str(run_dir), "a moving, beautifully acted film", False, 16, 1.0, api_name="/outputs")
+    assert [r[0] for r in outputs["data"]] == ["base", "vera-r16", "lora-r2"]
+    for _, text in outputs["data"]:
+        probs = [float(part.split()[-1]) for part in text.split(", ")]
+        assert sum(probs) == pytest.approx(1.0, abs=2e-3) and {"rotten", "fresh"} <= set(text.replace(",", "").split())
+    assert "same output ✓" in client.predict(str(run_dir), "a dull film", 16, api_name="/merged_check")
+
+    # Exports are zip files written inside the run directory.
+    for fmt, member in (("native (VeRA Lab: vectors + seed)", "adapter.safetensors"),
+                        ("PEFT (loads with peft.PeftModel)", "adapter_model.safetensors"),
+                        ("exact LoRA (PEFT LoRA; VeRA as d·A, b·B)", "adapter_config.json")):
+        downloaded = client.predict(str(run_dir), "vera-r16", fmt, api_name="/export")
+        assert member in zipfile.ZipFile(downloaded).namelist()
+    assert len(list((run_dir / "exports").glob("*.zip"))) == 3
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize("change, message", [
+    ({"vera_r": 0}, "r must be a positive integer"),
+    ({"vera_d_init": "nan"}, "d_init must be a finite number, got nan"),
+    ({"model": "no-such-org/no-such-model"}, "unknown model 'no-such-org/no-such-model'"),
+    ({"dataset": UPLOAD, "upload": "bad.jsonl"}, "columns found"),
+    ({"dataset": UPLOAD, "upload": "notes.txt"}, "Invalid file type"),
+    ({"methods": ["base"]}, "choose at least one method to train"),
+])
+def test_bad_input_shows_an_error_and_the_lab_stays_usable(lab, tmp_path, change, message):
+    demo, client = lab
+    before = client.predict(api_name="/job_state")
+    if "upload" in change:
+        path = tmp_path / change["upload"]
+        path.write_text('{"question": "a", "answer": "b"}\n')
+        change = {**change, "upload": handle_file(str(path))}
+    with pytest.raises(AppError, match=message):
+        client.predict(**{**TINY, **change}, api_name="/start_run")
+    assert client.predict(api_name="/job_state")["name"] == before["name"], "a rejected start must not start a job"
+    assert len(client.predict(**TINY, api_name="/estimate")["data"]) == 3
+
+
+@pytest.mark.integration
+def test_double_start_makes_one_run_and_stop_stops_it(lab):
+    demo, client = lab
+    long_run = {**TINY, "methods": ["vera"], "steps": 500}
+    jobs = [client.submit(**long_run, api_name="/start_run") for _ in range(2)]
+    outcomes = []
+    for job in jobs:
+        try:
+            outcomes.append(job.result())
+        except AppError as err:
+            outcomes.append(str(err))
+    assert sum(o.startswith("started") for o in outcomes) == 1, outcomes
+    assert any("already running" in o for o in outcomes), outcomes
+
+    deadline = time.monotonic() + 120
+    while (client.predict(api_name="/job_state")["progress"] or {}).get("step", 0) < 1:
+        assert time.monotonic() < deadline, "training never reached its first step"
+        time.sleep(0.3)
+    assert client.predict(api_name="/stop_run") == "stopping"
+    t0 = time.monotonic()
+    state = wait_for_job(client, timeout=60)
+    assert state["status"] == "stopped" and time.monotonic() - t0 < 30
+    assert state["progress"]["step"] < 500
+    report = json.loads((Path(state["run_dir"]) / "report.json").read_text())
+    assert report["stopped"] is True and report["runs"][0]["stopped"] is True
+
+
+def test_calculator_reproduces_table_1(lab):
+    demo, client = lab
+    table, _plot = client.predict(["roberta-base", "roberta-large"], "256,1024", "8", False, api_name="/calculator")
+    rows = {(r[0], r[2], r[3]): dict(zip(table["headers"], r)) for r in table["data"]}
+    # VeRA paper, Table 1: RoBERTa-base LoRA r=8 0.3M vs VeRA r=1024 0.043M; large LoRA r=8 0.8M vs VeRA r=256 0.061M.
+    assert rows[("roberta-base", "lora", 8)]["trainable params"] == 294_912
+    assert rows[("roberta-base", "vera", 1024)]["trainable params"] == 43_008
+    assert rows[("roberta-large", "lora", 8)]["trainable params"] == 786_432
+    assert rows[("roberta-large", "vera", 256)]["trainable params"] == 61_440
+    with pytest.raises(AppError, match="positive integers"):
+        client.predict(["roberta-base"], "0", "8", False, api_name="/calculator")
+
+
+# ---------------------------------------------------------------------------------------------- job manager
+
+def test_job_status_follows_the_thread():
+    manager = JobManager()
+    assert manager.snapshot()["status"] == "idle"
+    release = threading.Event()
+
+    def work(on_event, stop):
+        on_event({"type": "step", "run": "r", "step": 1, "total": 2, "loss": 1.0})
+        release.wait(10)
+        return "result"
+
+    manager.start("one", work)
+    assert manager.snapshot()["status"] == "running"
+    with pytest.raises(JobBusy):
+        manager.start("two", work)
+    release.set()
+    assert manager.wait(10)
+    snap = manager.snapshot()
+    assert snap["status"] == "done" and snap["result"] == "result" and snap["progress"]["step"] == 1
+
+
+def test_a_crash_is_reported_as_failed_never_done():
+    manager = JobManager()
+
+    def crash(on_event, stop):
+        raise FloatingPointError("the training loss became nan at step 3")
+
+    manager.start("crash", crash)
+    assert manager.wait(10)
+    assert manager.snapshot()["status"] == "failed: the training loss became nan at step 3"
+    manager.start("after", lambda on_event, stop: None)  # the manager stays usable
+    assert manager.wait(10) and manager.snapshot()["status"] == "done"
+
+
+def test_stop_sets_the_flag_and_the_job_reports_stopped():
+    manager = JobManager()
+
+    def loop(on_event, stop):
+        while not stop.wait(0.01):
+            pass
+
+    manager.start("loop", loop)
+    assert manager.stop() == "stopping"
+    assert manager.wait(5)
+    assert manager.snapshot()["status"] == "stopped"
+    assert manager.stop() == "no run in progress"

@@ -1,0 +1,129 @@
+"""The lab in a real browser (Debian's Chromium driven by Playwright): a tiny run to the end, a run stopped midway,
+bad input, and a screenshot of every tab in test-artifacts/."""
+import re
+from pathlib import Path
+
+import pytest
+from playwright.sync_api import expect
+
+from app import build_app, launch
+from app.views import RunForm
+from test_app import TINY, free_port
+
+CHROMIUM = Path("/usr/bin/chromium")
+ARTIFACTS = Path(__file__).resolve().parent.parent / "test-artifacts"
+CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+                 "--disable-component-update", "--disable-sync", "--no-first-run"]
+
+pytestmark = [
+    pytest.mark.browser,
+    pytest.mark.integration,
+    pytest.mark.skipif(not CHROMIUM.exists(), reason="needs Debian's chromium at /usr/bin/chromium "
+                                                     "(apt-get install -y chromium; .ci/run installs it)"),
+]
+
+
+@pytest.fixture(scope="module")
+def page(tmp_path_factory):
+    from playwright.sync_api import sync_playwright
+
+    demo = build_app(tmp_path_factory.mktemp("runs"), defaults=RunForm(**TINY), poll_s=0.5)
+    launch(demo, port=free_port(), prevent_thread_lock=True, quiet=True)
+    ARTIFACTS.mkdir(exist_ok=True)
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
+        page = browser.new_page(viewport={"width": 1400, "height": 1000})
+        page.goto(demo.local_url)
+        page.locator("#start").wait_for()
+        yield page
+        browser.close()
+    demo.lab.manager.stop()
+    demo.lab.manager.wait(60)
+    demo.close()
+
+
+def status(page, value: str, timeout_s: float):
+    page.locator(f'#job-status[data-status="{value}"]').wait_for(timeout=timeout_s * 1000)
+
+
+def test_a_tiny_run_shows_its_curves_and_results(page):
+    page.screenshot(path=ARTIFACTS / "01-train-form.png", full_page=True)
+    page.locator("#start").click()
+    status(page, "done", 240)
+    expect(page.locator("#loss-plot img")).to_be_visible(timeout=10_000)
+    for name in ("base", "vera-r16", "lora-r2"):
+        expect(page.locator("#job-results")).to_contain_text(name, timeout=10_000)
+    page.screenshot(path=ARTIFACTS / "02-train-done.png", full_page=True)
+
+
+def test_reload_reattaches_and_stop_stops_a_second_run(page):
+    page.get_by_label("Steps").fill("500")
+    page.locator("#start").click()
+    status(page, "running", 60)
+    page.wait_for_function("Number(document.querySelector('#job-status').dataset.step) >= 1", timeout=120_000)
+    page.reload()  # a reloaded page finds the running job, curves included
+    status(page, "running", 30)
+    expect(page.locator("#loss-plot img")).to_be_visible(timeout=30_000)
+    page.locator("#stop").click()
+    status(page, "stopped", 60)
+    step = int(page.locator("#job-status").get_attribute("data-step"))
+    assert 1 <= step < 500
+    page.screenshot(path=ARTIFACTS / "03-train-stopped.png", full_page=True)
+
+
+@pytest.mark.parametrize("label, value, message", [
+    ("VeRA r", "0", "r must be a positive integer"),
+    ("VeRA d_init", "nan", "d_init must be a finite number"),
+])
+def test_bad_input_shows_an_error_and_the_lab_stays_usable(page, label, value, message):
+    field = page.get_by_label(label, exact=True)
+    good = field.input_value()
+    field.fill(value)
+    page.locator("#start").click()
+    page.get_by_text(re.compile(re.escape(message))).first.wait_for(timeout=20_000)
+    page.screenshot(path=ARTIFACTS / f"04-bad-input-{label.replace(' ', '-')}.png")
+    field.fill(good)
+    page.get_by_role("button", name="Estimate").click()
+    expect(page.locator("#estimate")).to_contain_text("vera", timeout=20_000)
+
+
+def test_bad_upload_shows_an_error(page, tmp_path):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"question": "a", "answer": "b"}\n')
+    page.locator('input[type="file"]').first.set_input_files(str(bad))
+    expect(page.locator("#preview textarea")).to_have_value(re.compile("columns found"), timeout=20_000)
+    page.screenshot(path=ARTIFACTS / "05-bad-upload.png", full_page=True)
+
+
+def test_results_tab_reopens_the_last_run(page):
+    page.get_by_role("tab", name="Results").click()
+    expect(page.locator("#results-table")).to_contain_text("vera-r16", timeout=30_000)
+    page.locator("#results-table").scroll_into_view_if_needed()
+    page.screenshot(path=ARTIFACTS / "06-tab-results.png", full_page=True)
+
+
+def test_outputs_tab_runs_base_vera_and_lora_side_by_side(page):
+    page.get_by_role("tab", name="Outputs").click()
+    expect(page.locator("#samples")).to_contain_text("label", timeout=30_000)
+    page.get_by_label("Prompt (or text to classify)").fill("A warm, funny and moving film.")
+    page.get_by_role("button", name="Run base | VeRA | LoRA").click()
+    for name in ("base", "vera-r16"):
+        expect(page.locator("#side-by-side")).to_contain_text(name, timeout=60_000)
+    page.get_by_role("button", name="Check merged VeRA = unmerged").click()
+    expect(page.get_by_text("same output ✓")).to_be_visible(timeout=60_000)
+    page.screenshot(path=ARTIFACTS / "07-tab-outputs.png", full_page=True)
+
+
+def test_calculator_tab_shows_table_1(page):
+    page.get_by_role("tab", name="Calculator").click()
+    expect(page.locator("#calc-table")).to_contain_text("43008", timeout=30_000)  # RoBERTa-base, VeRA r=1024
+    page.screenshot(path=ARTIFACTS / "08-tab-calculator.png", full_page=True)
+
+
+def test_export_tab_hands_over_a_zip(page):
+    page.get_by_role("tab", name="Export").click()
+    expect(page.get_by_label("Adapter")).to_have_value("vera-r16", timeout=30_000)
+    page.get_by_role("button", name="Export", exact=True).click()
+    link = page.locator("#export-file a").first
+    expect(link).to_have_attribute("href", re.compile(r"/vera-r16-native\.zip$"), timeout=60_000)
+    page.screenshot(path=ARTIFACTS / "09-tab-export.png", full_page=True)
