@@ -41,6 +41,7 @@ class Job:
     ended_at: float | None = None
     curves: list[dict] = field(default_factory=list)  # "step" and "eval" events, for the loss plot
     progress: dict | None = None  # the latest "step" event
+    current_run: str | None = None  # the run of the latest event (training, or evaluating before / after it)
     log: list[str] = field(default_factory=list)
     result: Any = None
     error: str | None = None  # set when the function raised
@@ -62,6 +63,7 @@ class Job:
 
     def add_event(self, event: dict) -> None:
         with self.lock:
+            self.current_run = event.get("run") or self.current_run
             if event.get("type") in _CURVE_EVENTS:
                 self.curves.append(event)
             if event.get("type") == "step":
@@ -164,8 +166,8 @@ class JobManager:
         """Everything the UI shows about the current job, copied under its lock."""
         job = self.job
         if job is None:
-            return {"status": "idle", "name": None, "run_dir": None, "curves": [], "progress": None, "log": [],
-                    "config": {}, "result": None, "elapsed_s": 0.0}
+            return {"status": "idle", "name": None, "run_dir": None, "curves": [], "progress": None,
+                    "current_run": None, "log": [], "config": {}, "result": None, "elapsed_s": 0.0}
         status = job.status()
         with job.lock:
             return {
@@ -174,6 +176,7 @@ class JobManager:
                 "run_dir": str(job.run_dir) if job.run_dir else None,
                 "curves": list(job.curves),
                 "progress": dict(job.progress) if job.progress else None,
+                "current_run": job.current_run,
                 "log": list(job.log),
                 "config": job.config,
                 "result": job.result,

@@ -59,10 +59,12 @@ def status_html(snapshot: dict) -> str:
     html_status = status.replace("<", "&lt;")
     if snapshot["name"] is None:
         return f'<div id="job-status" data-status="idle"><span class="badge">idle</span> no run yet</div>'
-    progress = snapshot["progress"] or {}
     runs = snapshot["config"].get("planned_runs", [])
-    current = progress.get("run")
+    current = snapshot["current_run"]
     place = f" ({runs.index(current) + 1}/{len(runs)})" if current in runs else ""
+    progress = snapshot["progress"] or {}
+    if progress.get("run") != current:  # loading or evaluating: no training step of this run yet
+        progress = {}
     step, total = progress.get("step", 0), progress.get("total", 0)
     eta = progress.get("eta_s") if status == "running" else None
     line = (f'<span class="badge">{html_status}</span> {snapshot["name"]} — '
@@ -203,7 +205,9 @@ class Lab:
                    f"dtype {report['dtype']}, seed {report['seed']}, peak memory measured {report['memory_mode']}"
                    + (" — **stopped early**" if report.get("stopped") else ""))
         runs = report["runs"]
-        figures = (loss_figure(histories), params_figure(runs), memory_figure(runs), metric_figure(runs, report["task"]))
+        # params_figure draws a log scale, which matplotlib cannot do without a positive bar (e.g. only "base" ran).
+        params = params_figure(runs) if any(r["trainable_params"] for r in runs) else None
+        figures = (loss_figure(histories), params, memory_figure(runs), metric_figure(runs, report["task"]))
         return (summary, views.results_table(report, meta.get("total_params")), *figures,
                 {"compare config.json": config, "lab form": meta.get("form")})
 
