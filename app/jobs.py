@@ -143,7 +143,8 @@ class JobManager:
                 torch.cuda.empty_cache()
             with job.lock:
                 job.ended_at = time.time()
-            job.add_log(f"ended: {job.status()}")
+                outcome = "failed" if job.error is not None else "stopped" if job.stopped else "done"
+            job.add_log(f"ended: {outcome}")  # job.status() would still say "running": this thread is alive
 
     def stop(self) -> str:
         """Ask the running job to stop (the trainer checks the flag before every micro-batch)."""

@@ -133,6 +133,7 @@ class Lab:
             methods, lrs = views.methods(form), views.learning_rates(form)
             config = views.model_config(form.model, form.trust_remote_code)
             planned = views.planned_runs(methods, vera, lora, dataset.task)
+            eval_generate = views.number("test generations scored", form.eval_generate, integer=True)
         except ValueError as err:
             raise gr.Error(str(err)) from None
         run_dir = views.new_run_dir(self.runs_dir, form.model)
@@ -147,7 +148,7 @@ class Lab:
                 model = load_model(model, dataset.task, quantization, trust_remote_code=True,
                                    num_labels=len(dataset.labels or [0, 1]))
             return compare(model, dataset, methods, vera, lora, train, out_dir=run_dir, on_event=on_event, stop=stop,
-                           lrs=lrs, quantization=quantization, eval_generate=form.eval_generate,
+                           lrs=lrs, quantization=quantization, eval_generate=eval_generate,
                            samples=views.SAMPLES)
 
         try:

@@ -82,7 +82,7 @@ def default_form(gpu: bool | None = None) -> RunForm:
 
 # ---------------------------------------------------------------------------------------------- form -> configs
 
-def _number(name: str, value, integer: bool = False):
+def number(name: str, value, integer: bool = False):
     """A form value as a number. Empty fields arrive as None and text fields as strings: name the field in the
     error instead of failing deep inside a config (whose own checks still reject 0, nan and the like)."""
     if value is None or (isinstance(value, str) and not value.strip()):
@@ -111,17 +111,17 @@ def target_modules(form: RunForm):
 def adapter_configs(form: RunForm) -> tuple[VeraConfig, LoraConfig]:
     """The VeRA and LoRA configs of the form (vera_core validates them: r = 0 or d_init = nan raise here)."""
     targets = target_modules(form)
-    vera = VeraConfig(r=_number("VeRA r", form.vera_r, True), d_init=_number("VeRA d_init", form.vera_d_init),
+    vera = VeraConfig(r=number("VeRA r", form.vera_r, True), d_init=number("VeRA d_init", form.vera_d_init),
                       target_modules=targets)
-    lora = LoraConfig(r=_number("LoRA r", form.lora_r, True), alpha=_number("LoRA alpha", form.lora_alpha),
+    lora = LoraConfig(r=number("LoRA r", form.lora_r, True), alpha=number("LoRA alpha", form.lora_alpha),
                       target_modules=targets)
     return vera, lora
 
 
 def train_config(form: RunForm) -> TrainConfig:
-    return TrainConfig(steps=_number("steps", form.steps, True), batch_size=_number("batch", form.batch_size, True),
-                       max_length=_number("sequence length", form.max_length, True), seed=_number("seed", form.seed, True),
-                       eval_batches=_number("eval batches", form.eval_batches, True) or None)
+    return TrainConfig(steps=number("steps", form.steps, True), batch_size=number("batch", form.batch_size, True),
+                       max_length=number("sequence length", form.max_length, True), seed=number("seed", form.seed, True),
+                       eval_batches=number("eval batches", form.eval_batches, True) or None)
 
 
 def planned_runs(methods: list[str], vera: VeraConfig, lora: LoraConfig, task: str) -> list[str]:
@@ -143,7 +143,7 @@ def new_run_dir(runs_dir: Path, model: str) -> Path:
 def learning_rates(form: RunForm) -> dict[str, float]:
     rates = {"vera": form.vera_lr, "lora": form.lora_lr, "full": form.full_lr}
     for method, rate in rates.items():
-        _number(f"{method} learning rate", rate)
+        number(f"{method} learning rate", rate)
     return rates
 
 
@@ -168,8 +168,8 @@ def dataset_source(form: RunForm, upload: str | None) -> str:
 
 
 def load_form_dataset(form: RunForm, source: str) -> TextDataset:
-    return load_dataset(source, None if form.task == "auto" else form.task, seed=_number("seed", form.seed, True),
-                        max_rows=_number("rows per split", form.max_rows, True) or None)
+    return load_dataset(source, None if form.task == "auto" else form.task, seed=number("seed", form.seed, True),
+                        max_rows=number("rows per split", form.max_rows, True) or None)
 
 
 def keep_upload(source: str, run_dir: Path) -> str:

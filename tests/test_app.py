@@ -150,6 +150,18 @@ def test_double_start_makes_one_run_and_stop_stops_it(lab):
     assert report["stopped"] is True and report["runs"][0]["stopped"] is True
 
 
+@pytest.mark.integration
+def test_uploads_over_the_size_limit_are_refused(lab, tmp_path):
+    demo, client = lab
+    big = tmp_path / "big.jsonl"
+    row = '{"text": "%s", "label": "fresh"}\n' % ("x" * 1000)
+    big.write_text(row * 21_000)  # 21 MB, over the lab's 20 MB limit
+    # The limit is the server's (launch(max_file_size=...)); the client reads it from the app's config and refuses.
+    with pytest.raises(ValueError, match="exceeds the maximum file size of 20971520 bytes"):
+        client.predict(**{**TINY, "dataset": UPLOAD, "upload": handle_file(str(big))}, api_name="/start_run")
+    assert client.predict(api_name="/job_state")["status"] != "running"
+
+
 def test_calculator_reproduces_table_1(lab):
     demo, client = lab
     table, _plot = client.predict(["roberta-base", "roberta-large"], "256,1024", "8", False, api_name="/calculator")
@@ -194,6 +206,7 @@ def test_a_crash_is_reported_as_failed_never_done():
     manager.start("crash", crash)
     assert manager.wait(10)
     assert manager.snapshot()["status"] == "failed: the training loss became nan at step 3"
+    assert manager.snapshot()["log"][-1].endswith("ended: failed")
     manager.start("after", lambda on_event, stop: None)  # the manager stays usable
     assert manager.wait(10) and manager.snapshot()["status"] == "done"
 
