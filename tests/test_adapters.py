@@ -281,5 +281,7 @@ def test_bitsandbytes_base(bits, tmp_path, tokens):
     assert count_parameters(model)["trainable"] == 2 * (32 + 16 + 16 + 32 + 72 + 72 + 32 + 7 * 16)
     model(tokens, labels=tokens).loss.backward()
     assert model.model.layers[0].self_attn.q_proj.vera_lambda_b["default"].grad.abs().sum() > 0
+    adapted = model(tokens).logits
     with pytest.raises(NotImplementedError, match="4-bit / 8-bit base is refused"):
         merge_adapter(model)
+    torch.testing.assert_close(model(tokens).logits, adapted, atol=0, rtol=0)  # a refused merge changes nothing

@@ -70,14 +70,14 @@ class AdapterLayer(nn.Module):
         """The adapter's update as a dense (out, in) matrix, in fp32."""
         raise NotImplementedError
 
-    def _apply_delta(self, sign: float) -> None:
+    def _apply_delta(self, name: str, sign: float) -> None:
         if is_quantized(self.base_layer):
             raise NotImplementedError(
                 "merging into a 4-bit / 8-bit base is refused: re-quantizing the merged weight would lose the adapter's "
                 "small update. Load the base in fp32/bf16, load the adapter, then merge."
             )
         weight = self.base_layer.weight
-        delta = self.delta_weight(self.merged_adapter).to(weight.device)
+        delta = self.delta_weight(name).to(weight.device)
         if isinstance(self.base_layer, Conv1D):
             delta = delta.T
         with torch.no_grad():
@@ -87,13 +87,13 @@ class AdapterLayer(nn.Module):
         """Add the active adapter's update into the base weight (exact up to float rounding)."""
         if self.merged_adapter is not None or self.active_adapter is None:
             return
+        self._apply_delta(self.active_adapter, +1.0)  # raises before any state changes on a quantized base
         self.merged_adapter = self.active_adapter
-        self._apply_delta(+1.0)
 
     def unmerge(self) -> None:
         if self.merged_adapter is None:
             return
-        self._apply_delta(-1.0)
+        self._apply_delta(self.merged_adapter, -1.0)
         self.merged_adapter = None
 
     def _param_device(self) -> torch.device:
