@@ -206,9 +206,7 @@ class Lab:
                    f"dtype {report['dtype']}, seed {report['seed']}, peak memory measured {report['memory_mode']}"
                    + (" — **stopped early**" if report.get("stopped") else ""))
         runs = report["runs"]
-        # params_figure draws a log scale, which matplotlib cannot do without a positive bar (e.g. only "base" ran).
-        params = params_figure(runs) if any(r["trainable_params"] for r in runs) else None
-        figures = (loss_figure(histories), params, memory_figure(runs), metric_figure(runs, report["task"]))
+        figures = (loss_figure(histories), params_figure(runs), memory_figure(runs), metric_figure(runs, report["task"]))
         return (summary, views.results_table(report, meta.get("total_params")), *figures,
                 {"compare config.json": config, "lab form": meta.get("form")})
 

@@ -174,3 +174,15 @@ def _minilm():
     from vera_core.calculator import known_model
 
     return known_model("minilm-l6").config
+
+
+def test_params_figure_draws_when_nothing_was_trained():
+    import io
+
+    from vera_core.plots import params_figure
+
+    fig = params_figure([{"name": "base", "trainable_params": 0}])  # a comparison stopped after "base"
+    assert fig.axes[0].get_yscale() == "linear" and len(fig.axes[0].patches) == 0
+    fig.savefig(io.BytesIO(), format="png")
+    fig = params_figure([{"name": "base", "trainable_params": 0}, {"name": "vera-r8", "trainable_params": 80}])
+    assert fig.axes[0].get_yscale() == "log" and len(fig.axes[0].patches) == 1

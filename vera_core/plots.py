@@ -45,7 +45,8 @@ def params_figure(runs: list[dict]) -> Figure:
     runs = [r for r in runs if r["trainable_params"]]
     fig, ax = _figure()
     _bars(ax, [r["name"] for r in runs], [r["trainable_params"] for r in runs], "{:,.0f}")
-    ax.set_yscale("log")
+    if runs:  # a log axis needs a positive bar (a comparison stopped after "base" has none)
+        ax.set_yscale("log")
     ax.set(ylabel="trainable parameters (log scale)", title="Trainable parameters (head excluded)")
     return fig
 
