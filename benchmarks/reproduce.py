@@ -197,6 +197,8 @@ def run_task(task: str, args: argparse.Namespace) -> list[dict]:
     n_test_groups = len({r["group"] for r in ds.test}) if task == "e2e" else 0
     t0 = time.perf_counter()
     for run in plan(task, args):
+        if args.runs and run.name not in args.runs:
+            continue
         run_dir = task_dir / run.name
         if finished(run_dir):
             print(f"   {run.name}: done earlier, kept ({run_dir})")
@@ -346,6 +348,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--vera-lr", type=float, default=None, help="VeRA vector rate (default 1e-2, head 4e-3)")
     parser.add_argument("--d-init", type=float, default=0.1)
     parser.add_argument("--budget-min", type=float, help="stop starting new runs of a task after this many minutes")
+    parser.add_argument("--runs", type=lambda v: [x.strip() for x in v.split(",") if x.strip()],
+                        help="only these run names, e.g. vera-r256-qv,lora-r8-qv (default: every run of the task)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", default="auto")
     args = parser.parse_args(argv)
