@@ -56,8 +56,8 @@ class Run:
     method: str  # "vera" | "lora"
     adapter: AdapterConfig
     lr: float | None = None  # adapter rate; None -> vera_core's per-method default
-    # A method that trains no adapter ("head", "base") rides along in the same compare() call: vera_core's parameter
-    # plot cannot draw a report whose runs all have 0 trainable adapter parameters.
+    # Baselines that train no adapter ("head", "base") ride along in the same compare() call (one directory, one
+    # resume unit), so the baseline and the LoRA run it is read against always come from the same data and settings.
     extra: tuple[str, ...] = ()
 
 
