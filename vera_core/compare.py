@@ -35,7 +35,7 @@ from .io import save_adapter
 from .memory import DTYPE_BYTES, comparable_estimate, estimate_memory
 from .metrics import generation_scores, group_references
 from .models import CLASSIFIER_HEADS, generate, load_model, predict
-from .train import TrainConfig, _resolve_device, default_lr, evaluate, train as train_model
+from .train import TrainConfig, resolve_device, default_lr, evaluate, train as train_model
 
 METHODS = ("base", "head", "vera", "lora", "full")
 MEMORY_MODES = {
@@ -229,7 +229,7 @@ def _run_one(spec: _Spec, load: Callable[[], tuple], dataset: TextDataset, confi
         report.targets = sorted({p.rsplit(".", 1)[-1] for p, _ in adapter_layers(model)})
     emit({"type": "run_start", "run": spec.name, "method": spec.method, "trainable_params": trainable,
           "head_params": head, "memory_estimate": estimate})
-    device = str(_resolve_device(config))
+    device = str(resolve_device(config))
     if spec.method != "base":
         result = train_model(model, tokenizer, dataset, config, run_name=spec.name, on_event=emit, stop=stop)
         report.lr = config.lr or default_lr(spec.method)[0]
@@ -367,7 +367,7 @@ def compare(
         "max_rows": max_rows, "quantization": quantization,
         "splits": {"train": len(dataset.train), "validation": len(dataset.validation), "test": len(dataset.test)},
     })
-    report = Report(model=model_name, task=dataset.task, dataset=dataset.name, device=str(_resolve_device(train)),
+    report = Report(model=model_name, task=dataset.task, dataset=dataset.name, device=str(resolve_device(train)),
                     dtype="float32", seed=train.seed, runs=[], run_dir=str(run_dir),
                     memory_mode="isolated" if isolate else "in-process", samples=sample_rows(dataset, samples))
     load = None if isolate else _loader(model, dataset, train.seed, quantization)

@@ -217,7 +217,8 @@ def _lr_factor(schedule: str, warmup: int, total: int) -> Callable[[int], float]
     return factor
 
 
-def _resolve_device(config: TrainConfig) -> torch.device:
+def resolve_device(config: TrainConfig) -> torch.device:
+    """The device a run uses: CUDA when available for "auto", else what the config names."""
     if config.device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(config.device)
@@ -469,8 +470,8 @@ def train(
         from accelerate import Accelerator  # imported only for multi-process runs
 
         # cpu=True is what makes accelerate start gloo DDP (MULTI_CPU) rather than one process per rank.
-        accelerator = Accelerator(cpu=_resolve_device(config).type == "cpu")
-    device = accelerator.device if accelerator else _resolve_device(config)
+        accelerator = Accelerator(cpu=resolve_device(config).type == "cpu")
+    device = accelerator.device if accelerator else resolve_device(config)
     rank, world = (accelerator.process_index, accelerator.num_processes) if accelerator else (0, 1)
     use_bf16 = _use_bf16(config, device)
     if any(p.device != device for p in model.parameters()):
