@@ -44,10 +44,12 @@ def assert_same(got, expected, atol=1e-5):
 
 @pytest.mark.parametrize("build,targets", [(tiny_llama, LLAMA_ALL), (tiny_gpt2, GPT2_ALL)])
 @pytest.mark.parametrize("shape", SHAPES)
-def test_fast_equals_plain_formula_and_peft(build, targets, shape):
+@pytest.mark.parametrize("folded_backward", ["keep", "rebuild"])
+def test_fast_equals_plain_formula_and_peft(build, targets, shape, folded_backward):
     model = adapted(build, targets)
     embeds = torch.randn(*shape, 32, generator=torch.Generator().manual_seed(3))
-    fast = run(model, embeds)
+    with fast_vera(True, folded_backward):
+        fast = run(model, embeds)
     with fast_vera(False):
         plain = run(model, embeds)
     assert all(g.abs().sum() > 0 for g in fast[1].values())
@@ -68,6 +70,42 @@ def test_long_inputs_fold_and_short_inputs_do_not():
     assert type(q(short).grad_fn).__name__ != "FoldedVeraBackward"
     with fast_vera(False):
         assert type(q(long).grad_fn).__name__ != "FoldedVeraBackward"
+
+
+def saved_bytes(model, embeds) -> int:
+    """Bytes autograd saves for backward beyond the model's own parameters and buffers (shared storage counted once)."""
+    own = {t.untyped_storage().data_ptr() for t in [*model.parameters(), *model.buffers()]}
+    seen: dict[int, int] = {}
+
+    def pack(t):
+        if t.untyped_storage().data_ptr() not in own:
+            seen[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        model(inputs_embeds=embeds).logits.sum().backward()
+    model.zero_grad()
+    return sum(seen.values())
+
+
+def test_rebuild_keeps_no_folded_weight_and_auto_chooses_by_cost():
+    model = adapted(tiny_llama, LLAMA_ALL)
+    embeds = torch.randn(2, 40, 32, requires_grad=True)
+    with fast_vera(True, "keep"):
+        kept = saved_bytes(model, embeds)
+    with fast_vera(True, "rebuild"):
+        rebuilt = saved_bytes(model, embeds)
+    # tiny_llama adapts 7 layers per block over 2 blocks; their W' are (out, in) fp32 tensors.
+    folded = 4 * sum(m.in_features * m.out_features for m in model.modules() if isinstance(m, VeraLayer))
+    assert kept - rebuilt == folded
+    # auto: rebuild once the rebuild product is at most a quarter of the per-token work, 4·in·out <= N·(in + out)
+    from vera_core.fused import keep_folded
+    assert keep_folded(1_000, 576, 576) and not keep_folded(1_152, 576, 576)
+    with fast_vera(True, "rebuild"):
+        assert not keep_folded(10, 576, 576)
+    with pytest.raises(ValueError, match="folded_backward='save'"):
+        with fast_vera(True, "save"):
+            pass
 
 
 @pytest.mark.parametrize("shape", [(2, 40), (1, 3)])

@@ -10,6 +10,11 @@ Two savings, both chosen per call by `VeraLayer` (layers.py):
    (N, out) activation for b's gradient. Forming W' = W0 + (b ⊙ B_s)(d ⊙ A_s) once costs 2·out·r·in, after which
    the forward and the input gradient are the frozen layer's own products; b's and d's gradients come from one
    (out, r) product P = gᵀu. It wins when N·(in + out) > in·out (for SmolLM2 at 512 tokens: every projection).
+
+   Backward needs W' for the input gradient. Keeping it costs an (out, in) tensor per layer until backward (as much
+   memory as a copy of the adapted weights); rebuilding it costs the 2·out·r·in product once more and keeps only u.
+   "auto" rebuilds when that product is at most a quarter of the layer's per-token work, 4·in·out <= N·(in + out):
+   long batches (SmolLM2: from ~1,700 tokens) get the memory for almost nothing, short ones keep the speed.
 """
 from __future__ import annotations
 
@@ -20,22 +25,36 @@ from typing import Iterator
 import torch
 import torch.nn.functional as F
 
+FOLDED_BACKWARD = ("auto", "keep", "rebuild")
 _fast_path = True
+_folded_backward = "auto"
 
 
 def fast_path_enabled() -> bool:
     return _fast_path
 
 
+def keep_folded(tokens: int, in_features: int, out_features: int) -> bool:
+    """Whether a folded layer keeps W' for backward (True) or rebuilds it there (False); see the module docstring."""
+    if _folded_backward == "auto":
+        return 4 * in_features * out_features > tokens * (in_features + out_features)
+    return _folded_backward == "keep"
+
+
 @contextmanager
-def fast_vera(enabled: bool) -> Iterator[None]:
-    """Switch the fast path on or off inside the block (off: the plain formula, for references and benchmarks)."""
-    global _fast_path
-    previous, _fast_path = _fast_path, enabled
+def fast_vera(enabled: bool = True, folded_backward: str = "auto") -> Iterator[None]:
+    """Inside the block: the fast path on or off (off: the plain formula, for references and benchmarks), and
+    whether folded layers keep W' for backward ("keep": fastest), rebuild it ("rebuild": least memory) or choose by
+    cost ("auto", the default)."""
+    global _fast_path, _folded_backward
+    if folded_backward not in FOLDED_BACKWARD:
+        raise ValueError(f"folded_backward={folded_backward!r}: use one of {', '.join(FOLDED_BACKWARD)}.")
+    previous = _fast_path, _folded_backward
+    _fast_path, _folded_backward = enabled, folded_backward
     try:
         yield
     finally:
-        _fast_path = previous
+        _fast_path, _folded_backward = previous
 
 
 class InputProjectionCache:
@@ -68,28 +87,38 @@ class InputProjectionCache:
         return u
 
 
+def fold(weight: torch.Tensor, b: torch.Tensor, d: torch.Tensor, A_s: torch.Tensor, B_s: torch.Tensor) -> torch.Tensor:
+    """W' = W0 + diag(b) B_s diag(d) A_s, shape (out, in)."""
+    return torch.addmm(weight, B_s * b[:, None], A_s * d[:, None])
+
+
 class FoldedVera(torch.autograd.Function):
     """h = x (W0 + diag(b) B_s diag(d) A_s)ᵀ + bias, with W0 and bias frozen.
 
     Backward: grad_x = g W' (the frozen layer's own product), and b's, d's gradients from P = gᵀu (out, r):
-    grad_b = (P ⊙ B_s) d, grad_d = (P ⊙ B_s)ᵀ b. Saved: W' only when x needs a gradient, u only when b or d do.
+    grad_b = (P ⊙ B_s) d, grad_d = (P ⊙ B_s)ᵀ b. Saved: u only when b or d need a gradient; when x needs one,
+    W' itself (keep=True) or nothing beyond the frozen W0 and the vectors, W' being rebuilt in backward.
     """
 
     @staticmethod
-    def forward(ctx, x, weight, bias, b, d, A_s, B_s, u):
-        folded = torch.addmm(weight, B_s * b[:, None], A_s * d[:, None])  # (out, in)
+    def forward(ctx, x, weight, bias, b, d, A_s, B_s, u, keep):
+        folded = fold(weight, b, d, A_s, B_s)
         need_x, need_bd = ctx.needs_input_grad[0], ctx.needs_input_grad[3] or ctx.needs_input_grad[4]
-        ctx.save_for_backward(folded if need_x else None, u if need_bd else None, b, d, B_s)
+        ctx.rebuild = need_x and not keep
+        ctx.save_for_backward(folded if need_x and keep else None, u if need_bd else None, b, d, B_s,
+                              weight if ctx.rebuild else None, A_s if ctx.rebuild else None)
         return F.linear(x, folded, bias)  # (..., out)
 
     @staticmethod
     def backward(ctx, grad):
-        folded, u, b, d, B_s = ctx.saved_tensors
+        folded, u, b, d, B_s, weight, A_s = ctx.saved_tensors
         grad_x = grad_b = grad_d = None
+        if ctx.rebuild:
+            folded = fold(weight, b, d, A_s, B_s)
         if folded is not None:
             grad_x = grad @ folded  # (..., in)
         if u is not None:
             P = grad.reshape(-1, grad.shape[-1]).T @ u.reshape(-1, u.shape[-1])  # (out, r)
             P.mul_(B_s)
             grad_b, grad_d = P @ d, P.T @ b  # (out,), (r,)
-        return grad_x, None, None, grad_b, grad_d, None, None, None
+        return grad_x, None, None, grad_b, grad_d, None, None, None, None
