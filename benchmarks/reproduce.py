@@ -9,6 +9,11 @@ table in quality.md is rewritten.
     .venv/bin/python benchmarks/reproduce.py --task e2e               # CPU subset (hours on a shared 2-core CPU)
     .venv/bin/python benchmarks/reproduce.py --task all --full        # full sets (a GPU)
     .venv/bin/python benchmarks/reproduce.py --task all --quick --out /tmp/q   # smoke run: tiny subsets, 3 steps
+    .venv/bin/python benchmarks/reproduce.py --task sst2 --tune --budget-min 30  # VeRA rate x d_init on validation
+
+--tune trains the task's first VeRA run (or --tune-run NAME) over a grid of learning rates and d_init values,
+scoring each on the validation split only (the test split is never read), writes repro/<task>/tuning.json, and then
+runs the best setting once on the test split as "<run>-tuned".
 
 Data: ../shared/data/{sst2/train.tsv, sst2/dev.tsv, e2e/devset.csv} (or --data-dir / $VERA_REPRO_DATA); elsewhere,
 export the Hub sets glue/sst2 and e2e_nlg to those files (see the README's "Paper reproduction").
@@ -19,6 +24,7 @@ import argparse
 import hashlib
 import json
 import os
+import re
 import shutil
 import sys
 import time
@@ -35,6 +41,7 @@ from vera_core.compare import Report, RunReport, compare  # noqa: E402
 from vera_core.config import AdapterConfig, LoraConfig, VeraConfig  # noqa: E402
 from vera_core.data import MR_INSTRUCTION, TextDataset, load_dataset  # noqa: E402
 from vera_core.files import write_json  # noqa: E402
+from vera_core.plots import tradeoff_figure  # noqa: E402
 from vera_core.train import TrainConfig  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -46,6 +53,9 @@ METRICS = {"sst2": "accuracy", "e2e": "bleu"}
 # What the paper reports (VeRA, ICLR 2024; ../shared/docs/vera-method.md): RoBERTa-base GLUE SST-2 accuracy.
 PAPER = {"sst2": {"lora": "LoRA 95.1 (RoBERTa-base, 0.3M params)", "vera": "VeRA 94.6 (RoBERTa-base, 0.043M params)"}}
 TARGET_GAP, TARGET_RATIO = 1.0, 8.0  # the issue's bar: VeRA >= LoRA - 1 point with >= 8x fewer parameters
+# The tuning grid, most promising first (a spent budget drops the tail): vector rates around the paper's ~1e-2, and
+# d_init at the recommended 0.1 before the larger values the paper's ablation found worse.
+TUNE_GRID = [(lr, d) for d in (0.1, 1.0) for lr in (1e-2, 4e-3, 2e-2, 4e-2)]
 
 
 @dataclass(frozen=True)
@@ -195,12 +205,18 @@ def run_task(task: str, args: argparse.Namespace) -> list[dict]:
                         device=args.device)
     task_dir = Path(args.out) / "repro" / task
     n_test_groups = len({r["group"] for r in ds.test}) if task == "e2e" else 0
+    if args.tune:
+        tune_task(task, args, ds, train, note)
+    tuned = tuned_run(task, task_dir) if args.tune else None
     t0 = time.perf_counter()
-    for run in plan(task, args):
+    for run in plan(task, args) + ([tuned] if tuned else []):
         if args.runs and run.name not in args.runs:
             continue
         run_dir = task_dir / run.name
-        if finished(run_dir):
+        done = finished(run_dir)
+        if done and run is tuned and (done["runs"][0]["lr"], done["runs"][0]["d_init"]) != (run.lr, run.adapter.d_init):
+            done = None  # tuning has since picked another setting
+        if done:
             print(f"   {run.name}: done earlier, kept ({run_dir})")
             continue
         if args.budget_min and time.perf_counter() - t0 > 60 * args.budget_min:
@@ -224,6 +240,61 @@ def run_task(task: str, args: argparse.Namespace) -> list[dict]:
     return rows
 
 
+def tuned_run(task: str, task_dir: Path) -> Run | None:
+    """The "<run>-tuned" run built from tuning.json's best validation setting, once tuning has run."""
+    path = task_dir / "tuning.json"
+    if not path.is_file():
+        return None
+    tuning = json.loads(path.read_text())
+    base = next(r for r in plan(task, argparse.Namespace(lora_lr=None, vera_lr=None, d_init=0.1)) if r.name ==
+                tuning["run"])
+    best = tuning["best"]
+    return Run(f"{base.name}-tuned", "vera", replace(base.adapter, d_init=best["d_init"]), best["lr"])
+
+
+def tune_task(task: str, args: argparse.Namespace, ds: TextDataset, train: TrainConfig, note: str) -> None:
+    """Grid over the VeRA rate and d_init for the task's first VeRA run, each scored on the validation split.
+
+    The tuning runs see a copy of the data set whose "test" split IS the validation split, so nothing they report
+    comes from the real test split. Each run has its own directory (resumable) under repro/<task>/tune/."""
+    task_dir = Path(args.out) / "repro" / task
+    vera_runs = [r for r in plan(task, args) if r.method == "vera"]
+    base = next((r for r in vera_runs if r.name == args.tune_run), None) if args.tune_run else vera_runs[0]
+    if base is None:
+        raise SystemExit(f"--tune-run {args.tune_run!r}: not a VeRA run of {task}; use one of "
+                         f"{', '.join(r.name for r in vera_runs)}.")
+    on_validation = replace(ds, test=ds.validation)
+    n_val_groups = len({r["group"] for r in ds.validation}) if task == "e2e" else 0
+    budget_s, t0, rows = 60 * (args.budget_min or 30), time.perf_counter(), []
+    for lr, d_init in TUNE_GRID:
+        run_dir = task_dir / "tune" / f"{base.name}-lr{lr:g}-d{d_init:g}"
+        report = finished(run_dir)
+        if report is None:
+            if time.perf_counter() - t0 > budget_s:
+                print(f"   tune lr={lr:g} d_init={d_init:g}: SKIPPED, the tuning budget is spent")
+                continue
+            shutil.rmtree(run_dir, ignore_errors=True)
+            print(f"   tune lr={lr:g} d_init={d_init:g}: training ...", flush=True)
+            compare(MODELS[task], on_validation, methods=("vera",), vera=replace(base.adapter, d_init=d_init),
+                    train=replace(train, eval_every=train.steps), out_dir=run_dir, lrs={"vera": lr},
+                    eval_generate=n_val_groups, samples=0)
+            report = finished(run_dir)
+        if report is None:  # stopped or failed: not a candidate
+            continue
+        run = report["runs"][0]
+        rows.append({"lr": lr, "d_init": d_init, "r": run["r"], "steps": run["steps"],
+                     "validation": run["eval"][METRICS[task]], "wall_s": run["wall_s"]})
+        print(f"   tune lr={lr:g} d_init={d_init:g}: validation {METRICS[task]} {rows[-1]['validation']:.2f}",
+              flush=True)
+    if not rows:
+        return
+    best = max(rows, key=lambda row: row["validation"])
+    write_json(task_dir / "tuning.json", {"task": task, "run": base.name, "metric_name": METRICS[task],
+                                          "split": "validation", "subset": note, "grid": rows, "best": best,
+                                          "minutes": round((time.perf_counter() - t0) / 60, 1)})
+    print(f"   best on validation: lr={best['lr']:g} d_init={best['d_init']:g} ({best['validation']:.2f})")
+
+
 def write_outputs(run_dir: Path, report: Report) -> None:
     """outputs.jsonl: each scored test MR's id and the model's answer (samples.jsonl, which holds the data set's
     references, stays out of git)."""
@@ -244,7 +315,9 @@ def metric_text(task: str, run: RunReport) -> str:
 def task_rows(task: str, task_dir: Path) -> list[dict]:
     """quality.json rows of every finished run of a task: the report.json run plus task, metric and context."""
     rows = []
-    for run in plan(task, argparse.Namespace(lora_lr=None, vera_lr=None, d_init=0.1)):
+    runs = plan(task, argparse.Namespace(lora_lr=None, vera_lr=None, d_init=0.1))
+    tuned = tuned_run(task, task_dir)
+    for run in runs + ([tuned] if tuned else []):
         report = finished(task_dir / run.name)
         if report is None:
             continue
@@ -287,6 +360,13 @@ def merge_quality(results: Path, task: str, rows: list[dict]) -> None:
         quality["tasks"]["rotten-tomatoes"] = rt
     results.mkdir(parents=True, exist_ok=True)
     write_json(path, quality)
+    for name, rows_ in quality["tasks"].items():
+        if any(r.get("r") for r in rows_):
+            # One line per run family: the name without its rank ("vera-r256-qv" -> "vera-qv").
+            fig = tradeoff_figure([{**r, "series": re.sub(r"-r\d+", "", r["name"])} for r in rows_], "metric",
+                                  f"{name}: {rows_[0]['metric_name']} against trainable parameters", series="series")
+            fig.axes[0].set_ylabel(rows_[0]["metric_name"])
+            fig.savefig(results / f"quality_{name}.png", dpi=100)
     (results / "quality.md").write_text(markdown(quality))
 
 
@@ -324,6 +404,8 @@ def markdown(quality: dict) -> str:
         if not rows:
             continue
         lines += [f"## {task} ({rows[0].get('model')}; {rows[0].get('subset')})", "", table(rows), ""]
+        if any(r.get("r") for r in rows):
+            lines += [f"![{task}](quality_{task}.png)", ""]
         lines += [f"- {v}" for v in verdicts(rows)]
         if task in PAPER:
             lines.append(f"- paper: {PAPER[task]['lora']}; {PAPER[task]['vera']} (≈7x fewer)")
@@ -350,6 +432,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--budget-min", type=float, help="stop starting new runs of a task after this many minutes")
     parser.add_argument("--runs", type=lambda v: [x.strip() for x in v.split(",") if x.strip()],
                         help="only these run names, e.g. vera-r256-qv,lora-r8-qv (default: every run of the task)")
+    parser.add_argument("--tune", action="store_true",
+                        help="VeRA rate x d_init on the validation split (budget --budget-min, default 30), then the "
+                             "best setting once on the test split as <run>-tuned")
+    parser.add_argument("--tune-run", help="the VeRA run to tune (default: the task's first, e.g. vera-r256-qv)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", default="auto")
     args = parser.parse_args(argv)

@@ -68,8 +68,16 @@ def _adapt(model, method: str, impl: str, r: int):
 
 
 def child_train(cfg: dict) -> dict:
+    from vera_core.fused import fast_vera
+
     model, torch = _model(cfg["device"], cfg["dtype"])
     model, params = _adapt(model, cfg["method"], cfg["impl"], cfg["r"])
+    # "ours" folds with the default "auto" choice; "ours-rebuild" always rebuilds W' in backward (least memory).
+    with fast_vera(True, "rebuild" if cfg["impl"] == "ours-rebuild" else "auto"):
+        return _train_loop(model, params, cfg, torch)
+
+
+def _train_loop(model, params, cfg: dict, torch) -> dict:
     opt = torch.optim.AdamW(params, lr=1e-3)
     g = torch.Generator().manual_seed(0)
     ids = torch.randint(0, model.config.vocab_size, (cfg["batch"], cfg["seq"]), generator=g).to(model.device)
@@ -157,19 +165,25 @@ def configs(quick: bool, device: str) -> list[dict]:
     gpu = device == "cuda"
     common = {"device": device, "dtype": "bfloat16" if gpu else "float32", "batch": 16 if gpu else 4, "seq": 128,
               "warmup": 1, "steps": 3 if quick else 5}
-    train = [("frozen", "none", 0), ("vera", "ours", 256), ("vera", "peft", 256), ("vera", "ours", 1024),
-             ("vera", "peft", 1024), ("lora", "ours", 8), ("lora", "peft", 8)]
+    train = [("frozen", "none", 0), ("vera", "ours", 256), ("vera", "ours-rebuild", 256), ("vera", "peft", 256),
+             ("vera", "ours", 1024), ("vera", "ours-rebuild", 1024), ("vera", "peft", 1024), ("lora", "ours", 8),
+             ("lora", "peft", 8)]
     if not quick:
         train += [("lora", "ours", 64), ("lora", "peft", 64)]
     out = []
     for repeat in range(2 if quick else 3):  # interleaved repeats
         out += [{"kind": "train", "method": m, "impl": i, "r": r, "repeat": repeat, **common} for m, i, r in train]
+    # Longer sequences (4 x 512 tokens): the folded path's W' costs the same per step while the per-token work grows
+    # 4x, and "auto" switches to rebuilding W'. One repeat of two steps keeps --quick within its budget.
+    for impl, r in (("none", 0), ("ours", 256), ("peft", 256)):
+        out.append({"kind": "train", "method": "vera" if r else "frozen", "impl": impl, "r": r, "repeat": 0,
+                    **common, "seq": 512, "steps": 2})
     out.append({"kind": "infer", "r": 256, "repeat": 0, **common, "steps": 5})
     out.append({"kind": "load", "r": 256, "repeat": 0, "steps": 5, "cold": not quick})
     if not quick:
         for r in (16, 64, 512, 2048):
             out += [{"kind": "train", "method": "vera", "impl": i, "r": r, "repeat": 0, **common} for i in ("ours", "peft")]
-        for seq in (32, 512):
+        for seq in (32,):
             for i, r in (("ours", 256), ("peft", 256), ("none", 0)):
                 out.append({"kind": "train", "method": "vera" if r else "frozen", "impl": i, "r": r, "repeat": 0,
                             **common, "seq": seq})
@@ -206,14 +220,16 @@ def summarise(results: dict) -> dict:
                  "max_step_s": max(g["steps"]), "peak_rss_mb": statistics.median(g["rss"]), "n": len(g["steps"]),
                  **{k: g["config"][k] for k in ("method", "impl", "r", "seq")}} for n, g in groups.items()}
     ratios = {}
-    frozen = table.get("frozen|none|r=0|seq=128")
-    for r in (256, 1024):
-        ours, theirs = table.get(f"vera|ours|r={r}|seq=128"), table.get(f"vera|peft|r={r}|seq=128")
+    for seq, r, impl in ((128, 256, "ours"), (128, 1024, "ours"), (128, 256, "ours-rebuild"),
+                         (128, 1024, "ours-rebuild"), (512, 256, "ours")):
+        frozen = table.get(f"frozen|none|r=0|seq={seq}")
+        ours, theirs = table.get(f"vera|{impl}|r={r}|seq={seq}"), table.get(f"vera|peft|r={r}|seq={seq}")
+        name = f"vera_r{r}" + ("_rebuild" if impl == "ours-rebuild" else "") + ("_seq512" if seq == 512 else "")
         if ours and theirs:
-            ratios[f"vera_r{r}_step_ours_over_peft"] = ours["median_step_s"] / theirs["median_step_s"]
-            ratios[f"vera_r{r}_rss_ours_over_peft"] = ours["peak_rss_mb"] / theirs["peak_rss_mb"]
+            ratios[f"{name}_step_ours_over_peft"] = ours["median_step_s"] / theirs["median_step_s"]
+            ratios[f"{name}_rss_ours_over_peft"] = ours["peak_rss_mb"] / theirs["peak_rss_mb"]
             if frozen and theirs["peak_rss_mb"] > frozen["peak_rss_mb"]:
-                ratios[f"vera_r{r}_rss_overhead_ours_over_peft"] = (
+                ratios[f"{name}_rss_overhead_ours_over_peft"] = (
                     (ours["peak_rss_mb"] - frozen["peak_rss_mb"]) / (theirs["peak_rss_mb"] - frozen["peak_rss_mb"]))
     for r in (8, 64):
         ours, theirs = table.get(f"lora|ours|r={r}|seq=128"), table.get(f"lora|peft|r={r}|seq=128")

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import shutil
 import sys
 import tempfile
 import time
@@ -538,6 +537,7 @@ from pathlib import Path
 import pandas as pd
 import matplotlib.pyplot as plt
 import ipywidgets as widgets
+import torch
 from IPython.display import display
 from vera_core import LoraConfig, VeraConfig, load_dataset, load_model
 from vera_core.compare import compare, load_run
@@ -550,8 +550,6 @@ if QUICK:   # CI: every sweep runs for real, with a tiny budget
 else:       # full: the issue's ranges 16 … 1024 and 1e-7 … 1.0
     SWEEP = dict(ranks=[16, 64, 256, 1024], d_inits=[1e-7, 1e-3, 0.1, 1.0], lora_ranks=[1, 8], max_rows=600,
                  train=TrainConfig(steps=100, batch_size=16, max_length=64, eval_batches=8, seed=0))
-# A recorded full sweep (same format as the one this notebook writes) is plotted instead of rerun when present.
-RECORDED = Path("..") / "benchmarks" / "results" / "rank_dinit_sweep.json"
 SWEEP
 '''),
     md("""
@@ -582,15 +580,10 @@ def run_sweep(ranks, d_inits, lora_ranks, max_rows, train):
     return rows
 
 t0 = time.perf_counter()
-if not QUICK and RECORDED.is_file():
-    rows = json.loads(RECORDED.read_text())["rows"]
-    print(f"plotting the recorded sweep {RECORDED} (not rerun)")
-else:
-    import torch
-    torch.manual_seed(0)
-    rows = run_sweep(**SWEEP)
-    Path("runs/03-sweep/rows.json").write_text(json.dumps({"mode": "quick" if QUICK else "full", "rows": rows}, indent=1))
-    print(f"sweeps ran for real in {time.perf_counter() - t0:.0f} s")
+torch.manual_seed(0)
+rows = run_sweep(**SWEEP)
+Path("runs/03-sweep/rows.json").write_text(json.dumps({"mode": "quick" if QUICK else "full", "rows": rows}, indent=1))
+print(f"sweeps ran for real in {time.perf_counter() - t0:.0f} s")
 results = pd.DataFrame(rows)
 results.drop(columns=["run_dir"])
 '''),
@@ -601,20 +594,10 @@ One plot, both methods. The x axis is logarithmic: VeRA's points sit about an or
 LoRA's, because raising VeRA's rank adds one parameter per adapted layer while LoRA's adds `in + out`.
 """),
     code('''
-def accuracy_vs_params(results):
-    fig, ax = plt.subplots(figsize=(7, 4))
-    for method, marker in (("vera", "s"), ("lora", "o")):
-        pts = results[(results.method == method) & ((results.sweep != "d_init") | (results.d_init == 0.1))]
-        pts = pts.drop_duplicates(subset=["r"]).sort_values("trainable_params")
-        ax.plot(pts.trainable_params, pts.accuracy, marker + "-", label=method)
-        for _, p in pts.iterrows():
-            ax.annotate(f"r={p.r}", (p.trainable_params, p.accuracy), textcoords="offset points", xytext=(4, 4), fontsize=8)
-    ax.set(xscale="log", xlabel="trainable parameters, head excluded (log)", ylabel="test accuracy %",
-           title="Rotten Tomatoes, MiniLM-L6 (query+value)" + (" — QUICK budget: noise" if QUICK else ""))
-    ax.legend(); ax.grid(alpha=0.3)
-    plt.show()
-
-accuracy_vs_params(results)
+# The rank sweep at d_init = 0.1 and the LoRA runs: one line per method (vera_core.plots.tradeoff_figure).
+points = results[(results.sweep != "d_init") | (results.d_init == 0.1)].drop_duplicates(subset=["method", "r"])
+display(plots.tradeoff_figure(points.to_dict("records"), "accuracy",
+                              "Rotten Tomatoes, MiniLM-L6 (query+value)" + (" — QUICK budget: noise" if QUICK else "")))
 ''', image=True),
     md("""
 ## 3. d_init
@@ -630,11 +613,8 @@ ax.grid(alpha=0.3)
 plt.show()
 ''', image=True),
     code('''
-if (Path("runs/03-sweep/d_init") / "report.json").is_file():
-    _, histories = load_run("runs/03-sweep/d_init")
-    display(plots.loss_figure(histories))
-else:
-    print("recorded sweep: loss curves are in its run directory")
+_, histories = load_run("runs/03-sweep/d_init")
+display(plots.loss_figure(histories))
 ''', image=True),
     md("""
 ### Explore
@@ -901,15 +881,9 @@ def main() -> None:
         nb = build(name)
         if args.execute:
             t0 = time.perf_counter()
-            # Executed in a scratch copy of notebooks/ so relative paths (runs/, ../benchmarks) resolve the same way
-            # and no run directory lands in the repository.
+            # Executed in a scratch folder so no run directory (runs/...) lands in the repository.
             with tempfile.TemporaryDirectory() as tmp:
-                work = Path(tmp) / "notebooks"
-                work.mkdir()
-                bench = HERE.parent / "benchmarks"
-                if bench.is_dir():
-                    shutil.copytree(bench / "results", Path(tmp) / "benchmarks" / "results", dirs_exist_ok=True)
-                execute(nb, work)
+                execute(nb, Path(tmp))
             print(f"{name}: executed in {time.perf_counter() - t0:.0f} s", file=sys.stderr)
         nbformat.write(nb, HERE / name)
 

@@ -186,3 +186,17 @@ def test_params_figure_draws_when_nothing_was_trained():
     fig.savefig(io.BytesIO(), format="png")
     fig = params_figure([{"name": "base", "trainable_params": 0}, {"name": "vera-r8", "trainable_params": 80}])
     assert fig.axes[0].get_yscale() == "log" and len(fig.axes[0].patches) == 1
+
+
+def test_tradeoff_figure_draws_one_line_per_method_sorted_by_size():
+    from vera_core.plots import tradeoff_figure
+
+    rows = [{"method": "vera", "r": 1024, "trainable_params": 16_896, "accuracy": 81.0},
+            {"method": "lora", "r": 8, "trainable_params": 73_728, "accuracy": 80.0},
+            {"method": "vera", "r": 256, "trainable_params": 7_680, "accuracy": 79.5},
+            {"method": "head", "r": None, "trainable_params": 0, "accuracy": 52.0}]
+    ax = tradeoff_figure(rows).axes[0]
+    lines = {line.get_label(): line for line in ax.get_lines()}
+    assert set(lines) == {"vera", "lora"} and ax.get_xscale() == "log"
+    assert list(lines["vera"].get_xdata()) == [7_680, 16_896] and list(lines["vera"].get_ydata()) == [79.5, 81.0]
+    assert sorted(t.get_text() for t in ax.texts) == ["r=1024", "r=256", "r=8"]

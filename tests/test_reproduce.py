@@ -76,3 +76,23 @@ def test_quick_run_writes_quality_rows(tmp_path):
     stamp = (out / "repro" / "sst2" / "vera-r256-qv" / "report.json").stat().st_mtime_ns
     reproduce.main(["--task", "sst2", "--quick", "--out", str(out)])
     assert (out / "repro" / "sst2" / "vera-r256-qv" / "report.json").stat().st_mtime_ns == stamp
+
+
+@needs_sst2
+@pytest.mark.integration
+def test_tune_scores_on_validation_only_and_runs_the_best_on_test(tmp_path):
+    out = tmp_path / "out"
+    assert reproduce.main(["--task", "sst2", "--quick", "--tune", "--out", str(out)]) == 0
+    task_dir = out / "repro" / "sst2"
+    tuning = json.loads((task_dir / "tuning.json").read_text())
+    assert tuning["run"] == "vera-r256-qv" and tuning["split"] == "validation"
+    assert [(g["lr"], g["d_init"]) for g in tuning["grid"]] == reproduce.TUNE_GRID
+    assert tuning["best"] == max(tuning["grid"], key=lambda g: g["validation"])
+    for grid_dir in (task_dir / "tune").iterdir():  # every tuning run was scored on the 8 validation rows
+        config = json.loads((grid_dir / "config.json").read_text())
+        assert config["splits"]["test"] == config["splits"]["validation"] == 8
+    rows = {r["name"]: r for r in json.loads((out / "quality.json").read_text())["tasks"]["sst2"]}
+    tuned = rows["vera-r256-qv-tuned"]
+    assert (tuned["lr"], tuned["d_init"]) == (tuning["best"]["lr"], tuning["best"]["d_init"])
+    assert json.loads((task_dir / "vera-r256-qv-tuned" / "config.json").read_text())["splits"]["test"] == 8
+    assert "vera-r256-qv-tuned vs lora-r8-qv" in (out / "quality.md").read_text()

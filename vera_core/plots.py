@@ -81,6 +81,27 @@ def metric_figure(runs: list[dict], task: str) -> Figure:
     return fig
 
 
+def tradeoff_figure(rows: list[dict], value: str = "accuracy", title: str = "Quality against trainable parameters",
+                    series: str = "method") -> Figure:
+    """`value` against trainable parameters (log x, head excluded): one line per `series` (default: per method)
+    through its runs sorted by size, each point labelled with its rank. Rows need "r", "trainable_params", `value`
+    and `series` (a report.json run with its metric copied up, or a sweep row); rows without a rank (head, base)
+    are left out."""
+    fig, ax = _figure()
+    names = dict.fromkeys(r[series] for r in rows if r.get("r"))
+    for i, name in enumerate(names):
+        points = sorted((r["trainable_params"], r[value], r["r"]) for r in rows if r[series] == name and r.get("r"))
+        ax.plot([p[0] for p in points], [p[1] for p in points], "o-", color=f"C{i}", label=name)
+        for x, y, r in points:
+            ax.annotate(f"r={r}", (x, y), textcoords="offset points", xytext=(4, 4), fontsize=8)
+    if names:
+        ax.set_xscale("log")
+        ax.legend(fontsize=8)
+    ax.set(xlabel="trainable parameters, head excluded (log scale)", ylabel=value, title=title)
+    ax.grid(alpha=0.3)
+    return fig
+
+
 def save_figures(report: dict, histories: dict[str, list[dict]], directory: str | Path) -> list[Path]:
     """Write loss.png, params.png, memory.png and metric.png for a report.json dict; return their paths."""
     directory = Path(directory)
