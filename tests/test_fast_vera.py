@@ -193,3 +193,30 @@ def test_merged_model_uses_the_base_product():
         q = model.model.layers[0].self_attn.q_proj
         assert isinstance(q, VeraLayer) and q.merged_adapter == "default"
         torch.testing.assert_close(model(inputs_embeds=embeds).logits, expected, atol=1e-5, rtol=1e-4)
+
+
+def test_bf16_autocast_takes_the_per_token_path_and_trains():
+    """The trainer's CUDA path runs under bf16 autocast; the same autocast on CPU must not fold (a bf16 W' would
+    round the update into W0) and must give the plain formula's outputs and fp32 gradients."""
+    model = adapted(tiny_llama, LLAMA_ALL)
+    q = model.model.layers[0].self_attn.q_proj
+    x = torch.randn(2, 40, 32)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert type(q(x).grad_fn).__name__ != "FoldedVeraBackward"
+
+    def autocast_run():
+        embeds = x.clone().requires_grad_(True)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            logits = model(inputs_embeds=embeds).logits
+        logits.float().sum().backward()
+        grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+        model.zero_grad()
+        return logits.float(), grads
+
+    fast, grads = autocast_run()
+    with fast_vera(False):
+        plain, plain_grads = autocast_run()
+    torch.testing.assert_close(fast, plain)
+    for name, grad in grads.items():
+        assert grad.dtype == torch.float32 and grad.abs().sum() > 0
+        torch.testing.assert_close(grad, plain_grads[name], atol=0.05 * plain_grads[name].abs().max().item(), rtol=0)

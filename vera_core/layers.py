@@ -133,13 +133,15 @@ class VeraLayer(AdapterLayer):
         return fused.FoldedVera.apply(x, weight, bias, b, d, A_s, B_s, u, keep)
 
     def _foldable(self, x: torch.Tensor, name: str) -> bool:
-        """Fold the update into the frozen weight when that is exact (fp32, frozen plain Linear / Conv1D, no active
-        dropout, no hooks on the base) and cheaper: N·(in + out) > in·out for N tokens (see fused.py)."""
+        """Fold the update into the frozen weight when that is exact (fp32 without autocast, frozen plain Linear /
+        Conv1D, no active dropout, no hooks on the base) and cheaper: N·(in + out) > in·out for N tokens (fused.py).
+        Under bf16 autocast a folded W' would round the small update into W0's bf16 values, so it is not folded."""
         base, dropout = self.base_layer, self.dropout[name]
         frozen = not base.weight.requires_grad and (base.bias is None or not base.bias.requires_grad)
         fp32 = base.weight.dtype == x.dtype == self.vera_lambda_b[name].dtype == self.projections.A.dtype == torch.float32
         tokens = x.numel() // self.in_features
         return (fused.fast_path_enabled() and type(base) in (nn.Linear, Conv1D) and frozen and fp32
+                and not torch.is_autocast_enabled(x.device.type)
                 and not (base._forward_hooks or base._forward_pre_hooks)
                 and (isinstance(dropout, nn.Identity) or not dropout.training)
                 and tokens * (self.in_features + self.out_features) > self.in_features * self.out_features)
