@@ -318,3 +318,10 @@ def test_smollm2_vera_all_projections_lowers_eval_loss():
           f"peak RSS delta {result.peak_memory_bytes / 2**20:.0f} MiB")
     assert result.steps_done == 6
     assert result.eval["eval_loss"] < before["eval_loss"]
+
+
+def test_warns_when_most_rows_are_cut(tokenizer):
+    data = causal_data()  # rows of ~15 tokens: max_length 8 cuts every one of the 12
+    with pytest.warns(UserWarning, match="12 of 12 training rows are longer than max_length=8 tokens"):
+        result = train(vera_llama(tokenizer), tokenizer, data, TrainConfig(steps=1, batch_size=4, max_length=8))
+    assert result.truncated == 12

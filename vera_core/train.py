@@ -14,6 +14,7 @@ import random
 import statistics
 import threading
 import time
+import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable, Iterator
@@ -481,6 +482,12 @@ def train(
     train_set = encode(dataset.train, tokenizer, dataset.task, config.max_length)
     if not train_set.features:
         raise ValueError(f"data set {dataset.name!r} has no training rows.")
+    if train_set.truncated * 2 > train_set.total:
+        # Not an error (a short run may want it), but a chat template's system prompt easily eats a small
+        # max_length, and a causal LM then learns from a token or two of each response.
+        warnings.warn(f"{train_set.truncated} of {train_set.total} training rows are longer than max_length="
+                      f"{config.max_length} tokens and were cut; raise max_length to train on whole rows.",
+                      stacklevel=2)
     val_set = encode(dataset.validation, tokenizer, dataset.task, config.max_length) if dataset.validation else None
     per_epoch = math.ceil(len(train_set.features) / config.batch_size)  # micro-batches in one pass
     per_step = config.grad_accum * world  # global micro-batches per optimizer step
