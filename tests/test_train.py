@@ -325,3 +325,16 @@ def test_warns_when_most_rows_are_cut(tokenizer):
     with pytest.warns(UserWarning, match="12 of 12 training rows are longer than max_length=8 tokens"):
         result = train(vera_llama(tokenizer), tokenizer, data, TrainConfig(steps=1, batch_size=4, max_length=8))
     assert result.truncated == 12
+
+
+def test_evaluate_scores_the_whole_split_whatever_eval_batches_says(tokenizer):
+    """eval_batches caps the validation checks during training; a reported score always reads the whole split."""
+    model, data = tiny_bert(tokenizer), classification_data()
+    rows = data.train  # 8 rows: 4 batches of 2
+    data = TextDataset(data.name, data.task, train=rows, validation=rows, test=rows, labels=data.labels, source="test")
+    whole = evaluate(model, tokenizer, data, TrainConfig(batch_size=2), split="test")
+    capped = evaluate(model, tokenizer, data, TrainConfig(batch_size=2, eval_batches=1), split="test")
+    assert capped == whole
+    first = evaluate(model, tokenizer, TextDataset(data.name, data.task, train=rows, validation=rows, test=rows[:2],
+                                                   labels=data.labels, source="test"), split="test")
+    assert first != whole  # (the first batch alone scores differently: the cap would have changed the result)

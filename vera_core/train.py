@@ -15,7 +15,7 @@ import statistics
 import threading
 import time
 import warnings
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Callable, Iterator
 
@@ -83,7 +83,7 @@ class TrainConfig:
     max_grad_norm: float | None = 1.0  # clip the gradient norm to this (None: no clipping)
     grad_checkpointing: bool = False  # recompute activations in backward: less memory, ~30% slower
     eval_every: int | None = None  # evaluate every N steps (None: about 5 evaluations per run, always at the end)
-    eval_batches: int | None = None  # cap each evaluation at this many batches (None: the whole validation split)
+    eval_batches: int | None = None  # cap each validation check during training (None: the whole split)
     checkpoint_every: int | None = None  # write a resumable checkpoint every N steps (needs out_dir)
     seed: int = 0  # seeds torch, random and numpy and orders the batches: a CPU run is exactly repeatable
     device: str = "auto"  # "auto" (cuda if available, else cpu), "cpu", "cuda", "cuda:1", ...
@@ -351,8 +351,10 @@ def _evaluate(model: nn.Module, encoded: Encoded, task: str, config: TrainConfig
 
 def evaluate(model: nn.Module, tokenizer, dataset: TextDataset, config: TrainConfig | None = None,
              split: str = "validation") -> dict:
-    """Evaluate the model as it is (e.g. before training) on one split: {"eval_loss", ["eval_accuracy"]}."""
-    config = config or TrainConfig()
+    """Evaluate the model as it is (e.g. before training) on a whole split: {"eval_loss", ["eval_accuracy"]}.
+
+    `config.eval_batches` caps only the quick validation checks during training, never a score reported here."""
+    config = replace(config or TrainConfig(), eval_batches=None)
     device = next(model.parameters()).device
     encoded = encode(getattr(dataset, split), tokenizer, dataset.task, config.max_length)
     return _evaluate(model, encoded, dataset.task, config, device, _use_bf16(config, device))
