@@ -197,6 +197,7 @@ def test_tradeoff_figure_draws_one_line_per_method_sorted_by_size():
             {"method": "head", "r": None, "trainable_params": 0, "accuracy": 52.0}]
     ax = tradeoff_figure(rows).axes[0]
     lines = {line.get_label(): line for line in ax.get_lines()}
-    assert set(lines) == {"vera", "lora"} and ax.get_xscale() == "log"
+    assert set(lines) == {"vera", "lora", "head (baseline)"} and ax.get_xscale() == "log"
+    assert list(lines["head (baseline)"].get_ydata()) == [52.0, 52.0]
     assert list(lines["vera"].get_xdata()) == [7_680, 16_896] and list(lines["vera"].get_ydata()) == [79.5, 81.0]
     assert sorted(t.get_text() for t in ax.texts) == ["r=1024", "r=256", "r=8"]

@@ -85,9 +85,12 @@ def tradeoff_figure(rows: list[dict], value: str = "accuracy", title: str = "Qua
                     series: str = "method") -> Figure:
     """`value` against trainable parameters (log x, head excluded): one line per `series` (default: per method)
     through its runs sorted by size, each point labelled with its rank. Rows need "r", "trainable_params", `value`
-    and `series` (a report.json run with its metric copied up, or a sweep row); rows without a rank (head, base)
-    are left out."""
+    and `series` (a report.json run with its metric copied up, or a sweep row); rows without a rank (head only, the
+    base model) are drawn as dashed horizontal baselines."""
     fig, ax = _figure()
+    for r in rows:
+        if not r.get("r"):
+            ax.axhline(r[value], ls="--", lw=1, color="grey", label=f"{r[series]} (baseline)")
     names = dict.fromkeys(r[series] for r in rows if r.get("r"))
     for i, name in enumerate(names):
         points = sorted((r["trainable_params"], r[value], r["r"]) for r in rows if r[series] == name and r.get("r"))
@@ -96,6 +99,7 @@ def tradeoff_figure(rows: list[dict], value: str = "accuracy", title: str = "Qua
             ax.annotate(f"r={r}", (x, y), textcoords="offset points", xytext=(4, 4), fontsize=8)
     if names:
         ax.set_xscale("log")
+    if rows:
         ax.legend(fontsize=8)
     ax.set(xlabel="trainable parameters, head excluded (log scale)", ylabel=value, title=title)
     ax.grid(alpha=0.3)
