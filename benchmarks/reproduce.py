@@ -266,8 +266,9 @@ def tune_task(task: str, args: argparse.Namespace, ds: TextDataset, train: Train
     on_validation = replace(ds, test=ds.validation)
     n_val_groups = len({r["group"] for r in ds.validation}) if task == "e2e" else 0
     budget_s, t0, rows = 60 * (args.budget_min or 30), time.perf_counter(), []
+    steps = args.tune_steps or train.steps  # shorter runs rank settings more cheaply; the tuned run uses train.steps
     for lr, d_init in TUNE_GRID:
-        run_dir = task_dir / "tune" / f"{base.name}-lr{lr:g}-d{d_init:g}"
+        run_dir = task_dir / "tune" / f"{base.name}-lr{lr:g}-d{d_init:g}-s{steps}"
         report = finished(run_dir)
         if report is None:
             if time.perf_counter() - t0 > budget_s:
@@ -276,7 +277,7 @@ def tune_task(task: str, args: argparse.Namespace, ds: TextDataset, train: Train
             shutil.rmtree(run_dir, ignore_errors=True)
             print(f"   tune lr={lr:g} d_init={d_init:g}: training ...", flush=True)
             compare(MODELS[task], on_validation, methods=("vera",), vera=replace(base.adapter, d_init=d_init),
-                    train=replace(train, eval_every=train.steps), out_dir=run_dir, lrs={"vera": lr},
+                    train=replace(train, steps=steps, eval_every=steps), out_dir=run_dir, lrs={"vera": lr},
                     eval_generate=n_val_groups, samples=0)
             report = finished(run_dir)
         if report is None:  # stopped or failed: not a candidate
@@ -435,6 +436,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--tune", action="store_true",
                         help="VeRA rate x d_init on the validation split (budget --budget-min, default 30), then the "
                              "best setting once on the test split as <run>-tuned")
+    parser.add_argument("--tune-steps", type=int, help="steps per tuning run (default: the task's --steps)")
     parser.add_argument("--tune-run", help="the VeRA run to tune (default: the task's first, e.g. vera-r256-qv)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", default="auto")
