@@ -6,7 +6,7 @@ task resumes at the run it was in. After each run the rows are merged into bench
 table in quality.md is rewritten.
 
     .venv/bin/python benchmarks/reproduce.py --task sst2              # CPU subset (~20 min on an idle 2-core CPU)
-    .venv/bin/python benchmarks/reproduce.py --task e2e               # CPU subset (hours on a shared 2-core CPU)
+    .venv/bin/python benchmarks/reproduce.py --task e2e               # CPU subset (~41 min on an idle 2-core CPU)
     .venv/bin/python benchmarks/reproduce.py --task all --full        # full sets (a GPU)
     .venv/bin/python benchmarks/reproduce.py --task all --quick --out /tmp/q   # smoke run: tiny subsets, 3 steps
     .venv/bin/python benchmarks/reproduce.py --task sst2 --tune --budget-min 30  # VeRA rate x d_init on validation
