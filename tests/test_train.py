@@ -310,7 +310,8 @@ def test_smollm2_vera_all_projections_lowers_eval_loss():
     model, tok = models.load_model("smollm2-135m-instruct")
     add_adapter(model, VeraConfig(r=256, target_modules=LLAMA_ALL))
     data = load_dataset("synthetic-restaurants", max_rows=40)
-    config = TrainConfig(steps=6, batch_size=4, max_length=64, eval_every=6, eval_batches=2, warmup_ratio=0.0)
+    # eval_batches=None: evaluate() always reads the whole split, so the in-training check must read it too
+    config = TrainConfig(steps=6, batch_size=4, max_length=128, eval_every=6, eval_batches=None, warmup_ratio=0.0)
     before = evaluate(model, tok, data, config)
     result = train(model, tok, data, config)
     print(f"\nSmolLM2 VeRA r=256: {result.step_time_s:.2f} s/step, {result.tokens_per_s:.0f} tok/s, "
