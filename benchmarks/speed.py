@@ -175,7 +175,7 @@ def configs(quick: bool, device: str) -> list[dict]:
         out += [{"kind": "train", "method": m, "impl": i, "r": r, "repeat": repeat, **common} for m, i, r in train]
     # Longer sequences (4 x 512 tokens): the folded path's W' costs the same per step while the per-token work grows
     # 4x, and "auto" switches to rebuilding W'. One repeat of two steps keeps --quick within its budget.
-    for impl, r in (("none", 0), ("ours", 256), ("peft", 256)):
+    for impl, r in (("none", 0), ("ours", 256), ("peft", 256), ("ours", 1024), ("peft", 1024)):
         out.append({"kind": "train", "method": "vera" if r else "frozen", "impl": impl, "r": r, "repeat": 0,
                     **common, "seq": 512, "steps": 2})
     out.append({"kind": "infer", "r": 256, "repeat": 0, **common, "steps": 5})
@@ -221,7 +221,7 @@ def summarise(results: dict) -> dict:
                  **{k: g["config"][k] for k in ("method", "impl", "r", "seq")}} for n, g in groups.items()}
     ratios = {}
     for seq, r, impl in ((128, 256, "ours"), (128, 1024, "ours"), (128, 256, "ours-rebuild"),
-                         (128, 1024, "ours-rebuild"), (512, 256, "ours")):
+                         (128, 1024, "ours-rebuild"), (512, 256, "ours"), (512, 1024, "ours")):
         frozen = table.get(f"frozen|none|r=0|seq={seq}")
         ours, theirs = table.get(f"vera|{impl}|r={r}|seq={seq}"), table.get(f"vera|peft|r={r}|seq={seq}")
         name = f"vera_r{r}" + ("_rebuild" if impl == "ours-rebuild" else "") + ("_seq512" if seq == 512 else "")

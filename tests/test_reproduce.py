@@ -88,6 +88,9 @@ def test_tune_scores_on_validation_only_and_runs_the_best_on_test(tmp_path):
     assert tuning["run"] == "vera-r256-qv" and tuning["split"] == "validation"
     assert [(g["lr"], g["d_init"]) for g in tuning["grid"]] == reproduce.TUNE_GRID
     assert tuning["best"] == max(tuning["grid"], key=lambda g: g["validation"])
+    assert all(g["validation"] == g["validation_eval"]["accuracy"] and "loss" in g["validation_eval"]
+               for g in tuning["grid"])
+    assert tuning["minutes"] == round(sum(g["wall_s"] for g in tuning["grid"]) / 60, 1)
     for grid_dir in (task_dir / "tune").iterdir():  # every tuning run was scored on the 8 validation rows
         config = json.loads((grid_dir / "config.json").read_text())
         assert config["splits"]["test"] == config["splits"]["validation"] == 8
@@ -96,3 +99,20 @@ def test_tune_scores_on_validation_only_and_runs_the_best_on_test(tmp_path):
     assert (tuned["lr"], tuned["d_init"]) == (tuning["best"]["lr"], tuning["best"]["d_init"])
     assert json.loads((task_dir / "vera-r256-qv-tuned" / "config.json").read_text())["splits"]["test"] == 8
     assert "vera-r256-qv-tuned vs lora-r8-qv" in (out / "quality.md").read_text()
+
+
+@needs_sst2
+@pytest.mark.integration
+def test_running_tune_again_resumes_within_the_same_budget(tmp_path):
+    """The tuning budget is spent by the finished grid runs' own time, so a second invocation (a resume) starts no
+    new grid run once the first has used the budget up."""
+    args = ["--task", "sst2", "--quick", "--tune", "--runs", "head", "--budget-min", "0.0001", "--out",
+            str(tmp_path / "out")]
+    grid_dirs = lambda: sorted(p.name for p in (tmp_path / "out" / "repro" / "sst2" / "tune").iterdir())
+    assert reproduce.main(args) == 0
+    first = grid_dirs()
+    assert len(first) == 1  # the first grid run always starts; it spends the budget
+    assert reproduce.main(args) == 0
+    assert grid_dirs() == first
+    tuning = json.loads((tmp_path / "out" / "repro" / "sst2" / "tuning.json").read_text())
+    assert len(tuning["grid"]) == 1 and tuning["minutes"] == round(tuning["grid"][0]["wall_s"] / 60, 1)
