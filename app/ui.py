@@ -478,8 +478,11 @@ def build_app(runs_dir: str | Path = "runs", defaults: RunForm | None = None, po
 
         # Train & compare
         preview_inputs = [dataset, upload, task, max_rows, seed]
-        upload.upload(lambda _: views.UPLOAD, upload, dataset, api_visibility="private")  # an upload is the data set
-        for trigger in (dataset.change, upload.change, task.change, max_rows.submit, demo.load):
+        # An upload becomes the data set and is previewed in one event: a separate upload.change preview would read
+        # the dropdown's old value and could land after (and overwrite) the upload's own preview.
+        upload.upload(lambda *values: (views.UPLOAD, lab.preview(views.UPLOAD, *values)),
+                      [upload, task, max_rows, seed], [dataset, preview], api_visibility="private")
+        for trigger in (dataset.change, upload.clear, task.change, max_rows.submit, demo.load):
             trigger(lab.preview, preview_inputs, preview, api_visibility="private")
         estimate_btn.click(form_handler(lab.estimate, defaults), all_inputs, estimate, api_name="estimate")
         demo.load(form_handler(lab.estimate, defaults), all_inputs, estimate, api_visibility="private")
