@@ -2,6 +2,7 @@
 
     python benchmarks/speed.py --quick      # headline ratios, ≤ 15 min on a 2-core CPU
     python benchmarks/speed.py              # + r and sequence-length sweeps, adapter load, cold model load
+    python benchmarks/speed.py --sweep      # only the sweeps, added to the results already in speed.json
 
 Results go to benchmarks/results/speed.json (resumable: configurations already there are skipped; --fresh
 starts over), speed.md and PNG plots. Peak memory is the child's `resource.getrusage(RUSAGE_SELF).ru_maxrss`
@@ -161,7 +162,7 @@ def key(cfg: dict) -> str:
     return "|".join(f"{k}={cfg[k]}" for k in sorted(cfg) if k != "repeat") + f"|repeat={cfg['repeat']}"
 
 
-def configs(quick: bool, device: str) -> list[dict]:
+def configs(quick: bool, device: str, sweep_only: bool = False) -> list[dict]:
     gpu = device == "cuda"
     common = {"device": device, "dtype": "bfloat16" if gpu else "float32", "batch": 16 if gpu else 4, "seq": 128,
               "warmup": 1, "steps": 3 if quick else 5}
@@ -170,6 +171,14 @@ def configs(quick: bool, device: str) -> list[dict]:
              ("lora", "peft", 8)]
     if not quick:
         train += [("lora", "ours", 64), ("lora", "peft", 64)]
+    # Step time and memory against r and sequence length, ours vs PEFT, one repeat each (the FLOP line is drawn
+    # through these points in speed_vs_r.png).
+    sweep = [{"kind": "train", "method": "vera", "impl": i, "r": r, "repeat": 0, **common}
+             for r in (16, 64, 512, 2048) for i in ("ours", "peft")]
+    sweep += [{"kind": "train", "method": "vera" if r else "frozen", "impl": i, "r": r, "repeat": 0, **common,
+               "seq": 32} for i, r in (("ours", 256), ("peft", 256), ("none", 0))]
+    if sweep_only:
+        return sweep
     out = []
     for repeat in range(2 if quick else 3):  # interleaved repeats
         out += [{"kind": "train", "method": m, "impl": i, "r": r, "repeat": repeat, **common} for m, i, r in train]
@@ -180,14 +189,7 @@ def configs(quick: bool, device: str) -> list[dict]:
                     **common, "seq": 512, "steps": 2})
     out.append({"kind": "infer", "r": 256, "repeat": 0, **common, "steps": 5})
     out.append({"kind": "load", "r": 256, "repeat": 0, "steps": 5, "cold": not quick})
-    if not quick:
-        for r in (16, 64, 512, 2048):
-            out += [{"kind": "train", "method": "vera", "impl": i, "r": r, "repeat": 0, **common} for i in ("ours", "peft")]
-        for seq in (32,):
-            for i, r in (("ours", 256), ("peft", 256), ("none", 0)):
-                out.append({"kind": "train", "method": "vera" if r else "frozen", "impl": i, "r": r, "repeat": 0,
-                            **common, "seq": seq})
-    return out
+    return out if quick else out + sweep
 
 
 def run_child(cfg: dict) -> dict:
@@ -221,7 +223,8 @@ def summarise(results: dict) -> dict:
                  **{k: g["config"][k] for k in ("method", "impl", "r", "seq")}} for n, g in groups.items()}
     ratios = {}
     for seq, r, impl in ((128, 256, "ours"), (128, 1024, "ours"), (128, 256, "ours-rebuild"),
-                         (128, 1024, "ours-rebuild"), (512, 256, "ours"), (512, 1024, "ours")):
+                         (128, 1024, "ours-rebuild"), (512, 256, "ours"), (512, 1024, "ours"),
+                         *((128, r, "ours") for r in (16, 64, 512, 2048))):
         frozen = table.get(f"frozen|none|r=0|seq={seq}")
         ours, theirs = table.get(f"vera|{impl}|r={r}|seq={seq}"), table.get(f"vera|peft|r={r}|seq={seq}")
         name = f"vera_r{r}" + ("_rebuild" if impl == "ours-rebuild" else "") + ("_seq512" if seq == 512 else "")
@@ -314,6 +317,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="headline ratios only (≤ 15 min on CPU)")
     parser.add_argument("--fresh", action="store_true", help="ignore results already in speed.json")
+    parser.add_argument("--sweep", action="store_true",
+                        help="only the r (16 ... 2048) and sequence-length sweep, added to the results already there")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
@@ -328,9 +333,11 @@ def main() -> None:
     data = json.loads(path.read_text()) if path.exists() and not args.fresh else {"results": {}}
     machine = (torch.cuda.get_device_name() if device == "cuda"
                else f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPU cores")
-    data.update(machine=f"{machine}, torch {torch.__version__}", mode="quick" if args.quick else "full",
-                date=datetime.date.today().isoformat())
-    for cfg in configs(args.quick, device):
+    mode = "quick" if args.quick else "full"
+    if args.sweep:
+        mode = data.get("mode", "none").removesuffix(" + r/seq sweep") + " + r/seq sweep"
+    data.update(machine=f"{machine}, torch {torch.__version__}", mode=mode, date=datetime.date.today().isoformat())
+    for cfg in configs(args.quick, device, sweep_only=args.sweep):
         k = key(cfg)
         if k in data["results"] and "error" not in data["results"][k]:
             continue  # resumable
