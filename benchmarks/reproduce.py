@@ -268,13 +268,13 @@ def tune_task(task: str, args: argparse.Namespace, ds: TextDataset, train: Train
     n_val_groups = len({r["group"] for r in ds.validation}) if task == "e2e" else 0
     # The budget covers the whole tuning, resumed or not: it is spent by the finished grid runs' own wall time, so
     # running the command again never extends the search beyond --budget-min.
-    budget_s, rows = 60 * (args.budget_min or 30), []
+    budget_s, spent_s, rows = 60 * (args.budget_min or 30), 0.0, []
     steps = args.tune_steps or train.steps  # shorter runs rank settings more cheaply; the tuned run uses train.steps
     for lr, d_init in TUNE_GRID:
         run_dir = task_dir / "tune" / f"{base.name}-lr{lr:g}-d{d_init:g}-s{steps}"
         report = finished(run_dir)
         if report is None:
-            if sum(row["wall_s"] for row in rows) > budget_s:
+            if spent_s > budget_s:
                 print(f"   tune lr={lr:g} d_init={d_init:g}: SKIPPED, the tuning budget is spent")
                 continue
             shutil.rmtree(run_dir, ignore_errors=True)
@@ -286,6 +286,7 @@ def tune_task(task: str, args: argparse.Namespace, ds: TextDataset, train: Train
         if report is None:  # stopped or failed: not a candidate
             continue
         run = report["runs"][0]
+        spent_s += run["wall_s"]
         rows.append({"lr": lr, "d_init": d_init, "r": run["r"], "steps": run["steps"],
                      "validation": run["eval"][METRICS[task]], "validation_eval": run["eval"], "wall_s": run["wall_s"]})
         print(f"   tune lr={lr:g} d_init={d_init:g}: validation {METRICS[task]} {rows[-1]['validation']:.2f}",
@@ -295,7 +296,7 @@ def tune_task(task: str, args: argparse.Namespace, ds: TextDataset, train: Train
     best = max(rows, key=lambda row: row["validation"])
     write_json(task_dir / "tuning.json", {"task": task, "run": base.name, "metric_name": METRICS[task],
                                           "split": "validation", "subset": note, "grid": rows, "best": best,
-                                          "minutes": round(sum(row["wall_s"] for row in rows) / 60, 1)})
+                                          "minutes": round(spent_s / 60, 1)})
     print(f"   best on validation: lr={best['lr']:g} d_init={best['d_init']:g} ({best['validation']:.2f})")
 
 

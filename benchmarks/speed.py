@@ -171,22 +171,22 @@ def configs(quick: bool, device: str, sweep_only: bool = False) -> list[dict]:
              ("lora", "peft", 8)]
     if not quick:
         train += [("lora", "ours", 64), ("lora", "peft", 64)]
+
+    def train_run(method: str, impl: str, r: int, repeat: int = 0, **override) -> dict:
+        return {"kind": "train", "method": method, "impl": impl, "r": r, "repeat": repeat, **common, **override}
+
+    frozen = ("frozen", "none", 0)
     # Step time and memory against r and sequence length, ours vs PEFT, one repeat each (the FLOP line is drawn
     # through these points in speed_vs_r.png).
-    sweep = [{"kind": "train", "method": "vera", "impl": i, "r": r, "repeat": 0, **common}
-             for r in (16, 64, 512, 2048) for i in ("ours", "peft")]
-    sweep += [{"kind": "train", "method": "vera" if r else "frozen", "impl": i, "r": r, "repeat": 0, **common,
-               "seq": 32} for i, r in (("ours", 256), ("peft", 256), ("none", 0))]
+    sweep = [train_run("vera", impl, r) for r in (16, 64, 512, 2048) for impl in ("ours", "peft")]
+    sweep += [train_run(*run, seq=32) for run in (("vera", "ours", 256), ("vera", "peft", 256), frozen)]
     if sweep_only:
         return sweep
-    out = []
-    for repeat in range(2 if quick else 3):  # interleaved repeats
-        out += [{"kind": "train", "method": m, "impl": i, "r": r, "repeat": repeat, **common} for m, i, r in train]
+    out = [train_run(*run, repeat=repeat) for repeat in range(2 if quick else 3) for run in train]  # interleaved
     # Longer sequences (4 x 512 tokens): the folded path's W' costs the same per step while the per-token work grows
     # 4x, and "auto" switches to rebuilding W'. One repeat of two steps keeps --quick within its budget.
-    for impl, r in (("none", 0), ("ours", 256), ("peft", 256), ("ours", 1024), ("peft", 1024)):
-        out.append({"kind": "train", "method": "vera" if r else "frozen", "impl": impl, "r": r, "repeat": 0,
-                    **common, "seq": 512, "steps": 2})
+    out += [train_run(*run, seq=512, steps=2) for run in (frozen, ("vera", "ours", 256), ("vera", "peft", 256),
+                                                          ("vera", "ours", 1024), ("vera", "peft", 1024))]
     out.append({"kind": "infer", "r": 256, "repeat": 0, **common, "steps": 5})
     out.append({"kind": "load", "r": 256, "repeat": 0, "steps": 5, "cold": not quick})
     return out if quick else out + sweep

@@ -106,6 +106,7 @@ def test_tune_scores_on_validation_only_and_runs_the_best_on_test(tmp_path):
 def test_running_tune_again_resumes_within_the_same_budget(tmp_path):
     """The tuning budget is spent by the finished grid runs' own time, so a second invocation (a resume) starts no
     new grid run once the first has used the budget up."""
+    # --runs names no main run ("head" is an extra of lora-r8-qv, not a run), so only the tuning grid trains.
     args = ["--task", "sst2", "--quick", "--tune", "--runs", "head", "--budget-min", "0.0001", "--out",
             str(tmp_path / "out")]
     grid_dirs = lambda: sorted(p.name for p in (tmp_path / "out" / "repro" / "sst2" / "tune").iterdir())
