@@ -9,19 +9,20 @@ import functools
 import inspect
 import json
 import shutil
-from dataclasses import asdict, fields
+from dataclasses import asdict
 from pathlib import Path
 
 import gradio as gr
 import pandas as pd
-import torch
 
-from vera_core import export_peft, load_adapter, merge_adapter, remove_adapter, unmerge_adapter
+from vera_core import merge_adapter, unmerge_adapter
 from vera_core.calculator import KNOWN_MODELS
-from vera_core.compare import compare, load_run
-from vera_core.data import BUILTIN_DATASETS, format_preview
-from vera_core.models import OFFLINE_MODELS, generate, load_model, predict
-from vera_core.plots import loss_figure, memory_figure, metric_figure, params_figure
+from vera_core.compare import run_request
+from vera_core.data import BUILTIN_DATASETS, format_preview, load_dataset
+from vera_core.models import OFFLINE_MODELS, generate, predict
+from vera_core.plots import calculator_figure, loss_figure, memory_figure, metric_figure, params_figure
+from vera_core.report import load_run
+from vera_core.runs import export, load_run_model, new_run_dir
 
 from . import views
 from .jobs import JobBusy, JobManager
@@ -34,8 +35,6 @@ EXPORT_FORMATS = {
     "exact LoRA (PEFT LoRA; VeRA as d·A, b·B)": "lora",
     "merged model (save_pretrained folder)": "merged",
 }
-# Form fields in the order of the Train tab's inputs, which is also the order of the /start_run API parameters.
-FORM_FIELDS = [f.name for f in fields(RunForm)]
 CSS = """
 #job-status progress { width: 100%; height: 14px; }
 #job-status .badge { font-weight: 600; padding: 1px 8px; border-radius: 8px; background: var(--neutral-200); }
@@ -58,7 +57,7 @@ def status_html(snapshot: dict) -> str:
     status = snapshot["status"]
     html_status = status.replace("<", "&lt;")
     if snapshot["name"] is None:
-        return f'<div id="job-status" data-status="idle"><span class="badge">idle</span> no run yet</div>'
+        return '<div id="job-status" data-status="idle"><span class="badge">idle</span> no run yet</div>'
     runs = snapshot["config"].get("planned_runs", [])
     current = snapshot["current_run"]
     place = f" ({runs.index(current) + 1}/{len(runs)})" if current in runs else ""
@@ -83,10 +82,11 @@ def _job_results(snapshot: dict) -> pd.DataFrame:
     return views.results_table(json.loads((Path(run_dir) / "report.json").read_text()), meta.get("total_params"))
 
 
-def form_handler(method, defaults: RunForm):
-    """Let a handler take (RunForm, upload) while Gradio, and so API clients, see one named parameter per field
-    (with the form's defaults, so a client names only what it changes)."""
-    names = ["upload", *FORM_FIELDS]
+def form_handler(method, form: dict[str, gr.components.Component], defaults: RunForm):
+    """Let a handler take (RunForm, upload) while Gradio, and so API clients, see one named parameter per form
+    component (with the form's defaults, so a client names only what it changes). The names are the mapping's keys,
+    which are RunForm's field names: no input order to keep in step."""
+    names = ["upload", *form]
     default_values = {"upload": None, **asdict(defaults)}
 
     @functools.wraps(method)
@@ -108,51 +108,43 @@ class Lab:
         self.runs_dir.mkdir(parents=True, exist_ok=True)
         self.manager = JobManager()
         self._loaded: dict[tuple[str, str], tuple] = {}  # (run_dir, adapter run or "base") -> (model, tokenizer)
+        self.form_fields: list[str] = []  # the Train tab's named inputs, in the order Gradio passes them
 
     # ------------------------------------------------------------------ train & compare
     def preview(self, dataset: str, upload: str | None, task: str, max_rows: int, seed: int) -> str:
         form = RunForm(dataset=dataset, task=task, max_rows=max_rows, seed=seed)
         try:
-            return format_preview(views.load_form_dataset(form, views.dataset_source(form, upload)), n=5)
+            data = load_dataset(views.dataset_source(form, upload), None if task == "auto" else task,
+                                seed=views.number("seed", seed, True),
+                                max_rows=views.number("rows per split", max_rows, True) or None)
+            return format_preview(data, n=5)
         except ValueError as err:
             return f"error: {err}"
 
     def estimate(self, form: RunForm, upload: str | None) -> pd.DataFrame:
         try:
-            return views.estimate_table(form)
+            return views.estimate_table(views.run_request(form, upload))
         except ValueError as err:
             raise gr.Error(str(err)) from None
 
     def start(self, form: RunForm, upload: str | None) -> str:
         """Validate everything, then start the comparison in the worker thread (one job at a time)."""
         try:
-            source = views.dataset_source(form, upload)
-            dataset = views.load_form_dataset(form, source)
-            vera, lora = views.adapter_configs(form)
-            train = views.train_config(form)
-            methods, lrs = views.methods(form), views.learning_rates(form)
-            config = views.model_config(form.model, form.trust_remote_code)
-            planned = views.planned_runs(methods, vera, lora, dataset.task)
-            eval_generate = views.number("test generations scored", form.eval_generate, integer=True)
+            request = views.run_request(form, upload)
         except ValueError as err:
             raise gr.Error(str(err)) from None
-        run_dir = views.new_run_dir(self.runs_dir, form.model)
-        quantization = "4bit" if form.quantize_4bit else None
+        run_dir = new_run_dir(self.runs_dir, form.model)
 
         def job(on_event, stop):
             run_dir.mkdir(parents=True)
-            kept = views.keep_upload(source, run_dir)
-            views.write_form(run_dir, form, data=kept, labels=dataset.labels, total_params=views.total_parameters(config))
-            model = form.model.strip()
-            if form.trust_remote_code:  # compare loads by name without remote code; hand it the loaded model
-                model = load_model(model, dataset.task, quantization, trust_remote_code=True,
-                                   num_labels=len(dataset.labels or [0, 1]))
-            return compare(model, dataset, methods, vera, lora, train, out_dir=run_dir, on_event=on_event, stop=stop,
-                           lrs=lrs, quantization=quantization, eval_generate=eval_generate,
-                           samples=views.SAMPLES)
+            kept = views.keep_upload(views.dataset_source(form, upload), run_dir)
+            views.write_form(run_dir, form, data=kept, labels=request.dataset.labels,
+                             total_params=request.base_parameters())
+            return run_request(request, out_dir=run_dir, on_event=on_event, stop=stop)
 
         try:
-            self.manager.start(run_dir.name, job, run_dir, {"form": asdict(form), "planned_runs": planned})
+            self.manager.start(run_dir.name, job, run_dir,
+                               {"form": asdict(form), "planned_runs": [spec.name for spec in request.plan()]})
         except JobBusy as err:
             raise gr.Error(str(err)) from None
         return f"started {run_dir.name}"
@@ -215,7 +207,7 @@ class Lab:
         form = views.read_form(self._run_dir(run_dir))
         if form is None:
             raise gr.Error("this run has no saved lab form (it was not started from the lab)")
-        return [getattr(form, name) for name in FORM_FIELDS]
+        return [getattr(form, name) for name in self.form_fields]
 
     def samples(self, run_dir: str | None) -> pd.DataFrame:
         """The test inputs the comparison already answered, one column per run."""
@@ -235,16 +227,8 @@ class Lab:
             self._loaded.clear()  # one run's models at a time
         key = (str(path), run)
         if key not in self._loaded:
-            report = json.loads((path / "report.json").read_text())
-            meta = views.read_lab_meta(path)
             form = views.read_form(path) or RunForm()
-            torch.manual_seed(report["seed"])  # the same new classification head as the comparison started from
-            model, tokenizer = load_model(report["model"], report["task"], "4bit" if form.quantize_4bit else None,
-                                          num_labels=len(meta.get("labels") or [0, 1]),
-                                          trust_remote_code=form.trust_remote_code)
-            if run != "base":
-                load_adapter(model, path / "adapters" / run, name="lab")
-            self._loaded[key] = (model, tokenizer)
+            self._loaded[key] = load_run_model(path, run, trust_remote_code=form.trust_remote_code)
         return self._loaded[key]
 
     def _adapter_runs(self, path: Path) -> list[str]:
@@ -322,17 +306,12 @@ class Lab:
             source = path / "adapters" / run
         else:
             model, tokenizer = self._model(path, run)
-            if kind == "merged":
-                # remove_adapter changes the model in place: export from a private copy, keep the cached one intact.
+            if kind == "merged":  # merging takes the adapter out of the cached model: drop it from the cache
                 self._loaded.pop((str(path), run))
-                try:
-                    remove_adapter(model, merge=True).save_pretrained(target)
-                except ValueError as err:  # e.g. merging into a 4-bit base is refused
-                    raise gr.Error(str(err)) from None
-                tokenizer.save_pretrained(target)
-            else:
-                export_peft(model, target, as_lora=kind == "lora")
-            source = target
+            try:
+                source = export(model, tokenizer, target, kind, overwrite=True)
+            except ValueError as err:  # e.g. merging into a 4-bit base is refused
+                raise gr.Error(str(err)) from None
         archive = Path(shutil.make_archive(str(target), "zip", root_dir=source))
         if archive.resolve().parent != (path / "exports").resolve():
             raise gr.Error("refusing to serve a file outside the run directory")
@@ -341,10 +320,10 @@ class Lab:
     # ------------------------------------------------------------------ calculator
     def calculator(self, models: list[str], vera_ranks: str, lora_ranks: str, save_projection: bool):
         try:
-            table = views.calculator_rows(models, vera_ranks, lora_ranks, save_projection)
+            rows = views.calculator_rows(models, vera_ranks, lora_ranks, save_projection)
         except ValueError as err:
             raise gr.Error(str(err)) from None
-        return table, views.calculator_figure(table)
+        return pd.DataFrame(rows).rename(columns={"trainable": "trainable params"}), calculator_figure(rows)
 
 
 def build_app(runs_dir: str | Path = "runs", defaults: RunForm | None = None, poll_s: float = 1.0) -> gr.Blocks:
@@ -470,10 +449,14 @@ def build_app(runs_dir: str | Path = "runs", defaults: RunForm | None = None, po
                 exp_btn = gr.Button("Export", variant="primary")
                 exp_file = gr.File(label="Download", interactive=False, height=100, elem_id="export-file")
 
-        form_inputs = [model, trust_remote_code, quantize_4bit, task, dataset, max_rows, methods, vera_r, vera_d_init,
-                       lora_r, lora_alpha, targets, custom_targets, vera_lr, lora_lr, full_lr, steps, batch_size,
-                       max_length, seed, eval_batches, eval_generate]
-        assert len(form_inputs) == len(FORM_FIELDS), "the form's inputs must match RunForm's fields, in order"
+        # The form by RunForm field name: handlers, API parameter names and "reopen" all read this one mapping.
+        form = dict(model=model, trust_remote_code=trust_remote_code, quantize_4bit=quantize_4bit, task=task,
+                    dataset=dataset, max_rows=max_rows, methods=methods, vera_r=vera_r, vera_d_init=vera_d_init,
+                    lora_r=lora_r, lora_alpha=lora_alpha, targets=targets, custom_targets=custom_targets,
+                    vera_lr=vera_lr, lora_lr=lora_lr, full_lr=full_lr, steps=steps, batch_size=batch_size,
+                    max_length=max_length, seed=seed, eval_batches=eval_batches, eval_generate=eval_generate)
+        lab.form_fields = list(form)
+        form_inputs = list(form.values())
         all_inputs = [upload, *form_inputs]
 
         # Train & compare
@@ -484,9 +467,9 @@ def build_app(runs_dir: str | Path = "runs", defaults: RunForm | None = None, po
                       [upload, task, max_rows, seed], [dataset, preview], api_visibility="private")
         for trigger in (dataset.change, upload.clear, task.change, max_rows.submit, demo.load):
             trigger(lab.preview, preview_inputs, preview, api_visibility="private")
-        estimate_btn.click(form_handler(lab.estimate, defaults), all_inputs, estimate, api_name="estimate")
-        demo.load(form_handler(lab.estimate, defaults), all_inputs, estimate, api_visibility="private")
-        start_btn.click(form_handler(lab.start, defaults), all_inputs, notice, api_name="start_run", concurrency_limit=1)
+        estimate_btn.click(form_handler(lab.estimate, form, defaults), all_inputs, estimate, api_name="estimate")
+        demo.load(form_handler(lab.estimate, form, defaults), all_inputs, estimate, api_visibility="private")
+        start_btn.click(form_handler(lab.start, form, defaults), all_inputs, notice, api_name="start_run", concurrency_limit=1)
         stop_btn.click(lab.stop, None, notice, api_name="stop_run", queue=False)
         seen = gr.State(None)
         poll_outputs = [status, curves, log, job_results, seen]

@@ -1,31 +1,26 @@
-"""What the lab shows, built from vera_core results: the run form and its configs, estimate and results tables,
-loss-curve data, the calculator table and figure. Plain functions without Gradio, so tests can call them directly."""
+"""What the lab shows: the run form (and its saved copy), and tables made from vera_core's results for Gradio.
+Plain functions without Gradio, so tests can call them directly; every computation is a vera_core call."""
 from __future__ import annotations
 
 import json
 import math
-import re
 import shutil
-import time
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 import pandas as pd
 import torch
-from matplotlib.backends.backend_agg import FigureCanvasAgg
-from matplotlib.figure import Figure
-from transformers import AutoConfig
 
-from vera_core import LoraConfig, VeraConfig, count_parameters, estimate_parameters
-from vera_core.calculator import KNOWN_MODELS, known_model, parameter_table
-from vera_core.compare import plan_runs
+from vera_core import LoraConfig, TrainConfig, VeraConfig
+from vera_core.calculator import known_model, parameter_table
+from vera_core.checks import int_list
 from vera_core.config import ALL_LINEAR
-from vera_core.count import meta_model
-from vera_core.data import BUILTIN_DATASETS, TextDataset, load_dataset
+from vera_core.data import BUILTIN_DATASETS, shorten
 from vera_core.files import write_json
-from vera_core.memory import estimate_memory
-from vera_core.models import OFFLINE_MODELS
-from vera_core.train import DEFAULT_LR, TrainConfig
+from vera_core.report import summary_rows
+from vera_core.request import RunRequest
+from vera_core.runs import list_runs as vera_list_runs
+from vera_core.train import DEFAULT_LR
 
 UPLOAD = "uploaded file"
 UPLOAD_SUFFIXES = (".jsonl", ".csv", ".tsv")
@@ -80,7 +75,7 @@ def default_form(gpu: bool | None = None) -> RunForm:
     return RunForm()
 
 
-# ---------------------------------------------------------------------------------------------- form -> configs
+# ---------------------------------------------------------------------------------------------- form -> request
 
 def number(name: str, value, integer: bool = False):
     """A form value as a number. Empty fields arrive as None and text fields as strings: name the field in the
@@ -108,52 +103,6 @@ def target_modules(form: RunForm):
     return [t.strip() for t in text.split(",") if t.strip()] if "," in text else text
 
 
-def adapter_configs(form: RunForm) -> tuple[VeraConfig, LoraConfig]:
-    """The VeRA and LoRA configs of the form (vera_core validates them: r = 0 or d_init = nan raise here)."""
-    targets = target_modules(form)
-    vera = VeraConfig(r=number("VeRA r", form.vera_r, True), d_init=number("VeRA d_init", form.vera_d_init),
-                      target_modules=targets)
-    lora = LoraConfig(r=number("LoRA r", form.lora_r, True), alpha=number("LoRA alpha", form.lora_alpha),
-                      target_modules=targets)
-    return vera, lora
-
-
-def train_config(form: RunForm) -> TrainConfig:
-    return TrainConfig(steps=number("steps", form.steps, True), batch_size=number("batch", form.batch_size, True),
-                       max_length=number("sequence length", form.max_length, True), seed=number("seed", form.seed, True),
-                       eval_batches=number("eval batches", form.eval_batches, True) or None)
-
-
-def planned_runs(methods: list[str], vera: VeraConfig, lora: LoraConfig, task: str) -> list[str]:
-    """The names compare will give the runs (for the progress line's "run 2/3")."""
-    return [spec.name for spec in plan_runs(methods, vera, lora, task)]
-
-
-def new_run_dir(runs_dir: Path, model: str) -> Path:
-    """runs_dir/<time>-<model>, with a counter when a run of the same second exists."""
-    slug = re.sub(r"[^A-Za-z0-9._-]+", "-", Path(model.strip()).name).strip("-") or "model"
-    stem = runs_dir / f"{time.strftime('%Y%m%d-%H%M%S')}-{slug}"
-    path, n = stem, 1
-    while path.exists():
-        n += 1
-        path = stem.with_name(f"{stem.name}-{n}")
-    return path
-
-
-def learning_rates(form: RunForm) -> dict[str, float]:
-    rates = {"vera": form.vera_lr, "lora": form.lora_lr, "full": form.full_lr}
-    for method, rate in rates.items():
-        number(f"{method} learning rate", rate)
-    return rates
-
-
-def methods(form: RunForm) -> list[str]:
-    unknown = [m for m in form.methods if m not in METHOD_CHOICES]
-    if unknown or not any(m != "base" for m in form.methods):
-        raise ValueError(f"choose at least one method to train among vera, lora, full (got {form.methods}).")
-    return list(form.methods)
-
-
 def dataset_source(form: RunForm, upload: str | None) -> str:
     """The name or file path `load_dataset` gets; uploads are checked by suffix here and by content there."""
     if form.dataset != UPLOAD:
@@ -167,9 +116,27 @@ def dataset_source(form: RunForm, upload: str | None) -> str:
     return upload
 
 
-def load_form_dataset(form: RunForm, source: str) -> TextDataset:
-    return load_dataset(source, None if form.task == "auto" else form.task, seed=number("seed", form.seed, True),
-                        max_rows=number("rows per split", form.max_rows, True) or None)
+def run_request(form: RunForm, upload: str | None) -> RunRequest:
+    """The form as one validated RunRequest (vera_core checks every value; the data set is loaded here)."""
+    unknown = [m for m in form.methods if m not in METHOD_CHOICES]
+    if unknown or not any(m != "base" for m in form.methods):
+        raise ValueError(f"choose at least one method to train among vera, lora, full (got {form.methods}).")
+    targets = target_modules(form)
+    return RunRequest(
+        model=form.model, dataset=dataset_source(form, upload), methods=form.methods,
+        vera=VeraConfig(r=number("VeRA r", form.vera_r, True), d_init=number("VeRA d_init", form.vera_d_init),
+                        target_modules=targets),
+        lora=LoraConfig(r=number("LoRA r", form.lora_r, True), alpha=number("LoRA alpha", form.lora_alpha),
+                        target_modules=targets),
+        train=TrainConfig(steps=number("steps", form.steps, True), batch_size=number("batch", form.batch_size, True),
+                          max_length=number("sequence length", form.max_length, True),
+                          seed=number("seed", form.seed, True),
+                          eval_batches=number("eval batches", form.eval_batches, True) or None),
+        lrs={m: number(f"{m} learning rate", rate) for m, rate in
+             (("vera", form.vera_lr), ("lora", form.lora_lr), ("full", form.full_lr))},
+        task=None if form.task == "auto" else form.task, max_rows=number("rows per split", form.max_rows, True) or None,
+        quantization="4bit" if form.quantize_4bit else None, trust_remote_code=form.trust_remote_code,
+        eval_generate=number("test generations scored", form.eval_generate, True), samples=SAMPLES)
 
 
 def keep_upload(source: str, run_dir: Path) -> str:
@@ -182,92 +149,29 @@ def keep_upload(source: str, run_dir: Path) -> str:
     return str(target)
 
 
-# ---------------------------------------------------------------------------------------------- estimates
+# ---------------------------------------------------------------------------------------------- tables
 
-def model_config(name: str, trust_remote_code: bool = False):
-    """The architecture of a model without its weights: the calculator's shapes for the offline names, else the
-    checkpoint's config.json (local folder or Hub)."""
-    name = name.strip()
-    if not name:
-        raise ValueError("the model field is empty; pick an offline model or enter a Hub id or local folder.")
-    if name in KNOWN_MODELS:
-        return known_model(name).config
-    try:
-        return AutoConfig.from_pretrained(name, trust_remote_code=trust_remote_code)
-    except (OSError, ValueError) as err:
-        offline = ", ".join(OFFLINE_MODELS)
-        reason = (str(err).strip().splitlines() or [type(err).__name__])[0][:200]
-        raise ValueError(f"unknown model {name!r}: not a local model folder, and the Hub did not provide it "
-                         f"({reason}). Offline choices: {offline}.") from err
+def estimate_table(request: RunRequest) -> pd.DataFrame:
+    """Before a run: trainable parameters, stored adapter size and training-memory estimate per planned run."""
+    return pd.DataFrame([{
+        "method": row["method"], "run": row["run"], "trainable params": row["trainable"],
+        "% of model": row["% of model"],
+        "stored adapter (KiB)": round(row["stored_bytes"] / 1024, 1) if row["stored_bytes"] is not None else None,
+        "est. memory (MiB)": round(row["memory_estimate"]["total"] / 2**20, 1),
+    } for row in request.estimate()])
 
 
-def total_parameters(config) -> int:
-    """Parameters of the base model's body (no task head), counted on the meta device."""
-    return count_parameters(meta_model(config))["total"]
-
-
-def estimate_table(form: RunForm) -> pd.DataFrame:
-    """Before a run: trainable parameters, stored adapter size and training-memory estimate per chosen method."""
-    config = model_config(form.model, form.trust_remote_code)
-    vera, lora = adapter_configs(form)
-    train = train_config(form)
-    total = total_parameters(config)
-    quantization = "4bit" if form.quantize_4bit else None
-    rows = []
-    for method in methods(form):
-        adapter = {"vera": vera, "lora": lora}.get(method)
-        if adapter is not None:
-            params = estimate_parameters(config, adapter)
-            trainable, stored = params["trainable"], params["stored_bytes"]
-        else:
-            trainable, stored = (total if method == "full" else 0), None
-        memory = estimate_memory(config, adapter or (None if method == "base" else method), train.batch_size,
-                                 train.max_length, quantization=quantization)
-        rows.append({"method": method, "trainable params": trainable, "% of model": round(100 * trainable / total, 4),
-                     "stored adapter (KiB)": round(stored / 1024, 1) if stored is not None else None,
-                     "est. memory (MiB)": round(memory["total"] / 2**20, 1)})
-    return pd.DataFrame(rows)
-
-
-# ---------------------------------------------------------------------------------------------- results
-
-RESULT_COLUMNS = ["run", "method", "trainable params", "% of model", "head params", "adapter file (KiB)",
-                  "peak memory (MiB)", "step time (s)", "tokens/s", "final train loss", "test loss", "test metric"]
-
-
-def _metric(run: dict) -> str | None:
-    scores = run.get("eval") or {}
-    if scores.get("accuracy") is not None:
-        return f"accuracy {scores['accuracy']:.1f}%"
-    if scores.get("bleu") is not None:
-        return f"BLEU {scores['bleu']:.1f} / ROUGE-L {scores['rougeL']:.1f}"
-    return None
-
-
-def _round(value, digits: int):
-    return None if value is None else round(value, digits)
+# report.summary_rows' keys as the lab labels them
+RESULT_LABELS = {"run": "run", "method": "method", "trainable": "trainable params", "% of model": "% of model",
+                 "head": "head params", "adapter_kib": "adapter file (KiB)", "peak_mib": "peak memory (MiB)",
+                 "step_s": "step time (s)", "tokens_per_s": "tokens/s", "train_loss": "final train loss",
+                 "test_loss": "test loss", "metric": "test metric"}
+RESULT_COLUMNS = list(RESULT_LABELS.values())
 
 
 def results_table(report: dict, total_params: int | None) -> pd.DataFrame:
-    """One row per run of report.json; sizes in KiB / MiB, "% of model" against the base model's parameters."""
-    rows = []
-    for run in report.get("runs", []):
-        eval_ = run.get("eval") or {}
-        rows.append({
-            "run": run["name"] + (" (stopped)" if run.get("stopped") else ""),
-            "method": run["method"],
-            "trainable params": run["trainable_params"],
-            "% of model": round(100 * run["trainable_params"] / total_params, 4) if total_params else None,
-            "head params": run.get("head_params"),
-            "adapter file (KiB)": _round(run["adapter_bytes"] / 1024 if run.get("adapter_bytes") else None, 1),
-            "peak memory (MiB)": _round(run["peak_memory_bytes"] / 2**20 if run.get("peak_memory_bytes") is not None
-                                        else None, 1),
-            "step time (s)": _round(run.get("step_time_s"), 3),
-            "tokens/s": _round(run.get("tokens_per_s"), 1),
-            "final train loss": _round(run.get("final_train_loss"), 4),
-            "test loss": _round(eval_.get("loss"), 4),
-            "test metric": _metric(run),
-        })
+    """report.summary_rows as the lab's table ("% of model" against the base model's parameters)."""
+    rows = [{RESULT_LABELS[k]: v for k, v in row.items()} for row in summary_rows(report, total_params)]
     return pd.DataFrame(rows, columns=RESULT_COLUMNS)
 
 
@@ -281,40 +185,28 @@ def histories(events: list[dict]) -> dict[str, list[dict]]:
 
 def samples_table(rows: list[dict], labels: list[str] | None, width: int = 160) -> pd.DataFrame:
     """samples.jsonl as text: the input, its label or references, and each run's answer (probabilities named)."""
-    def shorten(text: str) -> str:
-        text = " ".join(str(text).split())
-        return text if len(text) <= width else text[: width - 1] + "…"
-
     def answer(value) -> str:
         if isinstance(value, list):  # class probabilities
             names = labels or [str(i) for i in range(len(value))]
             return ", ".join(f"{n} {p:.2f}" for n, p in zip(names, value))
-        return shorten(value)
+        return shorten(value, width)
 
     table = []
     for row in rows:
         if "text" in row:
             label = row["label"]
-            first = {"input": shorten(row["text"]), "label": labels[label] if labels else str(label)}
+            first = {"input": shorten(row["text"], width), "label": labels[label] if labels else str(label)}
         else:
-            first = {"input": shorten(row["prompt"]), "reference": shorten(" | ".join(row["reference"]))}
+            first = {"input": shorten(row["prompt"], width), "reference": shorten(" | ".join(row["reference"]), width)}
         keys = [k for k in row if k not in ("text", "label", "prompt", "reference")]
         table.append({**first, **{k: answer(row[k]) for k in keys}})
     return pd.DataFrame(table)
 
 
 def list_runs(runs_dir: Path) -> list[tuple[str, str]]:
-    """(label, path) of the run directories holding a report.json, newest first."""
-    found = []
-    for path in sorted(runs_dir.glob("*/report.json"), reverse=True):
-        try:
-            report = json.loads(path.read_text())
-        except (OSError, json.JSONDecodeError):
-            continue  # a directory being written right now, or damaged: not listed
-        names = ", ".join(r["name"] for r in report.get("runs", [])) or "no finished run"
-        stopped = " — stopped" if report.get("stopped") else ""
-        found.append((f"{path.parent.name} — {report.get('dataset')} ({names}){stopped}", str(path.parent)))
-    return found
+    """(label, path) of the lab's runs for a dropdown, newest first."""
+    return [(f"{Path(run['run_dir']).name} — {run['dataset']} ({', '.join(run['runs']) or 'no finished run'})"
+             + (" — stopped" if run["stopped"] else ""), run["run_dir"]) for run in vera_list_runs(runs_dir)]
 
 
 def read_form(run_dir: Path) -> RunForm | None:
@@ -333,48 +225,16 @@ def write_form(run_dir: Path, form: RunForm, **extra) -> None:
 
 # ---------------------------------------------------------------------------------------------- calculator
 
-def _ranks(text: str, what: str) -> list[int]:
-    try:
-        values = [int(v) for v in str(text).replace(" ", "").split(",") if v]
-    except ValueError:
-        raise ValueError(f"{what} must be comma-separated integers such as 8,64; got {text!r}.") from None
-    if not values or any(v <= 0 for v in values):
-        raise ValueError(f"{what} must be positive integers; got {text!r}.")
-    return values
-
-
-def calculator_rows(models: list[str], vera_ranks: str, lora_ranks: str, save_projection: bool) -> pd.DataFrame:
+def calculator_rows(models: list[str], vera_ranks: str, lora_ranks: str, save_projection: bool) -> list[dict]:
     """`parameter_table` for each known model: trainable parameters, stored KiB, and LoRA's first row over each."""
     if not models:
         raise ValueError("choose at least one model shape.")
-    vera_r, lora_r = _ranks(vera_ranks, "VeRA ranks"), _ranks(lora_ranks, "LoRA ranks")
+    vera_r, lora_r = int_list(vera_ranks, "VeRA ranks"), int_list(lora_ranks, "LoRA ranks")
     rows = []
     for name in models:
         known = known_model(name)
         for row in parameter_table(known.config, known.targets, vera_r, lora_r, save_projection):
             rows.append({"model": name, "targets": known.note, "method": row["method"], "r": row["r"],
-                         "trainable params": row["trainable"], "stored (KiB)": round(row["stored_bytes"] / 1024, 1),
+                         "trainable": row["trainable"], "stored (KiB)": round(row["stored_bytes"] / 1024, 1),
                          "LoRA first rank / this": round(row["lora_ratio"], 1) if row["lora_ratio"] else None})
-    return pd.DataFrame(rows)
-
-
-def calculator_figure(table: pd.DataFrame) -> Figure:
-    """Trainable parameters per model, one bar per (method, r), log scale: the paper's Table 1 at a glance."""
-    fig = Figure(figsize=(9, 4.2), layout="constrained")
-    FigureCanvasAgg(fig)
-    ax = fig.add_subplot()
-    models = list(dict.fromkeys(table["model"]))
-    configs = list(dict.fromkeys(zip(table["method"], table["r"])))
-    width = 0.8 / len(configs)
-    for j, (method, r) in enumerate(configs):
-        sub = table[(table["method"] == method) & (table["r"] == r)].set_index("model")
-        values = [sub.loc[m, "trainable params"] for m in models]
-        colour = ("tab:orange" if method == "vera" else "tab:blue")
-        shade = 0.45 + 0.55 * (j % len(configs)) / max(1, len(configs) - 1)
-        ax.bar([i + (j - (len(configs) - 1) / 2) * width for i in range(len(models))], values, width,
-               label=f"{method} r={r}", color=colour, alpha=shade)
-    ax.set_yscale("log")
-    ax.set_xticks(range(len(models)), models, rotation=10)
-    ax.set(ylabel="trainable parameters (log scale)", title="VeRA vs LoRA trainable parameters (no weights loaded)")
-    ax.legend(fontsize=8, ncols=2)
-    return fig
+    return rows

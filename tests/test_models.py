@@ -32,7 +32,7 @@ def minilm():
 # ---- bad input (no model weights are loaded) ----
 
 def test_unknown_name_lists_offline_choices():
-    with pytest.raises(ValueError, match="Could not load model 'no-such-org/no-such-model'") as err:
+    with pytest.raises(ValueError, match="unknown model 'no-such-org/no-such-model'") as err:
         load_model("no-such-org/no-such-model")
     assert "smollm2-135m-instruct" in str(err.value) and "minilm-l6" in str(err.value)
 

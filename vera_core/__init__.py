@@ -7,9 +7,15 @@ The adapter API is a handful of verbs:
     save_adapter(model, "my-adapter")            # b, d, seed and fingerprint: kilobytes
     model = load_adapter(base_model, "my-adapter")
     merge_adapter(model); unmerge_adapter(model); model = remove_adapter(model, merge=True)
+
+Importing the package loads the adapter API only (torch and transformers); training, comparing, models, data and
+metrics load on first use of their names.
 """
-from .compare import Report, compare, load_run
-from .config import LoraConfig, VeraConfig
+import sys
+import types
+from importlib import import_module
+
+from .config import LoraConfig, TrainConfig, VeraConfig
 from .count import count_parameters, estimate_parameters
 from .inject import (
     active_adapter,
@@ -21,20 +27,50 @@ from .inject import (
     set_active_adapter,
     unmerge_adapter,
 )
-from .data import BUILTIN_DATASETS, TextDataset, format_preview, load_dataset, preview
 from .io import export_peft, load_adapter, save_adapter
-from .memory import estimate_memory
-from .metrics import bleu, generation_scores, rouge_l
-from .models import OFFLINE_MODELS, generate, load_model, model_summary, predict
 from .projections import generate_projections
-from .train import TrainConfig, TrainResult, evaluate, train
+
+# Public names whose modules are imported on first access (they pull in sacrebleu, psutil, datasets, ...).
+_LAZY = {
+    "compare": "compare", "run_request": "compare",
+    "RunRequest": "request",
+    "Report": "report", "load_run": "report",
+    "list_runs": "runs", "load_run_model": "runs", "export": "runs",
+    "TrainResult": "train", "train": "train",
+    "evaluate": "evaluate",
+    "load_model": "models", "generate": "models", "predict": "models", "model_summary": "models",
+    "OFFLINE_MODELS": "models",
+    "TextDataset": "data", "load_dataset": "data", "preview": "data", "format_preview": "data",
+    "BUILTIN_DATASETS": "data",
+    "estimate_memory": "memory",
+    "bleu": "metrics", "rouge_l": "metrics", "generation_scores": "metrics",
+}
+
+
+# Functions named like their module (train, compare, evaluate): importing the submodule sets the package attribute to
+# the module, which would hide the function. The package's class drops that one assignment; sys.modules keeps the module.
+_SHADOWED = {name for name, module in _LAZY.items() if name == module}
+
+
+class _Package(types.ModuleType):
+    def __setattr__(self, name, value):
+        if not (name in _SHADOWED and isinstance(value, types.ModuleType)):
+            super().__setattr__(name, value)
+
+
+sys.modules[__name__].__class__ = _Package
+
+
+def __getattr__(name: str):
+    if name not in _LAZY:
+        raise AttributeError(f"module 'vera_core' has no attribute {name!r}")
+    value = getattr(import_module(f".{_LAZY[name]}", __name__), name)
+    globals()[name] = value  # later lookups skip this function
+    return value
+
 
 __all__ = [
     "VeraConfig", "LoraConfig", "add_adapter", "set_active_adapter", "active_adapter", "adapter_configs",
     "disabled_adapter", "merge_adapter", "unmerge_adapter", "remove_adapter", "save_adapter", "load_adapter",
-    "export_peft", "count_parameters", "estimate_parameters", "generate_projections",
-    "load_model", "generate", "predict", "model_summary", "OFFLINE_MODELS",
-    "TextDataset", "load_dataset", "preview", "format_preview", "BUILTIN_DATASETS",
-    "TrainConfig", "TrainResult", "train", "evaluate",
-    "compare", "Report", "load_run", "estimate_memory", "bleu", "rouge_l", "generation_scores",
+    "export_peft", "count_parameters", "estimate_parameters", "generate_projections", "TrainConfig", *_LAZY,
 ]

@@ -13,42 +13,23 @@ import argparse
 import sys
 
 from .calculator import KNOWN_MODELS, known_model, parameter_table
-
-EXPORT_FORMATS = ("native", "peft", "lora", "merged")
-
+from .checks import float_list, int_list
+from .report import format_table
+from .progress import ProgressBar
+from .runs import EXPORT_FORMATS
 
 def _ints(text: str) -> list[int]:
     try:
-        values = [int(v) for v in text.split(",") if v.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated integers such as 8,64, got {text!r}") from None
-    if not values or any(v <= 0 for v in values):
-        raise argparse.ArgumentTypeError(f"ranks must be positive integers, got {text!r}")
-    return values
+        return int_list(text, "ranks")
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
 
 
 def _floats(text: str) -> list[float]:
     try:
-        values = [float(v) for v in text.split(",") if v.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated numbers such as 0.1,1.0, got {text!r}") from None
-    if not values:
-        raise argparse.ArgumentTypeError(f"expected at least one number, got {text!r}")
-    return values
-
-
-def format_table(rows: list[dict], columns: list[str]) -> str:
-    """A plain fixed-width table, numbers with thousands separators."""
-    def cell(v):
-        if isinstance(v, float):
-            return f"{v:,.1f}"
-        return f"{v:,}" if isinstance(v, int) else str(v)
-
-    cells = [[cell(r.get(c, "")) for c in columns] for r in rows]
-    widths = [max(len(c), *(len(row[i]) for row in cells)) for i, c in enumerate(columns)]
-    lines = ["  ".join(c.rjust(w) for c, w in zip(columns, widths)), "  ".join("-" * w for w in widths)]
-    lines += ["  ".join(v.rjust(w) for v, w in zip(row, widths)) for row in cells]
-    return "\n".join(lines)
+        return float_list(text, "values")
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
 
 
 def cmd_params(args) -> int:
@@ -58,7 +39,7 @@ def cmd_params(args) -> int:
         targets = args.targets.split(",") if args.targets else known.targets
         rows = parameter_table(known.config, targets, args.vera_r, args.lora_r, args.save_projection)
         for row in rows:
-            row["stored_kib"] = row["stored_bytes"] / 1024
+            row["stored_kib"] = round(row["stored_bytes"] / 1024, 1)
             row["lora_ratio"] = f"{row['lora_ratio']:.1f}x" if row["lora_ratio"] else "-"
         print(f"\n{name} — targets: {','.join(targets) if args.targets else known.note}")
         print(format_table(rows, ["method", "r", "trainable", "stored_kib", "lora_ratio"]))
@@ -67,60 +48,46 @@ def cmd_params(args) -> int:
     return 0
 
 
-def _vera_configs(args) -> list:
-    from .config import VeraConfig
+def _request(args, methods: list[str]):
+    """The RunRequest of a compare / train command line (checked before anything runs)."""
+    from .config import LoraConfig, VeraConfig
+    from .request import RunRequest
 
-    return [VeraConfig(r=r, d_init=d, target_modules=args.targets) for r in args.vera_r for d in args.d_init]
-
-
-def _lora_config(args):
-    from .config import LoraConfig
-
-    return LoraConfig(r=args.lora_r, alpha=args.lora_alpha if args.lora_alpha else 2 * args.lora_r,
-                      target_modules=args.targets)
+    return RunRequest(
+        args.model, args.dataset, methods,
+        vera=[VeraConfig(r=r, d_init=d, target_modules=args.targets) for r in args.vera_r for d in args.d_init],
+        lora=LoraConfig(r=args.lora_r, alpha=args.lora_alpha if args.lora_alpha else 2 * args.lora_r,
+                        target_modules=args.targets),
+        train=_train_config(args),
+        lrs={m: v for m, v in (("vera", args.vera_lr), ("lora", args.lora_lr)) if v is not None},
+        max_rows=args.max_rows, isolate=not args.in_process, eval_generate=args.eval_generate, samples=args.samples)
 
 
 def _train_config(args):
-    from .train import TrainConfig
+    from .config import TrainConfig
 
     return TrainConfig(steps=args.steps, batch_size=args.batch_size, max_length=args.max_length, seed=args.seed,
                        eval_every=args.eval_every, eval_batches=args.eval_batches, device=args.device)
 
 
-class _Progress:
-    """tqdm bars for compare events: the memory estimate when a run starts, then one bar per run."""
-
-    def __init__(self):
-        self.bar = None
+class _Progress(ProgressBar):
+    """The trainer's bars, and one line per run when it starts: its trainable parameters and memory estimate."""
 
     def __call__(self, event: dict) -> None:
-        from tqdm import tqdm
+        if event["type"] == "run_start":
+            from tqdm.auto import tqdm
 
-        kind = event["type"]
-        if kind == "run_start":
             est = event.get("memory_estimate")
             note = ", ".join(f"{k} {v / 2**20:,.1f}" for k, v in est.items()) + " MiB" if est else "no estimate"
             tqdm.write(f"{event['run']}: {event['trainable_params']:,} trainable (head excluded); estimated memory: {note}")
-        elif kind == "start":
-            self.bar = tqdm(total=event["total"], desc=event["run"], unit="step", leave=True)
-        elif kind == "step" and self.bar is not None:
-            self.bar.update(event["step"] - self.bar.n)
-            self.bar.set_postfix(loss=f"{event['loss']:.3f}")
-        elif kind == "eval" and self.bar is not None:
-            self.bar.set_postfix(loss=self.bar.postfix, eval_loss=f"{event['eval_loss']:.3f}")
-        elif kind in ("done", "stopped") and self.bar is not None:
-            self.bar.close()
-            self.bar = None
+        super().__call__(event)
 
 
 def _run_compare(args, methods: list[str]) -> int:
-    from .compare import SUMMARY_COLUMNS, compare, parameter_ratios, summary_rows
+    from .compare import run_request
+    from .report import SUMMARY_COLUMNS, parameter_ratios, summary_rows
 
-    lrs = {m: v for m, v in (("vera", args.vera_lr), ("lora", args.lora_lr)) if v is not None}
-    report = compare(args.model, args.dataset, methods=methods, vera=_vera_configs(args), lora=_lora_config(args),
-                     train=_train_config(args), out_dir=args.out, on_event=_Progress(), lrs=lrs,
-                     isolate=not args.in_process, eval_generate=args.eval_generate, samples=args.samples,
-                     max_rows=args.max_rows)
+    report = run_request(_request(args, methods), out_dir=args.out, on_event=_Progress())
     print()
     print(format_table(summary_rows(report), SUMMARY_COLUMNS))
     for line in parameter_ratios(report):
@@ -157,8 +124,8 @@ def cmd_generate(args) -> int:
 
 
 def cmd_evaluate(args) -> int:
-    from .compare import score_split
     from .data import load_dataset
+    from .evaluate import score_split
 
     dataset = load_dataset(args.dataset, seed=args.seed, max_rows=args.max_rows)
     model, tokenizer = _load_with_adapter(args.model, args.adapter, dataset.task,
@@ -166,23 +133,17 @@ def cmd_evaluate(args) -> int:
     scores, _ = score_split(model, tokenizer, dataset, _train_config(args), args.eval_generate, 0, args.split)
     if scores is None:
         raise ValueError(f"the {args.split} split of {dataset.name!r} is empty.")
+    scores = {k: round(v, 4) if isinstance(v, float) else v for k, v in scores.items()}
     print(format_table([{"split": args.split, "rows": len(getattr(dataset, args.split)), **scores}],
                        ["split", "rows", *scores]))
     return 0
 
 
 def cmd_export(args) -> int:
-    from .inject import remove_adapter
-    from .io import export_peft, save_adapter
+    from .runs import export
 
     model, tokenizer = _load_with_adapter(args.model, args.adapter, args.task)
-    if args.format == "native":
-        save_adapter(model, args.out)
-    elif args.format in ("peft", "lora"):
-        export_peft(model, args.out, as_lora=args.format == "lora")
-    else:  # a plain transformers model folder with the update baked into the weights
-        remove_adapter(model, merge=True).save_pretrained(args.out)
-        tokenizer.save_pretrained(args.out)
+    export(model, tokenizer, args.out, args.format)
     print(format_table([{"format": args.format, "directory": args.out}], ["format", "directory"]))
     return 0
 

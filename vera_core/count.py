@@ -5,7 +5,7 @@ import torch
 from torch import nn
 
 from .config import AdapterConfig, VeraConfig
-from .inject import resolve_targets
+from .inject import adapter_parameters, matches_suffix, resolve_targets
 from .layers import layer_shape
 
 
@@ -18,16 +18,17 @@ def _numel(param: torch.Tensor) -> int:
 
 def count_parameters(model: nn.Module) -> dict[str, int]:
     """{"trainable", "trainable_adapter", "trainable_head", "total"} (each tensor counted once, shared ones too)."""
+    owned = {key: {id(p) for p in params} for key, params in adapter_parameters(model).items()}
     counts = {"trainable": 0, "trainable_adapter": 0, "trainable_head": 0, "total": 0}
-    for name, param in model.named_parameters():
+    for param in model.parameters():
         n = _numel(param)
         counts["total"] += n
         if not param.requires_grad:
             continue
         counts["trainable"] += n
-        if ".modules_to_save." in f".{name}":
+        if id(param) in owned["head"]:
             counts["trainable_head"] += n
-        elif any(key in name for key in ("vera_lambda_", "lora_A.", "lora_B.")):
+        elif id(param) in owned["adapter"]:
             counts["trainable_adapter"] += n
     return counts
 
@@ -57,6 +58,6 @@ def estimate_parameters(model_config, adapter_config: AdapterConfig) -> dict[str
         extra = 0
     for wanted in adapter_config.modules_to_save:
         for path, module in model.named_modules():
-            if path == wanted or path.endswith("." + wanted):
+            if matches_suffix(path, wanted):
                 trainable += sum(p.numel() for p in module.parameters())
     return {"trainable": trainable, "stored_bytes": 4 * (trainable + extra)}

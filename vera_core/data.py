@@ -142,7 +142,7 @@ def format_preview(dataset: TextDataset, n: int = 5, width: int = 70) -> str:
             lines.append(f"{key}: min {s['min']}, mean {s['mean']:.1f}, max {s['max']}")
         columns = ["prompt", "response"]
         cells = [[r["prompt"], r["response"]] for r in info["rows"]]
-    cells = [[_shorten(c, width) for c in row] for row in cells]
+    cells = [[shorten(c, width) for c in row] for row in cells]
     widths = [max([len(col)] + [len(row[i]) for row in cells]) for i, col in enumerate(columns)]
     lines.append(" | ".join(col.ljust(w) for col, w in zip(columns, widths)))
     lines.append("-+-".join("-" * w for w in widths))
@@ -430,6 +430,7 @@ def _stats(values: list[int]) -> dict[str, float]:
     return {"min": min(values), "mean": sum(values) / len(values), "max": max(values)}
 
 
-def _shorten(text: str, width: int) -> str:
+def shorten(text: str, width: int) -> str:
+    """`text` on one line, cut to `width` characters with an ellipsis."""
     text = " ".join(str(text).split())
     return text if len(text) <= width else text[: width - 1] + "…"

@@ -35,6 +35,25 @@ def adapter_layers(model: nn.Module) -> Iterator[tuple[str, AdapterLayer]]:
             yield path, module
 
 
+def adapter_parameters(model: nn.Module, name: str | None = None) -> dict[str, list[nn.Parameter]]:
+    """{"adapter": [...], "head": [...]}: the tensors adapter `name` trains (None: every adapter on the model),
+    as listed by the layers that own them."""
+    names = [name] if name is not None else list(adapter_configs(model))
+    found: dict[str, list[nn.Parameter]] = {"adapter": [], "head": []}
+    for key, modules in (("adapter", adapter_layers(model)), ("head", _head_wrappers(model))):
+        for _, module in modules:
+            for n in names:
+                if n in module.adapter_names:
+                    found[key] += module.adapter_parameters(n)
+    return found
+
+
+def matches_suffix(path: str, name: str) -> bool:
+    """PEFT's rule for a module name: the whole path, or its ending on a dot boundary ("q_proj" matches
+    "model.layers.0.self_attn.q_proj", never "model.layers.0.self_attn.xq_proj")."""
+    return path == name or path.endswith("." + name)
+
+
 def _head_wrappers(model: nn.Module) -> Iterator[tuple[str, ModulesToSave]]:
     for path, module in model.named_modules():
         if isinstance(module, ModulesToSave):
@@ -61,7 +80,7 @@ def _candidates(model: nn.Module) -> list[tuple[str, nn.Module]]:
 def _matches(path: str, targets) -> bool:
     if isinstance(targets, str):
         return re.fullmatch(targets, path) is not None
-    return any(path == t or path.endswith("." + t) for t in targets)
+    return any(matches_suffix(path, t) for t in targets)
 
 
 def resolve_targets(model: nn.Module, config: AdapterConfig) -> list[str]:
@@ -78,7 +97,7 @@ def resolve_targets(model: nn.Module, config: AdapterConfig) -> list[str]:
     excluded = set(config.modules_to_save) | _output_head_names(model)
 
     def is_excluded(path: str) -> bool:
-        return any(path == e or path.endswith("." + e) or f".{e}." in f".{path}." for e in excluded)
+        return any(matches_suffix(path, e) or f".{e}." in f".{path}." for e in excluded)
 
     found = []
     for path, module in _candidates(model):
@@ -176,7 +195,7 @@ def add_adapter(model: nn.Module, config: AdapterConfig, name: str = "default") 
     paths = resolve_targets(model, config)
     head_paths = []
     for wanted in config.modules_to_save:
-        hits = [p for p, _ in _candidates(model) if p == wanted or p.endswith("." + wanted)]
+        hits = [p for p, _ in _candidates(model) if matches_suffix(p, wanted)]
         if not hits:
             raise ValueError(f"modules_to_save names {wanted!r} but the model has no such module.")
         head_paths += hits
@@ -216,11 +235,9 @@ def set_active_adapter(model: nn.Module, name: str | None) -> nn.Module:
         param.requires_grad_(False)
     for _, module in list(adapter_layers(model)) + list(_head_wrappers(model)):
         module.active_adapter = name
-        for param_name, param in module.named_parameters():
-            # Only the active adapter's own tensors (`<dict>.<name>` or `modules_to_save.<name>.*`) train.
-            parts = param_name.split(".")
-            if name is not None and len(parts) >= 2 and parts[0] != "base_layer" and parts[0] != "original_module" \
-                    and parts[1] == name:
+    if name is not None:  # only the active adapter's own tensors train
+        for params in adapter_parameters(model, name).values():
+            for param in params:
                 param.requires_grad_(True)
     setattr(model, _ACTIVE, name)
     return model

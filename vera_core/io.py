@@ -23,7 +23,7 @@ from transformers.pytorch_utils import Conv1D
 
 from .config import AdapterConfig, LoraConfig, VeraConfig, config_from_dict
 from .files import atomic_directory
-from .inject import active_adapter, adapter_configs, adapter_layers, add_adapter
+from .inject import active_adapter, adapter_configs, adapter_layers, add_adapter, matches_suffix
 from .layers import LoraLayer, ModulesToSave, VeraLayer, layer_shape
 from .projections import VeraProjections, fingerprint, generate_projections
 
@@ -226,7 +226,7 @@ def _check_against_model(model: nn.Module, config: AdapterConfig, tensors: dict,
     needed = [f"{p}{s}" for p in paths for s in needed]
     for wanted in config.modules_to_save:
         for path, module in model.named_modules():
-            if path == wanted or path.endswith("." + wanted):
+            if matches_suffix(path, wanted):
                 needed += [f"{path}.{k}" for k in module.state_dict()]
     missing = [k for k in needed if k not in tensors]
     if missing:

@@ -66,6 +66,10 @@ class AdapterLayer(nn.Module):
     def adapter_output(self, x: torch.Tensor, name: str) -> torch.Tensor:
         raise NotImplementedError
 
+    def adapter_parameters(self, name: str) -> list[nn.Parameter]:
+        """The tensors adapter `name` trains in this layer: training, counting, activation and saving ask here."""
+        raise NotImplementedError
+
     def delta_weight(self, name: str) -> torch.Tensor:
         """The adapter's update as a dense (out, in) matrix, in fp32."""
         raise NotImplementedError
@@ -168,6 +172,9 @@ class VeraLayer(AdapterLayer):
         B = self.projections.B[: self.out_features, :].float()
         return (b[:, None] * B) @ (d[:, None] * A)  # (out, in)
 
+    def adapter_parameters(self, name: str) -> list[nn.Parameter]:
+        return [self.vera_lambda_b[name], self.vera_lambda_d[name]]
+
 
 class LoraLayer(AdapterLayer):
     """LoRA on one layer: trainable A (r, in) and B (out, r), update scaled by alpha / r."""
@@ -194,6 +201,9 @@ class LoraLayer(AdapterLayer):
     def delta_weight(self, name: str) -> torch.Tensor:
         return (self.lora_B[name].float() @ self.lora_A[name].float()) * self.scaling[name]
 
+    def adapter_parameters(self, name: str) -> list[nn.Parameter]:
+        return [self.lora_A[name], self.lora_B[name]]
+
 
 class ModulesToSave(nn.Module):
     """A module trained as full copies (one per adapter) while the original stays untouched, as PEFT does."""
@@ -204,8 +214,16 @@ class ModulesToSave(nn.Module):
         self.modules_to_save = nn.ModuleDict()
         self.active_adapter: str | None = None
 
+    @property
+    def adapter_names(self) -> list[str]:
+        return list(self.modules_to_save.keys())
+
     def add(self, name: str) -> None:
         self.modules_to_save[name] = copy.deepcopy(self.original_module)
+
+    def adapter_parameters(self, name: str) -> list[nn.Parameter]:
+        """The head copy's tensors that adapter `name` trains."""
+        return list(self.modules_to_save[name].parameters())
 
     def forward(self, *args, **kwargs):
         name = self.active_adapter

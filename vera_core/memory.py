@@ -12,6 +12,7 @@ from .config import AdapterConfig, LoraConfig, VeraConfig
 from .count import estimate_parameters, meta_model
 from .inject import resolve_targets
 from .layers import layer_shape
+from .models import is_causal_lm
 
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 QUANTIZED_BYTES = {"4bit": 0.5, "8bit": 1.0}  # bytes per weight of a quantized Linear (block scales ignored)
@@ -33,14 +34,9 @@ def _weight_bytes(model: nn.Module, config: PretrainedConfig, dtype: str, quanti
         for name, param in module.named_parameters(recurse=False):
             quantized = quantization is not None and isinstance(module, nn.Linear) and name == "weight"
             total += param.numel() * (QUANTIZED_BYTES[quantization] if quantized else DTYPE_BYTES[dtype])
-    if _is_causal(config) and not getattr(config, "tie_word_embeddings", True):
+    if is_causal_lm(config) and not getattr(config, "tie_word_embeddings", True):
         total += config.vocab_size * config.hidden_size * DTYPE_BYTES[dtype]  # a separate LM head (AutoModel has none)
     return int(total)
-
-
-def _is_causal(config: PretrainedConfig) -> bool:
-    archs = getattr(config, "architectures", None) or []
-    return any(a.endswith(("ForCausalLM", "LMHeadModel")) for a in archs) or config.model_type in ("llama", "gpt2")
 
 
 def estimate_memory(model_config, adapter_config: AdapterConfig | str | None, batch_size: int, seq_len: int,
@@ -86,7 +82,7 @@ def estimate_memory(model_config, adapter_config: AdapterConfig | str | None, ba
     else:
         per_layer = s * b * h * (34 + 5 * heads * s / h) * width / 2
         activations = int(layers * per_layer) + adapter_acts
-    if _is_causal(config):
+    if is_causal_lm(config):
         activations += b * s * config.vocab_size * 4 * (1 if adapter_config in (None, "head") else 2)  # fp32 logits (+ grad)
     gradients_optimizer = ADAM_BYTES * trainable
     out = {"weights": weights, "adapter": adapter, "gradients_optimizer": gradients_optimizer,

@@ -26,9 +26,9 @@ from transformers import (
     PreTrainedTokenizerBase,
 )
 
-from vera_core.chat import format_prompt
-
-TASKS = ("causal-lm", "classification")
+from .calculator import KNOWN_MODELS, known_model
+from .chat import format_prompt
+from .data import TASKS
 QUANTIZATIONS = (None, "4bit", "8bit")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 # New classification heads (BERT: `classifier`, Llama and most decoders: `score`) stay full precision under bnb.
@@ -134,14 +134,34 @@ def _quantization_config(quantization: str | None, task: str, device: str) -> Bi
     )
 
 
-def _default_task(config) -> str:
-    """Decoder checkpoints (…ForCausalLM, …LMHeadModel) default to causal-lm, everything else to classification."""
+def is_causal_lm(config) -> bool:
+    """Decoder checkpoints (…ForCausalLM, …LMHeadModel; or, for bare shapes without architectures, Llama and GPT-2)."""
     archs = getattr(config, "architectures", None) or []
-    return "causal-lm" if any(a.endswith(("ForCausalLM", "LMHeadModel")) for a in archs) else "classification"
+    if archs:
+        return any(a.endswith(("ForCausalLM", "LMHeadModel")) for a in archs)
+    return config.model_type in ("llama", "gpt2")
 
 
 def _offline_choices() -> str:
     return ", ".join(f"{name!r} ({m.description})" for name, m in OFFLINE_MODELS.items())
+
+
+def model_config(name_or_path: str, trust_remote_code: bool = False):
+    """A model's architecture without its weights: the published shapes for the offline names (no conversion, no
+    download), else the checkpoint's config.json (local folder or Hub)."""
+    name = str(name_or_path).strip()
+    if not name:
+        raise ValueError("the model name is empty; pick an offline model or give a Hub id or local folder.")
+    if name in KNOWN_MODELS:
+        return known_model(name).config
+    try:
+        return AutoConfig.from_pretrained(name, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as err:
+        reason = str(err).strip().splitlines()[0][:300] if str(err).strip() else type(err).__name__
+        raise ValueError(
+            f"unknown model {name!r}: it is not a local model folder and the Hub did not provide it ({reason}). "
+            f"Offline choices: {_offline_choices()}"
+        ) from err
 
 
 def load_model(
@@ -177,15 +197,7 @@ def load_model(
         path = str(_gguf_cache(name_or_path, entry) if entry.gguf_file else entry.path())
     else:
         path = name_or_path
-        try:
-            config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
-        except (OSError, ValueError) as err:
-            reason = str(err).strip().splitlines()[0][:300] if str(err).strip() else type(err).__name__
-            raise ValueError(
-                f"Could not load model {name_or_path!r}: it is not a local model folder and the Hub did not provide "
-                f"it ({reason}). Offline choices: {_offline_choices()}"
-            ) from err
-        task = task or _default_task(config)
+        task = task or ("causal-lm" if is_causal_lm(model_config(path, trust_remote_code)) else "classification")
 
     kwargs: dict = {"dtype": torch_dtype}
     if trust_remote_code:

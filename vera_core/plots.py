@@ -114,3 +114,24 @@ def save_figures(report: dict, histories: dict[str, list[dict]], directory: str 
     for name, fig in figures.items():
         fig.savefig(directory / name, dpi=110)
     return [directory / name for name in figures]
+
+
+def calculator_figure(rows: list[dict]) -> Figure:
+    """Trainable parameters per model, one bar per (method, r), log scale: the paper's Table 1 at a glance.
+    rows: {"model", "method", "r", "trainable"} (the calculator's)."""
+    fig, ax = _figure(9, 4.2)
+    models = list(dict.fromkeys(row["model"] for row in rows))
+    configs = list(dict.fromkeys((row["method"], row["r"]) for row in rows))
+    trainable = {(row["model"], row["method"], row["r"]): row["trainable"] for row in rows}
+    width = 0.8 / len(configs)
+    for j, (method, r) in enumerate(configs):
+        values = [trainable[(m, method, r)] for m in models]
+        colour = "tab:orange" if method == "vera" else "tab:blue"
+        shade = 0.45 + 0.55 * j / max(1, len(configs) - 1)
+        ax.bar([i + (j - (len(configs) - 1) / 2) * width for i in range(len(models))], values, width,
+               label=f"{method} r={r}", color=colour, alpha=shade)
+    ax.set_yscale("log")
+    ax.set_xticks(range(len(models)), models, rotation=10)
+    ax.set(ylabel="trainable parameters (log scale)", title="VeRA vs LoRA trainable parameters (no weights loaded)")
+    ax.legend(fontsize=8, ncols=2)
+    return fig

@@ -15,7 +15,7 @@ import statistics
 import threading
 import time
 import warnings
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable, Iterator
 
@@ -26,11 +26,14 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from .batches import Encoded, batches, encode
+from .config import TrainConfig
 from .data import TextDataset
+from .device import autocast, resolve_device, to_device, use_bf16
+from .evaluate import evaluate_encoded
 from .files import atomic_directory, write_json
+from .inject import active_adapter, adapter_configs, adapter_parameters
 from .io import save_adapter
-
-SCHEDULES = ("linear", "cosine", "constant")
+from .progress import with_bar
 
 # Default learning rates per method: (rate for the adapter / main parameters, rate for the classifier head).
 DEFAULT_LR: dict[str, tuple[float, float]] = {
@@ -50,81 +53,6 @@ DEFAULT_LR: dict[str, tuple[float, float]] = {
 _RESUME_FIELDS = ("steps", "epochs", "batch_size", "grad_accum", "max_length", "lr", "head_lr", "weight_decay",
                   "warmup_ratio", "schedule", "max_grad_norm", "seed", "method", "r", "trainable_params", "world_size")
 _CHECKPOINT_STATE = "trainer_state.pt"  # optimizer, scheduler and RNG states (tensors and plain values only)
-
-
-def _positive_int(name: str, value, optional: bool = False) -> None:
-    if optional and value is None:
-        return
-    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-        raise ValueError(f"{name} must be a positive integer{' or None' if optional else ''}, got {value!r}.")
-
-
-def _positive_float(name: str, value, optional: bool = False) -> None:
-    if optional and value is None:
-        return
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
-        raise ValueError(f"{name} must be a positive number{' or None' if optional else ''}, got {value!r}.")
-
-
-@dataclass
-class TrainConfig:
-    """How to train: budget, batch, optimizer, schedule, evaluation, checkpoints, device. Validated on construction."""
-
-    steps: int | None = 100  # optimizer steps to run (set to None when `epochs` drives the budget)
-    epochs: float | None = None  # passes over the training split instead of `steps` (fractions allowed)
-    batch_size: int = 8  # rows per micro-batch (per process under DDP)
-    grad_accum: int = 1  # micro-batches per optimizer step; effective batch = batch_size * grad_accum * processes
-    max_length: int = 128  # tokens per row; longer rows are truncated (counted in TrainResult.truncated)
-    lr: float | None = None  # adapter (or full-model) learning rate; None -> default_lr(method)
-    head_lr: float | None = None  # head rate (modules_to_save, or all that trains in head-only runs); None -> default
-    weight_decay: float = 0.0  # AdamW decoupled weight decay
-    warmup_ratio: float = 0.06  # fraction of the steps spent ramping the rate up from 0
-    schedule: str = "linear"  # decay after warm-up: "linear" or "cosine" (to 0), or "constant"
-    max_grad_norm: float | None = 1.0  # clip the gradient norm to this (None: no clipping)
-    grad_checkpointing: bool = False  # recompute activations in backward: less memory, ~30% slower
-    eval_every: int | None = None  # evaluate every N steps (None: about 5 evaluations per run, always at the end)
-    eval_batches: int | None = None  # cap each validation check during training (None: the whole split)
-    checkpoint_every: int | None = None  # write a resumable checkpoint every N steps (needs out_dir)
-    seed: int = 0  # seeds torch, random and numpy and orders the batches: a CPU run is exactly repeatable
-    device: str = "auto"  # "auto" (cuda if available, else cpu), "cpu", "cuda", "cuda:1", ...
-    bf16: bool | str = "auto"  # bf16 autocast on CUDA: "auto" (when supported), True, False; never on CPU
-
-    def __post_init__(self):
-        if (self.steps is None) == (self.epochs is None):
-            raise ValueError(
-                f"set exactly one of steps or epochs, got steps={self.steps!r}, epochs={self.epochs!r}; "
-                "for an epoch budget write TrainConfig(steps=None, epochs=2)."
-            )
-        _positive_int("steps", self.steps, optional=True)
-        _positive_float("epochs", self.epochs, optional=True)
-        _positive_int("batch_size", self.batch_size)
-        _positive_int("grad_accum", self.grad_accum)
-        _positive_int("max_length", self.max_length)
-        _positive_float("lr", self.lr, optional=True)
-        _positive_float("head_lr", self.head_lr, optional=True)
-        if isinstance(self.weight_decay, bool) or not isinstance(self.weight_decay, (int, float)) \
-                or not 0 <= self.weight_decay < math.inf:
-            raise ValueError(f"weight_decay must be a number >= 0, got {self.weight_decay!r}.")
-        if isinstance(self.warmup_ratio, bool) or not isinstance(self.warmup_ratio, (int, float)) \
-                or not 0 <= self.warmup_ratio < 1:
-            raise ValueError(f"warmup_ratio must be in [0, 1), got {self.warmup_ratio!r}.")
-        if self.schedule not in SCHEDULES:
-            raise ValueError(f"schedule must be one of {SCHEDULES}, got {self.schedule!r}.")
-        _positive_float("max_grad_norm", self.max_grad_norm, optional=True)
-        _positive_int("eval_every", self.eval_every, optional=True)
-        _positive_int("eval_batches", self.eval_batches, optional=True)
-        _positive_int("checkpoint_every", self.checkpoint_every, optional=True)
-        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0:
-            raise ValueError(f"seed must be an integer >= 0, got {self.seed!r}.")
-        if self.device != "auto":
-            try:
-                torch.device(self.device)
-            except (RuntimeError, TypeError):
-                raise ValueError(
-                    f"device must be 'auto' or a torch device such as 'cpu' or 'cuda', got {self.device!r}."
-                ) from None
-        if self.bf16 not in ("auto", True, False):
-            raise ValueError(f"bf16 must be 'auto', True or False, got {self.bf16!r}.")
 
 
 @dataclass
@@ -151,16 +79,14 @@ class TrainResult:
 
 
 def detect_method(model: nn.Module) -> str:
-    """What the model trains, from its trainable parameter names: "vera", "lora", "head" or "full"."""
-    names = [n for n, p in model.named_parameters() if p.requires_grad]
-    if not names:
+    """What the model trains: its active adapter's method ("vera", "lora"), else "full" or "head"."""
+    if not any(p.requires_grad for p in model.parameters()):
         raise ValueError(
             "the model has no trainable parameters: call add_adapter(model, config) first, or unfreeze a head."
         )
-    if any(".vera_lambda_" in n for n in names):
-        return "vera"
-    if any(".lora_A" in n or ".lora_B" in n for n in names):
-        return "lora"
+    name = active_adapter(model)
+    if name is not None and any(p.requires_grad for p in adapter_parameters(model, name)["adapter"]):
+        return adapter_configs(model)[name].method
     if all(p.requires_grad for p in model.parameters()):
         return "full"
     return "head"
@@ -174,13 +100,7 @@ def default_lr(method: str) -> tuple[float, float]:
 
 
 def _adapter_rank(model: nn.Module, method: str) -> int | None:
-    """r of the adapter, read from the shape of its trainable tensors (d is (r,), LoRA A is (r, in))."""
-    for name, param in model.named_parameters():
-        if param.requires_grad and method == "vera" and ".vera_lambda_d" in name:
-            return param.shape[0]
-        if param.requires_grad and method == "lora" and ".lora_A" in name:
-            return param.shape[0]
-    return None
+    return adapter_configs(model)[active_adapter(model)].r if method in ("vera", "lora") else None
 
 
 def _trainable(model: nn.Module) -> dict[str, nn.Parameter]:
@@ -189,15 +109,15 @@ def _trainable(model: nn.Module) -> dict[str, nn.Parameter]:
 
 def _param_groups(model: nn.Module, method: str, lr: float, head_lr: float, weight_decay: float) -> list[dict]:
     """AdamW groups: adapter (or full-model) parameters at `lr`, head parameters at `head_lr`; empty groups dropped."""
-    trainable = _trainable(model)
+    trainable = list(_trainable(model).values())
     if method == "head":
-        head = list(trainable.values())  # in a head-only run everything trainable is the head
-        main = []
+        head, main = trainable, []  # in a head-only run everything trainable is the head
     elif method == "full":
-        head, main = [], list(trainable.values())  # one rate for the whole model
+        head, main = [], trainable  # one rate for the whole model
     else:
-        head = [p for n, p in trainable.items() if ".modules_to_save." in n]
-        main = [p for n, p in trainable.items() if ".modules_to_save." not in n]
+        head_ids = {id(p) for p in adapter_parameters(model)["head"]}
+        head = [p for p in trainable if id(p) in head_ids]
+        main = [p for p in trainable if id(p) not in head_ids]
     groups = [{"name": "adapter", "params": main, "lr": lr}, {"name": "head", "params": head, "lr": head_lr}]
     return [dict(g, weight_decay=weight_decay) for g in groups if g["params"]]
 
@@ -216,27 +136,6 @@ def _lr_factor(schedule: str, warmup: int, total: int) -> Callable[[int], float]
         return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
 
     return factor
-
-
-def resolve_device(config: TrainConfig) -> torch.device:
-    """The device a run uses: CUDA when available for "auto", else what the config names."""
-    if config.device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(config.device)
-
-
-def _use_bf16(config: TrainConfig, device: torch.device) -> bool:
-    if device.type != "cuda" or config.bf16 is False:
-        return False
-    return torch.cuda.is_bf16_supported()
-
-
-def _autocast(use_bf16: bool):
-    return torch.autocast("cuda", dtype=torch.bfloat16) if use_bf16 else contextlib.nullcontext()
-
-
-def _to(batch: dict, device: torch.device) -> dict:
-    return {k: v.to(device) for k, v in batch.items()}
 
 
 def _distributed() -> bool:
@@ -319,47 +218,6 @@ def _check_writable(out_dir: Path) -> None:
         ) from None
 
 
-@torch.no_grad()
-def _evaluate(model: nn.Module, encoded: Encoded, task: str, config: TrainConfig, device: torch.device,
-              use_bf16: bool) -> dict:
-    """Mean loss per target (response token, or row for classification) and, for classification, accuracy in %."""
-    was_training = model.training
-    model.eval()
-    loss_sum, weight, correct, rows = 0.0, 0, 0, 0
-    for i, batch in enumerate(batches(encoded, config.batch_size, shuffle=False, seed=config.seed)):
-        if config.eval_batches is not None and i >= config.eval_batches:
-            break
-        batch = _to(batch, device)
-        with _autocast(use_bf16):
-            out = model(**batch)
-        labels = batch["labels"]
-        if task == "classification":
-            n = labels.numel()
-            correct += (out.logits.argmax(-1) == labels).sum().item()
-            rows += n
-        else:
-            n = (labels[:, 1:] != -100).sum().item()  # the model's loss averages over shifted, unmasked targets
-        if n:  # a batch whose responses were all truncated away has no targets (and a NaN loss)
-            loss_sum += out.loss.float().item() * n
-            weight += n
-    model.train(was_training)
-    result = {"eval_loss": loss_sum / weight if weight else float("nan")}
-    if task == "classification":
-        result["eval_accuracy"] = 100.0 * correct / rows if rows else float("nan")
-    return result
-
-
-def evaluate(model: nn.Module, tokenizer, dataset: TextDataset, config: TrainConfig | None = None,
-             split: str = "validation") -> dict:
-    """Evaluate the model as it is (e.g. before training) on a whole split: {"eval_loss", ["eval_accuracy"]}.
-
-    `config.eval_batches` caps only the quick validation checks during training, never a score reported here."""
-    config = replace(config or TrainConfig(), eval_batches=None)
-    device = next(model.parameters()).device
-    encoded = encode(getattr(dataset, split), tokenizer, dataset.task, config.max_length)
-    return _evaluate(model, encoded, dataset.task, config, device, _use_bf16(config, device))
-
-
 def _micro_batches(encoded: Encoded, config: TrainConfig, rank: int, world: int, skip: int) -> Iterator[dict]:
     """This rank's micro-batches, epoch after epoch, after the first `skip` global ones (those are already trained on).
 
@@ -439,27 +297,57 @@ def _final_loss(history: list[dict]) -> float | None:
     return sum(losses[-n:]) / len(losses[-n:])
 
 
-def train(
-    model: nn.Module,
-    tokenizer,
-    dataset: TextDataset,
-    config: TrainConfig | None = None,
-    *,
-    run_name: str = "run",
-    out_dir: str | os.PathLike | None = None,
-    on_event: Callable[[dict], None] | None = None,
-    stop: threading.Event | None = None,
-    resume_from: str | os.PathLike | None = None,
-) -> TrainResult:
-    """Train the model's trainable parameters on `dataset.train`, evaluating on `dataset.validation`.
+@dataclass
+class _Session:
+    """One `train` call's set-up and running state, shared by its named steps."""
 
-    Events go to `on_event` (JSON-serialisable dicts; the last is "done", "stopped" or "error"). Setting `stop`
-    ends the run within one step, adapter intact. With `out_dir` the final adapter goes to out_dir/adapter and
-    checkpoints (every `checkpoint_every` steps, and on stop) to out_dir/checkpoints; `resume_from` continues one.
-    """
-    t_call = time.perf_counter()
-    config = config or TrainConfig()
-    out_dir = Path(out_dir) if out_dir is not None else None
+    model: nn.Module  # what forward / backward run: the DDP wrapper under accelerate, else the model itself
+    core: nn.Module  # the plain model (parameter names, saving, evaluation)
+    task: str
+    config: TrainConfig
+    run_name: str
+    method: str
+    lr: float
+    head_lr: float
+    device: torch.device
+    bf16: bool
+    accelerator: object | None
+    rank: int
+    world: int
+    train_set: Encoded
+    val_set: Encoded | None
+    total: int  # optimizer steps of the whole run
+    eval_every: int
+    per_step: int  # global micro-batches per optimizer step
+    per_epoch: int  # micro-batches in one pass over the training split
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LambdaLR
+    run_config: dict  # what a resume must match (see _RESUME_FIELDS)
+    out_dir: Path | None
+    on_event: Callable[[dict], None] | None
+    step: int = 0
+    history: list[dict] = field(default_factory=list)
+    step_times: list[float] = field(default_factory=list)
+    step_tokens: list[int] = field(default_factory=list)
+    checkpoints: list[str] = field(default_factory=list)
+    t_start: float = field(default_factory=time.perf_counter)
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    def emit(self, kind: str, **fields) -> None:
+        event = {"type": kind, "run": self.run_name, "step": self.step, "total": self.total,
+                 "elapsed_s": round(time.perf_counter() - self.t_start, 3), **fields}
+        if kind in ("step", "eval"):
+            self.history.append(event)
+        if self.on_event is not None and self.is_main:
+            self.on_event(event)
+
+
+def _set_up(model: nn.Module, tokenizer, dataset: TextDataset, config: TrainConfig, run_name: str,
+            out_dir: Path | None, on_event, resume_from) -> _Session:
+    """Check the request, encode the data, build the optimizer and schedule, then resume or seed."""
     if config.checkpoint_every is not None and out_dir is None:
         raise ValueError("checkpoint_every needs out_dir: checkpoints are written to out_dir/checkpoints.")
     if out_dir is not None:
@@ -473,13 +361,11 @@ def train(
         from accelerate import Accelerator  # imported only for multi-process runs
 
         # cpu=True is what makes accelerate start gloo DDP (MULTI_CPU) rather than one process per rank.
-        accelerator = Accelerator(cpu=resolve_device(config).type == "cpu")
-    device = accelerator.device if accelerator else resolve_device(config)
+        accelerator = Accelerator(cpu=resolve_device(config.device).type == "cpu")
+    device = accelerator.device if accelerator else resolve_device(config.device)
     rank, world = (accelerator.process_index, accelerator.num_processes) if accelerator else (0, 1)
-    use_bf16 = _use_bf16(config, device)
     if any(p.device != device for p in model.parameters()):
         model.to(device)
-    core = model  # the plain model (names, saving, evaluation); `model` becomes the DDP wrapper under accelerate
 
     train_set = encode(dataset.train, tokenizer, dataset.task, config.max_length)
     if not train_set.features:
@@ -489,163 +375,196 @@ def train(
         # max_length, and a causal LM then learns from a token or two of each response.
         warnings.warn(f"{train_set.truncated} of {train_set.total} training rows are longer than max_length="
                       f"{config.max_length} tokens and were cut; raise max_length to train on whole rows.",
-                      stacklevel=2)
+                      stacklevel=3)
     val_set = encode(dataset.validation, tokenizer, dataset.task, config.max_length) if dataset.validation else None
-    per_epoch = math.ceil(len(train_set.features) / config.batch_size)  # micro-batches in one pass
-    per_step = config.grad_accum * world  # global micro-batches per optimizer step
+    per_epoch = math.ceil(len(train_set.features) / config.batch_size)
+    per_step = config.grad_accum * world
     total = config.steps or max(1, math.ceil(config.epochs * per_epoch / per_step))
-    eval_every = config.eval_every or max(1, total // 5)
 
-    optimizer = torch.optim.AdamW(_param_groups(core, method, lr, head_lr, config.weight_decay))
-    warmup = int(config.warmup_ratio * total)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_factor(config.schedule, warmup, total))
-    run_config = {**asdict(config), "lr": lr, "head_lr": head_lr, "method": method, "r": _adapter_rank(core, method),
-                  "trainable_params": sum(p.numel() for p in _trainable(core).values()), "world_size": world}
-    step, history = 0, []
+    optimizer = torch.optim.AdamW(_param_groups(model, method, lr, head_lr, config.weight_decay))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, _lr_factor(config.schedule, int(config.warmup_ratio * total), total))
+    run_config = {**asdict(config), "lr": lr, "head_lr": head_lr, "method": method, "r": _adapter_rank(model, method),
+                  "trainable_params": sum(p.numel() for p in _trainable(model).values()), "world_size": world}
+    session = _Session(
+        model=model, core=model, task=dataset.task, config=config, run_name=run_name, method=method, lr=lr,
+        head_lr=head_lr, device=device, bf16=use_bf16(config.bf16, device), accelerator=accelerator, rank=rank,
+        world=world, train_set=train_set, val_set=val_set, total=total, eval_every=config.eval_every or max(1, total // 5),
+        per_step=per_step, per_epoch=per_epoch, optimizer=optimizer, scheduler=scheduler, run_config=run_config,
+        out_dir=out_dir, on_event=on_event)
     if resume_from is not None:
-        step, history = _load_checkpoint(Path(resume_from), core, optimizer, scheduler, run_config)
+        session.step, session.history = _load_checkpoint(Path(resume_from), model, optimizer, scheduler, run_config)
     else:
         _seed_everything(config.seed)
     if config.grad_checkpointing:
-        if not getattr(core, "supports_gradient_checkpointing", False):
+        if not getattr(model, "supports_gradient_checkpointing", False):
             raise ValueError(
-                f"{type(core).__name__} does not support gradient checkpointing; set grad_checkpointing=False."
+                f"{type(model).__name__} does not support gradient checkpointing; set grad_checkpointing=False."
             )
         # Non-reentrant checkpointing back-propagates to the adapter even though the frozen inputs need no grad,
         # so enable_input_require_grads (needed by the reentrant variant) is not. (transformers 5 renamed
         # gradient_checkpointing_enable to activation_checkpointing_enable.)
-        core.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     if accelerator:
         # DDP all-reduces gradients in backward; the scheduler stays ours (accelerate's would step once per process).
-        model, optimizer = accelerator.prepare(model, optimizer)
-    is_main = rank == 0
-    trainable = list(_trainable(core).values())
-    stream = _micro_batches(train_set, config, rank, world, skip=step * per_step)
-    memory = _PeakMemory(device)
-    step_times: list[float] = []
-    step_tokens: list[int] = []
-    checkpoints: list[str] = []
-    t_start = time.perf_counter()
+        session.model, session.optimizer = accelerator.prepare(model, optimizer)
+    return session
 
-    def emit(kind: str, **fields) -> None:
-        event = {"type": kind, "run": run_name, "step": step, "total": total,
-                 "elapsed_s": round(time.perf_counter() - t_start, 3), **fields}
-        if kind in ("step", "eval"):
-            history.append(event)
-        if on_event is not None and is_main:
-            on_event(event)
 
-    def stop_requested() -> bool:
-        wanted = stop is not None and stop.is_set()
-        if accelerator:  # every rank must leave the loop together, or the others wait forever in all-reduce
-            flag = torch.tensor(float(wanted), device=device)
-            wanted = accelerator.reduce(flag, reduction="sum").item() > 0
-        return wanted
+def _stop_requested(s: _Session, stop: threading.Event | None) -> bool:
+    wanted = stop is not None and stop.is_set()
+    if s.accelerator:  # every rank must leave the loop together, or the others wait forever in all-reduce
+        flag = torch.tensor(float(wanted), device=s.device)
+        wanted = s.accelerator.reduce(flag, reduction="sum").item() > 0
+    return wanted
 
-    def checkpoint(rng: dict) -> None:
-        if is_main:
-            path = _save_checkpoint(out_dir, core, method, optimizer, scheduler, step, history, run_config, rng)
-            checkpoints.append(str(path))
-            emit("checkpoint", path=str(path))
-        if accelerator:
-            accelerator.wait_for_everyone()
 
-    stopped = False
-    model.train()
-    try:
-        with memory:
-            emit("start", method=method, device=str(device), trainable_params=run_config["trainable_params"],
-                 truncated=train_set.truncated, world_size=world, lr=lr, head_lr=head_lr)
-            while step < total:
-                rng_at_step_start = _rng_state()  # a stop mid-step checkpoints this, so a resume redoes the step
-                t0 = time.perf_counter()
-                loss_sum, tokens = 0.0, 0
-                for micro in range(config.grad_accum):
-                    if stop_requested():
-                        stopped = True
-                        break
-                    batch = _to(next(stream), device)
-                    last = micro == config.grad_accum - 1
-                    # Under DDP only the last micro-batch of a step all-reduces its gradients.
-                    sync = accelerator.no_sync(model) if accelerator and not last else contextlib.nullcontext()
-                    with sync:
-                        with _autocast(use_bf16):
-                            loss = model(**batch).loss
-                        scaled = loss / config.grad_accum  # the step's gradient is the mean over its micro-batches
-                        accelerator.backward(scaled) if accelerator else scaled.backward()
-                    loss_sum += loss.detach().float().item()
-                    tokens += int(batch["attention_mask"].sum())
-                if stopped:
-                    optimizer.zero_grad(set_to_none=True)
-                    _set_rng_state(rng_at_step_start)
-                    break
-                loss_value = loss_sum / config.grad_accum
-                if accelerator:
-                    both = accelerator.reduce(torch.tensor([loss_value, tokens], device=device, dtype=torch.float64))
-                    loss_value, tokens = both[0].item() / world, int(both[1].item())
-                if not math.isfinite(loss_value):
-                    raise FloatingPointError(
-                        f"the training loss became {loss_value} at step {step + 1}; the parameters were not updated. "
-                        f"Lower the learning rate (now {lr:g}) or keep max_grad_norm set."
-                    )
-                grad_norm = None
-                if config.max_grad_norm is not None:
-                    grad_norm = float(torch.nn.utils.clip_grad_norm_(trainable, config.max_grad_norm))
-                rates = [g["lr"] for g in optimizer.param_groups]  # the rates this step used
-                optimizer.step()
-                scheduler.step()
-                optimizer.zero_grad(set_to_none=True)
-                step += 1
-                step_times.append(time.perf_counter() - t0)
-                step_tokens.append(tokens)
-                mean_time = sum(step_times) / len(step_times)
-                emit("step", loss=loss_value, lr=rates[0], head_lr=rates[-1], grad_norm=grad_norm,
-                     tokens_per_s=tokens / step_times[-1], eta_s=mean_time * (total - step),
-                     epoch=step * per_step / per_epoch)
-                if val_set is not None and (step % eval_every == 0 or step == total):
-                    emit("eval", **_evaluate(core, val_set, dataset.task, config, device, use_bf16))
-                if config.checkpoint_every and step % config.checkpoint_every == 0:
-                    checkpoint(_rng_state())
-            if stopped and out_dir is not None:
-                checkpoint(_rng_state())
-            adapter_dir = None
-            if out_dir is not None and method in ("vera", "lora") and is_main:
-                adapter_dir = str(save_adapter(core, out_dir / "adapter"))
-            emit("stopped" if stopped else "done", final_train_loss=_final_loss(history))
-    except torch.cuda.OutOfMemoryError as e:
-        emit("error", message=f"CUDA out of memory at step {step + 1}")
-        raise RuntimeError(
-            f"CUDA ran out of memory at step {step + 1} (batch_size={config.batch_size}, "
-            f"max_length={config.max_length}). Try a smaller batch_size (with grad_accum to keep the effective batch), "
-            "a shorter max_length, grad_checkpointing=True, or a 4-bit base model (quantization='4bit')."
-        ) from e
-    except Exception as e:
-        emit("error", message=f"{type(e).__name__}: {e}")
-        raise
-    finally:
-        model.eval()
-        if config.grad_checkpointing:
-            core.activation_checkpointing_disable()
+def _optimizer_step(s: _Session, stream: Iterator[dict], stop: threading.Event | None) -> bool:
+    """One optimizer step over `grad_accum` micro-batches; False when a stop request cut it short (nothing applied,
+    and the random generators put back, so a resume redoes the step exactly)."""
+    rng_at_step_start = _rng_state()
+    t0 = time.perf_counter()
+    loss_sum, tokens = 0.0, 0
+    for micro in range(s.config.grad_accum):
+        if _stop_requested(s, stop):
+            s.optimizer.zero_grad(set_to_none=True)
+            _set_rng_state(rng_at_step_start)
+            return False
+        batch = to_device(next(stream), s.device)
+        last = micro == s.config.grad_accum - 1
+        # Under DDP only the last micro-batch of a step all-reduces its gradients.
+        sync = s.accelerator.no_sync(s.model) if s.accelerator and not last else contextlib.nullcontext()
+        with sync:
+            with autocast(s.bf16):
+                loss = s.model(**batch).loss
+            scaled = loss / s.config.grad_accum  # the step's gradient is the mean over its micro-batches
+            s.accelerator.backward(scaled) if s.accelerator else scaled.backward()
+        loss_sum += loss.detach().float().item()
+        tokens += int(batch["attention_mask"].sum())
+    loss_value = loss_sum / s.config.grad_accum
+    if s.accelerator:
+        both = s.accelerator.reduce(torch.tensor([loss_value, tokens], device=s.device, dtype=torch.float64))
+        loss_value, tokens = both[0].item() / s.world, int(both[1].item())
+    if not math.isfinite(loss_value):
+        raise FloatingPointError(
+            f"the training loss became {loss_value} at step {s.step + 1}; the parameters were not updated. "
+            f"Lower the learning rate (now {s.lr:g}) or keep max_grad_norm set."
+        )
+    grad_norm = None
+    if s.config.max_grad_norm is not None:
+        grad_norm = float(torch.nn.utils.clip_grad_norm_(list(_trainable(s.core).values()), s.config.max_grad_norm))
+    rates = [g["lr"] for g in s.optimizer.param_groups]  # the rates this step used
+    s.optimizer.step()
+    s.scheduler.step()
+    s.optimizer.zero_grad(set_to_none=True)
+    s.step += 1
+    s.step_times.append(time.perf_counter() - t0)
+    s.step_tokens.append(tokens)
+    mean_time = sum(s.step_times) / len(s.step_times)
+    s.emit("step", loss=loss_value, lr=rates[0], head_lr=rates[-1], grad_norm=grad_norm,
+           tokens_per_s=tokens / s.step_times[-1], eta_s=mean_time * (s.total - s.step),
+           epoch=s.step * s.per_step / s.per_epoch)
+    return True
 
-    timed = step_times[1:] or step_times  # the first step pays for warm-up (allocations, lazy init)
-    timed_tokens = step_tokens[1:] or step_tokens
-    evals = [e for e in history if e["type"] == "eval"]
+
+def _evaluate_if_due(s: _Session) -> None:
+    if s.val_set is not None and (s.step % s.eval_every == 0 or s.step == s.total):
+        s.emit("eval", **evaluate_encoded(s.core, s.val_set, s.task, s.config, s.device, s.bf16))
+
+
+def _checkpoint(s: _Session) -> None:
+    if s.is_main:
+        path = _save_checkpoint(s.out_dir, s.core, s.method, s.optimizer, s.scheduler, s.step, s.history,
+                                s.run_config, _rng_state())
+        s.checkpoints.append(str(path))
+        s.emit("checkpoint", path=str(path))
+    if s.accelerator:
+        s.accelerator.wait_for_everyone()
+
+
+def _result(s: _Session, stopped: bool, memory: _PeakMemory, adapter_dir: str | None, wall_s: float) -> TrainResult:
+    timed = s.step_times[1:] or s.step_times  # the first step pays for warm-up (allocations, lazy init)
+    timed_tokens = s.step_tokens[1:] or s.step_tokens
+    evals = [e for e in s.history if e["type"] == "eval"]
     return TrainResult(
-        run_name=run_name,
-        method=method,
-        steps_done=step,
+        run_name=s.run_name,
+        method=s.method,
+        steps_done=s.step,
         stopped=stopped,
-        history=history,
-        final_train_loss=_final_loss(history),
+        history=s.history,
+        final_train_loss=_final_loss(s.history),
         eval={k: evals[-1][k] for k in evals[-1] if k.startswith("eval_")} if evals else None,
         step_time_s=statistics.median(timed) if timed else None,
         tokens_per_s=sum(timed_tokens) / sum(timed) if timed else None,
         peak_memory_bytes=memory.peak_bytes,
         peak_memory_kind=memory.kind,
-        truncated=train_set.truncated,
-        device=str(device),
-        dtype="bfloat16-autocast" if use_bf16 else str(next(core.parameters()).dtype).removeprefix("torch."),
-        wall_s=time.perf_counter() - t_call,
+        truncated=s.train_set.truncated,
+        device=str(s.device),
+        dtype="bfloat16-autocast" if s.bf16 else str(next(s.core.parameters()).dtype).removeprefix("torch."),
+        wall_s=wall_s,
         adapter_dir=adapter_dir,
-        checkpoints=checkpoints,
+        checkpoints=s.checkpoints,
     )
+
+
+def train(
+    model: nn.Module,
+    tokenizer,
+    dataset: TextDataset,
+    config: TrainConfig | None = None,
+    *,
+    run_name: str = "run",
+    out_dir: str | os.PathLike | None = None,
+    on_event: Callable[[dict], None] | None = None,
+    stop: threading.Event | None = None,
+    resume_from: str | os.PathLike | None = None,
+    progress: bool | None = None,
+) -> TrainResult:
+    """Train the model's trainable parameters on `dataset.train`, evaluating on `dataset.validation`.
+
+    Events go to `on_event` (JSON-serialisable dicts; the last is "done", "stopped" or "error"). Setting `stop`
+    ends the run within one step, adapter intact. With `out_dir` the final adapter goes to out_dir/adapter and
+    checkpoints (every `checkpoint_every` steps, and on stop) to out_dir/checkpoints; `resume_from` continues one.
+    progress: a tqdm bar with loss and ETA (None: shown when no `on_event` is given and a terminal or notebook shows
+    the output).
+    """
+    t_call = time.perf_counter()
+    config = config or TrainConfig()
+    on_event = with_bar(progress, on_event)
+    out_dir = Path(out_dir) if out_dir is not None else None
+    s = _set_up(model, tokenizer, dataset, config, run_name, out_dir, on_event, resume_from)
+    stream = _micro_batches(s.train_set, config, s.rank, s.world, skip=s.step * s.per_step)
+    memory = _PeakMemory(s.device)
+    stopped, adapter_dir = False, None
+    s.model.train()
+    try:
+        with memory:
+            s.emit("start", method=s.method, device=str(s.device), trainable_params=s.run_config["trainable_params"],
+                   truncated=s.train_set.truncated, world_size=s.world, lr=s.lr, head_lr=s.head_lr)
+            while s.step < s.total:
+                if not _optimizer_step(s, stream, stop):
+                    stopped = True
+                    break
+                _evaluate_if_due(s)
+                if config.checkpoint_every and s.step % config.checkpoint_every == 0:
+                    _checkpoint(s)
+            if stopped and out_dir is not None:
+                _checkpoint(s)
+            if out_dir is not None and s.method in ("vera", "lora") and s.is_main:
+                adapter_dir = str(save_adapter(s.core, out_dir / "adapter"))
+            s.emit("stopped" if stopped else "done", final_train_loss=_final_loss(s.history))
+    except torch.cuda.OutOfMemoryError as e:
+        s.emit("error", message=f"CUDA out of memory at step {s.step + 1}")
+        raise RuntimeError(
+            f"CUDA ran out of memory at step {s.step + 1} (batch_size={config.batch_size}, "
+            f"max_length={config.max_length}). Try a smaller batch_size (with grad_accum to keep the effective batch), "
+            "a shorter max_length, grad_checkpointing=True, or a 4-bit base model (quantization='4bit')."
+        ) from e
+    except Exception as e:
+        s.emit("error", message=f"{type(e).__name__}: {e}")
+        raise
+    finally:
+        s.model.eval()
+        if config.grad_checkpointing:
+            s.core.activation_checkpointing_disable()
+    return _result(s, stopped, memory, adapter_dir, time.perf_counter() - t_call)

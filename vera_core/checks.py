@@ -1,0 +1,47 @@
+"""Input checks shared by configs, the CLI and the app: one wording for every "must be a positive integer"."""
+from __future__ import annotations
+
+import math
+
+
+def positive_int(name: str, value, optional: bool = False) -> None:
+    """ValueError unless `value` is an int > 0 (or None when `optional`); bools are refused."""
+    if optional and value is None:
+        return
+    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+        raise ValueError(f"{name} must be a positive integer{' or None' if optional else ''}, got {value!r}. "
+                         f"Use for example {name}=8.")
+
+
+def finite(name: str, value) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise ValueError(f"{name} must be a finite number, got {value!r}.")
+
+
+def positive_float(name: str, value, optional: bool = False) -> None:
+    if optional and value is None:
+        return
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
+        raise ValueError(f"{name} must be a positive number{' or None' if optional else ''}, got {value!r}.")
+
+
+def int_list(text: str, what: str) -> list[int]:
+    """"8, 64" -> [8, 64]: positive integers separated by commas."""
+    try:
+        values = [int(v) for v in str(text).replace(" ", "").split(",") if v]
+    except ValueError:
+        raise ValueError(f"{what} must be comma-separated integers such as 8,64; got {text!r}.") from None
+    if not values or any(v <= 0 for v in values):
+        raise ValueError(f"{what} must be positive integers; got {text!r}.")
+    return values
+
+
+def float_list(text: str, what: str) -> list[float]:
+    """"0.1, 1" -> [0.1, 1.0]: finite numbers separated by commas."""
+    try:
+        values = [float(v) for v in str(text).replace(" ", "").split(",") if v]
+    except ValueError:
+        raise ValueError(f"{what} must be comma-separated numbers such as 0.1,1.0; got {text!r}.") from None
+    if not values or not all(math.isfinite(v) for v in values):
+        raise ValueError(f"{what} must be finite numbers; got {text!r}.")
+    return values

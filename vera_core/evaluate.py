@@ -1,0 +1,80 @@
+"""Scoring a model as it is: loss (and accuracy) on a split, and the reported test scores with sample outputs.
+
+The trainer calls `evaluate_encoded` for its periodic validation; `evaluate` and `score_split` read whole splits.
+"""
+from __future__ import annotations
+
+from dataclasses import replace
+
+import torch
+from torch import nn
+
+from .batches import Encoded, batches, encode
+from .config import TrainConfig
+from .data import TextDataset
+from .device import autocast, to_device, use_bf16
+from .metrics import generation_scores, group_references
+from .models import generate, predict
+
+
+@torch.no_grad()
+def evaluate_encoded(model: nn.Module, encoded: Encoded, task: str, config: TrainConfig, device: torch.device,
+                     bf16: bool) -> dict:
+    """Mean loss per target (response token, or row for classification) and, for classification, accuracy in %."""
+    was_training = model.training
+    model.eval()
+    loss_sum, weight, correct, rows = 0.0, 0, 0, 0
+    for i, batch in enumerate(batches(encoded, config.batch_size, shuffle=False, seed=config.seed)):
+        if config.eval_batches is not None and i >= config.eval_batches:
+            break
+        batch = to_device(batch, device)
+        with autocast(bf16):
+            out = model(**batch)
+        labels = batch["labels"]
+        if task == "classification":
+            n = labels.numel()
+            correct += (out.logits.argmax(-1) == labels).sum().item()
+            rows += n
+        else:
+            n = (labels[:, 1:] != -100).sum().item()  # the model's loss averages over shifted, unmasked targets
+        if n:  # a batch whose responses were all truncated away has no targets (and a NaN loss)
+            loss_sum += out.loss.float().item() * n
+            weight += n
+    model.train(was_training)
+    result = {"eval_loss": loss_sum / weight if weight else float("nan")}
+    if task == "classification":
+        result["eval_accuracy"] = 100.0 * correct / rows if rows else float("nan")
+    return result
+
+
+def evaluate(model: nn.Module, tokenizer, dataset: TextDataset, config: TrainConfig | None = None,
+             split: str = "validation") -> dict:
+    """Evaluate the model as it is (e.g. before training) on a whole split: {"eval_loss", ["eval_accuracy"]}.
+
+    `config.eval_batches` caps only the quick validation checks during training, never a score reported here."""
+    config = replace(config or TrainConfig(), eval_batches=None)
+    device = next(model.parameters()).device
+    encoded = encode(getattr(dataset, split), tokenizer, dataset.task, config.max_length)
+    return evaluate_encoded(model, encoded, dataset.task, config, device, use_bf16(config.bf16, device))
+
+
+def score_split(model, tokenizer, dataset: TextDataset, config: TrainConfig, eval_generate: int = 32,
+                n_samples: int = 8, split: str = "test") -> tuple[dict | None, list]:
+    """Scores on a split ({"loss", "accuracy"} or {"loss", "bleu", "rougeL"}) and the model's outputs for its first
+    `n_samples` inputs (class probabilities, or greedy answers). BLEU / ROUGE-L use the first `eval_generate` groups."""
+    rows = getattr(dataset, split)
+    if not rows:
+        return None, []
+    scores = evaluate(model, tokenizer, dataset, config, split=split)
+    if dataset.task == "classification":
+        texts = [r["text"] for r in rows[:n_samples]]
+        probs = predict(model, tokenizer, texts, max_length=config.max_length) if texts else torch.empty(0, 0)
+        outputs = [[round(p, 4) for p in row] for row in probs.tolist()]
+        return {"loss": scores["eval_loss"], "accuracy": scores["eval_accuracy"]}, outputs
+    groups = group_references(rows)[: max(eval_generate, n_samples)]
+    answers = generate(model, tokenizer, [p for p, _ in groups], max_new_tokens=config.max_length // 2) if groups else []
+    result = {"loss": scores["eval_loss"], "bleu": None, "rougeL": None}
+    if eval_generate > 0:
+        scored = min(eval_generate, len(groups))
+        result.update(generation_scores(answers[:scored], [refs for _, refs in groups[:scored]]))
+    return result, answers[:n_samples]

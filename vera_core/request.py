@@ -1,0 +1,149 @@
+"""What a comparison is asked to do, checked before anything runs: `RunRequest`, its planned runs and its estimate.
+
+The CLI and the app turn their input into one RunRequest; `compare.run_request` runs it. Every check a run needs
+happens here, so bad input fails before a run directory exists.
+
+    request = RunRequest("minilm-l6", "rotten-tomatoes", methods=("base", "vera", "lora"), max_rows=64)
+    [spec.name for spec in request.plan()]      # ['base', 'vera-r256', 'lora-r8']
+"""
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass, field, replace
+from typing import Sequence
+
+from .checks import positive_int
+from .config import AdapterConfig, LoraConfig, TrainConfig, VeraConfig
+from .count import count_parameters, estimate_parameters, meta_model
+from .data import TASKS, TextDataset, load_dataset
+from .memory import estimate_memory
+from .models import QUANTIZATIONS, model_config
+
+METHODS = ("base", "head", "vera", "lora", "full")
+
+
+@dataclass(frozen=True)
+class RunSpec:
+    """One run of a comparison: its report name, its method, and its adapter config (None for base/head/full)."""
+
+    name: str
+    method: str
+    adapter: AdapterConfig | None
+
+
+@dataclass
+class RunRequest:
+    """Everything one comparison needs, validated on construction (a string data set is loaded then)."""
+
+    model: object  # a `load_model` name or path, or a loaded (model, tokenizer) pair (deep-copied per method)
+    dataset: TextDataset | str  # a TextDataset, or a `load_dataset` name / file (split with train.seed, max_rows)
+    methods: Sequence[str] | str = ("base", "vera", "lora")
+    vera: VeraConfig | Sequence[VeraConfig] = field(default_factory=VeraConfig)  # several: one run each
+    lora: LoraConfig = field(default_factory=LoraConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    lrs: dict[str, float] = field(default_factory=dict)  # per-method learning rate; else train.lr, else the default
+    task: str | None = None  # for a data set loaded by name: None = the data set's own task
+    max_rows: int | None = None  # cap every split of a data set loaded by name
+    quantization: str | None = None  # "4bit" / "8bit" base weights (bitsandbytes)
+    trust_remote_code: bool = False  # the caller's explicit opt-in for models that ship code
+    isolate: bool = False  # each method in its own process, so its CPU peak memory is its own
+    eval_generate: int = 32  # test groups scored with BLEU / ROUGE-L (causal LM)
+    samples: int = 8  # test inputs whose outputs go to samples.jsonl
+
+    def __post_init__(self):
+        if isinstance(self.methods, str):
+            self.methods = [m.strip() for m in self.methods.split(",") if m.strip()]
+        self.methods = list(dict.fromkeys(self.methods))  # keeps order, drops repeats
+        self.vera = [self.vera] if isinstance(self.vera, VeraConfig) else list(self.vera)
+        if not all(isinstance(v, VeraConfig) for v in self.vera) or not isinstance(self.lora, LoraConfig):
+            raise ValueError("vera must be VeraConfig(s) and lora a LoraConfig.")
+        if not isinstance(self.train, TrainConfig):
+            raise ValueError(f"train must be a TrainConfig, got {type(self.train).__name__}.")
+        if self.quantization not in QUANTIZATIONS:
+            raise ValueError(f"unknown quantization {self.quantization!r}; choose one of {list(QUANTIZATIONS)}.")
+        if self.task is not None and self.task not in TASKS:
+            raise ValueError(f"unknown task {self.task!r}; choose one of {list(TASKS)} or None (the data set's own).")
+        positive_int("max_rows", self.max_rows, optional=True)
+        for name in ("eval_generate", "samples"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise ValueError(f"{name} must be an integer >= 0, got {value!r}.")
+        for method, rate in self.lrs.items():
+            if method not in METHODS:
+                raise ValueError(f"a learning rate is given for unknown method {method!r}; methods: {list(METHODS)}.")
+            if isinstance(rate, bool) or not isinstance(rate, (int, float)) or not math.isfinite(rate) or rate <= 0:
+                raise ValueError(f"the {method} learning rate must be a positive number, got {rate!r}.")
+        if isinstance(self.model, (str, os.PathLike)):
+            self.model = str(self.model).strip()
+            if not self.model:
+                raise ValueError("the model name is empty; give an offline name, a Hub id or a local folder.")
+        elif self.isolate:
+            raise ValueError("isolate=True loads the model in each process: pass its name or path, not a loaded model.")
+        if isinstance(self.dataset, (str, os.PathLike)):
+            self.dataset = load_dataset(self.dataset, self.task, seed=self.train.seed, max_rows=self.max_rows)
+        self.plan()  # unknown methods and clashing run names fail here
+        self.model_config()  # and a model name that resolves to nothing
+
+    @property
+    def loads_by_name(self) -> bool:
+        return isinstance(self.model, str)
+
+    @property
+    def model_name(self) -> str:
+        if self.loads_by_name:
+            return self.model
+        config = getattr(self.model[0], "config", None)
+        return getattr(config, "_name_or_path", None) or type(self.model[0]).__name__
+
+    def plan(self) -> list[RunSpec]:
+        """The runs this request makes, in order, named as in the report ("vera-r256-d0.1" only when d_init varies)."""
+        unknown = [m for m in self.methods if m not in METHODS]
+        if unknown or not self.methods:
+            raise ValueError(f"unknown methods {unknown or self.methods!r}; choose from {', '.join(METHODS)}.")
+        if "head" in self.methods and self.dataset.task != "classification":
+            raise ValueError("method 'head' trains a classifier head only: it needs a classification data set.")
+        specs = []
+        for method in self.methods:
+            if method == "vera":
+                several_d = len({v.d_init for v in self.vera}) > 1
+                specs += [RunSpec(f"vera-r{v.r}" + (f"-d{v.d_init:g}" if several_d else ""), "vera", v)
+                          for v in self.vera]
+            elif method == "lora":
+                specs.append(RunSpec(f"lora-r{self.lora.r}", "lora", self.lora))
+            else:
+                specs.append(RunSpec(method, method, None))
+        names = [s.name for s in specs]
+        if len(set(names)) != len(names):
+            raise ValueError(f"two runs would share a name in {names}; give the VeRA configs different r or d_init.")
+        return specs
+
+    def train_config(self, spec: RunSpec) -> TrainConfig:
+        """The run's TrainConfig: the request's, with the method's own learning rate when `lrs` names one."""
+        return replace(self.train, lr=self.lrs.get(spec.method, self.train.lr))
+
+    def model_config(self):
+        """The model's architecture, without its weights."""
+        return model_config(self.model, self.trust_remote_code) if self.loads_by_name else self.model[0].config
+
+    def base_parameters(self) -> int:
+        """Parameters of the base model's body (no task head), counted on the meta device."""
+        return count_parameters(meta_model(self.model_config()))["total"]
+
+    def estimate(self) -> list[dict]:
+        """Before a run, from shapes alone: per planned run its trainable parameters (head excluded), the share of
+        the base model, the stored adapter bytes and the training-memory estimate (no weights are read)."""
+        config, total = self.model_config(), self.base_parameters()
+        rows = []
+        for spec in self.plan():
+            if spec.adapter is not None:
+                params = estimate_parameters(config, spec.adapter)
+                trainable, stored = params["trainable"], params["stored_bytes"]
+            else:
+                trainable, stored = (total if spec.method == "full" else 0), None
+            memory = estimate_memory(config, spec.adapter or (None if spec.method == "base" else spec.method),
+                                     self.train.batch_size, self.train.max_length, quantization=self.quantization)
+            rows.append({"run": spec.name, "method": spec.method, "trainable": trainable,
+                         "% of model": round(100 * trainable / total, 4), "stored_bytes": stored,
+                         "memory_estimate": memory})
+        return rows
