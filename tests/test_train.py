@@ -41,7 +41,10 @@ def test_vera_loss_decreases_and_eval_improves(tokenizer):
     assert result.eval["eval_loss"] < before["eval_loss"]
     assert result.final_train_loss == pytest.approx(sum(losses[-5:]) / 5)
     assert result.method == "vera" and result.device == "cpu" and result.dtype == "float32"
-    assert result.peak_memory_kind == "cpu_rss_delta" and result.peak_memory_bytes >= 0
+    # cpu_rss_delta is the sampled RSS peak minus the RSS at the start: training allocates (logits over a 30k
+    # vocabulary, gradients, optimizer state), so it is positive, and for a 32-wide model it is tens of MiB (39
+    # measured), far below the process's whole RSS (~600 MiB with torch loaded) that an absolute reading would give.
+    assert result.peak_memory_kind == "cpu_rss_delta" and 0 < result.peak_memory_bytes < 256 * 2**20
     assert result.step_time_s > 0 and result.tokens_per_s > 0 and result.truncated == 0
 
 
@@ -258,10 +261,10 @@ def test_ddp_two_processes_end_with_identical_vectors(tokenizer, tmp_path):
 
 @pytest.mark.integration
 def test_smollm2_vera_all_projections_lowers_eval_loss():
-    models = pytest.importorskip("vera_core.models", reason="vera_core.models (load_model) is not in this checkout")
     from vera_core.data import load_dataset
+    from vera_core.models import load_model
 
-    model, tok = models.load_model("smollm2-135m-instruct")
+    model, tok = load_model("smollm2-135m-instruct")
     add_adapter(model, VeraConfig(r=256, target_modules=LLAMA_ALL))
     data = load_dataset("synthetic-restaurants", max_rows=40)
     # eval_batches=None: evaluate() always reads the whole split, so the in-training check must read it too
