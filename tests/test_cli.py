@@ -26,6 +26,7 @@ def assets(tmp_path_factory, tokenizer):
     return root
 
 
+@pytest.mark.integration  # three Python processes (CLI, then one per method), each importing torch
 def test_cli_compare_in_isolated_processes_matches_the_contract(assets, tmp_path):
     out = tmp_path / "run"
     cmd = [sys.executable, "-m", "vera_core", "compare", "--model", str(assets / "bert"), "--dataset",

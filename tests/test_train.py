@@ -226,6 +226,7 @@ def test_detect_method_and_defaults(tokenizer):
         detect_method(bert)
 
 
+@pytest.mark.integration  # torchrun and two worker processes, each importing torch
 def test_ddp_two_processes_end_with_identical_vectors(tokenizer, tmp_path):
     """Two CPU processes (gloo, accelerate inside): the ranks agree, the vectors moved, and DDP with batch 2 on 2 ranks
     matches one process with batch 2 and grad_accum 2 (the same rows per step).
