@@ -1,16 +1,17 @@
-"""Run by test_train.py under `accelerate launch --num_processes 2 --cpu`: 3 VeRA steps on a tiny Llama, then every
-rank dumps its trainable tensors (and rank 0 the initial ones and the losses) into the folder given as argv[1]."""
+"""Run by test_train.py under torchrun with 2 CPU processes: 3 VeRA steps on a tiny Llama, then every rank dumps its
+trainable tensors (and rank 0 the initial ones and the losses) into the folder given as argv[1]."""
 import json
 import os
 import sys
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
-sys.path.insert(0, str(Path(__file__).parent))
+# helpers.py beside this file, and the vera_core of this checkout (not whichever one the virtualenv installed)
+sys.path[:0] = [str(Path(__file__).parent), str(Path(__file__).resolve().parents[1])]
 
 import torch  # noqa: E402
+from helpers import causal_data, load_tokenizer, trainable, vera_llama  # noqa: E402
 from safetensors.torch import save_file  # noqa: E402
-from test_train import causal_data, load_tokenizer, trainable, vera_llama  # noqa: E402
 
 from vera_core.train import TrainConfig, train  # noqa: E402
 

@@ -5,7 +5,7 @@ import math
 import peft
 import pytest
 import torch
-from conftest import LLAMA_ALL, randomize_adapter, tiny_bert, tiny_gpt2, tiny_llama
+from helpers import LLAMA_ALL, copy_vectors_to_peft, peft_vera, randomize_adapter, tiny_bert, tiny_gpt2, tiny_llama
 
 from vera_core import (
     LoraConfig,
@@ -20,22 +20,6 @@ from vera_core import (
     unmerge_adapter,
 )
 from vera_core.layers import LoraLayer, VeraLayer
-
-
-def peft_vera(model, **kw):
-    return peft.get_peft_model(copy.deepcopy(model), peft.VeraConfig(**kw))
-
-
-def copy_vectors_to_peft(ours, theirs) -> None:
-    """PEFT's module paths are ours prefixed with base_model.model."""
-    theirs_params = dict(theirs.named_parameters())
-    with torch.no_grad():
-        for name, p in ours.named_parameters():
-            if p.requires_grad:
-                key = "base_model.model." + name
-                if key not in theirs_params:  # PEFT LoRA: lora_A.default.weight vs ours lora_A.default
-                    key = key + ".weight"
-                theirs_params[key].copy_(p)
 
 
 @pytest.mark.parametrize("seed", [0, 1234])

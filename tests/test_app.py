@@ -1,7 +1,6 @@
 """The lab through its API (gradio_client), end to end on the real offline MiniLM with a few rows and steps, and its
 job manager on plain functions."""
 import json
-import socket
 import threading
 import time
 import zipfile
@@ -10,21 +9,11 @@ from pathlib import Path
 import pytest
 from gradio_client import Client, handle_file
 from gradio_client.exceptions import AppError
+from helpers import TINY_LAB_RUN, free_port
 
 from app import build_app, launch
 from app.jobs import JobBusy, JobManager
 from app.views import UPLOAD, RunForm
-
-# A comparison that takes seconds: MiniLM on 16 Rotten Tomatoes rows per split, 2 steps per method.
-TINY = dict(model="minilm-l6", dataset="rotten-tomatoes", max_rows=16, methods=["base", "vera", "lora"], vera_r=16,
-            lora_r=2, targets="default (the architecture's query + value)", steps=2, batch_size=4, max_length=32,
-            eval_batches=1, eval_generate=0)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def wait_for_job(client: Client, timeout: float = 240) -> dict:
@@ -39,7 +28,7 @@ def wait_for_job(client: Client, timeout: float = 240) -> dict:
 
 @pytest.fixture(scope="module")
 def lab(tmp_path_factory):
-    demo = build_app(tmp_path_factory.mktemp("runs"), defaults=RunForm(**TINY))
+    demo = build_app(tmp_path_factory.mktemp("runs"), defaults=RunForm(**TINY_LAB_RUN))
     launch(demo, port=free_port(), prevent_thread_lock=True, quiet=True)
     assert demo.local_url.startswith("http://127.0.0.1:"), "the lab must bind 127.0.0.1 by default"
     client = Client(demo.local_url, verbose=False, download_files=str(tmp_path_factory.mktemp("downloads")))
@@ -52,12 +41,12 @@ def lab(tmp_path_factory):
 @pytest.mark.integration
 def test_comparison_through_the_api_matches_report_json(lab):
     demo, client = lab
-    estimate = client.predict(**TINY, api_name="/estimate")
+    estimate = client.predict(**TINY_LAB_RUN, api_name="/estimate")
     by_method = {row[0]: dict(zip(estimate["headers"], row)) for row in estimate["data"]}
     assert by_method["vera"]["trainable params"] == 6 * 2 * (384 + 16)  # 6 layers x query, value: out + r each
     assert by_method["lora"]["trainable params"] == 6 * 2 * 2 * (384 + 384)
 
-    assert client.predict(**TINY, api_name="/start_run").startswith("started ")
+    assert client.predict(**TINY_LAB_RUN, api_name="/start_run").startswith("started ")
     state = wait_for_job(client)
     assert state["status"] == "done", state
     run_dir = Path(state["run_dir"])
@@ -118,15 +107,15 @@ def test_bad_input_shows_an_error_and_the_lab_stays_usable(lab, tmp_path, change
         path.write_text('{"question": "a", "answer": "b"}\n')
         change = {**change, "upload": handle_file(str(path))}
     with pytest.raises(AppError, match=message):
-        client.predict(**{**TINY, **change}, api_name="/start_run")
+        client.predict(**{**TINY_LAB_RUN, **change}, api_name="/start_run")
     assert client.predict(api_name="/job_state")["name"] == before["name"], "a rejected start must not start a job"
-    assert len(client.predict(**TINY, api_name="/estimate")["data"]) == 3
+    assert len(client.predict(**TINY_LAB_RUN, api_name="/estimate")["data"]) == 3
 
 
 @pytest.mark.integration
 def test_double_start_makes_one_run_and_stop_stops_it(lab):
     demo, client = lab
-    long_run = {**TINY, "methods": ["vera"], "steps": 500}
+    long_run = {**TINY_LAB_RUN, "methods": ["vera"], "steps": 500}
     jobs = [client.submit(**long_run, api_name="/start_run") for _ in range(2)]
     outcomes = []
     for job in jobs:
@@ -158,7 +147,7 @@ def test_uploads_over_the_size_limit_are_refused(lab, tmp_path):
     big.write_text(row * 21_000)  # 21 MB, over the lab's 20 MB limit
     # The limit is the server's (launch(max_file_size=...)); the client reads it from the app's config and refuses.
     with pytest.raises(ValueError, match="exceeds the maximum file size of 20971520 bytes"):
-        client.predict(**{**TINY, "dataset": UPLOAD, "upload": handle_file(str(big))}, api_name="/start_run")
+        client.predict(**{**TINY_LAB_RUN, "dataset": UPLOAD, "upload": handle_file(str(big))}, api_name="/start_run")
     assert client.predict(api_name="/job_state")["status"] != "running"
 
 

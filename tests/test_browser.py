@@ -4,11 +4,11 @@ import re
 from pathlib import Path
 
 import pytest
+from helpers import TINY_LAB_RUN, free_port
 from playwright.sync_api import expect
 
 from app import build_app, launch
 from app.views import RunForm
-from test_app import TINY, free_port
 
 CHROMIUM = Path("/usr/bin/chromium")
 ARTIFACTS = Path(__file__).resolve().parent.parent / "test-artifacts"
@@ -27,7 +27,7 @@ pytestmark = [
 def page(tmp_path_factory):
     from playwright.sync_api import sync_playwright
 
-    demo = build_app(tmp_path_factory.mktemp("runs"), defaults=RunForm(**TINY), poll_s=0.5)
+    demo = build_app(tmp_path_factory.mktemp("runs"), defaults=RunForm(**TINY_LAB_RUN), poll_s=0.5)
     launch(demo, port=free_port(), prevent_thread_lock=True, quiet=True)
     ARTIFACTS.mkdir(exist_ok=True)
     with sync_playwright() as p:

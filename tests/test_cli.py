@@ -6,33 +6,27 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
-from transformers import LlamaConfig, LlamaForCausalLM
+from helpers import BAD, GOOD, check_contract, tiny_bert, tiny_llama
 
-from test_compare import GOOD, BAD, check_contract, tiny_bert  # noqa: F401  (fixtures and helpers)
-from test_compare import tokenizer  # noqa: F401
 from vera_core.cli import main
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
-def assets(tmp_path_factory, tokenizer):  # noqa: F811
+def assets(tmp_path_factory, tokenizer):
     """A tiny BERT classifier folder, a tiny Llama folder and a sentiment .jsonl file."""
     root = tmp_path_factory.mktemp("cli")
-    tiny_bert(tokenizer).save_pretrained(root / "bert")
+    tiny_bert(tokenizer=tokenizer, num_labels=2).save_pretrained(root / "bert")
     tokenizer.save_pretrained(root / "bert")
-    torch.manual_seed(0)
-    llama = LlamaForCausalLM(LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                                         num_attention_heads=4, num_key_value_heads=2, vocab_size=len(tokenizer),
-                                         max_position_embeddings=128))
-    llama.save_pretrained(root / "llama")
+    tiny_llama(tokenizer=tokenizer).save_pretrained(root / "llama")
     tokenizer.save_pretrained(root / "llama")
     rows = [{"text": t, "label": 1} for t in GOOD * 2] + [{"text": t, "label": 0} for t in BAD * 2]
     (root / "sentiment.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     return root
 
 
+@pytest.mark.integration  # three Python processes (CLI, then one per method), each importing torch
 def test_cli_compare_in_isolated_processes_matches_the_contract(assets, tmp_path):
     out = tmp_path / "run"
     cmd = [sys.executable, "-m", "vera_core", "compare", "--model", str(assets / "bert"), "--dataset",

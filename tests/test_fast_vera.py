@@ -4,8 +4,7 @@ import copy
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import LLAMA_ALL, randomize_adapter, tiny_gpt2, tiny_llama
-from test_adapters import copy_vectors_to_peft, peft_vera
+from helpers import LLAMA_ALL, copy_vectors_to_peft, peft_vera, randomize_adapter, tiny_gpt2, tiny_llama
 
 from vera_core import VeraConfig, add_adapter, merge_adapter
 from vera_core.fused import fast_vera

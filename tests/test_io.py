@@ -5,7 +5,7 @@ import json
 import peft
 import pytest
 import torch
-from conftest import LLAMA_ALL, randomize_adapter, tiny_bert, tiny_gpt2, tiny_llama
+from helpers import LLAMA_ALL, randomize_adapter, tiny_bert, tiny_gpt2, tiny_llama
 from safetensors.torch import load_file
 
 import vera_core.io as vio

