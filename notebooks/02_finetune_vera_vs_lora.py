@@ -38,8 +38,8 @@ import torch
 import ipywidgets as widgets
 from IPython.display import display, Markdown
 from vera_core import LoraConfig, VeraConfig, load_adapter, load_model, merge_adapter, predict
-from vera_core.compare import SUMMARY_COLUMNS, compare, load_run, parameter_ratios, summary_rows
-from vera_core.train import TrainConfig
+from vera_core import TrainConfig, compare, load_run
+from vera_core.report import SUMMARY_COLUMNS, parameter_ratios, summary_rows
 from vera_core import plots
 
 # Budgets: quick (CI) vs full. Full mode is sized for a quiet 2-core CPU in a few minutes per method.

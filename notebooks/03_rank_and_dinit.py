@@ -42,8 +42,7 @@ import ipywidgets as widgets
 import torch
 from IPython.display import display
 from vera_core import LoraConfig, VeraConfig, load_dataset, load_model
-from vera_core.compare import compare, load_run
-from vera_core.train import TrainConfig
+from vera_core import TrainConfig, compare, load_run
 from vera_core import plots
 
 if QUICK:   # CI: every sweep runs for real, with a tiny budget

@@ -37,10 +37,9 @@ import pandas as pd
 import torch
 import ipywidgets as widgets
 from IPython.display import display
-from vera_core import LoraConfig, VeraConfig, add_adapter, load_model, merge_adapter, count_parameters
-from vera_core.compare import compare, load_run, summary_rows, SUMMARY_COLUMNS
-from vera_core.memory import estimate_memory
-from vera_core.train import TrainConfig
+from vera_core import (LoraConfig, TrainConfig, VeraConfig, add_adapter, compare, count_parameters, estimate_memory,
+                       load_model, load_run, merge_adapter)
+from vera_core.report import SUMMARY_COLUMNS, summary_rows
 from vera_core import plots
 
 BUDGET = (dict(max_rows=32, train=TrainConfig(steps=3, batch_size=8, max_length=48, eval_batches=2, seed=0)) if QUICK
