@@ -92,6 +92,7 @@ class _Progress:
 
     def __init__(self):
         self.bar = None
+        self.loss = None  # the last train loss, shown beside each eval loss
 
     def __call__(self, event: dict) -> None:
         from tqdm import tqdm
@@ -105,9 +106,10 @@ class _Progress:
             self.bar = tqdm(total=event["total"], desc=event["run"], unit="step", leave=True)
         elif kind == "step" and self.bar is not None:
             self.bar.update(event["step"] - self.bar.n)
-            self.bar.set_postfix(loss=f"{event['loss']:.3f}")
+            self.loss = f"{event['loss']:.3f}"
+            self.bar.set_postfix(loss=self.loss)
         elif kind == "eval" and self.bar is not None:
-            self.bar.set_postfix(loss=self.bar.postfix, eval_loss=f"{event['eval_loss']:.3f}")
+            self.bar.set_postfix({"loss": self.loss, "eval_loss": f"{event['eval_loss']:.3f}"})  # kwargs get sorted
         elif kind in ("done", "stopped") and self.bar is not None:
             self.bar.close()
             self.bar = None
@@ -172,17 +174,19 @@ def cmd_evaluate(args) -> int:
 
 
 def cmd_export(args) -> int:
+    from .files import atomic_directory
     from .inject import remove_adapter
     from .io import export_peft, save_adapter
 
     model, tokenizer = _load_with_adapter(args.model, args.adapter, args.task)
     if args.format == "native":
-        save_adapter(model, args.out)
+        save_adapter(model, args.out, overwrite=args.overwrite)
     elif args.format in ("peft", "lora"):
-        export_peft(model, args.out, as_lora=args.format == "lora")
+        export_peft(model, args.out, as_lora=args.format == "lora", overwrite=args.overwrite)
     else:  # a plain transformers model folder with the update baked into the weights
-        remove_adapter(model, merge=True).save_pretrained(args.out)
-        tokenizer.save_pretrained(args.out)
+        with atomic_directory(args.out, args.overwrite) as tmp:
+            remove_adapter(model, merge=True).save_pretrained(tmp)
+            tokenizer.save_pretrained(tmp)
     print(format_table([{"format": args.format, "directory": args.out}], ["format", "directory"]))
     return 0
 
@@ -264,6 +268,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="native | peft | lora (VeRA as the exact rank-r LoRA) | merged (full model folder)")
     p.add_argument("--task", default=None, choices=["causal-lm", "classification"], help="default: the model's own")
     p.add_argument("--out", required=True, help="output directory")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace --out even when it holds files VeRA Lab did not write (all of them are deleted)")
     p.set_defaults(func=cmd_export)
     return parser
 
