@@ -110,9 +110,10 @@ def test_cli_export_keeps_a_directory_it_did_not_write(assets, tmp_path, capsys,
     out.mkdir()
     (out / "thesis.txt").write_text("chapter 1")
     argv = ["export", "--model", str(assets / "llama"), "--adapter", str(adapter), "--format", fmt, "--out", str(out)]
-    assert main(argv) == 2
-    err = capsys.readouterr().err.splitlines()[-1]
-    assert err.startswith("error: ") and "thesis.txt" in err and "--overwrite" in err
+    capsys.readouterr()
+    assert main(argv) == 2  # refused before the model loads: nothing but the one line
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and err.count("\n") == 1 and "thesis.txt" in err and "--overwrite" in err
     assert (out / "thesis.txt").read_text() == "chapter 1"
     assert main([*argv, "--overwrite"]) == 0
     written = "config.json" if fmt == "merged" else "adapter.safetensors"

@@ -174,10 +174,11 @@ def cmd_evaluate(args) -> int:
 
 
 def cmd_export(args) -> int:
-    from .files import atomic_directory
+    from .files import atomic_directory, check_target
     from .inject import remove_adapter
     from .io import export_peft, save_adapter
 
+    check_target(args.out, args.overwrite)  # before the model load, which can take long
     model, tokenizer = _load_with_adapter(args.model, args.adapter, args.task)
     if args.format == "native":
         save_adapter(model, args.out, overwrite=args.overwrite)
