@@ -36,8 +36,8 @@ def check_target(directory: str | os.PathLike, overwrite: bool = False) -> None:
 def atomic_directory(directory: str | os.PathLike, overwrite: bool = False) -> Iterator[Path]:
     """Yield a temporary sibling to fill; on success it replaces `directory`, on error it is deleted.
 
-    `directory` must pass check_target first (so a user's files are never replaced unasked). The old directory is
-    moved aside and deleted only after the new one is in place, so a crash leaves the old content or the new one.
+    A `directory` VeRA Lab did not write is refused (check_target) unless overwrite=True. The old directory is moved
+    aside and deleted only after the new one is in place, so a crash leaves the old content or the new one.
     """
     target = Path(directory)
     check_target(target, overwrite)
