@@ -199,6 +199,8 @@ def test_all_linear_and_regex_targets():
     ({"r": True}, "r must be a positive integer"),
     ({"d_init": float("nan")}, "d_init must be a finite number"),
     ({"d_init": float("inf")}, "d_init must be a finite number"),
+    ({"d_init": 0}, r"d_init must not be 0: b starts at 0 too, so neither b nor d would ever get a gradient"),
+    ({"d_init": -0.0}, "d_init must not be 0"),
     ({"dropout": 1.0}, r"dropout must be in \[0, 1\)"),
     ({"dropout": -0.1}, r"dropout must be in \[0, 1\)"),
     ({"dropout": float("nan")}, "dropout must be a finite number"),

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 from helpers import BAD, GOOD, check_contract, tiny_bert, tiny_llama
+from transformers import LlamaForCausalLM
 
 from vera_core.cli import main
 
@@ -81,3 +82,46 @@ def test_cli_compare_on_minilm_and_rotten_tomatoes(tmp_path, capsys):
     assert runs["vera-r256"]["trainable_params"] == 7_680 and runs["lora-r8"]["trainable_params"] == 73_728
     assert runs["vera-r256"]["head_params"] == 384 * 2 + 2
     assert "9.60x" in capsys.readouterr().out
+
+
+def test_cli_missing_adapter_is_one_error_line(assets, tmp_path, capsys):
+    missing = str(tmp_path / "no-such-adapter")
+    model = ["--model", str(assets / "llama"), "--adapter", missing]
+    export = ["export", *model, "--format", "peft", "--out", str(tmp_path / "o")]
+    for argv in (["generate", *model, "--prompt", "hi"], export):
+        assert main(argv) == 2
+        err = capsys.readouterr().err  # transformers' loading bar, then our one line
+        assert err.endswith(f"\nerror: adapter directory {missing!r} does not exist; check the path.\n")
+        assert err.count("error") == 1 and "Traceback" not in err
+
+
+@pytest.mark.parametrize("fmt", ["native", "merged"])
+def test_cli_export_keeps_a_directory_it_did_not_write(assets, tmp_path, capsys, fmt):
+    from vera_core import VeraConfig, add_adapter, save_adapter
+
+    adapter = save_adapter(add_adapter(LlamaForCausalLM.from_pretrained(assets / "llama"),
+                                       VeraConfig(r=8, target_modules=["q_proj"])), tmp_path / "adapter")
+    out = tmp_path / "thesis"
+    out.mkdir()
+    (out / "thesis.txt").write_text("chapter 1")
+    argv = ["export", "--model", str(assets / "llama"), "--adapter", str(adapter), "--format", fmt, "--out", str(out)]
+    capsys.readouterr()
+    assert main(argv) == 2  # refused before the model loads: nothing but the one line
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and err.count("\n") == 1 and "thesis.txt" in err and "--overwrite" in err
+    assert (out / "thesis.txt").read_text() == "chapter 1"
+    assert main([*argv, "--overwrite"]) == 0
+    written = "config.json" if fmt == "merged" else "adapter.safetensors"
+    assert not (out / "thesis.txt").exists() and (out / written).is_file()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["adapter", "thesis"]  # no temporary siblings left
+
+
+def test_progress_shows_train_and_eval_loss_once():
+    from vera_core.cli import _Progress
+
+    progress = _Progress()
+    progress({"type": "start", "total": 4, "run": "vera-r16"})
+    progress({"type": "step", "step": 2, "loss": 0.7041})
+    progress({"type": "eval", "eval_loss": 0.6898})
+    assert progress.bar.postfix == "loss=0.704, eval_loss=0.690"
+    progress({"type": "done"})

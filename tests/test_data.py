@@ -270,3 +270,43 @@ def test_too_few_rows_to_split(tmp_path):
         load_dataset(path)
     d = load_dataset(path, val_fraction=0.0, test_fraction=0.3)
     assert (len(d.train), len(d.validation), len(d.test)) == (1, 0, 1)
+
+
+# ---------------------------------------------------------------------------------------------- classes and encodings
+
+def test_one_label_only_is_refused(tmp_path):
+    path = _write_jsonl(tmp_path / "happy.jsonl", [{"text": f"great {i}", "label": "pos"} for i in range(20)])
+    with pytest.raises(ValueError, match=r"data set 'happy' \(.*happy\.jsonl\): its training split holds one label "
+                                         r"only \('pos'\); a classifier needs at least two classes"):
+        load_dataset(path)
+
+
+def test_a_split_without_a_class_warns(tmp_path):
+    rows = [[f"good {i}", "pos"] for i in range(18)] + [["bad", "neg"], ["awful", "neg"]]
+    path = _write_csv(tmp_path / "rare.csv", ["text", "label"], rows)
+    with pytest.warns(UserWarning) as caught:
+        d = load_dataset(path)
+    assert {r["label"] for r in d.train} == {0, 1}  # both "neg" rows cannot also fill validation and test
+    messages = [str(w.message) for w in caught]
+    assert any(f"the {split} split has no rows labelled 'neg'" in m for m in messages for split in ("validation", "test"))
+
+
+@pytest.mark.parametrize("encoding", ["utf-16", "utf-16-be", "utf-8-sig"])
+def test_files_with_a_byte_order_mark_load(tmp_path, encoding):
+    rows = [[f"café {i} ☕", "pos" if i % 2 else "neg"] for i in range(20)]
+    text = "text,label\r\n" + "".join(f"{t},{label}\r\n" for t, label in rows)
+    data = text.encode(encoding)
+    if encoding == "utf-16-be":
+        data = b"\xfe\xff" + data  # the explicit-endian codec writes no BOM; Notepad's "UTF-16 BE" does
+    (tmp_path / "bom.csv").write_bytes(data)
+    d = load_dataset(tmp_path / "bom.csv")
+    assert d.labels == ["neg", "pos"] and sorted(r["text"] for r in d.train + d.validation + d.test) == sorted(
+        t for t, _ in rows)
+
+
+def test_latin1_file_names_the_file_and_says_utf8(tmp_path):
+    path = tmp_path / "latin.jsonl"
+    path.write_bytes('{"text": "déjà vu", "label": 1}\n'.encode("latin-1"))
+    with pytest.raises(ValueError, match=r"latin\.jsonl is not UTF-8 text \(byte 0xe9 at offset 11 cannot be "
+                                         r"decoded\); save it as UTF-8"):
+        load_dataset(path)

@@ -1,12 +1,15 @@
 """Adapter files: native round trip, fingerprint, atomic writes, PEFT export and import, bad directories."""
 import copy
 import json
+import os
+import re
+import stat
 
 import peft
 import pytest
 import torch
 from helpers import LLAMA_ALL, randomize_adapter, tiny_bert, tiny_gpt2, tiny_llama
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 
 import vera_core.io as vio
 from vera_core import (
@@ -34,7 +37,8 @@ def dir_bytes(path):
 def test_native_round_trip_and_size(tmp_path, tokens):
     model = trained()
     save_adapter(model, tmp_path / "a")
-    assert sorted(p.name for p in (tmp_path / "a").iterdir()) == ["adapter.safetensors", "vera_lab_adapter.json"]
+    assert sorted(p.name for p in (tmp_path / "a").iterdir()) == [".vera-lab", "adapter.safetensors",
+                                                                   "vera_lab_adapter.json"]
     meta = json.loads((tmp_path / "a" / "vera_lab_adapter.json").read_text())
     assert meta["config"]["r"] == 16 and meta["projection"]["seed"] == 0 and len(meta["projection"]["fingerprint"]) == 64
     assert meta["torch_version"] == torch.__version__
@@ -69,6 +73,7 @@ def test_fingerprint_mismatch_is_refused(tmp_path):
     meta_file = tmp_path / "a" / "vera_lab_adapter.json"
     meta = json.loads(meta_file.read_text())
     meta["projection"]["fingerprint"] = "0" * 64  # as if torch's generator had changed
+    meta["torch_version"] = "1.0.0"  # ... between an older torch and this one
     meta_file.write_text(json.dumps(meta))
     base = tiny_llama()
     with pytest.raises(ValueError, match=r"save_projection=True"):
@@ -79,10 +84,10 @@ def test_fingerprint_mismatch_is_refused(tmp_path):
 def test_missing_and_corrupt_files(tmp_path):
     save_adapter(trained(), tmp_path / "a")
     base = tiny_llama()
-    with pytest.raises(FileNotFoundError, match="does not exist"):
+    with pytest.raises(ValueError, match="does not exist"):
         load_adapter(base, tmp_path / "nope")
     (tmp_path / "empty").mkdir()
-    with pytest.raises(FileNotFoundError, match="not an adapter directory"):
+    with pytest.raises(ValueError, match="not an adapter directory"):
         load_adapter(base, tmp_path / "empty")
     weights = tmp_path / "a" / "adapter.safetensors"
     good = weights.read_bytes()
@@ -90,7 +95,7 @@ def test_missing_and_corrupt_files(tmp_path):
     with pytest.raises(ValueError, match="corrupt"):
         load_adapter(base, tmp_path / "a")
     weights.unlink()
-    with pytest.raises(FileNotFoundError, match="no adapter.safetensors"):
+    with pytest.raises(ValueError, match="no adapter.safetensors"):
         load_adapter(base, tmp_path / "a")
     weights.write_bytes(good)
     (tmp_path / "a" / "vera_lab_adapter.json").write_text("{not json")
@@ -176,3 +181,144 @@ def test_save_a_named_adapter(tmp_path, tokens):
         save_adapter(model, tmp_path / "b", name="nope")
     with pytest.raises(ValueError, match="has no adapter"):
         save_adapter(copy.deepcopy(tiny_llama()), tmp_path / "c")
+
+
+def leftovers(folder):
+    return sorted(p.name for p in folder.iterdir() if ".tmp-" in p.name or ".old-" in p.name)
+
+
+@pytest.mark.parametrize("write", [save_adapter, export_peft])
+def test_a_directory_vera_lab_did_not_write_is_kept(tmp_path, write):
+    target = tmp_path / "out"
+    (target / "sub").mkdir(parents=True)
+    (target / "thesis.txt").write_text("three years of work")
+    with pytest.raises(ValueError, match=r"holds files VeRA Lab did not write \(sub, thesis.txt\).*overwrite=True"):
+        write(trained(), target)
+    assert (target / "thesis.txt").read_text() == "three years of work" and (target / "sub").is_dir()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+    write(trained(), target, overwrite=True)  # asked for: the foreign content goes
+    assert not (target / "thesis.txt").exists() and (target / ".vera-lab").is_file()
+    assert leftovers(tmp_path) == []
+
+
+def test_an_existing_file_is_never_replaced(tmp_path):
+    target = tmp_path / "adapter"
+    target.write_text("not a directory")
+    for overwrite in (False, True):
+        with pytest.raises(ValueError, match="it is an existing file, not a directory; choose another directory"):
+            save_adapter(trained(), target, overwrite=overwrite)
+    assert target.read_text() == "not a directory" and sorted(p.name for p in tmp_path.iterdir()) == ["adapter"]
+
+
+def test_own_and_empty_directories_are_replaced(tmp_path, tokens):
+    (tmp_path / "a").mkdir()
+    save_adapter(trained(seed=1), tmp_path / "a")  # empty: fine
+    export_peft(trained(seed=2), tmp_path / "a")  # ours (the marker), even in another format: replaced whole
+    assert sorted(p.name for p in (tmp_path / "a").iterdir()) == [".vera-lab", "adapter_config.json",
+                                                                   "adapter_model.safetensors"]
+    model = trained(seed=3)
+    save_adapter(model, tmp_path / "a")
+    torch.testing.assert_close(load_adapter(tiny_llama(), tmp_path / "a")(tokens).logits, model(tokens).logits)
+    assert leftovers(tmp_path) == []
+
+
+def test_failed_rename_puts_the_old_adapter_back(tmp_path, monkeypatch):
+    save_adapter(trained(seed=1), tmp_path / "a")
+    before = {p.name: p.read_bytes() for p in (tmp_path / "a").iterdir()}
+    real = os.replace
+
+    def fail_on_new(src, dst):
+        if ".tmp-" in str(src):
+            raise OSError("rename failed")
+        real(src, dst)
+
+    monkeypatch.setattr(os, "replace", fail_on_new)
+    with pytest.raises(OSError, match="rename failed"):
+        save_adapter(trained(seed=2), tmp_path / "a")
+    assert {p.name: p.read_bytes() for p in (tmp_path / "a").iterdir()} == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a"]
+
+
+def test_unwritable_places_give_one_line(tmp_path):
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(ValueError, match=r"^cannot write '.*/file/adapter': part of the path is a file; choose another directory"):
+        save_adapter(trained(), tmp_path / "file" / "adapter")
+    if not os.path.isdir("/sys"):
+        pytest.skip("no /sys here: no other place refuses root (who runs these tests) a new directory")
+    # sysfs refuses mkdir even to root (a chmod 0o555 parent would not stop root, which runs these tests).
+    with pytest.raises(ValueError, match=r"^cannot write '/sys/vera-lab-test/adapter': operation not permitted"):
+        save_adapter(trained(), "/sys/vera-lab-test/adapter")
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root ignores directory permissions; the /sys case covers root")
+def test_read_only_parent_is_permission_denied(tmp_path):
+    (tmp_path / "ro").mkdir(mode=0o555)
+    with pytest.raises(ValueError, match=r"cannot write '.*/ro/a': permission denied; choose another directory"):
+        save_adapter(trained(), tmp_path / "ro" / "a")
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o027], ids=["umask022", "umask027"])
+def test_files_get_the_usual_modes(tmp_path, umask):
+    old = os.umask(umask)
+    try:
+        save_adapter(trained(), tmp_path / "a")
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE((tmp_path / "a").stat().st_mode) == 0o777 & ~umask
+    assert {p.name: stat.S_IMODE(p.stat().st_mode) for p in (tmp_path / "a").iterdir()} == dict.fromkeys(
+        [".vera-lab", "adapter.safetensors", "vera_lab_adapter.json"], 0o666 & ~umask)
+
+
+def test_a_flipped_byte_in_the_weights_is_refused(tmp_path):
+    save_adapter(trained(), tmp_path / "a")
+    weights = tmp_path / "a" / "adapter.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[8 + int.from_bytes(data[:8], "little") + 5] ^= 0x01  # inside the tensor data, after the JSON header
+    weights.write_bytes(bytes(data))
+    assert load_file(str(weights))  # still a readable safetensors file: only the hash can tell
+    with pytest.raises(ValueError, match=r"adapter\.safetensors is corrupt or was changed after saving"):
+        load_adapter(tiny_llama(), tmp_path / "a")
+
+
+def test_an_adapter_without_a_hash_loads_with_a_warning(tmp_path, tokens):
+    model = trained()
+    save_adapter(model, tmp_path / "a")
+    meta_file = tmp_path / "a" / "vera_lab_adapter.json"
+    meta = json.loads(meta_file.read_text())
+    assert list(meta["sha256"]) == ["adapter.safetensors"] and len(meta["sha256"]["adapter.safetensors"]) == 64
+    del meta["sha256"]  # as saved before hashes were stored
+    meta_file.write_text(json.dumps(meta))
+    with pytest.warns(UserWarning, match="stores no SHA-256 of adapter.safetensors"):
+        loaded = load_adapter(tiny_llama(), tmp_path / "a")
+    torch.testing.assert_close(loaded(tokens).logits, model(tokens).logits)
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_non_finite_values_in_a_peft_file_are_refused(tmp_path, bad):
+    export_peft(trained(), tmp_path / "p")
+    weights = tmp_path / "p" / "adapter_model.safetensors"
+    tensors = load_file(str(weights))
+    key = "base_model.model.model.layers.1.mlp.up_proj.vera_lambda_d"
+    tensors[key][3] = bad
+    save_file(tensors, str(weights))
+    with pytest.raises(ValueError, match=rf"adapter_model\.safetensors: tensor '{re.escape(key)}' holds NaN or inf"):
+        load_adapter(tiny_llama(), tmp_path / "p")
+
+
+def test_edited_seed_and_r_are_named(tmp_path):
+    save_adapter(trained(), tmp_path / "a")
+    meta_file = tmp_path / "a" / "vera_lab_adapter.json"
+    good = json.loads(meta_file.read_text())
+    meta_file.write_text(json.dumps({**good, "config": {**good["config"], "projection_seed": 5}}))
+    with pytest.raises(ValueError, match=r"seed 5 in vera_lab_adapter\.json does not match the fingerprint saved "
+                                         r"with it \(the adapter was trained with another seed, or the file was edited"):
+        load_adapter(tiny_llama(), tmp_path / "a")
+    meta_file.write_text(json.dumps({**good, "config": {**good["config"], "r": 8}}))
+    with pytest.raises(ValueError, match=r"r 8 in its config but the tensors have r 16"):
+        load_adapter(tiny_llama(), tmp_path / "a")
+    save_adapter(trained(config=LoraConfig(r=4, target_modules=LLAMA_ALL)), tmp_path / "l")
+    meta_file = tmp_path / "l" / "vera_lab_adapter.json"
+    good = json.loads(meta_file.read_text())
+    meta_file.write_text(json.dumps({**good, "config": {**good["config"], "r": 6}}))
+    with pytest.raises(ValueError, match=r"r 6 in its config but the tensors have r 4"):
+        load_adapter(tiny_llama(), tmp_path / "l")

@@ -140,10 +140,12 @@ def cmd_evaluate(args) -> int:
 
 
 def cmd_export(args) -> int:
+    from .files import check_target
     from .runs import export
 
+    check_target(args.out, args.overwrite)  # before the model load, which can take long
     model, tokenizer = _load_with_adapter(args.model, args.adapter, args.task)
-    export(model, tokenizer, args.out, args.format)
+    export(model, tokenizer, args.out, args.format, overwrite=args.overwrite)
     print(format_table([{"format": args.format, "directory": args.out}], ["format", "directory"]))
     return 0
 
@@ -225,6 +227,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="native | peft | lora (VeRA as the exact rank-r LoRA) | merged (full model folder)")
     p.add_argument("--task", default=None, choices=["causal-lm", "classification"], help="default: the model's own")
     p.add_argument("--out", required=True, help="output directory")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace --out even when it holds files VeRA Lab did not write (all of them are deleted)")
     p.set_defaults(func=cmd_export)
     return parser
 

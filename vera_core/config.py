@@ -79,6 +79,9 @@ class VeraConfig:
     def __post_init__(self):
         positive_int("r", self.r)
         finite("d_init", self.d_init)
+        if self.d_init == 0:
+            raise ValueError("d_init must not be 0: b starts at 0 too, so neither b nor d would ever get a gradient "
+                             "and the adapter would stay a no-op. Use for example d_init=0.1.")
         _check_dropout(self.dropout)
         if isinstance(self.projection_seed, bool) or not isinstance(self.projection_seed, int) or self.projection_seed < 0:
             raise ValueError(f"projection_seed must be a non-negative integer, got {self.projection_seed!r}.")

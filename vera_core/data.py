@@ -5,9 +5,12 @@ from __future__ import annotations
 import bz2
 import csv
 import difflib
+import codecs
 import importlib.util
+import io
 import json
 import random
+import warnings
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
@@ -99,6 +102,8 @@ def load_dataset(
     if not rows:
         raise ValueError(f"data set {display!r} ({source}) contains no rows")
     train, validation, test = _split(rows, task, seed, val_fraction, test_fraction, display)
+    if task == "classification":
+        _check_classes(train, validation, test, labels, f"{display!r} ({source})")
     if max_rows is not None:
         train, validation, test = train[:max_rows], validation[:max_rows], test[:max_rows]
     return TextDataset(display, task, train, validation, test, labels, source)
@@ -268,7 +273,7 @@ def _read_file(path: Path) -> tuple[list[str], list[tuple[int, dict]]]:
     suffix = path.suffix.lower()
     if suffix == ".jsonl":
         records = []
-        with path.open(encoding="utf-8") as f:
+        with io.StringIO(_text(path), newline="") as f:
             for line_no, line in enumerate(f, start=1):
                 if not line.strip():
                     continue
@@ -282,7 +287,7 @@ def _read_file(path: Path) -> tuple[list[str], list[tuple[int, dict]]]:
         columns = sorted({k for _, r in records for k in r})
         return columns, records
     if suffix in (".csv", ".tsv"):
-        with path.open(encoding="utf-8", newline="") as f:
+        with io.StringIO(_text(path), newline="") as f:
             reader = csv.reader(f, delimiter="\t" if suffix == ".tsv" else ",")
             header = [h.strip().lower() for h in next(reader, [])]
             records = []
@@ -297,6 +302,18 @@ def _read_file(path: Path) -> tuple[list[str], list[tuple[int, dict]]]:
                 records.append((reader.line_num, dict(zip(header, fields))))
         return header, records
     raise ValueError(f"unsupported data file {path}; accepted formats: {'; '.join(FILE_FORMATS)}")
+
+
+def _text(path: Path) -> str:
+    """The file's text: UTF-8, or UTF-8 / UTF-16 with a byte-order mark (as Excel and Notepad write them)."""
+    data = path.read_bytes()
+    encoding = next((name for bom, name in ((codecs.BOM_UTF8, "utf-8-sig"), (codecs.BOM_UTF16_LE, "utf-16"),
+                                            (codecs.BOM_UTF16_BE, "utf-16")) if data.startswith(bom)), "utf-8")
+    try:
+        return data.decode(encoding)
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{path} is not {encoding.upper()} text (byte {data[e.start]:#04x} at offset {e.start} "
+                         "cannot be decoded); save it as UTF-8 and load it again") from None
 
 
 def _normalise(
@@ -422,6 +439,24 @@ def _split(
     for part in (train, validation, test):
         rng.shuffle(part)  # mix the rows of one group (and the labels) inside each split
     return train, validation, test
+
+
+def _check_classes(train: list[dict], validation: list[dict], test: list[dict], labels: list[str] | None,
+                   where: str) -> None:
+    """Refuse a training split with one class (a 1-output head scores 100%); warn when a split lacks a class."""
+    def name(i: int) -> str:
+        return labels[i] if labels else str(i)
+
+    have = {r["label"] for r in train}
+    if len(have) < 2:
+        raise ValueError(f"data set {where}: its training split holds one label only ({name(have.pop())!r}); a "
+                         "classifier needs at least two classes, so add rows with other labels")
+    for split, rows in (("validation", validation), ("test", test)):
+        missing = sorted(have - {r["label"] for r in rows})
+        if rows and missing:
+            warnings.warn(f"data set {where}: the {split} split has no rows labelled "
+                          f"{', '.join(repr(name(i)) for i in missing)}, so its scores leave those classes out; "
+                          "add rows with those labels", stacklevel=3)
 
 
 def _stats(values: list[int]) -> dict[str, float]:

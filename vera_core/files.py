@@ -9,29 +9,67 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
 
+# Written into every directory atomic_directory fills: only such a directory (or an empty one) is replaced silently.
+MARKER = ".vera-lab"
+_MARKER_TEXT = "Written by VeRA Lab: saving or exporting here again replaces this whole directory.\n"
 
-@contextmanager
-def atomic_directory(directory: str | os.PathLike) -> Iterator[Path]:
-    """Yield a temporary sibling to fill; on success it replaces `directory`, on error it is deleted.
 
-    The old directory is moved aside and deleted only after the new one is in place, so a crash leaves the old
-    content or the new one, never a mix.
+def check_target(directory: str | os.PathLike, overwrite: bool = False) -> None:
+    """Refuse to replace what VeRA Lab did not write: a file, or a non-empty directory without our marker.
+
+    overwrite=True allows replacing a foreign directory; a file is refused even then (a directory was asked for).
     """
     target = Path(directory)
-    target.parent.mkdir(parents=True, exist_ok=True)
+    if target.exists() and not target.is_dir():
+        raise ValueError(f"cannot write {str(target)!r}: it is an existing file, not a directory; "
+                         "choose another directory (overwrite=True replaces directories only).")
+    if overwrite or not target.is_dir() or (target / MARKER).is_file():
+        return
+    found = sorted(p.name for p in target.iterdir())
+    if found:
+        shown = ", ".join(found[:5]) + (f" and {len(found) - 5} more" if len(found) > 5 else "")
+        raise ValueError(f"{str(target)!r} already holds files VeRA Lab did not write ({shown}); choose another "
+                         "directory, or pass overwrite=True (--overwrite) to replace all of it.")
+
+
+@contextmanager
+def atomic_directory(directory: str | os.PathLike, overwrite: bool = False) -> Iterator[Path]:
+    """Yield a temporary sibling to fill; on success it replaces `directory`, on error it is deleted.
+
+    A `directory` VeRA Lab did not write is refused (check_target) unless overwrite=True. The old directory is moved
+    aside and deleted only after the new one is in place, so a crash leaves the old content or the new one.
+    """
+    target = Path(directory)
+    check_target(target, overwrite)
     tmp = target.parent / f".{target.name}.tmp-{uuid.uuid4().hex[:8]}"
-    tmp.mkdir()
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp.mkdir()
+    except OSError as err:
+        # mkdir says "file exists" when a parent on the path is a file: name that instead.
+        reason = ("part of the path is a file" if isinstance(err, (FileExistsError, NotADirectoryError))
+                  else (err.strerror or str(err)).lower())
+        raise ValueError(f"cannot write {str(target)!r}: {reason}; choose another directory.") from None
     try:
         yield tmp
+        (tmp / MARKER).write_text(_MARKER_TEXT)
+        # mkdir honoured the umask; some writers (safetensors) create 0600 files: give files the usual mode.
+        file_mode = tmp.stat().st_mode & 0o666
         for f in tmp.rglob("*"):
             if f.is_file():
+                os.chmod(f, file_mode)
                 with open(f, "rb") as fh:
                     os.fsync(fh.fileno())
         old = None
         if target.exists():
             old = target.parent / f".{target.name}.old-{uuid.uuid4().hex[:8]}"
             os.replace(target, old)
-        os.replace(tmp, target)
+        try:
+            os.replace(tmp, target)
+        except OSError:
+            if old is not None:
+                os.replace(old, target)
+            raise
         if old is not None:
             shutil.rmtree(old, ignore_errors=True)
     finally:

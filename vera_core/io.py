@@ -11,8 +11,10 @@ A native VeRA file stores b, d, the seed and a fingerprint of (A, B) instead of 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import os
+import warnings
 from pathlib import Path
 
 import torch
@@ -85,10 +87,16 @@ def _vera_meta(model: nn.Module) -> dict:
             "fingerprint": proj.fingerprint()}
 
 
-def save_adapter(model: nn.Module, directory: str | os.PathLike, name: str | None = None) -> Path:
+def _sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def save_adapter(model: nn.Module, directory: str | os.PathLike, name: str | None = None, *,
+                 overwrite: bool = False) -> Path:
     """Write adapter `name` (default: the active one) to `directory`: adapter.safetensors + vera_lab_adapter.json.
 
-    The directory is filled as a temporary sibling and renamed into place, so a crash never leaves a mix.
+    The directory is filled as a temporary sibling and renamed into place, so a crash never leaves a mix. It may
+    replace only an earlier VeRA Lab directory or an empty one; overwrite=True also replaces a foreign directory.
     """
     name = _resolve_name(model, name)
     config = adapter_configs(model)[name]
@@ -101,16 +109,19 @@ def save_adapter(model: nn.Module, directory: str | os.PathLike, name: str | Non
         if config.save_projection:
             proj = _projections(model)
             tensors["vera_A"], tensors["vera_B"] = proj.A.cpu().contiguous(), proj.B.cpu().contiguous()
-    with atomic_directory(directory) as tmp:
+    with atomic_directory(directory, overwrite) as tmp:
         save_file(tensors, str(tmp / NATIVE_WEIGHTS), metadata={"format": FORMAT})
+        meta["sha256"] = {NATIVE_WEIGHTS: _sha256(tmp / NATIVE_WEIGHTS)}  # load_adapter refuses a changed file
         (tmp / NATIVE_CONFIG).write_text(json.dumps(meta, indent=2) + "\n")
     return Path(directory)
 
 
-def export_peft(model: nn.Module, directory: str | os.PathLike, as_lora: bool = False, name: str | None = None) -> Path:
+def export_peft(model: nn.Module, directory: str | os.PathLike, as_lora: bool = False, name: str | None = None, *,
+                overwrite: bool = False) -> Path:
     """Write a PEFT adapter directory (adapter_config.json + adapter_model.safetensors) for `PeftModel.from_pretrained`.
 
     as_lora=True exports a VeRA adapter as the exact LoRA of rank r (alpha = r, so scaling 1): any LoRA stack serves it.
+    `directory` is replaced as in save_adapter (overwrite=True also replaces a foreign directory).
     """
     name = _resolve_name(model, name)
     config = adapter_configs(model)[name]
@@ -133,7 +144,7 @@ def export_peft(model: nn.Module, directory: str | os.PathLike, as_lora: bool = 
         peft_config = {**common, "peft_type": "LORA", "r": config.r, "lora_alpha": alpha,
                        "lora_dropout": config.dropout, "init_lora_weights": True, "use_rslora": False,
                        "use_dora": False}
-    with atomic_directory(directory) as tmp:
+    with atomic_directory(directory, overwrite) as tmp:
         save_file(tensors, str(tmp / PEFT_WEIGHTS), metadata={"format": "pt"})
         (tmp / PEFT_CONFIG).write_text(json.dumps(peft_config, indent=2) + "\n")
     return Path(directory)
@@ -142,25 +153,37 @@ def export_peft(model: nn.Module, directory: str | os.PathLike, as_lora: bool = 
 def _read(directory: Path) -> tuple[AdapterConfig, dict, dict[str, torch.Tensor]]:
     """(config, metadata, tensors in the native layout) from a native or PEFT adapter directory."""
     if not directory.is_dir():
-        raise FileNotFoundError(f"adapter directory {str(directory)!r} does not exist.")
+        raise ValueError(f"adapter directory {str(directory)!r} does not exist; check the path.")
     native, peft = directory / NATIVE_CONFIG, directory / PEFT_CONFIG
     config_file = native if native.exists() else peft
     weights = directory / (NATIVE_WEIGHTS if native.exists() else PEFT_WEIGHTS)
     if not config_file.exists():
-        raise FileNotFoundError(
+        raise ValueError(
             f"{str(directory)!r} is not an adapter directory: neither {NATIVE_CONFIG} (VeRA Lab) nor {PEFT_CONFIG} "
             f"(PEFT) is there. Found: {sorted(p.name for p in directory.iterdir())}."
         )
     if not weights.exists():
-        raise FileNotFoundError(f"adapter directory {str(directory)!r} has {config_file.name} but no {weights.name}.")
+        raise ValueError(f"adapter directory {str(directory)!r} has {config_file.name} but no {weights.name}; "
+                         "copy the whole directory again or save the adapter again.")
     try:
         meta = json.loads(config_file.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise ValueError(f"{config_file} is not valid JSON ({err}); the adapter directory is corrupt.") from err
+    expected = meta.get("sha256", {}).get(weights.name) if native.exists() else None
+    if expected is not None and _sha256(weights) != expected:
+        raise ValueError(f"{weights} is corrupt or was changed after saving: its SHA-256 differs from the one in "
+                         f"{config_file.name}; save the adapter again or restore the directory from a copy.")
     try:
         tensors = load_file(str(weights))
     except (SafetensorError, OSError, ValueError) as err:
         raise ValueError(f"{weights} is not a readable safetensors file ({err}); the adapter directory is corrupt.") from err
+    if expected is None and native.exists():
+        warnings.warn(f"{config_file} stores no SHA-256 of {weights.name} (saved by an older VeRA Lab), so only "
+                      "NaN / inf values can be detected; save the adapter again to add one.", stacklevel=3)
+    for key, value in tensors.items():  # a hash vouches for the bytes, not for what training wrote into them
+        if value.is_floating_point() and not torch.isfinite(value).all():
+            raise ValueError(f"{weights}: tensor {key!r} holds NaN or inf values (the file is corrupt or training "
+                             "diverged); use another copy of the adapter or train it again.")
     if native.exists():
         if meta.get("format") != FORMAT or "config" not in meta:
             raise ValueError(f"{config_file} is not a {FORMAT} config (missing 'format' or 'config').")
@@ -201,6 +224,12 @@ def _check_against_model(model: nn.Module, config: AdapterConfig, tensors: dict,
     # Report problems in the model's own module order (the file's keys are sorted alphabetically).
     order = {path: i for i, (path, _) in enumerate(model.named_modules())}
     entries.sort(key=lambda e: order.get(e[0], -1))
+    # An r edited in the config (or tensors from another adapter): every tensor agrees on one other rank.
+    ranks = {v.shape[0] if suffix in (".vera_lambda_d", ".lora_A.weight") else v.shape[-1]
+             for _, suffix, v in entries if suffix != ".vera_lambda_b"}
+    if len(ranks) == 1 and ranks != {config.r}:
+        raise ValueError(f"adapter {str(where)!r}: r {config.r} in its config but the tensors have r {ranks.pop()} "
+                         "(the config was edited, or the files come from two adapters); save the adapter again.")
     paths = []
     for path, suffix, value in entries:
         key = path + suffix
@@ -255,11 +284,19 @@ def load_adapter(base_model: nn.Module, directory: str | os.PathLike, name: str 
         else:
             A, B = generate_projections(config.r, max_in, max_out, config.projection_seed)
         if "fingerprint" in saved and fingerprint(A, B) != saved["fingerprint"]:
+            seed = config.projection_seed
+            if saved.get("seed", seed) != seed or meta.get("torch_version") == torch.__version__:
+                # Same torch, same generator: the seed (or the fingerprint) in the file is not the one trained with.
+                raise ValueError(
+                    f"adapter {str(directory)!r}: seed {seed} in {NATIVE_CONFIG} does not match the fingerprint "
+                    "saved with it (the adapter was trained with another seed, or the file was edited); restore "
+                    "the original file or save the adapter again."
+                )
             raise ValueError(
-                f"adapter {str(directory)!r}: the projections regenerated from seed {config.projection_seed} do not "
-                f"match the saved fingerprint (torch here {torch.__version__}, adapter saved with "
-                f"{meta.get('torch_version')}). The random generator changed; save the adapter with "
-                "VeraConfig(save_projection=True) so A and B travel with it."
+                f"adapter {str(directory)!r}: the projections regenerated from seed {seed} do not match the saved "
+                f"fingerprint (torch here {torch.__version__}, adapter saved with {meta.get('torch_version')}). The "
+                "random generator changed; save the adapter with VeraConfig(save_projection=True) so A and B travel "
+                "with it."
             )
         projections = VeraProjections(config.r, max_in, max_out, config.projection_seed, A, B)
     load_config = dataclasses.replace(config, target_modules=paths)

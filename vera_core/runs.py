@@ -14,6 +14,7 @@ from pathlib import Path
 
 import torch
 
+from .files import atomic_directory
 from .inject import remove_adapter
 from .io import export_peft, load_adapter, save_adapter
 from .models import load_model
@@ -71,15 +72,17 @@ def load_run_model(run_dir: str | os.PathLike, run_name: str = "base", trust_rem
 def export(model, tokenizer, directory: str | os.PathLike, format: str, overwrite: bool = False) -> Path:
     """Write the model's active adapter as `format`: "native" (VeRA Lab files), "peft" (PeftModel loads it), "lora"
     (a VeRA adapter as its exact rank-r LoRA) or "merged" (a plain transformers folder with the update baked in;
-    the model loses its adapter)."""
+    the model loses its adapter). `overwrite` may replace a non-empty directory VeRA Lab did not write; an
+    earlier export of ours is always replaced."""
     if format not in EXPORT_FORMATS:
         raise ValueError(f"unknown export format {format!r}; choose one of {', '.join(EXPORT_FORMATS)}.")
     if format == "native":
-        return save_adapter(model, directory)
+        return save_adapter(model, directory, overwrite=overwrite)
     if format in ("peft", "lora"):
-        return export_peft(model, directory, as_lora=format == "lora")
-    remove_adapter(model, merge=True).save_pretrained(directory)
-    tokenizer.save_pretrained(directory)
+        return export_peft(model, directory, as_lora=format == "lora", overwrite=overwrite)
+    with atomic_directory(directory, overwrite) as tmp:
+        remove_adapter(model, merge=True).save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
     return Path(directory)
 
 

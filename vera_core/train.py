@@ -252,7 +252,7 @@ def _save_checkpoint(out_dir: Path, model: nn.Module, method: str, optimizer, sc
         if method in ("vera", "lora"):
             # The adapter's own files sit flat in the checkpoint, so load_adapter(base, checkpoint) works on it
             # (atomic_directory holds plain files only: save next to it, then move the files in).
-            scratch = save_adapter(model, directory.with_name(f".{directory.name}.adapter"))
+            scratch = save_adapter(model, directory.with_name(f".{directory.name}.adapter"), overwrite=True)
             for f in scratch.iterdir():
                 os.replace(f, tmp / f.name)
             scratch.rmdir()
