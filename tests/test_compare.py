@@ -98,7 +98,7 @@ def test_stop_mid_comparison_leaves_a_consistent_directory(tokenizer, tmp_path):
 def test_run_request_plans_names_and_refuses_bad_plans(tokenizer):
     rows = [{"prompt": "say hi", "response": "hi"}] * 4
     causal = TextDataset("tiny", "causal-lm", rows, rows, rows, None, "test")
-    pair = (tiny_bert(tokenizer), tokenizer)
+    pair = (tiny_bert(tokenizer=tokenizer, num_labels=2), tokenizer)
     request = RunRequest(pair, causal, "base,vera,lora,full", [VeraConfig(r=256), VeraConfig(r=1024)], LoraConfig(r=8))
     assert [s.name for s in request.plan()] == ["base", "vera-r256", "vera-r1024", "lora-r8", "full"]
     with pytest.raises(ValueError, match="needs a classification data set"):

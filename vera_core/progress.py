@@ -36,7 +36,7 @@ class ProgressBar:
         kind = event["type"]
         if kind == "start":
             self.postfix = {}
-            self.bar = tqdm(total=event["total"], initial=event["step"], desc=event["run"], unit="step", leave=True)
+            self.bar = tqdm(total=event["total"], initial=event.get("step", 0), desc=event["run"], unit="step", leave=True)
         elif self.bar is None:
             return
         elif kind == "step":
