@@ -131,6 +131,7 @@ class Lab:
         """Validate everything, then start the comparison in the worker thread (one job at a time)."""
         try:
             request = views.run_request(form, upload)
+            warnings = [row["warning"] for row in request.estimate() if row["warning"]]
         except ValueError as err:
             raise gr.Error(str(err)) from None
         run_dir = new_run_dir(self.runs_dir, form.model)
@@ -147,7 +148,7 @@ class Lab:
                                {"form": asdict(form), "planned_runs": [spec.name for spec in request.plan()]})
         except JobBusy as err:
             raise gr.Error(str(err)) from None
-        return f"started {run_dir.name}"
+        return "\n\n".join([f"started {run_dir.name}", *(f"⚠ {w}" for w in warnings)])
 
     def stop(self) -> str:
         return self.manager.stop()

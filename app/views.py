@@ -158,6 +158,7 @@ def estimate_table(request: RunRequest) -> pd.DataFrame:
         "% of model": row["% of model"],
         "stored adapter (KiB)": round(row["stored_bytes"] / 1024, 1) if row["stored_bytes"] is not None else None,
         "est. memory (MiB)": round(row["memory_estimate"]["total"] / 2**20, 1),
+        "warning": row["warning"] or "",
     } for row in request.estimate()])
 
 

@@ -41,7 +41,7 @@ def main() -> None:
                         eval_every=max(1, args.steps // 4), eval_batches=8)
     t0 = time.perf_counter()
     report = compare("minilm-l6", "rotten-tomatoes", methods=("vera", "lora"), vera=vera, lora=lora, train=train,
-                     out_dir=args.out, isolate=True, samples=8)
+                     out_dir=args.out, isolate=True, samples=8, exists="overwrite")
     wall = time.perf_counter() - t0
     v, lo = report.runs[0], report.runs[1]
     gap = lo.eval["accuracy"] - v.eval["accuracy"]

@@ -76,7 +76,7 @@ def run_comparison(model_name="minilm-l6", r=256, d_init=0.1, steps=BUDGET["step
     report = compare(model_name, DATASET_FOR[model_name], methods=("base", "vera", "lora"),
                      vera=VeraConfig(r=r, d_init=d_init), lora=LoraConfig(r=8, alpha=16), train=train,
                      out_dir=Path("runs") / f"02-{model_name}-r{r}-d{d_init:g}-s{steps}", on_event=on_event,
-                     max_rows=BUDGET["max_rows"], samples=4)
+                     max_rows=BUDGET["max_rows"], samples=4, exists="overwrite")  # a rerun replaces its run
     bar.description = "done"
     return report
 

@@ -73,12 +73,12 @@ def run_sweep(ranks, d_inits, lora_ranks, max_rows, train):
                          "eval_loss": run.eval["loss"], "run_dir": report.run_dir})
         print(f"{sweep}: {[r.name for r in report.runs]} done")
     add("rank", compare(loaded, data, methods=("vera",), vera=[VeraConfig(r=r, d_init=0.1) for r in ranks],
-                        train=train, out_dir=out / "rank", samples=0))
+                        train=train, out_dir=out / "rank", samples=0, exists="overwrite"))
     add("d_init", compare(loaded, data, methods=("vera",), vera=[VeraConfig(r=256, d_init=d) for d in d_inits],
-                          train=train, out_dir=out / "d_init", samples=0))
+                          train=train, out_dir=out / "d_init", samples=0, exists="overwrite"))
     for r in lora_ranks:
         add("lora", compare(loaded, data, methods=("lora",), lora=LoraConfig(r=r, alpha=2 * r), train=train,
-                            out_dir=out / f"lora-r{r}", samples=0))
+                            out_dir=out / f"lora-r{r}", samples=0, exists="overwrite"))
     return rows
 
 t0 = time.perf_counter()

@@ -120,7 +120,7 @@ for quant in ("4bit", None):
     label = quant or "fp32"
     reports[label] = compare("minilm-l6", "rotten-tomatoes", methods=("vera", "lora"), vera=VERA, lora=LORA,
                              train=BUDGET["train"], max_rows=BUDGET["max_rows"], quantization=quant,
-                             out_dir=Path("runs") / f"04-{label}", samples=0)
+                             out_dir=Path("runs") / f"04-{label}", samples=0, exists="overwrite")
 print(f"four runs in {time.perf_counter() - t0:.0f} s")
 quality = pd.concat([pd.DataFrame(summary_rows(r), columns=SUMMARY_COLUMNS).assign(base=label)
                      for label, r in reports.items()])

@@ -19,7 +19,7 @@ from vera_core import (
     set_active_adapter,
     unmerge_adapter,
 )
-from vera_core.layers import LoraLayer, VeraLayer
+from vera_core.layers import LoraLayer, VeraLayer, keep_portable_4bit
 
 
 @pytest.mark.parametrize("seed", [0, 1234])
@@ -259,7 +259,7 @@ def test_bitsandbytes_base(bits, tmp_path, tokens):
     tiny_llama().save_pretrained(tmp_path)
     quant = (BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.float32)
              if bits == "4bit" else BitsAndBytesConfig(load_in_8bit=True))
-    model = LlamaForCausalLM.from_pretrained(tmp_path, quantization_config=quant)
+    model = keep_portable_4bit(LlamaForCausalLM.from_pretrained(tmp_path, quantization_config=quant))
     assert type(model.model.layers[0].self_attn.q_proj).__name__ == {"4bit": "Linear4bit", "8bit": "Linear8bitLt"}[bits]
     reference = model(tokens).logits
     add_adapter(model, VeraConfig(r=16, target_modules=LLAMA_ALL))

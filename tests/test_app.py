@@ -4,8 +4,10 @@ import json
 import threading
 import time
 import zipfile
+from dataclasses import asdict
 from pathlib import Path
 
+import httpx
 import pytest
 from gradio_client import Client, handle_file
 from gradio_client.exceptions import AppError
@@ -98,10 +100,12 @@ def test_comparison_through_the_api_matches_report_json(lab):
     ({"dataset": UPLOAD, "upload": "bad.jsonl"}, "columns found"),
     ({"dataset": UPLOAD, "upload": "notes.txt"}, "Invalid file type"),
     ({"methods": ["base"]}, "choose at least one method to train"),
+    ({"max_length": 100000}, r"max_length 100000 is longer than the model takes \(max_position_embeddings = 512\)"),
 ])
 def test_bad_input_shows_an_error_and_the_lab_stays_usable(lab, tmp_path, change, message):
     demo, client = lab
     before = client.predict(api_name="/job_state")
+    runs_before = sorted(demo.lab.runs_dir.iterdir())
     if "upload" in change:
         path = tmp_path / change["upload"]
         path.write_text('{"question": "a", "answer": "b"}\n')
@@ -109,7 +113,55 @@ def test_bad_input_shows_an_error_and_the_lab_stays_usable(lab, tmp_path, change
     with pytest.raises(AppError, match=message):
         client.predict(**{**TINY_LAB_RUN, **change}, api_name="/start_run")
     assert client.predict(api_name="/job_state")["name"] == before["name"], "a rejected start must not start a job"
+    assert sorted(demo.lab.runs_dir.iterdir()) == runs_before, "a rejected start must not leave a run directory"
     assert len(client.predict(**TINY_LAB_RUN, api_name="/estimate")["data"]) == 3
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize("field, value, message", [
+    ("vera_lr", float("nan"), "the vera learning rate must be a positive number, got nan"),
+    ("lora_lr", float("inf"), "the lora learning rate must be a positive number, got inf"),
+    ("lora_alpha", float("nan"), "alpha must be a finite number, got nan"),
+])
+def test_non_finite_numbers_through_the_api_are_refused_before_a_run_exists(lab, field, value, message):
+    """gradio_client will not encode NaN, but any HTTP client can send it (Python's json writes NaN / Infinity)."""
+    demo, _ = lab
+    runs_before = sorted(demo.lab.runs_dir.iterdir())
+    form = {**asdict(RunForm(**TINY_LAB_RUN)), field: value}
+    body = json.dumps({"data": [None, *(form[name] for name in demo.lab.form_fields)]})
+    call = httpx.post(demo.local_url + "gradio_api/call/start_run", content=body,
+                      headers={"content-type": "application/json"})
+    with httpx.stream("GET", demo.local_url + f"gradio_api/call/start_run/{call.json()['event_id']}") as stream:
+        answer = stream.read().decode()
+    assert "event: error" in answer and message in answer and "started" not in answer
+    assert sorted(demo.lab.runs_dir.iterdir()) == runs_before
+
+
+@pytest.mark.integration
+def test_an_estimate_beyond_this_machine_warns_before_start(lab):
+    demo, client = lab
+    huge = {**TINY_LAB_RUN, "batch_size": 200_000, "max_length": 512}
+    estimate = client.predict(**huge, api_name="/estimate")
+    warnings = [dict(zip(estimate["headers"], row))["warning"] for row in estimate["data"]]
+    assert all("is more than this machine's" in w and "lower the batch size" in w for w in warnings[1:]), warnings
+
+
+def test_a_lab_on_another_interface_warns_and_can_ask_for_a_password(monkeypatch, capsys):
+    from app import __main__ as entry
+
+    launched = []
+    monkeypatch.setattr(entry, "build_app", lambda runs_dir: runs_dir)
+    monkeypatch.setattr(entry, "launch", lambda demo, **kwargs: launched.append(kwargs))
+    entry.main(["--host", "0.0.0.0"])
+    assert "WARNING: the lab listens on 0.0.0.0" in capsys.readouterr().err and launched[-1]["auth"] is None
+    entry.main(["--host", "0.0.0.0", "--auth", "ada:s3cret"])
+    err = capsys.readouterr().err
+    assert "asks for the --auth password" in err and launched[-1]["auth"] == ("ada", "s3cret")
+    for host in ("127.0.0.1", "localhost", "::1"):
+        entry.main(["--host", host])
+        assert capsys.readouterr().err == ""
+    with pytest.raises(SystemExit):
+        entry.main(["--auth", "no-colon"])
 
 
 @pytest.mark.integration

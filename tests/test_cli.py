@@ -1,10 +1,13 @@
 """The command line: compare (isolated processes) writes the contract report; train, evaluate, export, generate."""
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
+import psutil
 import pytest
 from helpers import BAD, GOOD, check_contract, tiny_bert, tiny_llama
 from transformers import LlamaForCausalLM
@@ -25,6 +28,90 @@ def assets(tmp_path_factory, tokenizer):
     rows = [{"text": t, "label": 1} for t in GOOD * 2] + [{"text": t, "label": 0} for t in BAD * 2]
     (root / "sentiment.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     return root
+
+
+def _cli(*args: str) -> list[str]:
+    return [sys.executable, "-m", "vera_core", *args]
+
+
+def _wait_for_first_step(run_dir: Path, proc: subprocess.Popen, timeout: float = 180) -> None:
+    """Block until metrics.jsonl holds a training step (the run is inside its training loop)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        log = run_dir / "metrics.jsonl"
+        if log.is_file() and any(json.loads(line)["type"] == "step" for line in log.read_text().splitlines()):
+            return
+        assert proc.poll() is None, f"the CLI ended before its first step: {proc.communicate()[1][-2000:]}"
+        time.sleep(0.05)
+    raise AssertionError("no training step within the time limit")
+
+
+@pytest.mark.integration  # subprocesses and signals
+@pytest.mark.parametrize("target", ["parent", "group"])
+def test_a_signal_stops_the_cli_within_a_step_and_it_resumes(assets, tmp_path, target):
+    """SIGTERM to the CLI alone, or SIGINT to its whole process group (Ctrl-C): the isolated child stops within a
+    step, the adapter and a checkpoint are saved, report.json says stopped, one line says how to resume, the exit
+    code is not 0, and no process is left behind. --resume then finishes the run."""
+    out = tmp_path / "run"
+    cmd = _cli("compare", "--model", str(assets / "bert"), "--dataset", str(assets / "sentiment.jsonl"),
+               "--methods", "vera,lora", "--steps", "3000", "--batch-size", "2", "--max-length", "16",
+               "--vera-r", "16", "--lora-r", "4", "--eval-every", "3000", "--out", str(out))
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    _wait_for_first_step(out, proc)
+    family = [proc.pid] + [child.pid for child in psutil.Process(proc.pid).children(recursive=True)]
+    assert len(family) >= 2, "the run should be in its own (isolated) process"
+    if target == "parent":
+        proc.send_signal(signal.SIGTERM)
+    else:
+        os.killpg(proc.pid, signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == {"parent": 128 + signal.SIGTERM, "group": 128 + signal.SIGINT}[target], err[-2000:]
+    assert "Traceback" not in err and f"--resume {out}" in err
+    time.sleep(0.5)
+    assert not [pid for pid in family if psutil.pid_exists(pid) and psutil.Process(pid).status() != "zombie"]
+    report = json.loads((out / "report.json").read_text())
+    assert report["stopped"] and [r["name"] for r in report["runs"]] == ["vera-r16"]
+    steps = report["runs"][0]["steps"]
+    assert 0 < steps < 3000 and report["runs"][0]["stopped"]
+    assert (out / "train" / "vera-r16" / "checkpoints" / f"step-{steps:06d}").is_dir()
+    assert (out / "adapters" / "vera-r16" / "adapter.safetensors").is_file()
+    events = [json.loads(line)["type"] for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert events[-1] == "stopped" and "compare_done" not in events
+    if target == "parent":  # resuming once is enough (3000 steps of two methods)
+        done = subprocess.run(_cli("compare", "--resume", str(out)), cwd=ROOT, capture_output=True, text=True,
+                              timeout=600, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+        assert done.returncode == 0, done.stderr[-3000:]
+        report = check_contract(out, "classification")
+        assert [(r["name"], r["steps"], r["stopped"]) for r in report["runs"]] == [
+            ("vera-r16", 3000, False), ("lora-r4", 3000, False)]
+
+
+@pytest.mark.integration  # a CLI process and a child per method
+def test_errors_in_an_isolated_child_are_one_line(assets, tmp_path):
+    done = subprocess.run(_cli("train", "--model", str(assets / "bert"), "--dataset", str(assets / "sentiment.jsonl"),
+                               "--targets", "nope", "--steps", "2", "--out", str(tmp_path / "run")),
+                          cwd=ROOT, capture_output=True, text=True, timeout=300, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    assert done.returncode == 2
+    lines = [line for line in done.stderr.splitlines() if line.strip() and "%|" not in line]
+    assert lines[-1].startswith("error: no module matches target_modules=['nope']") and "Traceback" not in done.stderr
+    events = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert events[-1]["type"] == "error" and "no module matches" in events[-1]["message"]
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--model", "no-such-org/no-such-model"], "error: unknown model 'no-such-org/no-such-model'"),
+    (["--device", "cuda"], "no CUDA device is available on this machine; choose device 'cpu'"),
+    (["--max-length", "100000"], "max_length 100000 is longer than the model takes (max_position_embeddings = 128)"),
+])
+def test_bad_settings_fail_before_anything_runs(assets, tmp_path, capsys, args, message):
+    if "cuda" in args and __import__("torch").cuda.is_available():
+        pytest.skip("this machine has a CUDA device")
+    argv = ["compare", "--model", str(assets / "bert"), "--dataset", str(assets / "sentiment.jsonl"), *args,
+            "--out", str(tmp_path / "run")]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert message in err and err.count("\n") == 1 and not (tmp_path / "run").exists()
 
 
 @pytest.mark.integration  # three Python processes (CLI, then one per method), each importing torch
@@ -55,7 +142,7 @@ def test_cli_train_evaluate_export(assets, tmp_path, capsys):
     assert main(["evaluate", *data, "--adapter", str(adapter), "--split", "test"]) == 0
     table = capsys.readouterr().out
     accuracy = report["runs"][0]["eval"]["accuracy"]
-    assert f"{accuracy:,.1f}" in table  # the same adapter on the same split scores the same
+    assert f"{round(accuracy, 4):,}" in table  # the same adapter on the same split scores the same
     for fmt, name in (("peft", "adapter_config.json"), ("lora", "adapter_config.json"), ("native", None),
                       ("merged", "config.json")):
         out = tmp_path / fmt

@@ -95,6 +95,71 @@ def test_stop_mid_comparison_leaves_a_consistent_directory(tokenizer, tmp_path):
     assert "stopped early" in (tmp_path / "report.md").read_text()
 
 
+def test_stopped_comparison_resumes_onto_the_uninterrupted_curve(tokenizer, tmp_path):
+    """A stop saves the adapter and a checkpoint; exists="resume" keeps the finished runs and continues the stopped
+    one onto exactly the loss curve of a run that was never interrupted."""
+    settings = dict(methods=("base", "vera", "lora"), vera=VeraConfig(r=16), lora=LoraConfig(r=4),
+                    train=TrainConfig(steps=6, batch_size=4, max_length=16), samples=2)
+    pair = (tiny_bert(tokenizer=tokenizer, num_labels=2), tokenizer)
+    whole = compare(pair, sentiment(), out_dir=tmp_path / "whole", **settings)
+
+    stop = threading.Event()
+
+    def stop_at_step_3(event):
+        if event["type"] == "step" and event["run"] == "vera-r16" and event["step"] == 3:
+            stop.set()
+
+    cut = tmp_path / "cut"
+    first = compare(pair, sentiment(), out_dir=cut, on_event=stop_at_step_3, stop=stop, **settings)
+    assert first.stopped and first.run("vera-r16").steps == 3
+    assert (cut / "train" / "vera-r16" / "checkpoints" / "step-000003").is_dir()
+    assert (cut / "adapters" / "vera-r16" / "adapter.safetensors").is_file()
+
+    resumed = compare(pair, sentiment(), out_dir=cut, exists="resume", **settings)
+    assert not resumed.stopped and [r.name for r in resumed.runs] == ["base", "vera-r16", "lora-r4"]
+    for name in ("vera-r16", "lora-r4"):
+        losses = [[e["loss"] for e in report.run(name).history if e["type"] == "step"] for report in (whole, resumed)]
+        assert losses[0] == pytest.approx(losses[1], abs=1e-6) and len(losses[1]) == 6
+        assert resumed.run(name).eval["loss"] == pytest.approx(whole.run(name).eval["loss"], abs=1e-6)
+    assert resumed.run("base").eval == whole.run("base").eval  # kept from the first call, not rerun
+    events = [json.loads(line) for line in (cut / "metrics.jsonl").read_text().splitlines()]
+    ends = [e["type"] for e in events if "run_dir" in e]  # one closing event per compare call
+    assert ends == ["stopped", "compare_done"]
+    samples = [json.loads(line) for line in (cut / "samples.jsonl").read_text().splitlines()]
+    assert all({"base", "vera-r16", "lora-r4"} <= set(row) for row in samples)
+
+
+def test_a_run_directory_is_refused_overwritten_or_resumed_only_on_purpose(tokenizer, tmp_path):
+    pair = (tiny_bert(tokenizer=tokenizer, num_labels=2), tokenizer)
+    quick = dict(methods=("vera",), vera=VeraConfig(r=8), train=TrainConfig(steps=2, batch_size=4, max_length=16),
+                 samples=0, out_dir=tmp_path)
+    compare(pair, sentiment(), **quick)
+    before = {name: (tmp_path / name).read_bytes() for name in ("report.json", "config.json", "metrics.jsonl")}
+    for bad in (VeraConfig(r=8, target_modules=["nope"]), VeraConfig(r=8)):  # a failing run and a good one
+        with pytest.raises(ValueError, match="already holds a run; choose another output directory"):
+            compare(pair, sentiment(), **{**quick, "vera": bad})
+    assert before == {name: (tmp_path / name).read_bytes() for name in before}, "a refused run changed the directory"
+
+    (tmp_path / "notes.txt").write_text("mine")
+    report = compare(pair, sentiment(), **{**quick, "vera": VeraConfig(r=4)}, exists="overwrite")
+    assert [r.name for r in report.runs] == ["vera-r4"] and (tmp_path / "notes.txt").read_text() == "mine"
+    events = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert {e["run"] for e in events if e["type"] == "step"} == {"vera-r4"}, "metrics.jsonl mixes two runs"
+    with pytest.raises(ValueError, match="holds no run to resume"):
+        compare(pair, sentiment(), **{**quick, "out_dir": tmp_path / "empty"}, exists="resume")
+
+
+def test_a_failed_comparison_ends_its_log_with_an_error(tokenizer, tmp_path):
+    pair = (tiny_bert(tokenizer=tokenizer, num_labels=2), tokenizer)
+    with pytest.raises(ValueError, match="no module matches target_modules"):
+        compare(pair, sentiment(), methods=("base", "vera"), vera=VeraConfig(r=8, target_modules=["nope"]),
+                train=TrainConfig(steps=2, batch_size=4, max_length=16), out_dir=tmp_path)
+    last = json.loads((tmp_path / "metrics.jsonl").read_text().splitlines()[-1])
+    assert last["type"] == "error" and "no module matches" in last["message"] and last["runs"] == ["base"]
+    report = json.loads((tmp_path / "report.json").read_text())
+    assert not report["stopped"] and "no module matches" in report["error"] and len(report["runs"]) == 1
+
+
 def test_run_request_plans_names_and_refuses_bad_plans(tokenizer):
     rows = [{"prompt": "say hi", "response": "hi"}] * 4
     causal = TextDataset("tiny", "causal-lm", rows, rows, rows, None, "test")

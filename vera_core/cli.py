@@ -10,7 +10,11 @@
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
+import threading
+from contextlib import contextmanager
+from typing import Iterator
 
 from .calculator import KNOWN_MODELS, known_model, parameter_table
 from .checks import float_list, int_list
@@ -83,16 +87,56 @@ class _Progress(ProgressBar):
         super().__call__(event)
 
 
+@contextmanager
+def _stop_on_signals(stop: threading.Event) -> Iterator[list[int]]:
+    """Ctrl-C or SIGTERM sets `stop`: the current run ends within a step and saves. A second one stops at once."""
+    received: list[int] = []
+
+    def handle(signum, frame):
+        if received:
+            raise KeyboardInterrupt
+        received.append(signum)
+        stop.set()
+        print(f"\n{signal.Signals(signum).name}: stopping after this step and saving (again to stop at once)",
+              file=sys.stderr)
+
+    previous = {sig: signal.signal(sig, handle) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield received
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
 def _run_compare(args, methods: list[str]) -> int:
     from .compare import run_request
     from .report import SUMMARY_COLUMNS, parameter_ratios, summary_rows
 
-    report = run_request(_request(args, methods), out_dir=args.out, on_event=_Progress())
+    if args.resume:
+        from .request import RunRequest
+        from .runs import read_config
+
+        saved = read_config(args.resume).get("request")
+        if saved is None:
+            raise ValueError(f"{args.resume!r} was started from Python with a model or data set object; resume it "
+                             "there with run_request(request, out_dir, exists='resume').")
+        request, out, exists = RunRequest.from_dict(saved), args.resume, "resume"
+    else:
+        if args.model is None or args.dataset is None:
+            raise ValueError(f"{args.command} needs --model and --dataset (or --resume RUN_DIR).")
+        request, out, exists = _request(args, methods), args.out, "refuse"
+    stop = threading.Event()
+    with _stop_on_signals(stop) as received:
+        report = run_request(request, out_dir=out, on_event=_Progress(), stop=stop, exists=exists)
     print()
     print(format_table(summary_rows(report), SUMMARY_COLUMNS))
     for line in parameter_ratios(report):
         print(line)
     print(f"peak memory: {report.memory_mode}; run directory: {report.run_dir}")
+    if report.stopped:
+        print(f"stopped; the adapter and a checkpoint are saved. Continue with: python -m vera_core {args.command} "
+              f"--resume {report.run_dir}", file=sys.stderr)
+        return 128 + (received[0] if received else signal.SIGINT)
     return 0
 
 
@@ -150,10 +194,12 @@ def cmd_export(args) -> int:
     return 0
 
 
-def _model_data_args(p: argparse.ArgumentParser, dataset: bool = True) -> None:
-    p.add_argument("--model", required=True, help="offline name (minilm-l6, smollm2-135m-instruct), folder or Hub id")
+def _model_data_args(p: argparse.ArgumentParser, dataset: bool = True, required: bool = True) -> None:
+    p.add_argument("--model", required=required,
+                   help="offline name (minilm-l6, smollm2-135m-instruct), folder or Hub id")
     if dataset:
-        p.add_argument("--dataset", required=True, help="rotten-tomatoes, synthetic-restaurants, a .jsonl/.csv file or Hub id")
+        p.add_argument("--dataset", required=required,
+                       help="rotten-tomatoes, synthetic-restaurants, a .jsonl/.csv file or Hub id")
         p.add_argument("--max-rows", type=int, default=None, help="cap every split at this many rows (quick runs)")
         p.add_argument("--seed", type=int, default=0, help="data split, head init and training seed")
 
@@ -169,9 +215,12 @@ def _train_args(p: argparse.ArgumentParser) -> None:
 
 
 def _compare_args(p: argparse.ArgumentParser) -> None:
-    _model_data_args(p)
+    _model_data_args(p, required=False)  # required unless --resume
     _train_args(p)
-    p.add_argument("--out", default=None, help="run directory (default: runs/<time>-<model>)")
+    where = p.add_mutually_exclusive_group()
+    where.add_argument("--out", default=None, help="a new run directory (default: runs/<time>-<model>)")
+    where.add_argument("--resume", default=None, metavar="RUN_DIR",
+                       help="continue a stopped run directory with its own settings (other options are ignored)")
     p.add_argument("--vera-r", type=_ints, default=[256], help="VeRA ranks, e.g. 256,1024")
     p.add_argument("--d-init", type=_floats, default=[0.1], help="VeRA d initial values, e.g. 0.1,1.0")
     p.add_argument("--lora-r", type=int, default=8)

@@ -14,6 +14,8 @@ import json
 import multiprocessing
 import os
 import queue as queue_module
+import shutil
+import signal
 import threading
 import time
 import traceback
@@ -35,7 +37,7 @@ from .memory import DTYPE_BYTES, estimate_memory
 from .metrics import group_references
 from .models import CLASSIFIER_HEADS
 from .progress import with_bar
-from .report import Report, RunReport, write_reports
+from .report import Report, RunReport, load_run, write_reports
 from .request import RunRequest, RunSpec
 from .runs import load_base, new_run_dir
 from .train import default_lr, train as train_model
@@ -90,7 +92,9 @@ def sample_rows(dataset: TextDataset, n: int) -> list[dict]:
 
 def _run_one(request: RunRequest, spec: RunSpec, load: Callable[[], tuple], run_dir: Path,
              emit: Callable[[dict], None], stop: threading.Event | None) -> tuple[RunReport, list, str, str]:
-    """Build, train, save, evaluate one method. Returns (report, sample outputs, device, dtype)."""
+    """Build, train, save, evaluate one method. Returns (report, sample outputs, device, dtype).
+
+    The trainer writes run_dir/train/<run>/: a checkpoint when stopped, which the next call resumes from."""
     t0 = time.perf_counter()
     dataset, config = request.dataset, request.train_config(spec)
     model, tokenizer = load()
@@ -115,7 +119,10 @@ def _run_one(request: RunRequest, spec: RunSpec, load: Callable[[], tuple], run_
           "head_params": head, "memory_estimate": estimate})
     device = str(resolve_device(config.device))
     if spec.method != "base":
-        result = train_model(model, tokenizer, dataset, config, run_name=spec.name, on_event=emit, stop=stop)
+        work = run_dir / "train" / spec.name
+        resume = work if (work / "checkpoints").is_dir() else None
+        result = train_model(model, tokenizer, dataset, config, run_name=spec.name, out_dir=work, on_event=emit,
+                             stop=stop, resume_from=resume)
         report.lr = config.lr or default_lr(spec.method)[0]
         report.steps, report.stopped, report.history = result.steps_done, result.stopped, result.history
         report.peak_memory_bytes, report.peak_memory_kind = result.peak_memory_bytes, result.peak_memory_kind
@@ -145,10 +152,19 @@ def _loader(request: RunRequest) -> Callable[[], tuple]:
 
 
 def _child(request, spec, run_dir, messages, stop) -> None:
-    """Body of an isolated run: same as in-process, with events and the result sent back through a queue."""
+    """Body of an isolated run: same as in-process, with events and the result sent back through a queue.
+
+    Ctrl-C and SIGTERM reach the whole process group; only the parent acts on them (it sets `stop`), so the child
+    ends its step and saves. If the parent dies, the child stops the same way instead of running on as an orphan."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    parent = multiprocessing.parent_process()
+    threading.Thread(target=lambda: (parent.join(), stop.set()), daemon=True).start()
     try:
         out = _run_one(request, spec, _loader(request), Path(run_dir), lambda e: messages.put(("event", e)), stop)
         messages.put(("result", out))
+    except ValueError as err:  # bad input: the same one-line message as in-process
+        messages.put(("invalid", str(err)))
     except BaseException:  # the parent re-raises it with the child's traceback
         messages.put(("error", traceback.format_exc()))
 
@@ -172,14 +188,18 @@ def _run_isolated(request: RunRequest, spec: RunSpec, run_dir: Path, emit, stop)
                 continue
             if kind == "event":
                 emit(payload)
+            elif kind == "invalid":
+                raise ValueError(payload)
             elif kind == "error":
                 raise RuntimeError(f"run {spec.name!r} failed in its process:\n{payload}")
             else:
                 return payload
     finally:
+        child_stop.set()  # a no-op after a result; after an error in this loop, the child stops within a step
         proc.join(timeout=30)
         if proc.is_alive():
             proc.terminate()
+            proc.join()
 
 
 def _write_config(run_dir: Path, request: RunRequest, specs: list[RunSpec]) -> None:
@@ -192,26 +212,66 @@ def _write_config(run_dir: Path, request: RunRequest, specs: list[RunSpec]) -> N
         "eval_generate": request.eval_generate, "samples": request.samples, "max_rows": request.max_rows,
         "quantization": request.quantization, "trust_remote_code": request.trust_remote_code,
         "splits": {"train": len(dataset.train), "validation": len(dataset.validation), "test": len(dataset.test)},
+        "request": request.to_dict(),  # what `--resume` rebuilds the request from (null: passed as objects)
     })
+
+
+EXISTS = ("refuse", "resume", "overwrite")
+RUN_FILES = ("config.json", "metrics.jsonl", "report.json", "report.md", "samples.jsonl")
+RUN_FOLDERS = ("adapters", "train")
+
+
+def _open_run_dir(run_dir: Path, exists: str) -> tuple[dict | None, dict]:
+    """Make `run_dir` ready for this run, as `exists` says; (the earlier report.json or None, its histories)."""
+    if exists not in EXISTS:
+        raise ValueError(f"exists must be one of {EXISTS}, got {exists!r}.")
+    holds_run = (run_dir / "config.json").is_file()
+    if not holds_run:
+        if exists == "resume":
+            raise ValueError(f"{str(run_dir)!r} holds no run to resume (no config.json); start a new run instead.")
+        return None, {}
+    if exists == "refuse":
+        raise ValueError(f"{str(run_dir)!r} already holds a run; choose another output directory (--out), continue "
+                         f"it with --resume {run_dir} (exists='resume'), or replace it (exists='overwrite').")
+    if exists == "overwrite":  # only what a run writes: anything else the user keeps there stays
+        from .plots import FIGURES  # matplotlib loads only here
+
+        for name in (*RUN_FILES, *FIGURES):
+            (run_dir / name).unlink(missing_ok=True)
+        for name in RUN_FOLDERS:
+            shutil.rmtree(run_dir / name, ignore_errors=True)
+        return None, {}
+    if not (run_dir / "report.json").is_file():
+        return None, {}
+    return load_run(run_dir)
 
 
 def run_request(request: RunRequest, out_dir: str | os.PathLike | None = None,
                 on_event: Callable[[dict], None] | None = None, stop: threading.Event | None = None,
-                progress: bool | None = None) -> Report:
+                progress: bool | None = None, exists: str = "refuse") -> Report:
     """Run every planned method of `request` into one run directory (default runs/<time>-<model>); write and return
-    the Report. `stop` ends the current method within a step and skips the rest; the directory stays consistent.
+    the Report. `stop` ends the current method within a step (saving its adapter and a checkpoint) and skips the
+    rest; the directory stays consistent. exists: what to do when out_dir already holds a run: "refuse" (an error),
+    "resume" (keep the finished runs, continue a stopped one from its checkpoint, run the rest) or "overwrite".
     progress: tqdm bars (None: when no `on_event` is given and a terminal or notebook shows the output)."""
     on_event = with_bar(progress, on_event)
     specs = request.plan()
     run_dir = Path(out_dir) if out_dir is not None else new_run_dir("runs", request.model_name)
     run_dir.mkdir(parents=True, exist_ok=True)
+    earlier, histories = _open_run_dir(run_dir, exists)
+    finished = {r["name"]: r for r in (earlier or {}).get("runs", []) if not r.get("stopped")}
     _write_config(run_dir, request, specs)
     dataset = request.dataset
     report = Report(model=request.model_name, task=dataset.task, dataset=dataset.name,
                     device=str(resolve_device(request.train.device)), dtype="float32", seed=request.train.seed,
                     runs=[], run_dir=str(run_dir), memory_mode="isolated" if request.isolate else "in-process",
                     samples=sample_rows(dataset, request.samples))
+    if finished and (run_dir / "samples.jsonl").is_file():
+        saved = [json.loads(line) for line in (run_dir / "samples.jsonl").read_text().splitlines()]
+        for row, old in zip(report.samples, saved):
+            row.update({name: old[name] for name in finished if name in old})
     load = None if request.isolate else _loader(request)
+    failure: BaseException | None = None
 
     with open(run_dir / "metrics.jsonl", "a", buffering=1) as log:
         def emit(event: dict) -> None:
@@ -221,6 +281,10 @@ def run_request(request: RunRequest, out_dir: str | os.PathLike | None = None,
 
         try:
             for spec in specs:
+                if spec.name in finished:  # resumed: this run finished before
+                    kept = {k: v for k, v in finished[spec.name].items() if k in RunReport.__dataclass_fields__}
+                    report.runs.append(RunReport(**kept, history=histories.get(spec.name, [])))
+                    continue
                 if stop is not None and stop.is_set():
                     report.stopped = True
                     break
@@ -242,10 +306,15 @@ def run_request(request: RunRequest, out_dir: str | os.PathLike | None = None,
                 if run.stopped:
                     report.stopped = True
                     break
+        except BaseException as err:
+            failure = err
+            report.error = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+            raise
         finally:
             write_reports(run_dir, report, figures=True)
-            emit({"type": "stopped" if report.stopped else "compare_done", "run_dir": str(run_dir),
-                  "runs": [r.name for r in report.runs]})
+            end = {"type": "error", "message": report.error} if failure is not None else {
+                "type": "stopped" if report.stopped else "compare_done"}
+            emit({**end, "run_dir": str(run_dir), "runs": [r.name for r in report.runs]})
     return report
 
 
@@ -268,6 +337,7 @@ def compare(
     quantization: str | None = None,
     trust_remote_code: bool = False,
     progress: bool | None = None,
+    exists: str = "refuse",
 ) -> Report:
     """Run every method on the same model, data, seed and step budget; write and return the Report.
 
@@ -276,9 +346,9 @@ def compare(
     `max_rows` per split). lrs: per-method learning rates, e.g. {"vera": 1e-2, "lora": 2e-4} (else `train.lr`,
     else each method's default). isolate: each method in its own process, so CPU peak memory is its own.
     eval_generate: test groups scored with BLEU / ROUGE-L (causal LM); samples: test inputs in samples.jsonl.
-    The arguments are those of `RunRequest`; see `run_request` for out_dir, on_event, stop and progress.
+    The arguments are those of `RunRequest`; see `run_request` for out_dir, on_event, stop, progress and exists.
     """
     request = RunRequest(model, dataset, methods, vera, lora, train, lrs=dict(lrs or {}), max_rows=max_rows,
                          quantization=quantization, trust_remote_code=trust_remote_code, isolate=isolate,
                          eval_generate=eval_generate, samples=samples)
-    return run_request(request, out_dir, on_event, stop, progress)
+    return run_request(request, out_dir, on_event, stop, progress, exists)

@@ -11,7 +11,7 @@ from typing import Iterator
 from torch import nn
 
 from .config import ALL_LINEAR, DEFAULT_TARGETS, AdapterConfig, LoraConfig, VeraConfig
-from .layers import AdapterLayer, LoraLayer, ModulesToSave, VeraLayer, is_supported, layer_shape
+from .layers import AdapterLayer, LoraLayer, ModulesToSave, VeraLayer, is_supported, keep_portable_4bit, layer_shape
 from .projections import VeraProjections
 
 # Plain attributes set on the adapted model (not modules, so they never enter its state dict).
@@ -202,6 +202,7 @@ def add_adapter(model: nn.Module, config: AdapterConfig, name: str = "default") 
     projections = _shared_projections(model, config, paths) if isinstance(config, VeraConfig) else None
 
     # All checks passed: from here on the model is changed.
+    keep_portable_4bit(model)  # a user-loaded 4-bit base too (see layers.keep_portable_4bit)
     if not adapter_configs(model):
         setattr(model, _REQUIRES_GRAD, {n: p.requires_grad for n, p in model.named_parameters()})
         setattr(model, _CONFIGS, {})

@@ -25,6 +25,16 @@ def is_quantized(module: nn.Module) -> bool:
     return type(module).__module__.startswith("bitsandbytes")
 
 
+def keep_portable_4bit(model: nn.Module) -> nn.Module:
+    """Keep every bitsandbytes 4-bit weight in its portable layout. On CPUs with AVX512-BF16, bitsandbytes 0.50.2
+    repacks a Linear4bit's weight in place on its first eval forward without gradients; the repacked layout fails on
+    small layers ("shape '[32, 0]' is invalid") and breaks training afterwards ("a view of a leaf Variable ...")."""
+    for module in model.modules():
+        if hasattr(module, "support_avx512bf16_for_cpu"):
+            module.support_avx512bf16_for_cpu = False
+    return model
+
+
 def is_supported(module: nn.Module) -> bool:
     return isinstance(module, (nn.Linear, Conv1D))
 

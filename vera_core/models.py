@@ -28,6 +28,7 @@ from transformers import (
 
 from .calculator import KNOWN_MODELS, known_model
 from .chat import format_prompt
+from .layers import keep_portable_4bit
 from .data import TASKS
 QUANTIZATIONS = (None, "4bit", "8bit")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -212,6 +213,8 @@ def load_model(
 
     tokenizer = AutoTokenizer.from_pretrained(path, **({"trust_remote_code": True} if trust_remote_code else {}))
     model = _AUTO_CLASSES[task].from_pretrained(path, **kwargs)
+    if quant_config is not None:
+        keep_portable_4bit(model)
     if quant_config is None and device != "cpu":
         model.to(device)
     if tokenizer.pad_token is None:

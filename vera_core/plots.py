@@ -106,11 +106,15 @@ def tradeoff_figure(rows: list[dict], value: str = "accuracy", title: str = "Qua
     return fig
 
 
+FIGURES = ("loss.png", "params.png", "memory.png", "metric.png")  # what save_figures writes into a run directory
+
+
 def save_figures(report: dict, histories: dict[str, list[dict]], directory: str | Path) -> list[Path]:
-    """Write loss.png, params.png, memory.png and metric.png for a report.json dict; return their paths."""
+    """Write FIGURES for a report.json dict; return their paths."""
     directory = Path(directory)
-    figures = {"loss.png": loss_figure(histories), "params.png": params_figure(report["runs"]),
-               "memory.png": memory_figure(report["runs"]), "metric.png": metric_figure(report["runs"], report["task"])}
+    drawn = (loss_figure(histories), params_figure(report["runs"]), memory_figure(report["runs"]),
+             metric_figure(report["runs"], report["task"]))
+    figures = dict(zip(FIGURES, drawn))
     for name, fig in figures.items():
         fig.savefig(directory / name, dpi=110)
     return [directory / name for name in figures]

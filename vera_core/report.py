@@ -65,12 +65,13 @@ class Report:
     memory_mode: str  # "isolated" | "in-process" (see MEMORY_MODES)
     run_dir: str | None = None
     stopped: bool = False
+    error: str | None = None  # the first line of the error that ended the comparison, if one did
     samples: list[dict] = field(default_factory=list, repr=False)
 
     def to_dict(self) -> dict:
         return {"model": self.model, "task": self.task, "dataset": self.dataset, "device": self.device,
                 "dtype": self.dtype, "seed": self.seed, "memory_mode": self.memory_mode, "stopped": self.stopped,
-                "runs": [r.to_dict() for r in self.runs]}
+                "error": self.error, "runs": [r.to_dict() for r in self.runs]}
 
     def run(self, name: str) -> RunReport:
         for r in self.runs:

@@ -10,13 +10,17 @@ from __future__ import annotations
 
 import math
 import os
-from dataclasses import dataclass, field, replace
+from dataclasses import asdict, dataclass, field, replace
 from typing import Sequence
 
+import psutil
+import torch
+
 from .checks import positive_int
-from .config import AdapterConfig, LoraConfig, TrainConfig, VeraConfig
+from .config import AdapterConfig, LoraConfig, TrainConfig, VeraConfig, config_from_dict
 from .count import count_parameters, estimate_parameters, meta_model
 from .data import TASKS, TextDataset, load_dataset
+from .device import resolve_device
 from .memory import estimate_memory
 from .models import QUANTIZATIONS, model_config
 
@@ -50,6 +54,7 @@ class RunRequest:
     isolate: bool = False  # each method in its own process, so its CPU peak memory is its own
     eval_generate: int = 32  # test groups scored with BLEU / ROUGE-L (causal LM)
     samples: int = 8  # test inputs whose outputs go to samples.jsonl
+    dataset_source: str | None = field(default=None, init=False)  # the name or file the data set was loaded from
 
     def __post_init__(self):
         if isinstance(self.methods, str):
@@ -81,9 +86,29 @@ class RunRequest:
         elif self.isolate:
             raise ValueError("isolate=True loads the model in each process: pass its name or path, not a loaded model.")
         if isinstance(self.dataset, (str, os.PathLike)):
+            self.dataset_source = str(self.dataset)
             self.dataset = load_dataset(self.dataset, self.task, seed=self.train.seed, max_rows=self.max_rows)
         self.plan()  # unknown methods and clashing run names fail here
-        self.model_config()  # and a model name that resolves to nothing
+        resolve_device(self.train.device)  # "cuda" on a machine without one
+        limit = getattr(self.model_config(), "max_position_embeddings", None)  # (a model name that resolves to nothing)
+        if limit and self.train.max_length > limit:
+            raise ValueError(f"max_length {self.train.max_length} is longer than the model takes "
+                             f"(max_position_embeddings = {limit}); choose max_length <= {limit}.")
+
+    def to_dict(self) -> dict | None:
+        """What `from_dict` needs to make this request again (None when the model or data were passed as objects)."""
+        if not self.loads_by_name or self.dataset_source is None:
+            return None
+        return {"model": self.model, "dataset": self.dataset_source, "task": self.task, "max_rows": self.max_rows,
+                "methods": self.methods, "vera": [v.to_dict() for v in self.vera], "lora": self.lora.to_dict(),
+                "train": asdict(self.train), "lrs": self.lrs, "quantization": self.quantization,
+                "trust_remote_code": self.trust_remote_code, "isolate": self.isolate,
+                "eval_generate": self.eval_generate, "samples": self.samples}
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "RunRequest":
+        return cls(**{**data, "vera": [config_from_dict(v) for v in data["vera"]],
+                      "lora": config_from_dict(data["lora"]), "train": TrainConfig(**data["train"])})
 
     @property
     def loads_by_name(self) -> bool:
@@ -132,8 +157,10 @@ class RunRequest:
 
     def estimate(self) -> list[dict]:
         """Before a run, from shapes alone: per planned run its trainable parameters (head excluded), the share of
-        the base model, the stored adapter bytes and the training-memory estimate (no weights are read)."""
+        the base model, the stored adapter bytes, the training-memory estimate (no weights are read) and a warning
+        when that estimate exceeds the device's memory."""
         config, total = self.model_config(), self.base_parameters()
+        available, where = self._device_memory()
         rows = []
         for spec in self.plan():
             if spec.adapter is not None:
@@ -143,7 +170,18 @@ class RunRequest:
                 trainable, stored = (total if spec.method == "full" else 0), None
             memory = estimate_memory(config, spec.adapter or (None if spec.method == "base" else spec.method),
                                      self.train.batch_size, self.train.max_length, quantization=self.quantization)
+            over = memory["total"] > available
             rows.append({"run": spec.name, "method": spec.method, "trainable": trainable,
                          "% of model": round(100 * trainable / total, 4), "stored_bytes": stored,
-                         "memory_estimate": memory})
+                         "memory_estimate": memory,
+                         "warning": f"{spec.name}: the memory estimate, {memory['total'] / 2**30:,.1f} GiB, is more than "
+                                    f"{where} {available / 2**30:,.1f} GiB; lower the batch size or max_length, or "
+                                    "the run may fail." if over else None})
         return rows
+
+    def _device_memory(self) -> tuple[int, str]:
+        """(bytes, words) of the memory the runs will train in: the GPU's, or this machine's RAM."""
+        device = resolve_device(self.train.device)
+        if device.type == "cuda":
+            return torch.cuda.get_device_properties(device).total_memory, f"the GPU's ({device})"
+        return psutil.virtual_memory().total, "this machine's"
