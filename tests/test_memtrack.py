@@ -127,7 +127,7 @@ def test_peak_does_not_depend_on_learning_rate(tokenizer):
 
 def _profiled_peak(prof) -> int:
     """The highest running sum of the profiler's [memory] events (allocations +, frees -), in time order."""
-    events = sorted((e.time_range.start, e.cpu_memory_usage) for e in prof.events() if e.name == "[memory]")
+    events = sorted((e.start_ns(), e.nbytes()) for e in prof.profiler.kineto_results.events() if e.name() == "[memory]")
     running = peak = 0
     for _, change in events:
         running += change
