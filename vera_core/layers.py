@@ -223,7 +223,9 @@ class VeraLayer(AdapterLayer):
         when that no longer holds (an adapter added, parameters moved or replaced)."""
         names = self.adapter_names
         if self._bank is None or not self._bank_holds(names):
-            with torch.no_grad():
+            # Normal tensors even under inference_mode (generate): the parameters become views of the stack and
+            # must still be trainable afterwards.
+            with torch.inference_mode(False), torch.no_grad():
                 self._bank = tuple(self._stack(params, names) for params in (self.vera_lambda_b, self.vera_lambda_d))
         return self._bank
 
