@@ -181,15 +181,23 @@ def _read(directory: Path) -> tuple[AdapterConfig, dict, dict[str, torch.Tensor]
     if expected is None and native.exists():
         warnings.warn(f"{config_file} stores no SHA-256 of {weights.name} (saved by an older VeRA Lab), so only "
                       "NaN / inf values can be detected; save the adapter again to add one.", stacklevel=3)
-    for key, value in tensors.items():  # a hash vouches for the bytes, not for what training wrote into them
-        if value.is_floating_point() and not torch.isfinite(value).all():
-            raise ValueError(f"{weights}: tensor {key!r} holds NaN or inf values (the file is corrupt or training "
-                             "diverged); use another copy of the adapter or train it again.")
+    floats = {key: value for key, value in tensors.items() if value.is_floating_point()}
+    # A hash vouches for the bytes, not for what training wrote into them. One check for the whole file (one per
+    # tensor was a fifth of the time to load an adapter); the per-tensor pass only names the culprit.
+    if floats and not torch.isfinite(torch.cat([v.reshape(-1).float() for v in floats.values()])).all():
+        _name_non_finite(floats, weights)
     if native.exists():
         if meta.get("format") != FORMAT or "config" not in meta:
             raise ValueError(f"{config_file} is not a {FORMAT} config (missing 'format' or 'config').")
         return config_from_dict(meta["config"]), meta, tensors
     return _from_peft(meta, tensors, config_file)
+
+
+def _name_non_finite(floats: dict[str, torch.Tensor], weights: Path) -> None:
+    for key, value in floats.items():
+        if not torch.isfinite(value).all():
+            raise ValueError(f"{weights}: tensor {key!r} holds NaN or inf values (the file is corrupt or training "
+                             "diverged); use another copy of the adapter or train it again.")
 
 
 def _from_peft(meta: dict, tensors: dict, config_file: Path) -> tuple[AdapterConfig, dict, dict]:
