@@ -28,7 +28,7 @@ from .files import atomic_directory
 from .inject import (active_adapter, adapter_configs, adapter_layers, add_adapter, check_shared_pair, head_wrappers,
                      matches_suffix, set_active_adapter)
 from .layers import LoraLayer, ModulesToSave, VeraLayer, layer_shape, walk
-from .projections import VeraProjections, fingerprint, generate_projections
+from .projections import VeraProjections, fingerprint
 
 NATIVE_CONFIG = "vera_lab_adapter.json"
 NATIVE_WEIGHTS = "adapter.safetensors"
