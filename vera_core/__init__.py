@@ -7,6 +7,7 @@ The adapter API is a handful of verbs:
     save_adapter(model, "my-adapter")            # b, d, seed and fingerprint: kilobytes
     model = load_adapter(base_model, "my-adapter")
     merge_adapter(model); unmerge_adapter(model); model = remove_adapter(model, merge=True)
+    load_adapters(base_model, {"a": "dir-a", "b": "dir-b"}); model(ids, adapter_names=["a", "b"])  # row-wise
 
 Importing the package loads the adapter API only (torch and transformers); training, comparing, models, data and
 metrics load on first use of their names.
@@ -27,7 +28,8 @@ from .inject import (
     set_active_adapter,
     unmerge_adapter,
 )
-from .io import export_peft, load_adapter, save_adapter
+from .io import export_peft, load_adapter, load_adapters, save_adapter
+from .mixed import mixed_adapters
 from .projections import generate_projections
 
 # Public names whose modules are imported on first access (they pull in sacrebleu, psutil, datasets, ...).
@@ -72,5 +74,6 @@ def __getattr__(name: str):
 __all__ = [
     "VeraConfig", "LoraConfig", "add_adapter", "set_active_adapter", "active_adapter", "adapter_configs",
     "disabled_adapter", "merge_adapter", "unmerge_adapter", "remove_adapter", "save_adapter", "load_adapter",
+    "load_adapters", "mixed_adapters",
     "export_peft", "count_parameters", "estimate_parameters", "generate_projections", "TrainConfig", *_LAZY,
 ]

@@ -11,7 +11,9 @@ from typing import Iterator
 from torch import nn
 
 from .config import ALL_LINEAR, DEFAULT_TARGETS, AdapterConfig, LoraConfig, VeraConfig
-from .layers import AdapterLayer, LoraLayer, ModulesToSave, VeraLayer, is_supported, keep_portable_4bit, layer_shape
+from . import mixed
+from .layers import (AdapterLayer, LoraLayer, ModulesToSave, VeraLayer, is_supported, keep_portable_4bit, layer_shape,
+                     walk)
 from .projections import VeraProjections
 
 # Plain attributes set on the adapted model (not modules, so they never enter its state dict).
@@ -30,7 +32,7 @@ def active_adapter(model: nn.Module) -> str | None:
 
 
 def adapter_layers(model: nn.Module) -> Iterator[tuple[str, AdapterLayer]]:
-    for path, module in model.named_modules():
+    for path, module in walk(model):
         if isinstance(module, AdapterLayer):
             yield path, module
 
@@ -40,7 +42,7 @@ def adapter_parameters(model: nn.Module, name: str | None = None) -> dict[str, l
     as listed by the layers that own them."""
     names = [name] if name is not None else list(adapter_configs(model))
     found: dict[str, list[nn.Parameter]] = {"adapter": [], "head": []}
-    for key, modules in (("adapter", adapter_layers(model)), ("head", _head_wrappers(model))):
+    for key, modules in (("adapter", adapter_layers(model)), ("head", head_wrappers(model))):
         for _, module in modules:
             for n in names:
                 if n in module.adapter_names:
@@ -54,8 +56,8 @@ def matches_suffix(path: str, name: str) -> bool:
     return path == name or path.endswith("." + name)
 
 
-def _head_wrappers(model: nn.Module) -> Iterator[tuple[str, ModulesToSave]]:
-    for path, module in model.named_modules():
+def head_wrappers(model: nn.Module) -> Iterator[tuple[str, ModulesToSave]]:
+    for path, module in walk(model):
         if isinstance(module, ModulesToSave):
             yield path, module
 
@@ -64,23 +66,21 @@ def _output_head_names(model: nn.Module) -> set[str]:
     """Paths of the output embedding (lm_head), never an adapter target for "all-linear"."""
     get = getattr(model, "get_output_embeddings", None)
     head = get() if callable(get) else None
-    return {path for path, m in model.named_modules() if head is not None and m is head}
+    return {path for path, m in walk(model) if head is not None and m is head}
 
 
 def _candidates(model: nn.Module) -> list[tuple[str, nn.Module]]:
     """Every module path that is not inside an adapter wrapper (the wrapper stands in for its base layer)."""
-    out = []
-    for path, module in model.named_modules():
-        if not path or ".base_layer" in f".{path}" or ".modules_to_save." in f".{path}" or ".original_module" in f".{path}":
-            continue
-        out.append((path, module))
-    return out
+    return [(path, module) for path, module in walk(model) if path]
 
 
 def _matches(path: str, targets) -> bool:
     if isinstance(targets, str):
         return re.fullmatch(targets, path) is not None
-    return any(matches_suffix(path, t) for t in targets)
+    # matches_suffix against every target, as set lookups of the path's dot-suffixes: a loaded adapter lists every
+    # module path, and a pairwise test (paths x targets) made loading many adapters slow.
+    parts = path.split(".")
+    return not targets.isdisjoint(".".join(parts[i:]) for i in range(len(parts)))
 
 
 def resolve_targets(model: nn.Module, config: AdapterConfig) -> list[str]:
@@ -95,6 +95,7 @@ def resolve_targets(model: nn.Module, config: AdapterConfig) -> list[str]:
             )
         targets = DEFAULT_TARGETS[model_type]
     excluded = set(config.modules_to_save) | _output_head_names(model)
+    wanted = targets if isinstance(targets, str) else set(targets)
 
     def is_excluded(path: str) -> bool:
         return any(matches_suffix(path, e) or f".{e}." in f".{path}." for e in excluded)
@@ -109,7 +110,7 @@ def resolve_targets(model: nn.Module, config: AdapterConfig) -> list[str]:
             if is_supported(wrapped) and not is_excluded(path):
                 found.append(path)
             continue
-        if _matches(path, targets):
+        if _matches(path, wanted):
             if not is_supported(wrapped):
                 raise ValueError(
                     f"module {path!r} matches target_modules but is a {type(wrapped).__name__}; only nn.Linear, "
@@ -145,14 +146,22 @@ def _check_compatible(model: nn.Module, config: AdapterConfig, name: str) -> Non
                 f"model already carries a {other.method} adapter ({other_name!r}); one model holds adapters of one "
                 f"method. Use a fresh copy of the base model for {config.method}."
             )
-        if isinstance(config, VeraConfig) and (other.r, other.projection_seed) != (config.r, config.projection_seed):
-            raise ValueError(
-                f"VeRA adapters on one model share one (A, B) pair: {name!r} needs r={config.r}, "
-                f"projection_seed={config.projection_seed} but {other_name!r} has r={other.r}, "
-                f"projection_seed={other.projection_seed}. Use the same r and seed, or another model copy."
-            )
+        if isinstance(config, VeraConfig):
+            check_shared_pair(name, {"r": config.r, "projection_seed": config.projection_seed},
+                              other_name, {"r": other.r, "projection_seed": other.projection_seed})
     if any(isinstance(m, AdapterLayer) and m.merged_adapter for _, m in adapter_layers(model)):
         raise ValueError("the model has a merged adapter; call unmerge_adapter(model) before adding another.")
+
+
+def check_shared_pair(name: str, wanted: dict, other_name: str, has: dict) -> None:
+    """Refuse a VeRA adapter whose (A, B) would differ from the model's, naming the first field that differs."""
+    for field, value in wanted.items():
+        if has[field] != value:
+            raise ValueError(
+                f"VeRA adapters on one model share one (A, B) pair, and {name!r} differs from {other_name!r} first in "
+                f"{field}: {value} vs {has[field]} (compared: {', '.join(wanted)}). Use adapters trained with the "
+                "same r, seed and targets, or another copy of the base model."
+            )
 
 
 def _get_parent(model: nn.Module, path: str) -> tuple[nn.Module, str]:
@@ -160,9 +169,9 @@ def _get_parent(model: nn.Module, path: str) -> tuple[nn.Module, str]:
     return (model.get_submodule(parent_path) if parent_path else model), child
 
 
-def _shared_projections(model: nn.Module, config: VeraConfig, paths: list[str]) -> VeraProjections:
+def _shared_projections(model: nn.Module, config: VeraConfig, targets: list[nn.Module]) -> VeraProjections:
     """The model's (A, B) pair, made at the largest (in, out) among the targets; reused by later adapters."""
-    shapes = [layer_shape(_unwrapped(model.get_submodule(p))) for p in paths]
+    shapes = [layer_shape(_unwrapped(m)) for m in targets]
     max_in, max_out = max(s[0] for s in shapes), max(s[1] for s in shapes)
     for _, layer in adapter_layers(model):
         if isinstance(layer, VeraLayer):
@@ -183,8 +192,9 @@ def _unwrapped(module: nn.Module) -> nn.Module:
     return module.base_layer if isinstance(module, AdapterLayer) else module
 
 
-def add_adapter(model: nn.Module, config: AdapterConfig, name: str = "default") -> nn.Module:
+def add_adapter(model: nn.Module, config: AdapterConfig, name: str = "default", *, activate: bool = True) -> nn.Module:
     """Add a VeRA or LoRA adapter in place and make it the active, trainable one; everything else is frozen.
+    (activate=False: add it frozen and leave the active adapter as it is, e.g. to load many for mixed batches.)
 
     Each target is replaced at its path by a wrapper that keeps the original as `base_layer`. Modules named in
     `modules_to_save` (e.g. a classifier head) are trained as copies so the original stays untouched.
@@ -199,29 +209,37 @@ def add_adapter(model: nn.Module, config: AdapterConfig, name: str = "default") 
         if not hits:
             raise ValueError(f"modules_to_save names {wanted!r} but the model has no such module.")
         head_paths += hits
-    projections = _shared_projections(model, config, paths) if isinstance(config, VeraConfig) else None
+    modules = dict(walk(model))
+    projections = (_shared_projections(model, config, [modules[p] for p in paths])
+                   if isinstance(config, VeraConfig) else None)
 
     # All checks passed: from here on the model is changed.
-    keep_portable_4bit(model)  # a user-loaded 4-bit base too (see layers.keep_portable_4bit)
     if not adapter_configs(model):
+        keep_portable_4bit(model)  # a user-loaded 4-bit base too (see layers.keep_portable_4bit)
         setattr(model, _REQUIRES_GRAD, {n: p.requires_grad for n, p in model.named_parameters()})
         setattr(model, _CONFIGS, {})
+        mixed.install(model)  # model(..., adapter_names=[...]) and model.generate(..., adapter_names=[...])
     for path in paths:
-        module = model.get_submodule(path)
+        module = modules[path]
         if not isinstance(module, AdapterLayer):
             module = VeraLayer(module, projections) if projections is not None else LoraLayer(module)
             parent, child = _get_parent(model, path)
             setattr(parent, child, module)
         module.add(name, config)
     for path in head_paths:
-        module = model.get_submodule(path)
+        module = modules[path]
         if not isinstance(module, ModulesToSave):
             module = ModulesToSave(module)
             parent, child = _get_parent(model, path)
             setattr(parent, child, module)
         module.add(name)
     adapter_configs(model)[name] = config
-    set_active_adapter(model, name)
+    if activate:
+        set_active_adapter(model, name)
+    else:
+        for params in adapter_parameters(model, name).values():
+            for param in params:
+                param.requires_grad_(False)
     return model
 
 
@@ -234,8 +252,8 @@ def set_active_adapter(model: nn.Module, name: str | None) -> nn.Module:
         raise ValueError("an adapter is merged into the weights; call unmerge_adapter(model) before switching.")
     for param in model.parameters():
         param.requires_grad_(False)
-    for _, module in list(adapter_layers(model)) + list(_head_wrappers(model)):
-        module.active_adapter = name
+    for _, module in list(adapter_layers(model)) + list(head_wrappers(model)):
+        module.active_adapter = name if name in module.adapter_names else None  # adapters may target other layers
     if name is not None:  # only the active adapter's own tensors train
         for params in adapter_parameters(model, name).values():
             for param in params:
@@ -285,7 +303,7 @@ def remove_adapter(model: nn.Module, merge: bool = False) -> nn.Module:
     for path, layer in list(adapter_layers(model)):
         parent, child = _get_parent(model, path)
         setattr(parent, child, layer.base_layer)
-    for path, wrapper in list(_head_wrappers(model)):
+    for path, wrapper in list(head_wrappers(model)):
         parent, child = _get_parent(model, path)
         keep = wrapper.modules_to_save[wrapper.active_adapter] if merge and wrapper.active_adapter else wrapper.original_module
         setattr(parent, child, keep)
@@ -294,4 +312,5 @@ def remove_adapter(model: nn.Module, merge: bool = False) -> nn.Module:
         p.requires_grad_(flags.get(n, True))
     for attr in (_CONFIGS, _ACTIVE, _REQUIRES_GRAD):
         delattr(model, attr)
+    mixed.uninstall(model)
     return model

@@ -3,12 +3,16 @@
     VeRA:  h = base(x) + b * (B_s (d * (A_s x)))      A_s = A[:, :in], B_s = B[:out, :]  (shared, frozen)
     LoRA:  h = base(x) + (alpha / r) * B (A x)         A, B trained per layer
 
-Several named adapters can live on one layer; exactly one (or none) is active.
+Several named adapters can live on one layer; exactly one (or none) is active, or, for a mixed batch, each row
+names its own (`rows`, set by mixed.py): VeRA gathers every row's b and d from stacked vectors, LoRA and head copies
+run one sub-batch per distinct adapter.
 """
 from __future__ import annotations
 
 import copy
 import math
+from dataclasses import dataclass
+from typing import Iterator
 
 import torch
 import torch.nn.functional as F
@@ -51,6 +55,23 @@ def layer_shape(module: nn.Module) -> tuple[int, int]:
     )
 
 
+@dataclass(frozen=True)
+class RowAdapters:
+    """Which adapter each row of a mixed batch uses: `names` per row ("__base__": none), `groups` the rows of each
+    distinct name, `index` each row's position in this layer's adapter order (len(adapters): none here)."""
+
+    names: tuple[str, ...]
+    groups: dict[str, torch.Tensor]  # name -> (rows,) long
+    index: torch.Tensor  # (B,) long
+
+    def check_batch(self, x: torch.Tensor) -> None:
+        if x.shape[0] != len(self.names):
+            raise ValueError(
+                f"adapter_names gives {len(self.names)} names but the batch has {x.shape[0]} rows; give one name per "
+                "row (beam search and num_return_sequences > 1 multiply the rows and are not supported)."
+            )
+
+
 class AdapterLayer(nn.Module):
     """What VeRA and LoRA layers share: the frozen `base_layer`, the active adapter, dropout, merge / unmerge."""
 
@@ -58,20 +79,36 @@ class AdapterLayer(nn.Module):
         super().__init__()
         self.base_layer = base_layer
         self.in_features, self.out_features = layer_shape(base_layer)
+        self.adapter_names: list[str] = []  # in the order added (VeRA's stacked vectors use it)
+        # Only adapters trained with dropout have a module here: one module per adapter and layer made loading
+        # many adapters slow (a module costs ~0.1 ms to build) and every walk over the model longer.
         self.dropout = nn.ModuleDict()
         self.active_adapter: str | None = None
         self.merged_adapter: str | None = None
+        self.rows: RowAdapters | None = None  # set only for the duration of a mixed-batch call
 
-    @property
-    def adapter_names(self) -> list[str]:
-        return list(self.dropout.keys())
+    def _register(self, name: str, dropout: float) -> None:
+        self.adapter_names.append(name)
+        if dropout > 0:
+            self.dropout[name] = nn.Dropout(dropout)
 
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         result = self.base_layer(x, *args, **kwargs)
+        if self.rows is not None:
+            self.rows.check_batch(x)
+            return self.mixed_output(x, result, self.rows)
         name = self.active_adapter
         if name is None or self.merged_adapter is not None:
             return result
-        return result + self.adapter_output(self.dropout[name](x), name).to(result.dtype)
+        x = self.dropout[name](x) if name in self.dropout else x
+        return result + self.adapter_output(x, name).to(result.dtype)
+
+    def mixed_output(self, x: torch.Tensor, result: torch.Tensor, rows: RowAdapters) -> torch.Tensor:
+        """Each row's own update, one sub-batch per distinct adapter (PEFT's way; no dropout: inference only)."""
+        for name, index in rows.groups.items():
+            if name in self.adapter_names:  # not "__base__", nor an adapter that does not adapt this layer
+                result = result.index_add(0, index, self.adapter_output(x[index], name).to(result.dtype))
+        return result
 
     def adapter_output(self, x: torch.Tensor, name: str) -> torch.Tensor:
         raise NotImplementedError
@@ -122,17 +159,19 @@ class VeraLayer(AdapterLayer):
         self.projections = projections  # the same module object in every VeraLayer of the model
         self.vera_lambda_b = nn.ParameterDict()
         self.vera_lambda_d = nn.ParameterDict()
+        self._bank: tuple[torch.Tensor, torch.Tensor] | None = None  # see vector_bank; not in the state dict
 
     def add(self, name: str, config: VeraConfig) -> None:
         device = self._param_device()
         # b = 0 keeps the model unchanged at step 0; d = d_init (a small constant, per the paper's ablation).
         self.vera_lambda_b[name] = nn.Parameter(torch.zeros(self.out_features, device=device))
         self.vera_lambda_d[name] = nn.Parameter(torch.full((config.r,), float(config.d_init), device=device))
-        self.dropout[name] = nn.Dropout(config.dropout) if config.dropout > 0 else nn.Identity()
+        self._register(name, config.dropout)
 
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         name = self.active_adapter
-        if name is None or self.merged_adapter is not None or args or kwargs or not self._foldable(x, name):
+        if (name is None or self.rows is not None or self.merged_adapter is not None or args or kwargs
+                or not self._foldable(x, name)):
             return super().forward(x, *args, **kwargs)
         b, d = self.vera_lambda_b[name], self.vera_lambda_d[name]
         weight, bias = self.base_layer.weight, self.base_layer.bias
@@ -150,14 +189,14 @@ class VeraLayer(AdapterLayer):
         """Fold the update into the frozen weight when that is exact (fp32 without autocast, frozen plain Linear /
         Conv1D, no active dropout, no hooks on the base) and cheaper: N·(in + out) > in·out for N tokens (fused.py).
         Under bf16 autocast a folded W' would round the small update into W0's bf16 values, so it is not folded."""
-        base, dropout = self.base_layer, self.dropout[name]
+        base = self.base_layer
         frozen = not base.weight.requires_grad and (base.bias is None or not base.bias.requires_grad)
         fp32 = base.weight.dtype == x.dtype == self.vera_lambda_b[name].dtype == self.projections.A.dtype == torch.float32
         tokens = x.numel() // self.in_features
         return (fused.fast_path_enabled() and type(base) in (nn.Linear, Conv1D) and frozen and fp32
                 and not torch.is_autocast_enabled(x.device.type)
                 and not (base._forward_hooks or base._forward_pre_hooks)
-                and (isinstance(dropout, nn.Identity) or not dropout.training)
+                and (name not in self.dropout or not self.dropout[name].training)
                 and tokens * (self.in_features + self.out_features) > self.in_features * self.out_features)
 
     def adapter_output(self, x: torch.Tensor, name: str) -> torch.Tensor:
@@ -167,6 +206,42 @@ class VeraLayer(AdapterLayer):
         b, d = self.vera_lambda_b[name], self.vera_lambda_d[name]
         u = self.projections.project_input(x, self.in_features, b.dtype)  # (..., r)
         return b * F.linear(d * u, self.projections.B[: self.out_features, :])  # (..., out)
+
+    def mixed_output(self, x: torch.Tensor, result: torch.Tensor, rows: RowAdapters) -> torch.Tensor:
+        """h_i = W0 x_i + b[a_i] * (B_s (d[a_i] * (A_s x_i))): one A and one B product for the whole batch and a
+        row-wise gather of b and d, so the cost does not grow with the number of distinct adapters."""
+        b_bank, d_bank = self.vector_bank()
+        shape = (x.shape[0],) + (1,) * (x.dim() - 2) + (-1,)  # rows along dim 0, broadcast over the rest
+        b, d = b_bank[rows.index].view(shape), d_bank[rows.index].view(shape)  # (B, 1.., out), (B, 1.., r)
+        u = self.projections.project_input(x, self.in_features, b.dtype)  # (B, ..., r), shared like adapter_output
+        return result + (b * F.linear(d * u, self.projections.B[: self.out_features, :])).to(result.dtype)
+
+    def vector_bank(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Every adapter's b and d stacked in adapter order, (K + 1, out) and (K + 1, r), the last row zero for rows
+        without an adapter here. Built on first use, then each adapter's parameters are re-pointed to views of their
+        row, so the vectors are held once and training or loading one adapter updates the stack in place. Rebuilt
+        when that no longer holds (an adapter added, parameters moved or replaced)."""
+        names = self.adapter_names
+        if self._bank is None or not self._bank_holds(names):
+            # Normal tensors even under inference_mode (generate): the parameters become views of the stack and
+            # must still be trainable afterwards.
+            with torch.inference_mode(False), torch.no_grad():
+                self._bank = tuple(self._stack(params, names) for params in (self.vera_lambda_b, self.vera_lambda_d))
+        return self._bank
+
+    def _bank_holds(self, names: list[str]) -> bool:
+        return all(len(bank) == len(names) + 1 and all(params[n].data_ptr() == bank[i].data_ptr()
+                                                        for i, n in enumerate(names))
+                   for bank, params in zip(self._bank, (self.vera_lambda_b, self.vera_lambda_d)))
+
+    @staticmethod
+    def _stack(params: nn.ParameterDict, names: list[str]) -> torch.Tensor:
+        first = params[names[0]]
+        bank = torch.zeros((len(names) + 1, *first.shape), dtype=first.dtype, device=first.device)
+        for i, name in enumerate(names):
+            bank[i] = params[name]
+            params[name].data = bank[i]  # the parameter object stays (optimizers, grads); its storage is the row
+        return bank
 
     def plain_adapter_output(self, x: torch.Tensor, name: str) -> torch.Tensor:
         """The formula as written, nothing shared or folded: the reference the fast path is tested against."""
@@ -202,7 +277,7 @@ class LoraLayer(AdapterLayer):
         self.lora_A[name] = nn.Parameter(A)
         self.lora_B[name] = nn.Parameter(torch.zeros(self.out_features, config.r, device=device))  # B = 0: no change at step 0
         self.scaling[name] = config.scaling
-        self.dropout[name] = nn.Dropout(config.dropout) if config.dropout > 0 else nn.Identity()
+        self._register(name, config.dropout)
 
     def adapter_output(self, x: torch.Tensor, name: str) -> torch.Tensor:
         A, B = self.lora_A[name], self.lora_B[name]
@@ -223,6 +298,7 @@ class ModulesToSave(nn.Module):
         self.original_module = original_module
         self.modules_to_save = nn.ModuleDict()
         self.active_adapter: str | None = None
+        self.rows: RowAdapters | None = None  # set only for the duration of a mixed-batch call
 
     @property
     def adapter_names(self) -> list[str]:
@@ -236,6 +312,37 @@ class ModulesToSave(nn.Module):
         return list(self.modules_to_save[name].parameters())
 
     def forward(self, *args, **kwargs):
-        name = self.active_adapter
-        module = self.modules_to_save[name] if name in self.modules_to_save else self.original_module
-        return module(*args, **kwargs)
+        if self.rows is not None:
+            return self.mixed_forward(*args, **kwargs)
+        return self._module(self.active_adapter)(*args, **kwargs)
+
+    def _module(self, name: str | None) -> nn.Module:
+        return self.modules_to_save[name] if name in self.modules_to_save else self.original_module
+
+    def mixed_forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        """Each row through its adapter's copy (or the original), one sub-batch per distinct adapter, as PEFT does;
+        the first argument and the output must be batch-first tensors."""
+        self.rows.check_batch(x)
+        result = None
+        for name, index in self.rows.groups.items():
+            out = self._module(name)(x[index], *args, **kwargs)
+            if result is None:
+                result = out.new_empty((x.shape[0], *out.shape[1:]))
+            result[index] = out
+        return result
+
+
+def walk(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
+    """(path, module) in named_modules() order, adapter wrappers included but not the modules inside them: every
+    adapter adds modules to each wrapper (its dropout), so with many adapters a full walk grows with their number,
+    and no verb needs what a wrapper holds."""
+    seen, stack = set(), [("", model)]
+    while stack:
+        path, module = stack.pop()
+        if id(module) in seen:
+            continue
+        seen.add(id(module))
+        yield path, module
+        if not isinstance(module, (AdapterLayer, ModulesToSave)):
+            prefix = f"{path}." if path else ""
+            stack += [(prefix + n, c) for n, c in reversed(module._modules.items()) if c is not None]

@@ -10,6 +10,7 @@ import importlib.util
 import os
 import shutil
 import tempfile
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
@@ -31,6 +32,7 @@ from .config import AdapterConfig
 from .chat import format_prompt
 from .inject import add_adapter
 from .layers import keep_portable_4bit
+from .mixed import mixed_adapters
 from .data import TASKS
 QUANTIZATIONS = (None, "4bit", "8bit")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -268,12 +270,17 @@ def generate(
     top_p: float = 1.0,
     seed: int = 0,
     batch_size: int = 8,
+    adapter_names: Sequence[str] | None = None,
 ) -> list[str]:
     """Answer each prompt (chat-formatted like training) and return only the new text, stripped.
 
     Greedy by default; sampling is seeded so a call repeats. Pads left only here (training pads right), and
-    restores the tokenizer's padding side and the model's train/eval mode afterwards.
+    restores the tokenizer's padding side and the model's train/eval mode afterwards. adapter_names: one adapter
+    per prompt ("__base__": none), all served in the same batches (mixed.py).
     """
+    if adapter_names is not None and len(adapter_names) != len(prompts):
+        raise ValueError(f"adapter_names has {len(adapter_names)} names for {len(prompts)} prompts; give one adapter "
+                         "name per prompt.")
     texts = [format_prompt(tokenizer, p) for p in prompts]
     # A chat template already writes the special tokens (e.g. BOS); adding them again would double them.
     add_special = not getattr(tokenizer, "chat_template", None)
@@ -292,9 +299,11 @@ def generate(
                 ).to(device)
                 # Only what a decoder reads: BERT-style tokenizers also return token_type_ids, which Llama rejects.
                 enc = {k: enc[k] for k in ("input_ids", "attention_mask")}
-                out = model.generate(
-                    **enc, max_new_tokens=max_new_tokens, pad_token_id=tokenizer.pad_token_id, **sampling
-                )
+                rows = adapter_names[start : start + batch_size] if adapter_names is not None else None
+                with mixed_adapters(model, rows) if rows is not None else nullcontext():
+                    out = model.generate(
+                        **enc, max_new_tokens=max_new_tokens, pad_token_id=tokenizer.pad_token_id, **sampling
+                    )
                 new_tokens = out[:, enc["input_ids"].shape[1] :]  # (B, new) — left padding aligns prompts' ends
                 answers += [t.strip() for t in tokenizer.batch_decode(new_tokens, skip_special_tokens=True)]
     finally:

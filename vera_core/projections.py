@@ -64,7 +64,11 @@ class VeraProjections(nn.Module):
         return self.input_cache.project(x, self.A, in_features, dtype)
 
     def fingerprint(self) -> str:
-        return fingerprint(self.A, self.B)
+        """Cached while A and B are unchanged: loading many adapters checks each against the model's pair."""
+        key = (self.A.data_ptr(), self.A._version, self.B.data_ptr(), self.B._version)
+        if getattr(self, "_fingerprint", (None,))[0] != key:
+            self._fingerprint = (key, fingerprint(self.A, self.B))
+        return self._fingerprint[1]
 
     def extra_repr(self) -> str:
         return f"r={self.r}, max_in={self.max_in}, max_out={self.max_out}, seed={self.seed}"

@@ -3,6 +3,9 @@
 One readable loop: AdamW with an adapter and a head learning rate, warm-up then decay, gradient accumulation and
 clipping, periodic evaluation, atomic checkpoints that resume onto the exact same loss curve, a stop flag, events for
 a UI, and peak-memory measurement. Under `accelerate launch` (DDP) the same loop runs on every rank.
+
+`train` reads as its steps: `_set_up` (checks, data, optimizer, schedule, resume), `_optimizer_step`,
+`_evaluate_if_due`, `_checkpoint`, and `_result`.
 """
 from __future__ import annotations
 
