@@ -31,7 +31,7 @@ from .data import TextDataset
 from .device import resolve_device
 from .evaluate import score_split
 from .files import write_json
-from .inject import adapter_layers, add_adapter
+from .inject import adapter_layers
 from .io import save_adapter
 from .memory import DTYPE_BYTES, estimate_memory
 from .metrics import group_references
