@@ -454,7 +454,9 @@ def build_app(runs_dir: str | Path = "runs", defaults: RunForm | None = None, po
                             vera_d_init = gr.Textbox(str(defaults.vera_d_init), label="VeRA d_init")
                         with gr.Row():
                             lora_r = gr.Textbox(str(defaults.lora_r), label="LoRA r")
-                            lora_alpha = gr.Number(defaults.lora_alpha, label="LoRA alpha")
+                            # Text, not a number field: an empty number field arrives as 0, not as "2r".
+                            lora_alpha = gr.Textbox("" if defaults.lora_alpha is None else str(defaults.lora_alpha),
+                                                    label="LoRA alpha", placeholder="empty: 2 × r")
                         targets = gr.Dropdown(list(views.TARGET_PRESETS), value=defaults.targets,
                                               label="Target modules")
                         custom_targets = gr.Textbox(defaults.custom_targets, label="Custom targets",

@@ -49,7 +49,7 @@ class RunForm:
     vera_r: int | str = "256"  # text: one rank, or a comma-separated list for a sweep ("16,256")
     vera_d_init: float | str = "0.1"  # text: one value or a list; every VeRA r is run with every d_init
     lora_r: int | str = "8"  # text: one rank or a list
-    lora_alpha: float | None = 16  # one alpha for every LoRA rank; empty (None): 2r each
+    lora_alpha: float | str | None = None  # text: one alpha for every LoRA rank; empty (None): 2r each
     targets: str = "all-linear (every projection, head excluded)"  # a TARGET_PRESETS key
     custom_targets: str = ""  # comma-separated module names, or one regex
     vera_lr: float = DEFAULT_LR["vera"][0]
@@ -129,7 +129,8 @@ def run_request(form: RunForm, upload: str | None) -> RunRequest:
         vera=vera_grid(r=int_list(form.vera_r, "VeRA r"), d_init=float_list(form.vera_d_init, "VeRA d_init"),
                        target_modules=targets),
         lora=lora_grid(r=int_list(form.lora_r, "LoRA r"), target_modules=targets,
-                       alpha=None if form.lora_alpha in (None, "") else number("LoRA alpha", form.lora_alpha)),
+                       alpha=None if str(form.lora_alpha if form.lora_alpha is not None else "").strip() == ""
+                       else number("LoRA alpha", form.lora_alpha)),
         train=TrainConfig(steps=number("steps", form.steps, True), batch_size=number("batch", form.batch_size, True),
                           max_length=number("sequence length", form.max_length, True),
                           seed=number("seed", form.seed, True),
