@@ -69,7 +69,7 @@ def test_comparison_through_the_api_matches_report_json(lab):
             assert row["peak memory (MiB)"] == pytest.approx(run["peak_memory_bytes"] / 2**20, abs=0.05)
             assert row["step time (s)"] == pytest.approx(run["step_time_s"], abs=1e-3)
             assert row["tokens/s"] == pytest.approx(run["tokens_per_s"], abs=0.05)
-    assert saved["lab form"]["vera_r"] == 16 and saved["compare config.json"]["train"]["steps"] == 2
+    assert saved["lab form"]["vera_r"] == "16" and saved["compare config.json"]["train"]["steps"] == 2
 
     # The saved settings re-open into the form.
     reopened = client.predict(str(run_dir), api_name="/reopen_run")
