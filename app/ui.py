@@ -17,12 +17,20 @@ import pandas as pd
 
 from vera_core import merge_adapter, unmerge_adapter
 from vera_core.calculator import KNOWN_MODELS
-from vera_core.compare import run_request
+from vera_core.compare import measure_step_times, run_request
 from vera_core.data import BUILTIN_DATASETS, format_preview, load_dataset
 from vera_core.models import OFFLINE_MODELS, generate, predict
-from vera_core.plots import calculator_figure, loss_figure, memory_figure, metric_figure, params_figure
-from vera_core.report import load_run
-from vera_core.runs import export, load_run_model, new_run_dir
+from vera_core.plots import (
+    calculator_figure,
+    dinit_figure,
+    loss_figure,
+    memory_figure,
+    metric_figure,
+    params_figure,
+    tradeoff_figure,
+)
+from vera_core.report import load_run, tradeoff_rows
+from vera_core.runs import export, list_runs, load_run_model, new_run_dir
 
 from . import views
 from .jobs import JobBusy, JobManager
@@ -127,10 +135,29 @@ class Lab:
         except ValueError as err:
             raise gr.Error(str(err)) from None
 
+    def plan(self, form: RunForm, upload: str | None) -> str:
+        """How many runs the form makes, by name (a bad list or a repeated setting is the message instead)."""
+        try:
+            return views.plan_text(views.run_request(form, upload))
+        except ValueError as err:
+            return f"⚠ {err}"
+
+    def measure(self, form: RunForm, upload: str | None) -> str:
+        """The plan with its time estimate: a few real steps of the smallest and largest run of each method, timed on
+        this device. Not while a job runs: it would slow the job and its own timing would be wrong."""
+        try:
+            request = views.run_request(form, upload)
+        except ValueError as err:
+            raise gr.Error(str(err)) from None
+        if self.manager.snapshot()["status"] in ("running", "stopping"):
+            raise gr.Error("a run is already running; measure the step time when it has ended")
+        return views.plan_text(request, request.time_estimate(measure_step_times(request)))
+
     def start(self, form: RunForm, upload: str | None) -> str:
         """Validate everything, then start the comparison in the worker thread (one job at a time)."""
         try:
             request = views.run_request(form, upload)
+            views.check_sweep_size(request, form.confirm_runs)
             warnings = [row["warning"] for row in request.estimate() if row["warning"]]
         except ValueError as err:
             raise gr.Error(str(err)) from None
@@ -188,9 +215,11 @@ class Lab:
         return gr.update(choices=choices, value=value)
 
     def show_run(self, run_dir: str | None):
-        """A finished (or stopped) run: summary, table, bar charts, loss curves, and its saved settings."""
+        """A finished (or stopped) run: summary, table, bar charts, loss curves, the sweep's trade-off figures and
+        its table sorted by metric, and its saved settings."""
         if not run_dir:
-            return "No run selected.", pd.DataFrame(columns=views.RESULT_COLUMNS), None, None, None, None, {}
+            empty = pd.DataFrame(columns=views.RESULT_COLUMNS)
+            return "No run selected.", empty, None, None, None, None, None, None, empty, {}
         path = self._run_dir(run_dir)
         report, histories = load_run(path)
         meta = views.read_lab_meta(path)
@@ -200,7 +229,12 @@ class Lab:
                    + (" — **stopped early**" if report.get("stopped") else ""))
         runs = report["runs"]
         figures = (loss_figure(histories), params_figure(runs), memory_figure(runs), metric_figure(runs, report["task"]))
-        return (summary, views.results_table(report, meta.get("total_params")), *figures,
+        scored = tradeoff_rows(report)
+        metric = scored[0]["metric_name"] if scored else "accuracy"
+        sweep = (tradeoff_figure(scored, metric, "Test metric against trainable parameters"),
+                 dinit_figure(scored, metric))
+        return (summary, views.results_table(report, meta.get("total_params")), *figures, *sweep,
+                views.sweep_table(report, meta.get("total_params")),
                 {"compare config.json": config, "lab form": meta.get("form")})
 
     def reopen(self, run_dir: str | None):
@@ -220,6 +254,58 @@ class Lab:
         # Fixed widths: left to itself, a wrapped long input column pushes the answers out of view.
         rest = len(table.columns) - 1
         return gr.Dataframe(table, column_widths=["34%"] + [f"{66 // max(rest, 1)}%"] * rest)
+
+    # ------------------------------------------------------------------ run history
+    def history(self, model: str | None, dataset: str | None, selected: list[str] | None):
+        """The history table and the run checkboxes, filtered by model and data set; the filters' choices."""
+        runs = list_runs(self.runs_dir)
+        shown = views.filter_runs(runs, model, dataset)
+        choices = [(views.run_label(run), run["run_dir"]) for run in shown]
+        kept = [path for path in selected or [] if path in {run["run_dir"] for run in shown}]
+        models = [views.ALL, *dict.fromkeys(run["model"] for run in runs)]
+        datasets = [views.ALL, *dict.fromkeys(run["dataset"] for run in runs)]
+        return (views.history_table(shown), gr.update(choices=choices, value=kept),
+                gr.update(choices=models, value=model if model in models else views.ALL),
+                gr.update(choices=datasets, value=dataset if dataset in datasets else views.ALL))
+
+    def overlay(self, selected: list[str] | None):
+        """Two or more runs: their loss curves on one plot, and their numbers side by side."""
+        if not selected or len(selected) < 2:
+            raise gr.Error("select two or more runs to compare")
+        reports, histories, totals = {}, {}, {}
+        for run_dir in selected:
+            path = self._run_dir(run_dir)
+            reports[path.name], histories[path.name] = load_run(path)
+            totals[path.name] = views.read_lab_meta(path).get("total_params")
+        return loss_figure(views.overlay_histories(histories)), views.overlay_table(reports, totals)
+
+    def _one(self, selected: list[str] | None) -> str:
+        if not selected or len(selected) != 1:
+            raise gr.Error("select exactly one run for this")
+        return selected[0]
+
+    def open_in(self, tab: str, selected: list[str] | None):
+        """Switch to the Results or Outputs tab with the selected run chosen there."""
+        run_dir = str(self._run_dir(self._one(selected)))
+        return gr.Tabs(selected=tab), gr.update(choices=views.list_runs(self.runs_dir), value=run_dir)
+
+    def delete(self, selected: list[str] | None, confirmed: bool) -> str:
+        """Delete one run directory, after a confirmation, and only a real folder directly inside runs_dir (never
+        a link, never a path that leads elsewhere, never the running job's)."""
+        run_dir = self._one(selected)
+        if not confirmed:
+            raise gr.Error("tick \"Yes, delete the selected run\" first: deleting cannot be undone")
+        given = Path(run_dir)
+        path = self.runs_dir / given.name
+        if (given.resolve() != path or path.is_symlink() or not path.is_dir()
+                or not (path / "config.json").is_file()):
+            raise gr.Error(f"{run_dir} is not a run directory of this lab (runs live in {self.runs_dir})")
+        snap = self.manager.snapshot()
+        if snap["status"] in ("running", "stopping") and snap["run_dir"] == str(path):
+            raise gr.Error("this run is still running; stop it first")
+        shutil.rmtree(path)
+        self._loaded = {key: value for key, value in self._loaded.items() if key[0] != str(path)}
+        return f"deleted {path.name}"
 
     # ------------------------------------------------------------------ outputs side by side
     def _model(self, path: Path, run: str):
@@ -337,7 +423,7 @@ def build_app(runs_dir: str | Path = "runs", defaults: RunForm | None = None, po
         gr.Markdown("# VeRA Lab — fine-tune with VeRA and LoRA, side by side\n"
                     "VeRA trains two small vectors per layer on top of random frozen matrices shared by all layers; "
                     "LoRA trains two matrices per layer. Choose a model, data and ranks, then compare.")
-        with gr.Tabs():
+        with gr.Tabs() as tabs:
             with gr.Tab("Train & compare", id="train"):
                 with gr.Row():
                     with gr.Column():
@@ -361,12 +447,16 @@ def build_app(runs_dir: str | Path = "runs", defaults: RunForm | None = None, po
                         gr.Markdown("### Methods and adapters")
                         methods = gr.CheckboxGroup(views.METHOD_CHOICES, value=defaults.methods, label="Methods",
                                                    info="base: evaluate only; full: full fine-tuning")
+                        gr.Markdown("One value each, or comma-separated lists for a **sweep**: every VeRA r with "
+                                    "every d_init, and every LoRA r (alpha empty: 2 × r each).")
                         with gr.Row():
-                            vera_r = gr.Number(defaults.vera_r, precision=0, label="VeRA r")
+                            vera_r = gr.Textbox(str(defaults.vera_r), label="VeRA r")
                             vera_d_init = gr.Textbox(str(defaults.vera_d_init), label="VeRA d_init")
                         with gr.Row():
-                            lora_r = gr.Number(defaults.lora_r, precision=0, label="LoRA r")
-                            lora_alpha = gr.Number(defaults.lora_alpha, label="LoRA alpha")
+                            lora_r = gr.Textbox(str(defaults.lora_r), label="LoRA r")
+                            # Text, not a number field: an empty number field arrives as 0, not as "2r".
+                            lora_alpha = gr.Textbox("" if defaults.lora_alpha is None else str(defaults.lora_alpha),
+                                                    label="LoRA alpha", placeholder="empty: 2 × r")
                         targets = gr.Dropdown(list(views.TARGET_PRESETS), value=defaults.targets,
                                               label="Target modules")
                         custom_targets = gr.Textbox(defaults.custom_targets, label="Custom targets",
@@ -388,8 +478,12 @@ def build_app(runs_dir: str | Path = "runs", defaults: RunForm | None = None, po
                                                       label="Test generations scored (BLEU)")
                 estimate = gr.Dataframe(label="Before starting: trainable parameters (heads excluded) and memory "
                                               "estimate per method", interactive=False, elem_id="estimate")
+                plan = gr.Markdown(elem_id="plan")
+                confirm_runs = gr.Checkbox(defaults.confirm_runs,
+                                           label=f"I know this sweep has more than {views.CONFIRM_ABOVE} runs")
                 with gr.Row():
                     estimate_btn = gr.Button("Estimate")
+                    measure_btn = gr.Button("Measure time", elem_id="measure")
                     start_btn = gr.Button("Start", variant="primary", elem_id="start")
                     stop_btn = gr.Button("Stop", variant="stop", elem_id="stop")
                 notice = gr.Markdown(elem_id="notice")
@@ -411,7 +505,35 @@ def build_app(runs_dir: str | Path = "runs", defaults: RunForm | None = None, po
                     loss_plot, params_plot = gr.Plot(label="Loss"), gr.Plot(label="Trainable parameters")
                 with gr.Row():
                     memory_plot, metric_plot = gr.Plot(label="Peak memory"), gr.Plot(label="Test metric")
+                gr.Markdown("### Sweep: quality against size (base / head only dashed), and against d_init per r")
+                with gr.Row():
+                    tradeoff_plot = gr.Plot(label="Trade-off", elem_id="tradeoff-plot")
+                    dinit_plot = gr.Plot(label="d_init", elem_id="dinit-plot")
+                sweep_results = gr.Dataframe(label="Runs sorted by test metric", interactive=False,
+                                             elem_id="sweep-table")
                 saved_config = gr.JSON(label="Saved configuration")
+
+            with gr.Tab("Runs", id="runs") as runs_tab:
+                with gr.Row():
+                    filter_model = gr.Dropdown([views.ALL], value=views.ALL, label="Model", scale=2)
+                    filter_dataset = gr.Dropdown([views.ALL], value=views.ALL, label="Data set", scale=2)
+                    history_btn = gr.Button("Refresh", scale=1)
+                history = gr.Dataframe(pd.DataFrame(columns=views.HISTORY_COLUMNS), label="Run history (newest first)",
+                                       interactive=False, elem_id="runs-table")
+                # A dropdown that takes any value: the API names runs by path, and _run_dir checks every one.
+                picked = gr.Dropdown([], value=[], multiselect=True, allow_custom_value=True, label="Select runs",
+                                     elem_id="runs-pick")
+                with gr.Row():
+                    overlay_btn = gr.Button("Compare selected", variant="primary", elem_id="overlay")
+                    open_results_btn = gr.Button("Open in Results")
+                    open_outputs_btn = gr.Button("Open in Outputs")
+                with gr.Row():
+                    confirm_delete = gr.Checkbox(False, label="Yes, delete the selected run")
+                    delete_btn = gr.Button("Delete selected run", variant="stop")
+                runs_notice = gr.Markdown(elem_id="runs-notice")
+                overlay_plot = gr.Plot(label="Loss curves of the selected runs", elem_id="overlay-plot")
+                overlay_results = gr.Dataframe(label="Selected runs side by side", interactive=False,
+                                               elem_id="overlay-table")
 
             with gr.Tab("Outputs", id="outputs") as outputs_tab:
                 out_run = gr.Dropdown(label="Run", choices=views.list_runs(lab.runs_dir), allow_custom_value=True)
@@ -455,7 +577,8 @@ def build_app(runs_dir: str | Path = "runs", defaults: RunForm | None = None, po
                     dataset=dataset, max_rows=max_rows, methods=methods, vera_r=vera_r, vera_d_init=vera_d_init,
                     lora_r=lora_r, lora_alpha=lora_alpha, targets=targets, custom_targets=custom_targets,
                     vera_lr=vera_lr, lora_lr=lora_lr, full_lr=full_lr, steps=steps, batch_size=batch_size,
-                    max_length=max_length, seed=seed, eval_batches=eval_batches, eval_generate=eval_generate)
+                    max_length=max_length, seed=seed, eval_batches=eval_batches, eval_generate=eval_generate,
+                    confirm_runs=confirm_runs)
         lab.form_fields = list(form)
         form_inputs = list(form.values())
         all_inputs = [upload, *form_inputs]
@@ -470,6 +593,10 @@ def build_app(runs_dir: str | Path = "runs", defaults: RunForm | None = None, po
             trigger(lab.preview, preview_inputs, preview, api_visibility="private")
         estimate_btn.click(form_handler(lab.estimate, form, defaults), all_inputs, estimate, api_name="estimate")
         demo.load(form_handler(lab.estimate, form, defaults), all_inputs, estimate, api_visibility="private")
+        for trigger in (estimate_btn.click, demo.load):
+            trigger(form_handler(lab.plan, form, defaults), all_inputs, plan, api_visibility="private")
+        measure_btn.click(form_handler(lab.measure, form, defaults), all_inputs, plan, api_name="time_estimate",
+                          concurrency_limit=1)
         start_btn.click(form_handler(lab.start, form, defaults), all_inputs, notice, api_name="start_run", concurrency_limit=1)
         stop_btn.click(lab.stop, None, notice, api_name="stop_run", queue=False)
         seen = gr.State(None)
@@ -484,7 +611,22 @@ def build_app(runs_dir: str | Path = "runs", defaults: RunForm | None = None, po
             tab.select(lab.run_choices, picker, picker, api_visibility="private")
         refresh_btn.click(lab.run_choices, run_pick, run_pick, api_visibility="private")
         run_pick.change(lab.show_run, run_pick, [summary, results, loss_plot, params_plot, memory_plot, metric_plot,
-                                                 saved_config], api_name="show_run")
+                                                 tradeoff_plot, dinit_plot, sweep_results, saved_config],
+                        api_name="show_run")
+
+        # Runs: the history, filtered; overlay, open elsewhere, delete
+        history_inputs, history_outputs = [filter_model, filter_dataset, picked], [history, picked, filter_model,
+                                                                                    filter_dataset]
+        for trigger in (runs_tab.select, history_btn.click, filter_model.input, filter_dataset.input):
+            trigger(lab.history, history_inputs, history_outputs, api_visibility="private")
+        overlay_btn.click(lab.overlay, picked, [overlay_plot, overlay_results], api_name="overlay_runs")
+        open_results_btn.click(functools.partial(lab.open_in, "results"), picked, [tabs, run_pick],
+                               api_visibility="private")
+        open_outputs_btn.click(functools.partial(lab.open_in, "outputs"), picked, [tabs, out_run],
+                               api_visibility="private")
+        delete_btn.click(lab.delete, [picked, confirm_delete], runs_notice, api_name="delete_run").success(
+            lab.history, history_inputs, history_outputs, api_visibility="private").then(
+            lambda: False, None, confirm_delete, api_visibility="private")
         reopen_btn.click(lab.reopen, run_pick, form_inputs, api_name="reopen_run")
         out_run.change(lab.samples, out_run, samples, api_visibility="private")
         generate_btn.click(lab.outputs, [out_run, prompt, sampled, max_tokens, temperature], side_by_side,

@@ -11,13 +11,13 @@ from pathlib import Path
 import pandas as pd
 import torch
 
-from vera_core import LoraConfig, TrainConfig, VeraConfig
+from vera_core import TrainConfig, lora_grid, vera_grid
 from vera_core.calculator import known_model, parameter_table
-from vera_core.checks import int_list
+from vera_core.checks import float_list, int_list
 from vera_core.config import ALL_LINEAR
 from vera_core.data import BUILTIN_DATASETS, shorten
 from vera_core.files import write_json
-from vera_core.report import summary_rows
+from vera_core.report import metric_value, summary_rows
 from vera_core.request import RunRequest
 from vera_core.runs import list_runs as vera_list_runs
 from vera_core.train import DEFAULT_LR
@@ -32,6 +32,7 @@ TARGET_PRESETS = {
 METHOD_CHOICES = ["base", "vera", "lora", "full"]
 FORM_FILE = "lab_form.json"  # the form as the user filled it, next to compare's config.json
 SAMPLES = 4  # test inputs whose outputs every method writes to samples.jsonl (shown in the Outputs tab)
+CONFIRM_ABOVE = 24  # a sweep with more runs starts only with the form's confirm_runs ticked
 
 
 @dataclass
@@ -45,10 +46,10 @@ class RunForm:
     dataset: str = "synthetic-restaurants"  # a built-in name or UPLOAD
     max_rows: int = 96  # rows kept per split (0: all), so CPU runs stay short
     methods: list[str] = field(default_factory=lambda: ["base", "vera", "lora"])
-    vera_r: int = 256
-    vera_d_init: float | str = 0.1  # a text field in the UI, so any input (nan too) reaches VeraConfig's check
-    lora_r: int = 8
-    lora_alpha: float = 16
+    vera_r: int | str = "256"  # text: one rank, or a comma-separated list for a sweep ("16,256")
+    vera_d_init: float | str = "0.1"  # text: one value or a list; every VeRA r is run with every d_init
+    lora_r: int | str = "8"  # text: one rank or a list
+    lora_alpha: float | str | None = None  # text: one alpha for every LoRA rank; empty (None): 2r each
     targets: str = "all-linear (every projection, head excluded)"  # a TARGET_PRESETS key
     custom_targets: str = ""  # comma-separated module names, or one regex
     vera_lr: float = DEFAULT_LR["vera"][0]
@@ -60,6 +61,7 @@ class RunForm:
     seed: int = 0
     eval_batches: int = 2  # validation batches per evaluation during training (0: the whole split)
     eval_generate: int = 4  # test inputs generated and scored with BLEU / ROUGE-L after training (causal LM)
+    confirm_runs: bool = False  # the user's yes to a sweep of more than CONFIRM_ABOVE runs
 
     @classmethod
     def from_dict(cls, data: dict) -> "RunForm":
@@ -124,10 +126,11 @@ def run_request(form: RunForm, upload: str | None) -> RunRequest:
     targets = target_modules(form)
     return RunRequest(
         model=form.model, dataset=dataset_source(form, upload), methods=form.methods,
-        vera=VeraConfig(r=number("VeRA r", form.vera_r, True), d_init=number("VeRA d_init", form.vera_d_init),
-                        target_modules=targets),
-        lora=LoraConfig(r=number("LoRA r", form.lora_r, True), alpha=number("LoRA alpha", form.lora_alpha),
-                        target_modules=targets),
+        vera=vera_grid(r=int_list(form.vera_r, "VeRA r"), d_init=float_list(form.vera_d_init, "VeRA d_init"),
+                       target_modules=targets),
+        lora=lora_grid(r=int_list(form.lora_r, "LoRA r"), target_modules=targets,
+                       alpha=None if str(form.lora_alpha if form.lora_alpha is not None else "").strip() == ""
+                       else number("LoRA alpha", form.lora_alpha)),
         train=TrainConfig(steps=number("steps", form.steps, True), batch_size=number("batch", form.batch_size, True),
                           max_length=number("sequence length", form.max_length, True),
                           seed=number("seed", form.seed, True),
@@ -205,9 +208,76 @@ def samples_table(rows: list[dict], labels: list[str] | None, width: int = 160) 
 
 
 def list_runs(runs_dir: Path) -> list[tuple[str, str]]:
-    """(label, path) of the lab's runs for a dropdown, newest first."""
-    return [(f"{Path(run['run_dir']).name} — {run['dataset']} ({', '.join(run['runs']) or 'no finished run'})"
-             + (" — stopped" if run["stopped"] else ""), run["run_dir"]) for run in vera_list_runs(runs_dir)]
+    """(label, path) of the lab's runs for a dropdown or checkboxes, newest first (vera_core.list_runs reads them)."""
+    return [(run_label(run), run["run_dir"]) for run in vera_list_runs(runs_dir)]
+
+
+def run_label(run: dict) -> str:
+    status = "" if run["status"] == "finished" else f" — {run['status']}"
+    return f"{Path(run['run_dir']).name} — {run['dataset']} ({', '.join(run['settings']) or 'no run'}){status}"
+
+
+ALL = "all"  # the Runs tab's filter value that keeps every model / data set
+
+
+HISTORY_COLUMNS = ["run directory", "started", "status", "model", "data set", "runs", "best", "wall (s)"]
+
+
+def history_table(runs: list[dict]) -> pd.DataFrame:
+    """vera_core.list_runs as the Runs tab's table: one row per run directory."""
+    return pd.DataFrame([{
+        "run directory": Path(run["run_dir"]).name, "started": run["started"], "status": run["status"],
+        "model": run["model"], "data set": run["dataset"], "runs": ", ".join(run["settings"]),
+        "best": ", ".join(f"{m} {v:.1f}" for m, v in run["best"].items()) + (f" ({run['metric']})" if run["best"]
+                                                                              else ""),
+        "wall (s)": round(run["wall_s"], 1) if run["wall_s"] is not None else None,
+    } for run in runs], columns=HISTORY_COLUMNS)
+
+
+def filter_runs(runs: list[dict], model: str | None, dataset: str | None) -> list[dict]:
+    return [run for run in runs if model in (None, ALL, run["model"]) and dataset in (None, ALL, run["dataset"])]
+
+
+def check_sweep_size(request: RunRequest, confirmed: bool) -> None:
+    """A sweep above CONFIRM_ABOVE runs starts only after an explicit yes (a typo can make a 200-run grid)."""
+    runs = len(request.plan())
+    if runs > CONFIRM_ABOVE and not confirmed:
+        raise ValueError(f"this sweep makes {runs} runs, more than {CONFIRM_ABOVE}; tick \"I know this sweep has "
+                         f"more than {CONFIRM_ABOVE} runs\" (API: confirm_runs=True) to start it.")
+
+
+def plan_text(request: RunRequest, time_estimate: dict | None = None) -> str:
+    """The planned runs and, once step times were measured, the time estimate with what it is based on."""
+    names = [spec.name for spec in request.plan()]
+    line = f"**{len(names)} run{'s' * (len(names) != 1)}**: {', '.join(names)}"
+    if len(names) > CONFIRM_ABOVE:
+        line += f" — more than {CONFIRM_ABOVE}: tick the confirmation to start"
+    if time_estimate is None:
+        return line + ". Time: press *Measure time* (it trains 2-3 steps of the smallest and largest run)."
+    return (line + f". **Estimated training time ≈ {time_estimate['total_s'] / 60:.1f} min** "
+            f"({time_estimate['based_on']}).")
+
+
+def sweep_table(report: dict, total_params: int | None) -> pd.DataFrame:
+    """The results table sorted by the test metric (best first; unscored runs last), with each run's settings."""
+    table = results_table(report, total_params)
+    settings = pd.DataFrame([{"r": run.get("r"), "d_init": run.get("d_init"), "alpha": run.get("alpha")}
+                             for run in report["runs"]])
+    scores = [(metric_value(run.get("eval")) or (None, float("-inf")))[1] for run in report["runs"]]
+    table = pd.concat([table[["run"]], settings, table.drop(columns=["run"])], axis=1)
+    return table.iloc[sorted(range(len(scores)), key=lambda i: -scores[i])].reset_index(drop=True)
+
+
+def overlay_table(reports: dict[str, dict], totals: dict[str, int | None]) -> pd.DataFrame:
+    """Several run directories side by side: every run's metric, parameters, memory and step time, by directory."""
+    tables = [results_table(report, totals[name]).assign(directory=name) for name, report in reports.items()]
+    table = pd.concat(tables, ignore_index=True) if tables else pd.DataFrame(columns=["directory", *RESULT_COLUMNS])
+    return table[["directory", *RESULT_COLUMNS]]
+
+
+def overlay_histories(histories: dict[str, dict[str, list[dict]]]) -> dict[str, list[dict]]:
+    """{directory: {run: events}} as one {"directory/run": events} for `plots.loss_figure`."""
+    return {f"{directory}/{run}": events for directory, runs in histories.items() for run, events in runs.items()}
 
 
 def read_form(run_dir: Path) -> RunForm | None:

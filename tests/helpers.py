@@ -119,6 +119,13 @@ def causal_data() -> TextDataset:
     return TextDataset("tiny-colours", "causal-lm", train=rows[:12], validation=rows[12:], test=[], source="test")
 
 
+def sentiment() -> TextDataset:
+    """Twelve short reviews, both labels in every split: a classification set for the tiny BERT."""
+    rows = [{"text": t, "label": 1} for t in GOOD] + [{"text": t, "label": 0} for t in BAD]
+    rows = rows[::2] + rows[1::2]  # both labels in every split
+    return TextDataset("tiny-sentiment", "classification", rows[:8], rows[8:10], rows[10:], ["neg", "pos"], "test")
+
+
 def check_contract(run_dir: Path, task: str) -> dict:
     """report.json has every contract key, and its sizes and counts agree with what is on disk."""
     report = json.loads((run_dir / "report.json").read_text())

@@ -69,11 +69,11 @@ def test_comparison_through_the_api_matches_report_json(lab):
             assert row["peak memory (MiB)"] == pytest.approx(run["peak_memory_bytes"] / 2**20, abs=0.05)
             assert row["step time (s)"] == pytest.approx(run["step_time_s"], abs=1e-3)
             assert row["tokens/s"] == pytest.approx(run["tokens_per_s"], abs=0.05)
-    assert saved["lab form"]["vera_r"] == 16 and saved["compare config.json"]["train"]["steps"] == 2
+    assert saved["lab form"]["vera_r"] == "16" and saved["compare config.json"]["train"]["steps"] == 2
 
     # The saved settings re-open into the form.
     reopened = client.predict(str(run_dir), api_name="/reopen_run")
-    assert reopened[0] == "minilm-l6" and reopened[list(RunForm.__dataclass_fields__).index("lora_r")] == 2
+    assert reopened[0] == "minilm-l6" and reopened[list(RunForm.__dataclass_fields__).index("lora_r")] == "2"
 
     # Outputs side by side: class probabilities from base, VeRA and LoRA; merged VeRA answers like unmerged.
     outputs = client.predict(str(run_dir), "a moving, beautifully acted film", False, 16, 1.0, api_name="/outputs")
@@ -93,9 +93,69 @@ def test_comparison_through_the_api_matches_report_json(lab):
 
 
 @pytest.mark.integration
+def test_a_sweep_through_the_api_reports_every_setting(lab):
+    demo, client = lab
+    sweep = {**TINY_LAB_RUN, "vera_r": "8,16", "vera_d_init": "0.1,1", "lora_r": "2,4", "lora_alpha": None}
+    plan = client.predict(**sweep, api_name="/time_estimate")
+    assert plan.startswith("**7 runs**: base, vera-r8-d0.1, vera-r8-d1, vera-r16-d0.1, vera-r16-d1, lora-r2, lora-r4")
+    assert "Estimated training time" in plan and "measured on this device" in plan
+
+    assert client.predict(**sweep, api_name="/start_run").startswith("started ")
+    state = wait_for_job(client)
+    assert state["status"] == "done", state
+    run_dir = Path(state["run_dir"])
+    report = json.loads((run_dir / "report.json").read_text())
+    assert [(r["name"], r["r"], r["d_init"], r["alpha"]) for r in report["runs"]] == [
+        ("base", None, None, None), ("vera-r8-d0.1", 8, 0.1, None), ("vera-r8-d1", 8, 1.0, None),
+        ("vera-r16-d0.1", 16, 0.1, None), ("vera-r16-d1", 16, 1.0, None), ("lora-r2", 2, None, 4.0),
+        ("lora-r4", 4, None, 8.0)]
+    assert all(r["eval"] is not None and r["steps"] in (None, 2) for r in report["runs"])
+
+    *_, tradeoff, dinit, table, _saved = client.predict(str(run_dir), api_name="/show_run")
+    rows = [dict(zip(table["headers"], row)) for row in table["data"]]
+    accuracy = [float(r["test metric"].split()[1].rstrip("%")) for r in rows]
+    assert accuracy == sorted(accuracy, reverse=True) and len(rows) == 7
+    assert {(r["run"], r["r"], r["d_init"]) for r in rows} >= {("vera-r16-d1", 16, 1.0), ("lora-r4", 4, None)}
+
+    # Two run directories side by side: the sweep and a second one.
+    first = sorted(p for p in demo.lab.runs_dir.iterdir() if (p / "report.json").is_file() and p != run_dir)
+    if first:
+        _plot, side = client.predict([str(run_dir), str(first[0])], api_name="/overlay_runs")
+        assert {row[0] for row in side["data"]} == {run_dir.name, first[0].name}
+    with pytest.raises(AppError, match="select two or more runs"):
+        client.predict([str(run_dir)], api_name="/overlay_runs")
+
+
+@pytest.mark.integration
+def test_delete_removes_only_a_run_of_this_lab_after_a_confirmation(lab, tmp_path):
+    demo, client = lab
+    doomed = demo.lab.runs_dir / "20260101-000000-doomed"
+    doomed.mkdir()
+    (doomed / "config.json").write_text("{}")
+    outside = tmp_path / "outside-run"
+    outside.mkdir()
+    (outside / "config.json").write_text("{}")
+    link = demo.lab.runs_dir / "20260101-000000-link"
+    link.symlink_to(outside, target_is_directory=True)
+    with pytest.raises(AppError, match="tick"):
+        client.predict([str(doomed)], False, api_name="/delete_run")
+    for path in (outside, link, demo.lab.runs_dir / ".." / doomed.name, demo.lab.runs_dir):
+        with pytest.raises(AppError, match="is not a run directory of this lab"):
+            client.predict([str(path)], True, api_name="/delete_run")
+    assert outside.is_dir() and link.is_symlink() and doomed.is_dir()
+    assert client.predict([str(doomed)], True, api_name="/delete_run") == f"deleted {doomed.name}"
+    assert not doomed.exists()
+    link.unlink()
+
+
+@pytest.mark.integration
 @pytest.mark.parametrize("change, message", [
-    ({"vera_r": 0}, "r must be a positive integer"),
-    ({"vera_d_init": "nan"}, "d_init must be a finite number, got nan"),
+    ({"vera_r": 0}, "VeRA r must be positive integers; got '0'"),
+    ({"vera_d_init": "nan"}, "VeRA d_init must be finite numbers; got 'nan'"),
+    ({"vera_r": "256,,x"}, "VeRA r has an empty item in '256,,x'"),
+    ({"lora_r": "4,x"}, "LoRA r must be comma-separated integers"),
+    ({"vera_r": "16,16"}, "duplicate settings: VeraConfig"),
+    ({"vera_r": "1,2,3,4,5", "vera_d_init": "0.1,0.2,0.3,0.4,0.5"}, "this sweep makes 27 runs, more than 24; tick"),
     ({"model": "no-such-org/no-such-model"}, "unknown model 'no-such-org/no-such-model'"),
     ({"dataset": UPLOAD, "upload": "bad.jsonl"}, "columns found"),
     ({"dataset": UPLOAD, "upload": "notes.txt"}, "Invalid file type"),

@@ -1,5 +1,5 @@
 """The lab in a real browser (Debian's Chromium driven by Playwright): a tiny run to the end, a run stopped midway,
-bad input, and a screenshot of every tab in test-artifacts/."""
+bad input, a tiny sweep and two runs overlaid, and a screenshot of every tab in test-artifacts/."""
 import re
 from pathlib import Path
 
@@ -72,8 +72,9 @@ def test_reload_reattaches_and_stop_stops_a_second_run(page):
 
 
 @pytest.mark.parametrize("label, value, message", [
-    ("VeRA r", "0", "r must be a positive integer"),
-    ("VeRA d_init", "nan", "d_init must be a finite number"),
+    ("VeRA r", "0", "VeRA r must be positive integers"),
+    ("VeRA d_init", "nan", "VeRA d_init must be finite numbers"),
+    ("VeRA r", "256,,x", "VeRA r has an empty item"),
 ])
 def test_bad_input_shows_an_error_and_the_lab_stays_usable(page, label, value, message):
     field = page.get_by_label(label, exact=True)
@@ -127,3 +128,63 @@ def test_export_tab_hands_over_a_zip(page):
     link = page.locator("#export-file a").first
     expect(link).to_have_attribute("href", re.compile(r"/vera-r16-native\.zip$"), timeout=60_000)
     page.screenshot(path=ARTIFACTS / "09-tab-export.png", full_page=True)
+
+
+def pick_run(page, label: re.Pattern, selected: int):
+    """Select a run in the Runs tab's multi-select by a pattern of its label; `selected` runs are then chosen."""
+    option = page.get_by_role("option", name=label).first
+    if not option.is_visible():  # the list stays open after a choice; clicking the input again would close it
+        page.locator("#runs-pick input").click()
+    option.click()
+    chosen = page.locator("#runs-pick").get_by_role("button", name=re.compile(r"^Remove \d+$"))
+    expect(chosen).to_have_count(selected, timeout=10_000)
+
+
+def test_a_tiny_sweep_shows_the_tradeoff_figure_and_a_table_sorted_by_metric(page):
+    page.reload()  # the form's defaults again (earlier tests changed steps and the data set)
+    page.locator("#start").wait_for()
+    for label, value in (("VeRA r", "8,16"), ("VeRA d_init", "0.1,1"), ("LoRA r", "2,4"), ("Steps", "2")):
+        page.get_by_label(label, exact=True).fill(value)
+    page.get_by_role("button", name="Estimate").click()
+    expect(page.locator("#plan")).to_contain_text("7 runs: base, vera-r8-d0.1, vera-r8-d1, vera-r16-d0.1, "
+                                                  "vera-r16-d1, lora-r2, lora-r4", timeout=20_000)
+    page.locator("#start").click()
+    expect(page.locator("#notice")).to_contain_text("started", timeout=30_000)
+    name = page.locator("#notice").inner_text().split("started ")[1].split()[0]
+    # The earlier run's "done" shows until the first poll: wait for this job's own.
+    page.locator('#job-status[data-status="done"]', has_text=name).wait_for(timeout=300_000)
+
+    page.get_by_role("tab", name="Runs").click()
+    expect(page.locator("#runs-table")).to_contain_text("lora-r4", timeout=30_000)
+    pick_run(page, re.compile(r"lora-r4\)$"), 1)
+    page.get_by_role("button", name="Open in Results").click()
+    expect(page.locator("#tradeoff-plot img")).to_be_visible(timeout=30_000)
+    expect(page.locator("#dinit-plot img")).to_be_visible(timeout=30_000)
+    expect(page.locator("#sweep-table")).to_contain_text("vera-r16-d1", timeout=30_000)
+    rows = page.locator('#sweep-table [role="row"].virtual-row')  # Gradio's data rows (the header is a <tr>)
+    expect(rows).to_have_count(7, timeout=30_000)
+    texts = rows.all_inner_texts()
+    accuracy = [float(re.search(r"accuracy ([0-9.]+)%", t).group(1)) for t in texts]
+    assert accuracy == sorted(accuracy, reverse=True), texts
+    assert {re.match(r"\s*(\S+)", t).group(1) for t in texts} == {
+        "base", "vera-r8-d0.1", "vera-r8-d1", "vera-r16-d0.1", "vera-r16-d1", "lora-r2", "lora-r4"}
+    page.locator("#tradeoff-plot").scroll_into_view_if_needed()
+    page.screenshot(path=ARTIFACTS / "10-sweep-results.png", full_page=True)
+
+
+def test_runs_tab_overlays_two_runs(page):
+    page.get_by_role("tab", name="Runs").click()
+    expect(page.locator("#runs-table")).to_contain_text("finished", timeout=30_000)
+    page.wait_for_timeout(1500)  # opening the tab refreshes the history, which re-renders the picker
+    page.get_by_role("button", name="Clear").click()  # the sweep may still be selected from the test before
+    pick_run(page, re.compile(r"lora-r4\)$"), 1)  # the sweep
+    pick_run(page, re.compile(r"\(base, vera-r16, lora-r2\)$"), 2)  # the first tiny run
+    page.locator("#overlay").click()
+    expect(page.locator("#overlay-plot img")).to_be_visible(timeout=30_000)
+    table = page.locator("#overlay-table")
+    for name in ("vera-r16-d1", "lora-r4", "lora-r2"):
+        expect(table).to_contain_text(name, timeout=30_000)
+    rows = table.locator('[role="row"].virtual-row').all_inner_texts()
+    directories = {re.match(r"\s*(\S+)", t).group(1) for t in rows}
+    assert len(directories) == 2, directories
+    page.screenshot(path=ARTIFACTS / "11-tab-runs.png", full_page=True)

@@ -3,7 +3,7 @@ import json
 import threading
 
 import pytest
-from helpers import BAD, GOOD, check_contract, tiny_bert, tiny_llama
+from helpers import check_contract, sentiment, tiny_bert, tiny_llama
 
 from vera_core.compare import compare
 from vera_core.config import LoraConfig, VeraConfig
@@ -13,12 +13,6 @@ from vera_core.memory import estimate_memory
 from vera_core.report import load_run
 from vera_core.request import RunRequest
 from vera_core.train import TrainConfig
-
-
-def sentiment() -> TextDataset:
-    rows = [{"text": t, "label": 1} for t in GOOD] + [{"text": t, "label": 0} for t in BAD]
-    rows = rows[::2] + rows[1::2]  # both labels in every split
-    return TextDataset("tiny-sentiment", "classification", rows[:8], rows[8:10], rows[10:], ["neg", "pos"], "test")
 
 
 def colours() -> TextDataset:
@@ -171,8 +165,10 @@ def test_run_request_plans_names_and_refuses_bad_plans(tokenizer):
         RunRequest(pair, causal, ["head"])
     with pytest.raises(ValueError, match="unknown methods"):
         RunRequest(pair, sentiment(), ["dora"])
-    with pytest.raises(ValueError, match="share a name"):
+    with pytest.raises(ValueError, match="duplicate settings: VeraConfig"):
         RunRequest(pair, sentiment(), ["vera"], [VeraConfig(r=8), VeraConfig(r=8)])
+    with pytest.raises(ValueError, match="share a name"):  # different settings that names do not show
+        RunRequest(pair, sentiment(), ["vera"], [VeraConfig(r=8), VeraConfig(r=8, dropout=0.1)])
     with pytest.raises(ValueError, match="the lora learning rate must be a positive number, got nan"):
         RunRequest(pair, sentiment(), ["lora"], lrs={"lora": float("nan")})
     with pytest.raises(ValueError, match="isolate=True loads the model in each process"):

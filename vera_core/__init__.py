@@ -16,7 +16,7 @@ import sys
 import types
 from importlib import import_module
 
-from .config import LoraConfig, TrainConfig, VeraConfig
+from .config import LoraConfig, TrainConfig, VeraConfig, lora_grid, vera_grid
 from .count import count_parameters, estimate_parameters
 from .inject import (
     active_adapter,
@@ -74,6 +74,6 @@ def __getattr__(name: str):
 __all__ = [
     "VeraConfig", "LoraConfig", "add_adapter", "set_active_adapter", "active_adapter", "adapter_configs",
     "disabled_adapter", "merge_adapter", "unmerge_adapter", "remove_adapter", "save_adapter", "load_adapter",
-    "load_adapters", "mixed_adapters",
-    "export_peft", "count_parameters", "estimate_parameters", "generate_projections", "TrainConfig", *_LAZY,
+    "load_adapters", "mixed_adapters", "export_peft", "count_parameters", "estimate_parameters",
+    "generate_projections", "TrainConfig", "vera_grid", "lora_grid", *_LAZY,
 ]

@@ -25,23 +25,36 @@ def positive_float(name: str, value, optional: bool = False) -> None:
         raise ValueError(f"{name} must be a positive number{' or None' if optional else ''}, got {value!r}.")
 
 
+def _items(text: str, what: str, example: str) -> list[str]:
+    """The comma-separated items of `text`; an empty list or an empty item ("256,,512") is refused, since it is
+    more likely a typo than a wish."""
+    items = [v.strip() for v in str(text).split(",")]
+    if items == [""]:
+        raise ValueError(f"{what} is empty; enter comma-separated values such as {example}.")
+    if "" in items:
+        raise ValueError(f"{what} has an empty item in {text!r}; enter comma-separated values such as {example}.")
+    return items
+
+
 def int_list(text: str, what: str) -> list[int]:
     """"8, 64" -> [8, 64]: positive integers separated by commas."""
+    items = _items(text, what, "8,64")
     try:
-        values = [int(v) for v in str(text).replace(" ", "").split(",") if v]
+        values = [int(v) for v in items]
     except ValueError:
         raise ValueError(f"{what} must be comma-separated integers such as 8,64; got {text!r}.") from None
-    if not values or any(v <= 0 for v in values):
+    if any(v <= 0 for v in values):
         raise ValueError(f"{what} must be positive integers; got {text!r}.")
     return values
 
 
 def float_list(text: str, what: str) -> list[float]:
     """"0.1, 1" -> [0.1, 1.0]: finite numbers separated by commas."""
+    items = _items(text, what, "0.1,1.0")
     try:
-        values = [float(v) for v in str(text).replace(" ", "").split(",") if v]
+        values = [float(v) for v in items]
     except ValueError:
         raise ValueError(f"{what} must be comma-separated numbers such as 0.1,1.0; got {text!r}.") from None
-    if not values or not all(math.isfinite(v) for v in values):
+    if not all(math.isfinite(v) for v in values):
         raise ValueError(f"{what} must be finite numbers; got {text!r}.")
     return values

@@ -54,14 +54,13 @@ def cmd_params(args) -> int:
 
 def _request(args, methods: list[str]):
     """The RunRequest of a compare / train command line (checked before anything runs)."""
-    from .config import LoraConfig, VeraConfig
+    from .config import lora_grid, vera_grid
     from .request import RunRequest
 
     return RunRequest(
         args.model, args.dataset, methods,
-        vera=[VeraConfig(r=r, d_init=d, target_modules=args.targets) for r in args.vera_r for d in args.d_init],
-        lora=LoraConfig(r=args.lora_r, alpha=args.lora_alpha if args.lora_alpha else 2 * args.lora_r,
-                        target_modules=args.targets),
+        vera=vera_grid(r=args.vera_r, d_init=args.d_init, target_modules=args.targets),
+        lora=lora_grid(r=args.lora_r, alpha=args.lora_alpha, target_modules=args.targets),
         train=_train_config(args),
         lrs={m: v for m, v in (("vera", args.vera_lr), ("lora", args.lora_lr)) if v is not None},
         max_rows=args.max_rows, isolate=not args.in_process, eval_generate=args.eval_generate, samples=args.samples)
@@ -223,8 +222,9 @@ def _compare_args(p: argparse.ArgumentParser) -> None:
                        help="continue a stopped run directory with its own settings (other options are ignored)")
     p.add_argument("--vera-r", type=_ints, default=[256], help="VeRA ranks, e.g. 256,1024")
     p.add_argument("--d-init", type=_floats, default=[0.1], help="VeRA d initial values, e.g. 0.1,1.0")
-    p.add_argument("--lora-r", type=int, default=8)
-    p.add_argument("--lora-alpha", type=float, default=None, help="default: 2 * lora-r")
+    p.add_argument("--lora-r", type=_ints, default=[8], help="LoRA ranks, e.g. 4,8,16")
+    p.add_argument("--lora-alpha", type=_floats, default=None,
+                   help="one alpha per LoRA rank, e.g. 8,16,32, or one for all (default: 2 * r each)")
     p.add_argument("--targets", type=lambda t: t if t == "all-linear" else t.split(","), default=None,
                    help="comma-separated module names or all-linear (default: the architecture's query,value)")
     p.add_argument("--vera-lr", type=float, default=None, help="default 1e-2 (the VeRA paper's range)")

@@ -25,6 +25,7 @@ from typing import Callable, Sequence
 
 from torch import nn
 
+from .checks import positive_int
 from .config import AdapterConfig, LoraConfig, TrainConfig, VeraConfig
 from .count import count_parameters
 from .data import TextDataset
@@ -190,9 +191,38 @@ def _run_isolated(request: RunRequest, spec: RunSpec, run_dir: Path, emit, stop)
             proc.join()
 
 
+def measure_step_times(request: RunRequest, steps: int = 3, stop: threading.Event | None = None) -> dict[str, float]:
+    """Seconds per optimizer step on this device, measured by training the smallest and the largest planned run
+    of each trained method for `steps` steps (the first, warm-up step is not counted) and throwing them away;
+    `RunRequest.time_estimate` turns them into the sweep's time. {run name: seconds}."""
+    positive_int("steps", steps)
+    sizes = {row["run"]: row["trainable"] for row in request.estimate()}
+    by_method: dict[str, list[RunSpec]] = {}
+    for spec in request.plan():
+        if spec.method != "base":
+            by_method.setdefault(spec.method, []).append(spec)
+    chosen = {s.name: s for specs in by_method.values()
+              for s in (min(specs, key=lambda x: sizes[x.name]), max(specs, key=lambda x: sizes[x.name]))}
+    load, measured = _loader(request), {}
+    # One evaluation batch at the end only: the measurement is about training steps, not scoring.
+    config = replace(request.train, steps=max(2, steps), epochs=None, eval_every=max(2, steps), eval_batches=1,
+                     checkpoint_every=None)
+    for spec in chosen.values():
+        model, tokenizer = load()
+        model = _prepare(model, spec, _adapter_config(model, spec, request.dataset.task))
+        result = train_model(model, tokenizer, request.dataset, replace(config, lr=request.train_config(spec).lr),
+                             run_name=spec.name, stop=stop, progress=False)
+        if result.step_time_s is not None:
+            measured[spec.name] = result.step_time_s
+        del model
+        gc.collect()
+    return measured
+
+
 def _write_config(run_dir: Path, request: RunRequest, specs: list[RunSpec]) -> None:
     dataset = request.dataset
     write_json(run_dir / "config.json", {
+        "started": time.strftime("%Y-%m-%d %H:%M:%S"),  # local time; run history sorts on it (a resume restarts it)
         "model": request.model_name, "dataset": dataset.name, "task": dataset.task, "labels": dataset.labels,
         "methods": [s.name for s in specs],
         "adapters": {s.name: s.adapter.to_dict() for s in specs if s.adapter is not None},
@@ -311,7 +341,7 @@ def compare(
     dataset: TextDataset | str,
     methods: Sequence[str] = ("base", "vera", "lora"),
     vera: VeraConfig | Sequence[VeraConfig] = VeraConfig(),
-    lora: LoraConfig = LoraConfig(),
+    lora: LoraConfig | Sequence[LoraConfig] = LoraConfig(),
     train: TrainConfig = TrainConfig(),
     out_dir: str | os.PathLike | None = None,
     on_event: Callable[[dict], None] | None = None,
@@ -330,7 +360,7 @@ def compare(
     """Run every method on the same model, data, seed and step budget; write and return the Report.
 
     model: a `load_model` name or path (a fresh copy is loaded per method), or a loaded (model, tokenizer) pair
-    (deep-copied per method). dataset: a TextDataset or a `load_dataset` name (split with `train.seed`,
+    (deep-copied per method). vera, lora: one config or several (a sweep: `vera_grid`, `lora_grid`), one run each. dataset: a TextDataset or a `load_dataset` name (split with `train.seed`,
     `max_rows` per split). lrs: per-method learning rates, e.g. {"vera": 1e-2, "lora": 2e-4} (else `train.lr`,
     else each method's default). isolate: each method in its own process, so CPU peak memory is its own.
     eval_generate: test groups scored with BLEU / ROUGE-L (causal LM); samples: test inputs in samples.jsonl.

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass, fields
-from typing import Union
+from typing import Sequence, Union
 
 import torch
 
@@ -124,6 +124,36 @@ class LoraConfig:
 
 
 AdapterConfig = Union[VeraConfig, LoraConfig]
+
+
+def vera_grid(r: Sequence[int], d_init: Sequence[float] = (0.1,), **common) -> list[VeraConfig]:
+    """One VeraConfig per (r, d_init) pair, r varying slowest: the VeRA list of a sweep. `common`: the other
+    VeraConfig fields, shared by every run."""
+    return [VeraConfig(r=rank, d_init=d, **common) for rank in _listed(r, "r") for d in _listed(d_init, "d_init")]
+
+
+def lora_grid(r: Sequence[int], alpha: float | Sequence[float] | None = None, **common) -> list[LoraConfig]:
+    """One LoraConfig per rank. alpha: None -> 2r each (the usual choice); one number -> the same alpha for every
+    rank; a list -> one alpha per rank, in order."""
+    ranks = _listed(r, "r")
+    if alpha is None:
+        alphas = [2 * rank for rank in ranks]
+    elif isinstance(alpha, (int, float)):
+        alphas = [alpha] * len(ranks)
+    else:
+        alphas = _listed(alpha, "alpha")
+        if len(alphas) != len(ranks):
+            raise ValueError(f"give one LoRA alpha per rank ({len(ranks)} ranks {ranks}, {len(alphas)} alphas "
+                             f"{alphas}), a single alpha for all, or none for alpha = 2r.")
+    return [LoraConfig(r=rank, alpha=a, **common) for rank, a in zip(ranks, alphas)]
+
+
+def _listed(values, name: str) -> list:
+    """A grid axis as a non-empty list (a bare number is a list of one)."""
+    values = [values] if isinstance(values, (int, float)) else list(values)
+    if not values:
+        raise ValueError(f"the {name} list is empty; give at least one value.")
+    return values
 
 
 def config_from_dict(data: dict) -> AdapterConfig:

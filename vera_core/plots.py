@@ -85,17 +85,19 @@ def tradeoff_figure(rows: list[dict], value: str = "accuracy", title: str = "Qua
                     series: str = "method") -> Figure:
     """`value` against trainable parameters (log x, head excluded): one line per `series` (default: per method)
     through its runs sorted by size, each point labelled with its rank. Rows need "r", "trainable_params", `value`
-    and `series` (a report.json run with its metric copied up, or a sweep row); rows without a rank (head only, the
-    base model) are drawn as dashed horizontal baselines."""
+    and `series` (a report.json run with its metric copied up, see `report.tradeoff_rows`, or a sweep row); a row
+    with f"{value}_err" (e.g. a half-width over seeds) gets that error bar. Rows without a rank (head only, the base
+    model) are drawn as dashed horizontal baselines."""
     fig, ax = _figure()
     for r in rows:
         if not r.get("r"):
             ax.axhline(r[value], ls="--", lw=1, color="grey", label=f"{r[series]} (baseline)")
     names = dict.fromkeys(r[series] for r in rows if r.get("r"))
     for i, name in enumerate(names):
-        points = sorted((r["trainable_params"], r[value], r["r"]) for r in rows if r[series] == name and r.get("r"))
-        ax.plot([p[0] for p in points], [p[1] for p in points], "o-", color=f"C{i}", label=name)
-        for x, y, r in points:
+        points = sorted((r["trainable_params"], r[value], r["r"], r.get(f"{value}_err"))
+                        for r in rows if r[series] == name and r.get("r"))
+        _line(ax, [p[0] for p in points], [p[1] for p in points], [p[3] for p in points], f"C{i}", name)
+        for x, y, r, _ in points:
             ax.annotate(f"r={r}", (x, y), textcoords="offset points", xytext=(4, 4), fontsize=8)
     if names:
         ax.set_xscale("log")
@@ -104,6 +106,30 @@ def tradeoff_figure(rows: list[dict], value: str = "accuracy", title: str = "Qua
     ax.set(xlabel="trainable parameters, head excluded (log scale)", ylabel=value, title=title)
     ax.grid(alpha=0.3)
     return fig
+
+
+def dinit_figure(rows: list[dict], value: str = "accuracy", title: str = "VeRA: quality against d_init") -> Figure:
+    """`value` against VeRA's d_init (log x), one line per rank r; error bars from f"{value}_err" where rows carry
+    it. Rows that are not VeRA runs are left out."""
+    fig, ax = _figure()
+    rows = [r for r in rows if r.get("method") == "vera" and r.get("d_init") is not None]
+    for i, rank in enumerate(sorted({r["r"] for r in rows})):
+        points = sorted((r["d_init"], r[value], r.get(f"{value}_err")) for r in rows if r["r"] == rank)
+        _line(ax, [p[0] for p in points], [p[1] for p in points], [p[2] for p in points], f"C{i}", f"r={rank}")
+    if rows:
+        ax.set_xscale("log")
+        ax.legend(fontsize=8)
+    ax.set(xlabel="d_init (log scale)", ylabel=value, title=title)
+    ax.grid(alpha=0.3)
+    return fig
+
+
+def _line(ax, xs: list, ys: list, errors: list, colour: str, label: str) -> None:
+    """A marked line; with error bars only when every point carries one (a partial set would mislead)."""
+    if errors and all(e is not None for e in errors):
+        ax.errorbar(xs, ys, yerr=errors, fmt="o-", color=colour, capsize=3, label=label)
+    else:
+        ax.plot(xs, ys, "o-", color=colour, label=label)
 
 
 FIGURES = ("loss.png", "params.png", "memory.png", "metric.png")  # what save_figures writes into a run directory

@@ -98,6 +98,25 @@ def metric_cell(scores: dict | None) -> str | None:
     return f"loss {scores['loss']:.3f}" if scores.get("loss") is not None else None
 
 
+def metric_value(scores: dict | None) -> tuple[str, float] | None:
+    """(name, value) of the headline test metric, higher is better: accuracy, else BLEU; None when not scored."""
+    for name in ("accuracy", "bleu"):
+        if scores and scores.get(name) is not None:
+            return name, scores[name]
+    return None
+
+
+def tradeoff_rows(report: Report | dict) -> list[dict]:
+    """The report's scored runs for `plots.tradeoff_figure` / `plots.dinit_figure`: each run's report.json fields
+    with its headline metric copied up under the metric's name ("accuracy" or "bleu")."""
+    rows = []
+    for run in _as_dict(report)["runs"]:
+        metric = metric_value(run.get("eval"))
+        if metric is not None:
+            rows.append({**run, metric[0]: metric[1], "metric_name": metric[0]})
+    return rows
+
+
 def _rounded(value, digits: int):
     return None if value is None else round(value, digits)
 

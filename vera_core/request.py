@@ -44,7 +44,7 @@ class RunRequest:
     dataset: TextDataset | str  # a TextDataset, or a `load_dataset` name / file (split with train.seed, max_rows)
     methods: Sequence[str] | str = ("base", "vera", "lora")
     vera: VeraConfig | Sequence[VeraConfig] = field(default_factory=VeraConfig)  # several: one run each
-    lora: LoraConfig = field(default_factory=LoraConfig)
+    lora: LoraConfig | Sequence[LoraConfig] = field(default_factory=LoraConfig)  # several: one run each
     train: TrainConfig = field(default_factory=TrainConfig)
     lrs: dict[str, float] = field(default_factory=dict)  # per-method learning rate; else train.lr, else the default
     task: str | None = None  # for a data set loaded by name: None = the data set's own task
@@ -61,8 +61,10 @@ class RunRequest:
             self.methods = [m.strip() for m in self.methods.split(",") if m.strip()]
         self.methods = list(dict.fromkeys(self.methods))  # keeps order, drops repeats
         self.vera = [self.vera] if isinstance(self.vera, VeraConfig) else list(self.vera)
-        if not all(isinstance(v, VeraConfig) for v in self.vera) or not isinstance(self.lora, LoraConfig):
-            raise ValueError("vera must be VeraConfig(s) and lora a LoraConfig.")
+        self.lora = [self.lora] if isinstance(self.lora, LoraConfig) else list(self.lora)
+        if not all(isinstance(v, VeraConfig) for v in self.vera) or not all(isinstance(c, LoraConfig)
+                                                                            for c in self.lora):
+            raise ValueError("vera must be VeraConfig(s) (see vera_grid) and lora LoraConfig(s) (see lora_grid).")
         if not isinstance(self.train, TrainConfig):
             raise ValueError(f"train must be a TrainConfig, got {type(self.train).__name__}.")
         if self.quantization not in QUANTIZATIONS:
@@ -100,15 +102,16 @@ class RunRequest:
         if not self.loads_by_name or self.dataset_source is None:
             return None
         return {"model": self.model, "dataset": self.dataset_source, "task": self.task, "max_rows": self.max_rows,
-                "methods": self.methods, "vera": [v.to_dict() for v in self.vera], "lora": self.lora.to_dict(),
+                "methods": self.methods, "vera": [v.to_dict() for v in self.vera], "lora": [c.to_dict() for c in self.lora],
                 "train": asdict(self.train), "lrs": self.lrs, "quantization": self.quantization,
                 "trust_remote_code": self.trust_remote_code, "isolate": self.isolate,
                 "eval_generate": self.eval_generate, "samples": self.samples}
 
     @classmethod
     def from_dict(cls, data: dict) -> "RunRequest":
+        loras = data["lora"] if isinstance(data["lora"], list) else [data["lora"]]  # one dict: written before sweeps
         return cls(**{**data, "vera": [config_from_dict(v) for v in data["vera"]],
-                      "lora": config_from_dict(data["lora"]), "train": TrainConfig(**data["train"])})
+                      "lora": [config_from_dict(c) for c in loras], "train": TrainConfig(**data["train"])})
 
     @property
     def loads_by_name(self) -> bool:
@@ -122,7 +125,8 @@ class RunRequest:
         return getattr(config, "_name_or_path", None) or type(self.model[0]).__name__
 
     def plan(self) -> list[RunSpec]:
-        """The runs this request makes, in order, named as in the report ("vera-r256-d0.1" only when d_init varies)."""
+        """The runs this request makes, in order: the one place they are listed. Names are unique and readable:
+        "vera-r256", with "-d0.1" only when d_init varies; "lora-r8", with "-a16" only when alpha / r varies."""
         unknown = [m for m in self.methods if m not in METHODS]
         if unknown or not self.methods:
             raise ValueError(f"unknown methods {unknown or self.methods!r}; choose from {', '.join(METHODS)}.")
@@ -135,13 +139,41 @@ class RunRequest:
                 specs += [RunSpec(f"vera-r{v.r}" + (f"-d{v.d_init:g}" if several_d else ""), "vera", v)
                           for v in self.vera]
             elif method == "lora":
-                specs.append(RunSpec(f"lora-r{self.lora.r}", "lora", self.lora))
+                several_scales = len({c.scaling for c in self.lora}) > 1
+                specs += [RunSpec(f"lora-r{c.r}" + (f"-a{c.alpha:g}" if several_scales else ""), "lora", c)
+                          for c in self.lora]
             else:
                 specs.append(RunSpec(method, method, None))
-        names = [s.name for s in specs]
-        if len(set(names)) != len(names):
-            raise ValueError(f"two runs would share a name in {names}; give the VeRA configs different r or d_init.")
+        _refuse_repeats(specs)
         return specs
+
+    def steps_per_run(self) -> int:
+        """Optimizer steps each trained run makes (from an epoch budget: the training split's batches)."""
+        if self.train.steps is not None:
+            return self.train.steps
+        per_step = self.train.batch_size * self.train.grad_accum
+        return max(1, math.ceil(self.train.epochs * len(self.dataset.train) / per_step))
+
+    def time_estimate(self, step_s: dict[str, float]) -> dict:
+        """Training time of every planned run from measured seconds per step (`compare.measure_step_times`):
+        a run that was measured uses its own time; another is interpolated in trainable parameters between the
+        measured runs of its method (the nearest one outside their range). Loading, evaluation and "base" (which
+        does not train) are not counted. {"total_s", "runs": {name: seconds}, "based_on": words}."""
+        specs = self.plan()
+        sizes = {row["run"]: row["trainable"] for row in self.estimate()}
+        method_of = {spec.name: spec.method for spec in specs}
+        steps, runs = self.steps_per_run(), {}
+        for spec in specs:
+            if spec.method == "base":
+                runs[spec.name] = 0.0
+                continue
+            known = sorted((sizes[name], s) for name, s in step_s.items() if method_of.get(name) == spec.method)
+            if not known:
+                raise ValueError(f"no measured step time for a {spec.method} run; measure one first.")
+            runs[spec.name] = steps * _interpolate(known, sizes[spec.name])
+        return {"total_s": sum(runs.values()), "runs": runs,
+                "based_on": f"{steps} steps x the step time measured on this device for "
+                            f"{', '.join(sorted(step_s))}; loading and evaluation not included"}
 
     def train_config(self, spec: RunSpec) -> TrainConfig:
         """The run's TrainConfig: the request's, with the method's own learning rate when `lrs` names one."""
@@ -187,3 +219,27 @@ class RunRequest:
         if device.type == "cuda":
             return torch.cuda.get_device_properties(device).total_memory, f"the GPU's ({device})"
         return psutil.virtual_memory().total, "this machine's"
+
+
+def _refuse_repeats(specs: list[RunSpec]) -> None:
+    """The same settings twice would train the same run twice: a clear error, before two names clash."""
+    seen: dict = {}
+    for spec in specs:
+        key = (spec.method, repr(spec.adapter))
+        if key in seen:
+            raise ValueError(f"duplicate settings: {spec.adapter or spec.method} is listed twice; remove the repeat.")
+        seen[key] = spec
+    names = [s.name for s in specs]
+    if len(set(names)) != len(names):
+        raise ValueError(f"two runs would share a name in {names}; give the configs different r, d_init or alpha "
+                         "(run names show only those).")
+
+
+def _interpolate(points: list[tuple[int, float]], x: int) -> float:
+    """y at x on the line through sorted (x, y) points; outside them, the nearest point's y."""
+    if x <= points[0][0]:
+        return points[0][1]
+    for (x0, y0), (x1, y1) in zip(points, points[1:]):
+        if x <= x1:
+            return y0 if x1 == x0 else y0 + (y1 - y0) * (x - x0) / (x1 - x0)
+    return points[-1][1]

@@ -18,6 +18,7 @@ from .files import atomic_directory
 from .inject import remove_adapter
 from .io import export_peft, load_adapter, save_adapter
 from .models import load_model
+from .report import metric_value
 
 EXPORT_FORMATS = ("native", "peft", "lora", "merged")
 
@@ -86,16 +87,63 @@ def export(model, tokenizer, directory: str | os.PathLike, format: str, overwrit
     return Path(directory)
 
 
+# The last event of metrics.jsonl says how a comparison ended; none of these yet: it is still running (or was killed).
+_ENDINGS = {"compare_done": "finished", "stopped": "stopped", "error": "failed"}
+
+
 def list_runs(runs_dir: str | os.PathLike) -> list[dict]:
-    """Every run directory under `runs_dir` with a readable report.json, newest first: {"run_dir", "model",
-    "dataset", "runs" (names), "stopped"}. Unreadable ones are skipped with a warning."""
+    """The run history: every run directory directly under `runs_dir`, newest first, as {"run_dir", "model",
+    "dataset", "methods", "settings" ({run name: its adapter settings, {} for base / head / full}), "best"
+    ({method: its best headline metric}), "metric" (that metric's name), "started", "status" ("finished" |
+    "stopped" | "failed" | "running"), "wall_s"}. A folder that is not a readable run is skipped with a warning."""
     found = []
-    for path in sorted(Path(runs_dir).glob("*/report.json"), reverse=True):
+    for path in sorted(p for p in Path(runs_dir).iterdir() if p.is_dir()) if Path(runs_dir).is_dir() else []:
         try:
-            report = json.loads(path.read_text())
-        except (OSError, json.JSONDecodeError) as err:
-            warnings.warn(f"skipping {path.parent}: its report.json cannot be read ({err}).", stacklevel=2)
-            continue
-        found.append({"run_dir": str(path.parent), "model": report.get("model"), "dataset": report.get("dataset"),
-                      "runs": [r["name"] for r in report.get("runs", [])], "stopped": bool(report.get("stopped"))})
-    return found
+            found.append(run_summary(path))
+        except (OSError, ValueError, KeyError, TypeError, AttributeError) as err:  # json errors are ValueErrors
+            warnings.warn(f"skipping {path}: not a readable run directory ({type(err).__name__}: {err}).",
+                          stacklevel=2)
+    return sorted(found, key=lambda run: (run["started"], run["run_dir"]), reverse=True)
+
+
+def run_summary(run_dir: str | os.PathLike) -> dict:
+    """One `list_runs` entry; ValueError (or OSError) when `run_dir` is not a readable run directory."""
+    run_dir = Path(run_dir)
+    config = read_config(run_dir)
+    report_path = run_dir / "report.json"
+    report = json.loads(report_path.read_text()) if report_path.is_file() else {"runs": []}
+    best: dict[str, float] = {}
+    metric = None
+    for run in report["runs"]:
+        scored = metric_value(run.get("eval"))
+        if scored is not None:
+            metric = scored[0]
+            best[run["method"]] = max(best.get(run["method"], scored[1]), scored[1])
+    started = config.get("started") or time.strftime("%Y-%m-%d %H:%M:%S",
+                                                      time.localtime((run_dir / "config.json").stat().st_mtime))
+    walls = [run["wall_s"] for run in report["runs"] if run.get("wall_s") is not None]
+    adapters = config.get("adapters", {})
+    return {"run_dir": str(run_dir), "model": config["model"], "dataset": config["dataset"],
+            "methods": list(dict.fromkeys(adapters.get(name, {}).get("method", name) for name in config["methods"])),
+            "settings": {name: _settings(adapters.get(name)) for name in config["methods"]},
+            "best": best, "metric": metric, "started": started, "status": _status(run_dir, report),
+            "wall_s": sum(walls) if walls else None}
+
+
+def _settings(adapter: dict | None) -> dict:
+    """The settings a run's name is made of (r, d_init or alpha), plus its targets."""
+    if not adapter:
+        return {}
+    keys = ("r", "d_init", "target_modules") if adapter["method"] == "vera" else ("r", "alpha", "target_modules")
+    return {k: adapter.get(k) for k in keys}
+
+
+def _status(run_dir: Path, report: dict) -> str:
+    if report.get("error"):
+        return "failed"
+    last = None
+    metrics = run_dir / "metrics.jsonl"
+    if metrics.is_file():
+        lines = metrics.read_text().splitlines()
+        last = json.loads(lines[-1]).get("type") if lines and lines[-1].strip() else None
+    return _ENDINGS.get(last, "running")
