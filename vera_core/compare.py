@@ -209,7 +209,7 @@ def measure_step_times(request: RunRequest, steps: int = 3, stop: threading.Even
                      checkpoint_every=None)
     for spec in chosen.values():
         model, tokenizer = load()
-        model = _prepare(model, spec, _adapter_config(model, spec, request.dataset.task))
+        model = make_trainable(model, spec.method, _adapter_config(model, spec, request.dataset.task))
         result = train_model(model, tokenizer, request.dataset, replace(config, lr=request.train_config(spec).lr),
                              run_name=spec.name, stop=stop, progress=False)
         if result.step_time_s is not None:
