@@ -37,12 +37,10 @@ import json
 import time
 from pathlib import Path
 import pandas as pd
-import matplotlib.pyplot as plt
 import ipywidgets as widgets
 import torch
 from IPython.display import display
-from vera_core import LoraConfig, VeraConfig, load_dataset, load_model
-from vera_core import TrainConfig, compare, load_run
+from vera_core import TrainConfig, compare, load_dataset, load_model, load_run, lora_grid, vera_grid
 from vera_core import plots
 
 if QUICK:   # CI: every sweep runs for real, with a tiny budget
@@ -57,8 +55,9 @@ SWEEP
 # %% [markdown]
 # ## 1. Run (or load) the sweeps
 #
-# `run_sweep` calls `compare` three times on one loaded model (copied per run): VeRA over ranks at `d_init = 0.1`,
-# VeRA at r = 256 over `d_init`, and LoRA over its ranks. Every run keeps its numbers in one row.
+# `run_sweep` calls `compare` three times on one loaded model (copied per run), with the lab's grid helpers: VeRA over
+# ranks at `d_init = 0.1` (`vera_grid(ranks, [0.1])`), VeRA at r = 256 over `d_init` (`vera_grid([256], d_inits)`),
+# and LoRA over its ranks with alpha = 2r (`lora_grid(lora_ranks)`). Every run keeps its numbers in one row.
 
 # %%
 def run_sweep(ranks, d_inits, lora_ranks, max_rows, train):
@@ -72,13 +71,12 @@ def run_sweep(ranks, d_inits, lora_ranks, max_rows, train):
                          "trainable_params": run.trainable_params, "accuracy": run.eval["accuracy"],
                          "eval_loss": run.eval["loss"], "run_dir": report.run_dir})
         print(f"{sweep}: {[r.name for r in report.runs]} done")
-    add("rank", compare(loaded, data, methods=("vera",), vera=[VeraConfig(r=r, d_init=0.1) for r in ranks],
+    add("rank", compare(loaded, data, methods=("vera",), vera=vera_grid(ranks, [0.1]),
                         train=train, out_dir=out / "rank", samples=0, exists="overwrite"))
-    add("d_init", compare(loaded, data, methods=("vera",), vera=[VeraConfig(r=256, d_init=d) for d in d_inits],
+    add("d_init", compare(loaded, data, methods=("vera",), vera=vera_grid([256], d_inits),
                           train=train, out_dir=out / "d_init", samples=0, exists="overwrite"))
-    for r in lora_ranks:
-        add("lora", compare(loaded, data, methods=("lora",), lora=LoraConfig(r=r, alpha=2 * r), train=train,
-                            out_dir=out / f"lora-r{r}", samples=0, exists="overwrite"))
+    add("lora", compare(loaded, data, methods=("lora",), lora=lora_grid(lora_ranks),
+                        train=train, out_dir=out / "lora", samples=0, exists="overwrite"))
     return rows
 
 t0 = time.perf_counter()
@@ -104,15 +102,12 @@ display(plots.tradeoff_figure(points.to_dict("records"), "accuracy",
 # %% [markdown]
 # ## 3. d_init
 #
-# Accuracy of VeRA r = 256 for each `d_init`, and the loss curves of the `d_init` sweep (drawn by `vera_core.plots`).
+# Accuracy of VeRA r = 256 for each `d_init` (`plots.dinit_figure`, one line per rank), and the loss curves of the
+# `d_init` sweep (drawn by `vera_core.plots`).
 
 # %% tags=["expect-image"]
-dsweep = results[results.sweep == "d_init"].sort_values("d_init")
-fig, ax = plt.subplots(figsize=(6, 3.5))
-ax.plot(dsweep.d_init, dsweep.accuracy, "s-")
-ax.set(xscale="log", xlabel="d_init (log)", ylabel="test accuracy %", title="VeRA r=256: accuracy vs d_init")
-ax.grid(alpha=0.3)
-plt.show()
+dsweep = results[results.sweep == "d_init"]
+display(plots.dinit_figure(dsweep.to_dict("records"), "accuracy", "VeRA r=256: accuracy vs d_init"))
 
 # %% tags=["expect-image"]
 _, histories = load_run("runs/03-sweep/d_init")
@@ -166,7 +161,7 @@ for name in ("rank", "d_init", "lora"):
 # Solutions: next cell (collapsed).
 
 # %% jupyter={"source_hidden": true} tags=["solution"]
-from vera_core import estimate_parameters
+from vera_core import LoraConfig, VeraConfig, estimate_parameters
 from vera_core.calculator import KNOWN_MODELS
 cfg = KNOWN_MODELS["minilm-l6"].config
 p = lambda c: estimate_parameters(cfg, c)["trainable"]
