@@ -114,3 +114,29 @@ def test_a_bad_zip_is_refused(many, tmp_path):
     bad.write_text("not a zip")
     with pytest.raises(AppError, match="is not a zip file"):
         call(client, [A], "hi", uploads=[handle_file(str(bad))])
+
+
+def test_rows_from_prompts_and_assignment():
+    from app.views import assign_rows
+
+    adapters = ["run1/vera-a", "run2/vera-b"]
+    assert assign_rows(["p", "q", "r"], adapters, "", False, 8) == [("p", adapters[0]), ("q", adapters[1]),
+                                                                    ("r", adapters[0])]
+    assert assign_rows(["p"], adapters, "", True, 8) == [("p", adapters[0]), ("p", adapters[1])]
+    assert assign_rows(["p", "q"], adapters, "vera-b\nbase", False, 8) == [("p", adapters[1]), ("q", "__base__")]
+    with pytest.raises(ValueError, match="more than one adapter has that name"):
+        assign_rows(["p"], ["run1/vera", "run2/vera"], "vera", False, 8)
+
+
+def test_a_zip_entry_outside_the_folder_is_refused(tmp_path):
+    import zipfile
+
+    from app.views import unzip_adapter
+
+    archive = tmp_path / "evil.zip"
+    with zipfile.ZipFile(archive, "w") as zf:
+        zf.writestr("../outside.txt", "x")
+    (tmp_path / "into").mkdir()
+    with pytest.raises(ValueError, match="points outside the folder"):
+        unzip_adapter(archive, tmp_path / "into")
+    assert not (tmp_path / "outside.txt").exists()
