@@ -6,6 +6,7 @@ every second (and on load, which is how a reloaded page reattaches to a running 
 from __future__ import annotations
 
 import functools
+import hashlib
 import inspect
 import json
 import shutil
@@ -19,6 +20,7 @@ from vera_core import merge_adapter, unmerge_adapter
 from vera_core.calculator import KNOWN_MODELS
 from vera_core.compare import measure_step_times, run_request
 from vera_core.data import BUILTIN_DATASETS, format_preview, load_dataset
+from vera_core.many import load_many, serve_batch
 from vera_core.models import OFFLINE_MODELS, generate, predict
 from vera_core.plots import (
     calculator_figure,
@@ -111,8 +113,10 @@ def form_handler(method, form: dict[str, gr.components.Component], defaults: Run
 class Lab:
     """The app's state: where runs live, the job manager, and the models loaded for the Outputs / Export tabs."""
 
-    def __init__(self, runs_dir: str | Path = "runs"):
+    def __init__(self, runs_dir: str | Path = "runs", max_batch_rows: int = 64):
         self.runs_dir = Path(runs_dir).resolve()
+        self.max_batch_rows = max_batch_rows  # the Many adapters tab's limit on rows in one batch
+        self._many_model: tuple | None = None  # (key, model, tokenizer) of the adapters loaded for that tab
         self.runs_dir.mkdir(parents=True, exist_ok=True)
         self.manager = JobManager()
         self._loaded: dict[tuple[str, str], tuple] = {}  # (run_dir, adapter run or "base") -> (model, tokenizer)
@@ -404,6 +408,94 @@ class Lab:
             raise gr.Error("refusing to serve a file outside the run directory")
         return str(archive)
 
+    # ------------------------------------------------------------------ many adapters, one batch
+    def many_choices(self, current: list[str] | None = None):
+        choices = views.run_adapters(self.runs_dir)
+        return gr.update(choices=choices, value=[c for c in current or [] if c in choices])
+
+    def _many_sources(self, picked: list[str], uploads: list[str] | None) -> dict[str, Path]:
+        """{label: adapter directory}: the chosen runs' adapters (inside runs_dir only) and the uploaded zips."""
+        sources: dict[str, Path] = {}
+        known = views.run_adapters(self.runs_dir)
+        for label in picked or []:
+            if label not in known:
+                raise gr.Error(f"{label!r} is not an adapter of a run in {self.runs_dir}; press Refresh and choose "
+                               "from the list.")
+            run_dir, _, run = label.partition("/")
+            path = self._run_dir(str(self.runs_dir / run_dir))
+            if not (path / "adapters" / run).is_dir():
+                raise gr.Error(f"{label}: this run saved no adapter {run!r}")
+            sources[label] = path / "adapters" / run
+        for upload in uploads or []:
+            archive = Path(upload)
+            target = self.runs_dir / "many-uploads" / f"{archive.stem}-{hashlib.sha256(archive.read_bytes()).hexdigest()[:12]}"
+            if not target.exists():
+                target.mkdir(parents=True)
+            try:
+                sources[f"upload:{archive.stem}"] = views.unzip_adapter(archive, target)
+            except ValueError as err:
+                shutil.rmtree(target, ignore_errors=True)
+                raise gr.Error(str(err)) from None
+        return sources
+
+    def _many_base(self, picked: list[str], base_model: str) -> dict:
+        """The base the chosen run adapters were trained on (one for all of them), else `base_model`."""
+        bases = {}
+        for label in picked or []:
+            config = json.loads((self.runs_dir / label.partition("/")[0] / "config.json").read_text())
+            bases[label] = {"model": config["model"], "task": config["task"], "seed": config["train"]["seed"],
+                            "quantization": config.get("quantization"), "labels": config.get("labels")}
+        models = {b["model"] for b in bases.values()}
+        if len(models) > 1:
+            first = next(iter(bases))
+            other = next(k for k, b in bases.items() if b["model"] != bases[first]["model"])
+            raise gr.Error(f"{first} was trained on {bases[first]['model']} but {other} on {bases[other]['model']}: "
+                           "one batch runs on one base model; choose adapters of one base.")
+        if bases:
+            return next(iter(bases.values()))
+        if base_model not in OFFLINE_MODELS:
+            raise gr.Error(f"choose a base model for the uploaded adapters ({list(OFFLINE_MODELS)})")
+        return {"model": base_model, "task": OFFLINE_MODELS[base_model].tasks[0], "seed": 0, "quantization": None,
+                "labels": None}
+
+    def many(self, picked: list[str], uploads: list[str] | None, base_model: str, prompts: str, assignment: str,
+             every: bool, max_tokens: int):
+        """The rows (prompt, adapter) as one mixed batch, then one adapter at a time: outputs, times, memory."""
+        picked = list(picked or [])
+        sources = self._many_sources(picked, uploads)
+        try:
+            rows = views.assign_rows(views.prompt_lines(prompts), list(sources), assignment, every,
+                                     self.max_batch_rows)
+        except ValueError as err:
+            raise gr.Error(str(err)) from None
+        base = self._many_base(picked, base_model)
+        names = {label: f"a{i}" for i, label in enumerate(sources)}  # adapter names without "." or "/"
+        key = (json.dumps(base, sort_keys=True), tuple((names[k], str(v)) for k, v in sources.items()))
+        if self._many_model is None or self._many_model[0] != key:
+            self._many_model = None  # free the previous set first
+            try:
+                model, tokenizer = load_many(base["model"], base["task"], base["seed"],
+                                             {names[k]: v for k, v in sources.items()},
+                                             quantization=base["quantization"],
+                                             num_labels=len(base["labels"] or [0, 1]))
+            except ValueError as err:
+                message = str(err)
+                for label, name in names.items():  # the library names its adapters a0, a1, ...: show the labels
+                    message = message.replace(repr(name), repr(label))
+                raise gr.Error(message) from None
+            self._many_model = (key, model, tokenizer)
+        _, model, tokenizer = self._many_model
+        try:
+            result = serve_batch(model, tokenizer, [p for p, _ in rows],
+                                 [names.get(a, views.MANY_BASE) for _, a in rows], task=base["task"],
+                                 max_new_tokens=int(max_tokens), labels=base["labels"])
+        except ValueError as err:
+            raise gr.Error(str(err)) from None
+        table = pd.DataFrame({"prompt": [p for p, _ in rows], "adapter": [a for _, a in rows],
+                              "output": result["outputs"]})
+        summary = views.many_summary(result, {v: k for k, v in names.items()}, len(rows))
+        return table, summary
+
     # ------------------------------------------------------------------ calculator
     def calculator(self, models: list[str], vera_ranks: str, lora_ranks: str, save_projection: bool):
         try:
@@ -413,10 +505,11 @@ class Lab:
         return pd.DataFrame(rows).rename(columns={"trainable": "trainable params"}), calculator_figure(rows)
 
 
-def build_app(runs_dir: str | Path = "runs", defaults: RunForm | None = None, poll_s: float = 1.0) -> gr.Blocks:
+def build_app(runs_dir: str | Path = "runs", defaults: RunForm | None = None, poll_s: float = 1.0,
+              max_batch_rows: int = 64) -> gr.Blocks:
     """The lab's Blocks; runs land in `runs_dir`. `defaults` pre-fills the form (tests use a tiny MiniLM run);
     None picks `views.default_form()`, a few-minute SmolLM2 comparison on CPU."""
-    lab = Lab(runs_dir)
+    lab = Lab(runs_dir, max_batch_rows)
     defaults = defaults or views.default_form()
     with gr.Blocks(title="VeRA Lab") as demo:
         demo.lab = lab  # for callers that build the app and then need its state (tests, __main__)
@@ -552,6 +645,32 @@ def build_app(runs_dir: str | Path = "runs", defaults: RunForm | None = None, po
                                             elem_id="side-by-side")
                 merged_result = gr.Markdown()
 
+            with gr.Tab("Many adapters", id="many") as many_tab:
+                gr.Markdown("Serve several adapters of one base in **one batch**: every row (a prompt) uses its own "
+                            "adapter. VeRA adapters share one A and B, so a mixed batch costs about one adapter; the "
+                            "same rows run one adapter at a time for comparison.")
+                with gr.Row():
+                    many_pick = gr.Dropdown(views.run_adapters(lab.runs_dir), multiselect=True, scale=4,
+                                            allow_custom_value=True,
+                                            label="Adapters trained in the lab (run/adapter)", elem_id="many-pick")
+                    many_refresh = gr.Button("Refresh", scale=1)
+                with gr.Row():
+                    many_upload = gr.File(label="…or adapter zip files (e.g. from the Export tab)", file_count="multiple",
+                                          file_types=[".zip"], height=100)
+                    many_base = gr.Dropdown(list(OFFLINE_MODELS), value="smollm2-135m-instruct",
+                                            label="Base model for uploads alone (runs bring their own)")
+                with gr.Row():
+                    many_prompts = gr.Textbox(label="Prompts, one a line", lines=5, elem_id="many-prompts")
+                    many_assign = gr.Textbox(label="Adapter per prompt, one a line (empty: in turn; 'base': none)",
+                                             lines=5, elem_id="many-assign")
+                with gr.Row():
+                    many_every = gr.Checkbox(False, label="Every adapter × every prompt")
+                    many_tokens = gr.Slider(4, 128, value=32, step=4, label="Max new tokens")
+                many_btn = gr.Button("Run as one batch", variant="primary")
+                many_summary = gr.Markdown(elem_id="many-summary")
+                many_table = gr.Dataframe(pd.DataFrame(columns=["prompt", "adapter", "output"]), label="Outputs",
+                                          interactive=False, wrap=True, elem_id="many-table")
+
             with gr.Tab("Calculator", id="calculator"):
                 gr.Markdown("Trainable parameters and stored bytes from the architectures' shapes alone — no weights "
                             "are downloaded. RoBERTa-base LoRA r=8 vs VeRA r=1024 and RoBERTa-large LoRA r=8 vs "
@@ -635,6 +754,12 @@ def build_app(runs_dir: str | Path = "runs", defaults: RunForm | None = None, po
                          concurrency_limit=1)
         exp_run.change(lab.adapters, exp_run, exp_adapter, api_visibility="private")
         exp_btn.click(lab.export, [exp_run, exp_adapter, exp_format], exp_file, api_name="export", concurrency_limit=1)
+
+        # Many adapters
+        many_tab.select(lab.many_choices, many_pick, many_pick, api_visibility="private")
+        many_refresh.click(lab.many_choices, many_pick, many_pick, api_visibility="private")
+        many_btn.click(lab.many, [many_pick, many_upload, many_base, many_prompts, many_assign, many_every, many_tokens],
+                       [many_table, many_summary], api_name="many_adapters", concurrency_limit=1)
 
         # Calculator
         calc_inputs = [calc_models, calc_vera, calc_lora, calc_save]

@@ -309,3 +309,93 @@ def calculator_rows(models: list[str], vera_ranks: str, lora_ranks: str, save_pr
                          "trainable": row["trainable"], "stored (KiB)": round(row["stored_bytes"] / 1024, 1),
                          "LoRA first rank / this": round(row["lora_ratio"], 1) if row["lora_ratio"] else None})
     return rows
+
+
+# ---------------------------------------------------------------------------------------------- many adapters
+MANY_BASE = "__base__"
+ADAPTER_FILES = ("vera_lab_adapter.json", "adapter_config.json")  # native, PEFT
+
+
+def run_adapters(runs_dir: Path) -> list[str]:
+    """"<run directory>/<adapter run>" for every saved adapter of the lab's runs, newest run first."""
+    out = []
+    for run in vera_list_runs(runs_dir):
+        path = Path(run["run_dir"])
+        out += [f"{path.name}/{name}" for name in run["runs"] if (path / "adapters" / name).is_dir()]
+    return out
+
+
+def prompt_lines(text: str) -> list[str]:
+    return [line.strip() for line in (text or "").splitlines() if line.strip()]
+
+
+def unzip_adapter(archive: Path, target: Path) -> Path:
+    """Extract an uploaded adapter zip into `target` (names that would land outside it are refused) and return
+    the folder that holds the adapter files (the zip's root, or its one folder)."""
+    import zipfile
+
+    try:
+        with zipfile.ZipFile(archive) as zf:
+            for member in zf.namelist():
+                if not (target / member).resolve().is_relative_to(target.resolve()):
+                    raise ValueError(f"{archive.name}: refusing the entry {member!r} (it points outside the folder).")
+            zf.extractall(target)
+    except zipfile.BadZipFile:
+        raise ValueError(f"{archive.name} is not a zip file; upload an adapter folder zipped (e.g. from the Export "
+                         "tab).") from None
+    candidates = [target] + sorted(p for p in target.rglob("*") if p.is_dir())
+    found = next((p for p in candidates if any((p / f).is_file() for f in ADAPTER_FILES)), None)
+    if found is None:
+        raise ValueError(f"{archive.name} holds no adapter: neither {' nor '.join(ADAPTER_FILES)} is in it.")
+    return found
+
+
+def assign_rows(prompts: list[str], adapters: list[str], assignment: str, every: bool,
+                limit: int) -> list[tuple[str, str]]:
+    """(prompt, adapter label) per row: every adapter x every prompt, or one adapter per prompt from
+    `assignment` (one label a line, in the prompts' order; "base" for no adapter; a run's adapter may be named by
+    its last part alone when that is unique), or, when `assignment` is empty, the adapters in turn."""
+    if not prompts:
+        raise ValueError("enter at least one prompt (one a line).")
+    if not adapters:
+        raise ValueError("choose at least one adapter (a run's adapter or an uploaded zip).")
+    if every:
+        rows = [(p, a) for p in prompts for a in adapters]
+    else:
+        wanted = prompt_lines(assignment)
+        if not wanted:
+            rows = [(p, adapters[i % len(adapters)]) for i, p in enumerate(prompts)]
+        else:
+            if len(wanted) != len(prompts):
+                raise ValueError(f"{len(prompts)} prompts but {len(wanted)} adapter lines; give one adapter a line, "
+                                 "one per prompt (or leave it empty to take the adapters in turn).")
+            rows = [(p, _label(w, adapters)) for p, w in zip(prompts, wanted)]
+    if len(rows) > limit:
+        raise ValueError(f"{len(rows)} rows is more than this lab serves in one batch ({limit}); use fewer prompts "
+                         "or adapters.")
+    return rows
+
+
+def _label(wanted: str, adapters: list[str]) -> str:
+    if wanted in ("base", MANY_BASE):
+        return MANY_BASE
+    if wanted in adapters:
+        return wanted
+    short = [a for a in adapters if a.rsplit("/", 1)[-1] == wanted]
+    if len(short) == 1:
+        return short[0]
+    raise ValueError(f"unknown adapter {wanted!r}" + (" (more than one adapter has that name)" if short else "")
+                     + f"; choose one of {adapters} or 'base'.")
+
+
+def many_summary(result: dict, labels: dict[str, str], rows: int) -> str:
+    """The batch's time beside one adapter at a time, whether they agree, and the adapters' memory."""
+    batch, single = result["batch_s"], result["one_at_a_time_s"]
+    same = sum(a == b for a, b in zip(result["outputs"], result["outputs_one_at_a_time"]))
+    memory = result["memory"]
+    per = ", ".join(f"{labels.get(n, n)} {b / 1024:.1f} KiB" for n, b in memory["per_adapter"].items())
+    shared = f" + the shared A and B {memory['shared'] / 2**20:.2f} MiB, once for all" if memory["shared"] else ""
+    return (f"**One mixed batch**: {rows} rows in {batch:.2f} s · **one adapter at a time**: {single:.2f} s "
+            f"({single / batch:.1f}× the batch's time) · same outputs both ways: {same}/{rows} rows\n\n"
+            f"**Adapter memory**: {len(memory['per_adapter'])} adapters, {memory['adapters_total'] / 1024:.1f} KiB "
+            f"({per}){shared}.")

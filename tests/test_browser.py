@@ -115,6 +115,23 @@ def test_outputs_tab_runs_base_vera_and_lora_side_by_side(page):
     page.screenshot(path=ARTIFACTS / "07-tab-outputs.png", full_page=True)
 
 
+def test_many_adapters_tab_serves_one_mixed_batch(page):
+    page.get_by_role("tab", name="Many adapters").click()
+    page.locator("#many-pick input").click()
+    page.get_by_role("option", name=re.compile(r"vera-r16$")).first.click()
+    page.locator("#many-prompts textarea").fill("A warm, funny film.\nA dull, slow film.")
+    page.locator("#many-assign textarea").fill("vera-r16\nbase")
+    page.get_by_role("button", name="Run as one batch").click()
+    expect(page.locator("#many-summary")).to_contain_text("One mixed batch", timeout=60_000)
+    expect(page.locator("#many-table")).to_contain_text("vera-r16")
+    expect(page.locator("#many-table")).to_contain_text("__base__")
+    page.screenshot(path=ARTIFACTS / "07b-tab-many-adapters.png", full_page=True)
+    # Bad input: an error message, and the tab still serves the next batch.
+    page.locator("#many-prompts textarea").fill("")
+    page.get_by_role("button", name="Run as one batch").click()
+    expect(page.get_by_text("enter at least one prompt").first).to_be_visible(timeout=30_000)
+
+
 def test_calculator_tab_shows_table_1(page):
     page.get_by_role("tab", name="Calculator").click()
     expect(page.locator("#calc-table")).to_contain_text("43008", timeout=30_000)  # RoBERTa-base, VeRA r=1024

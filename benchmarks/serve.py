@@ -1,0 +1,473 @@
+"""Serving many adapters on one base: mixed-adapter batches, ours (VeRA, LoRA) against PEFT and the grouped ways.
+
+    python benchmarks/serve.py             # 64 prompts x 32 new tokens, K in {1, 4, 16, 64} (the issue's setting)
+    python benchmarks/serve.py --quick     # 64 prompts x 8 new tokens: same K, shorter decode (marked "quick")
+    python benchmarks/serve.py --fresh     # start over instead of resuming
+
+SmolLM2-135M-Instruct, fp32 on CPU (bf16 on a GPU), greedy, exactly N new tokens per prompt (min_new_tokens = N),
+all 7 projections adapted; row i uses adapter i mod K. Each configuration runs in its own process; every
+finished (impl, K) row goes into benchmarks/results/serve.json at once, and a rerun skips the rows already there
+(for the same mode). Tokens per second count generated tokens only (64 x N) over the wall time of the generate
+calls (for the grouped configurations including set_adapter / merge / unmerge between groups), after one warm-up
+call. Peak memory is the child's ru_maxrss: peak RSS of the process up to that row (model and adapter load
+included; K runs ascending in one process, so a row's peak covers the smaller K before it).
+
+Configurations: base (no adapter); ours-vera-single (one VeRA r=256 adapter, plain path); ours-vera (VeRA r=256,
+`adapter_names`, K=1 too); ours-lora (LoRA r=8, `adapter_names`, sub-batch per adapter); peft-lora (PEFT 0.21.2
+LoRA r=8, `adapter_names`); peft-vera-grouped (PEFT VeRA r=256: rows grouped by adapter, set_adapter per group, the
+only way PEFT serves several VeRA adapters); merged-grouped (ours VeRA, per group: merge, generate, unmerge).
+Adapters are real directories with random non-zero vectors, written to a temporary folder first.
+"""
+from __future__ import annotations
+
+import argparse
+import ctypes
+import datetime
+import gc
+import json
+import os
+import platform
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "benchmarks" / "results"
+MODEL = "smollm2-135m-instruct"
+TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+KS = [1, 4, 16, 64]
+# In the order they run: the headline comparisons first, so an interrupted run has recorded those.
+IMPLS = ["base", "ours-vera-single", "ours-vera", "peft-lora", "peft-vera-grouped", "merged-grouped", "ours-lora"]
+VERA_R, LORA_R = 256, 8
+TARGET_FLAT, TARGET_PEFT_LORA, TARGET_PEFT_VERA, TARGET_BANK = 0.9, 3.0, 5.0, 1e9
+
+
+# ---------------------------------------------------------------------------------------------- child process
+def _rss_now() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def _peak_rss() -> int:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def _trim() -> None:
+    """Give freed heap back to the OS (glibc), so RSS after loading measures what is still held."""
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except OSError:
+        pass
+
+
+def _base(cfg: dict):
+    import torch
+
+    from vera_core.models import load_model
+
+    model, tokenizer = load_model(MODEL, dtype=cfg["dtype"], device=cfg["device"])
+    torch.manual_seed(0)
+    return model.eval(), tokenizer
+
+
+def _randomize(params, gen, scale: float = 0.05) -> None:
+    import torch
+
+    with torch.no_grad():
+        for p in params:
+            p.copy_(torch.randn(p.shape, generator=gen) * scale)
+
+
+def make_adapters(folder: Path, count: int, kinds: tuple[str, ...]) -> None:
+    """`count` adapter directories per kind under folder/<kind>/<i>: random non-zero vectors (b, d / lora_B)."""
+    import peft
+    import torch
+
+    import vera_core
+
+    gen = torch.Generator().manual_seed(0)
+    for kind in kinds:
+        model, _ = _base({"dtype": "float32", "device": "cpu"})
+        if kind == "peft-lora":
+            model = peft.get_peft_model(model, peft.LoraConfig(r=LORA_R, lora_alpha=2 * LORA_R, target_modules=TARGETS))
+            params = [p for n, p in model.named_parameters() if "lora_B" in n]
+        else:
+            cfg = (vera_core.VeraConfig(r=VERA_R, target_modules=TARGETS) if kind == "vera"
+                   else vera_core.LoraConfig(r=LORA_R, alpha=2 * LORA_R, target_modules=TARGETS))
+            vera_core.add_adapter(model, cfg)
+            params = [p for n, p in model.named_parameters() if p.requires_grad and ("lambda" in n or "lora_B" in n)]
+        for i in range(count):
+            _randomize(params, gen)
+            if kind == "peft-lora":
+                model.save_pretrained(folder / kind / str(i))
+            else:
+                vera_core.save_adapter(model, folder / kind / str(i))
+
+
+def _prompts(tokenizer, n: int, device: str):
+    from vera_core.chat import format_prompt
+
+    topics = ["the sea", "a mountain", "coffee", "a city at night", "bread", "the moon", "a violin", "rain"]
+    texts = [format_prompt(tokenizer, f"Write one sentence about {topics[i % len(topics)]} (note {i}).")
+             for i in range(n)]
+    tokenizer.padding_side = "left"
+    enc = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False).to(device)
+    return {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]}
+
+
+def _generate(model, enc, n_tokens: int, pad: int, rows=None, **kwargs):
+    import torch
+
+    if rows is not None:
+        enc = {k: v[rows] for k, v in enc.items()}
+    with torch.inference_mode():
+        out = model.generate(**enc, max_new_tokens=n_tokens, min_new_tokens=n_tokens, do_sample=False,
+                             pad_token_id=pad, **kwargs)
+    assert out.shape[1] - enc["input_ids"].shape[1] == n_tokens
+    return out
+
+
+def child_gen(cfg: dict) -> None:
+    """One implementation, every pending K in ascending order; prints one JSON line per finished row."""
+    import peft
+    import torch
+
+    import vera_core
+
+    impl, folder, n_prompts, n_tokens = cfg["impl"], Path(cfg["folder"]), cfg["prompts"], cfg["tokens"]
+    model, tokenizer = _base(cfg)
+    pad = tokenizer.pad_token_id
+    enc = _prompts(tokenizer, n_prompts, cfg["device"])
+    ks = cfg["ks"]
+    k_max = max(ks)
+    names = [f"a{i}" for i in range(k_max)]
+    load_s = None
+    start = time.perf_counter()
+    if impl == "ours-vera-single":
+        vera_core.load_adapter(model, folder / "vera" / "0", name="a0")
+    elif impl in ("ours-vera", "merged-grouped"):
+        vera_core.load_adapters(model, {n: folder / "vera" / str(i) for i, n in enumerate(names)})
+    elif impl == "ours-lora":
+        vera_core.load_adapters(model, {n: folder / "lora" / str(i) for i, n in enumerate(names)})
+    elif impl == "peft-lora":
+        model = peft.PeftModel.from_pretrained(model, str(folder / "peft-lora" / "0"), adapter_name="a0")
+        for i, n in enumerate(names[1:], 1):
+            model.load_adapter(str(folder / "peft-lora" / str(i)), adapter_name=n)
+    elif impl == "peft-vera-grouped":
+        model = peft.get_peft_model(model, peft.VeraConfig(r=VERA_R, target_modules=TARGETS, d_initial=0.1),
+                                    adapter_name="a0")
+        for n in names[1:]:
+            model.add_adapter(n, peft.VeraConfig(r=VERA_R, target_modules=TARGETS, d_initial=0.1))
+        gen = torch.Generator().manual_seed(0)
+        _randomize([p for n, p in model.named_parameters() if "vera_lambda" in n], gen)
+    load_s = time.perf_counter() - start
+    model.eval()
+    if cfg["device"] == "cuda":
+        torch.cuda.synchronize()
+
+    def run(k: int) -> None:
+        assign = [names[i % k] for i in range(n_prompts)]
+        groups: dict[str, list[int]] = {}
+        for i, n in enumerate(assign):
+            groups.setdefault(n, []).append(i)
+        if impl in ("base", "ours-vera-single"):
+            _generate(model, enc, n_tokens, pad)
+        elif impl in ("ours-vera", "ours-lora", "peft-lora"):
+            _generate(model, enc, n_tokens, pad, adapter_names=assign)
+        elif impl == "peft-vera-grouped":
+            for n, rows in groups.items():
+                model.set_adapter(n)
+                _generate(model, enc, n_tokens, pad, rows=rows)
+        elif impl == "merged-grouped":
+            for n, rows in groups.items():
+                vera_core.set_active_adapter(model, n)
+                vera_core.merge_adapter(model)
+                _generate(model, enc, n_tokens, pad, rows=rows)
+                vera_core.unmerge_adapter(model)
+        if cfg["device"] == "cuda":
+            torch.cuda.synchronize()
+
+    # Warm-up: two rows, two tokens, through the same path.
+    warm = [names[0], names[min(1, k_max - 1)]]
+    if impl in ("ours-vera", "ours-lora", "peft-lora"):
+        _generate(model, {k: v[:2] for k, v in enc.items()}, 2, pad, adapter_names=warm)
+    else:
+        _generate(model, {k: v[:2] for k, v in enc.items()}, 2, pad)
+    for k in ks:
+        start = time.perf_counter()
+        run(k)
+        elapsed = time.perf_counter() - start
+        row = {"impl": impl, "K": k, "tokens_per_s": n_prompts * n_tokens / elapsed,
+               "peak_rss_bytes": _peak_rss(), "seconds": elapsed, "load_s": load_s}
+        if cfg["device"] == "cuda":
+            row["peak_cuda_bytes"] = torch.cuda.max_memory_allocated()
+        print(json.dumps(row), flush=True)
+
+
+def child_bank(cfg: dict) -> None:
+    """RSS held by `count` real VeRA adapter directories loaded onto one base (after malloc_trim), against the
+    vectors' own size; LoRA r=8's size computed from the same shapes (what its A and B hold in fp32)."""
+    import vera_core
+    from vera_core.inject import adapter_layers
+
+    count = cfg["count"]
+    with tempfile.TemporaryDirectory(dir=cfg["folder"]) as tmp:
+        start = time.perf_counter()
+        make_adapters(Path(tmp), count, ("vera",))
+        make_s = time.perf_counter() - start
+        model, _ = _base(cfg)
+        _trim()
+        before = _rss_now()
+        start = time.perf_counter()
+        vera_core.load_adapters(model, {f"a{i}": Path(tmp) / "vera" / str(i) for i in range(count)})
+        load_s = time.perf_counter() - start
+        _trim()
+        after = _rss_now()
+    layers = [layer for _, layer in adapter_layers(model)]
+    vera_bytes = count * sum((layer.out_features + VERA_R) * 4 for layer in layers)
+    lora_bytes = count * sum(LORA_R * (layer.in_features + layer.out_features) * 4 for layer in layers)
+    print(json.dumps({"count": count, "vera_rss_bytes": after - before, "vera_vector_bytes": vera_bytes,
+                      "lora_computed_bytes": lora_bytes, "make_s": make_s, "load_s": load_s}), flush=True)
+
+
+def child_make(cfg: dict) -> None:
+    make_adapters(Path(cfg["folder"]), cfg["count"], tuple(cfg["kinds"]))
+    print(json.dumps({"ok": True}), flush=True)
+
+
+CHILDREN = {"gen": child_gen, "bank": child_bank, "make": child_make}
+
+
+# ---------------------------------------------------------------------------------------------- parent
+def run_child(cfg: dict, on_line) -> str | None:
+    """Run a child, calling on_line(dict) for each JSON line it prints as it prints it; the error text or None."""
+    proc = subprocess.Popen([sys.executable, __file__, "--child", json.dumps(cfg)], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, cwd=ROOT,
+                            env={**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"})
+    for line in proc.stdout:
+        line = line.strip()
+        if line.startswith("{"):
+            on_line(json.loads(line))
+    err = proc.stderr.read()
+    return None if proc.wait() == 0 else err[-2000:]
+
+
+def _row(data: dict, impl: str, k: int) -> dict | None:
+    return next((r for r in data["rows"] if r["impl"] == impl and r["K"] == k), None)
+
+
+def ratios(data: dict) -> list[tuple[str, float | None, str]]:
+    """(name, value, target) for every target of the issue; None where a row is missing."""
+    def tps(impl, k):
+        r = _row(data, impl, k)
+        return r["tokens_per_s"] if r else None
+
+    def div(a, b):
+        return a / b if a is not None and b else None
+
+    single = tps("ours-vera-single", 1)
+    out = [(f"ours-vera K={k} / ours-vera-single", div(tps("ours-vera", k), single), f">= {TARGET_FLAT}")
+           for k in KS]
+    out.append(("ours-vera K=64 / peft-lora K=64", div(tps("ours-vera", 64), tps("peft-lora", 64)),
+                f">= {TARGET_PEFT_LORA}"))
+    out.append(("ours-vera K=64 / peft-vera-grouped K=64", div(tps("ours-vera", 64), tps("peft-vera-grouped", 64)),
+                f">= {TARGET_PEFT_VERA}"))
+    out.append(("ours-vera K=64 / merged-grouped K=64", div(tps("ours-vera", 64), tps("merged-grouped", 64)), "-"))
+    out.append(("ours-vera K=64 / ours-lora K=64", div(tps("ours-vera", 64), tps("ours-lora", 64)), "-"))
+    out.append(("ours-vera-single / base", div(single, tps("base", 1)), "-"))
+    bank = data.get("bank_1000_bytes", {}).get("vera")
+    out.append(("load 64 ours-vera (s)", load.get("ours-vera") if (load := data.get("load_64_s", {})) else None,
+                "<= 2 s"))
+    out.append(("1,000 VeRA adapters held (GB)", bank / 1e9 if bank is not None else None, "<= 1 GB"))
+    load = data.get("load_64_s", {})
+    out.append(("load 64: peft-lora / ours-vera", div(load.get("peft-lora"), load.get("ours-vera")), "-"))
+    return out
+
+
+def crossover(data: dict) -> str:
+    pts = []
+    for k in KS:
+        ours, theirs = _row(data, "ours-vera", k), _row(data, "peft-lora", k)
+        if ours and theirs:
+            pts.append((k, ours["tokens_per_s"] / theirs["tokens_per_s"]))
+    if not pts:
+        return "not measured yet"
+    ahead = [k for k, r in pts if r >= 1]
+    if not ahead:
+        return f"ours VeRA stays behind PEFT LoRA at every measured K ({', '.join(f'K={k}: {r:.2f}x' for k, r in pts)})"
+    return (f"ours VeRA is at or above PEFT LoRA from K={ahead[0]} on in this run "
+            f"({', '.join(f'K={k}: {r:.2f}x' for k, r in pts)})")
+
+
+def write_report(data: dict) -> None:
+    (RESULTS / "serve.json").write_text(json.dumps(data, indent=1) + "\n")
+    s = data["settings"]
+    lines = ["# Serving many adapters on one base (SmolLM2-135M-Instruct, all 7 projections)", "",
+             f"Device: {data['device']}. Date: {data['date']}. Mode: **{data['mode']}** ({s['prompts']} prompts x "
+             f"{s['tokens']} new tokens, greedy, {s['dtype']}). Command for the full run: `{data['full_command']}`.",
+             "" if data["mode"] == "full" else
+             "\nQuick mode: fewer new tokens per prompt than the issue's 32, so prefill weighs more than in a full "
+             "run; these numbers are quick-mode numbers.\n",
+             "Tokens/s: generated tokens over the wall time of the generate calls (grouped configurations include "
+             "set_adapter / merge / unmerge). Peak RSS: the process's ru_maxrss up to that row.", "",
+             "| impl | K | tokens/s | peak RSS (MB) | seconds |", "|---|---|---|---|---|"]
+    for impl in IMPLS:
+        for k in KS:
+            r = _row(data, impl, k)
+            if r:
+                lines.append(f"| {impl} | {k} | {r['tokens_per_s']:.1f} | {r['peak_rss_bytes'] / 2**20:.0f} | "
+                             f"{r['seconds']:.1f} |")
+    lines += ["", "| ratio | value | target | met |", "|---|---|---|---|"]
+    for name, value, target in ratios(data):
+        met = "-" if value is None or target == "-" else (
+            "yes" if (value <= float(target.split()[1]) if target.startswith("<=") else
+                      value >= float(target.split()[1])) else "**no**")
+        lines.append(f"| {name} | {'not measured' if value is None else f'{value:.2f}'} | {target} | {met} |")
+    lines += ["", f"Crossover with PEFT LoRA mixed: {crossover(data)}.", ""]
+    bank, extra = data.get("bank_1000_bytes"), data.get("bank_1000_detail")
+    if bank and extra:
+        lines.append(f"1,000 adapters: VeRA r=256 {bank['vera'] / 1e6:.0f} MB measured (RSS after load_adapters of "
+                     f"{extra['count']} real directories, after malloc_trim; the vectors themselves "
+                     f"{extra['vera_vector_bytes'] / 1e6:.0f} MB; load {extra['load_s']:.1f} s), LoRA r=8 "
+                     f"{bank['lora'] / 1e6:.0f} MB (computed from the shapes, fp32 A and B).")
+    load = data.get("load_64_s", {})
+    if load:
+        lines.append("Load of 64 adapter directories: " + ", ".join(f"{k} {v:.1f} s" for k, v in load.items()) + ".")
+    missing = [f"{impl} K={k}" for impl in IMPLS for k in ([1] if impl in ("base", "ours-vera-single") else KS)
+               if _row(data, impl, k) is None] + ([] if data.get("bank_1000_bytes") else ["1,000-adapter memory"])
+    if missing:
+        lines += ["", "**Not measured in this record** (the run was stopped or has not reached them; rerun the same "
+                  "command to resume): " + ", ".join(missing) + "."]
+    if data.get("load_average_at_start"):
+        lines += ["", f"Load average (1, 5, 15 min) when the run started: {data['load_average_at_start']} on "
+                  f"{os.cpu_count()} cores: other processes shared the CPU, so absolute numbers are low and noisy."]
+    for note in data.get("notes", []):  # written by hand about this record (a rerun of another mode drops them)
+        lines += ["", note]
+    errors = data.get("errors", {})
+    if errors:
+        lines += ["", "Failed configurations (rerun to retry): " + ", ".join(sorted(errors))]
+    (RESULTS / "serve.md").write_text("\n".join(lines) + "\n")
+    plot(data)
+
+
+def plot(data: dict) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for impl in IMPLS:
+        pts = sorted((r["K"], r["tokens_per_s"]) for r in data["rows"] if r["impl"] == impl)
+        if not pts:
+            continue
+        if impl in ("base", "ours-vera-single"):
+            ax.axhline(pts[0][1], linestyle="--", linewidth=1, label=f"{impl} (K=1)",
+                       color="gray" if impl == "base" else "tab:green")
+        else:
+            ax.plot(*zip(*pts), marker="o", label=impl)
+    ax.set_xscale("log", base=2)
+    ax.set_xticks(KS, [str(k) for k in KS])
+    ax.set_xlabel("distinct adapters K in the batch of 64 rows")
+    ax.set_ylabel("generated tokens / s")
+    ax.set_title(f"Mixed-adapter serving, SmolLM2-135M ({data['mode']} mode)")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(RESULTS / "serve_throughput.png", dpi=100)
+    plt.close(fig)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="8 new tokens per prompt instead of 32")
+    parser.add_argument("--fresh", action="store_true", help="ignore rows already in serve.json")
+    parser.add_argument("--only", nargs="*", choices=IMPLS + ["bank"], help="run only these configurations")
+    parser.add_argument("--child", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child:
+        cfg = json.loads(args.child)
+        CHILDREN[cfg["kind"]](cfg)
+        return
+    import torch
+
+    gpu = torch.cuda.is_available()
+    device = "cuda" if gpu else "cpu"
+    mode = "quick" if args.quick else "full"
+    settings = {"prompts": 64, "tokens": 8 if args.quick else 32, "dtype": "bfloat16" if gpu else "float32"}
+    machine = (torch.cuda.get_device_name() if gpu
+               else f"CPU {platform.processor() or platform.machine()}, {os.cpu_count()} cores")
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    path = RESULTS / "serve.json"
+    data = json.loads(path.read_text()) if path.exists() and not args.fresh else {}
+    if data.get("mode") != mode or data.get("settings") != settings:
+        data = {}  # rows of another mode are not comparable: start over
+    data.setdefault("rows", [])
+    data.setdefault("bank_1000_bytes", {})
+    data.setdefault("load_64_s", {})
+    data.update(device=f"{machine}, torch {torch.__version__}", mode=mode, settings=settings,
+                date=datetime.date.today().isoformat(),
+                full_command="HF_HUB_OFFLINE=1 python benchmarks/serve.py")
+    data.setdefault("errors", {})
+    data.setdefault("load_average_at_start", [round(x, 1) for x in os.getloadavg()])
+    wanted = args.only or IMPLS + ["bank"]
+
+    def save() -> None:
+        write_report(data)
+
+    with tempfile.TemporaryDirectory(prefix="serve-") as folder:
+        made: set[str] = set()
+        for impl in [i for i in IMPLS if i in wanted]:
+            ks = [1] if impl in ("base", "ours-vera-single") else KS
+            pending = [k for k in ks if _row(data, impl, k) is None]
+            if not pending:
+                continue
+            kind = {"ours-vera": "vera", "merged-grouped": "vera", "ours-vera-single": "vera", "ours-lora": "lora",
+                    "peft-lora": "peft-lora"}.get(impl)
+            if kind and kind not in made:
+                print(f"writing 64 {kind} adapter directories", flush=True)
+                err = run_child({"kind": "make", "folder": folder, "count": max(KS), "kinds": [kind]}, lambda _: None)
+                if err:
+                    raise SystemExit(f"making adapters failed:\n{err}")
+                made.add(kind)
+            print(f"running {impl} K={pending}", flush=True)
+
+            def record(row: dict, impl=impl, pending=pending) -> None:
+                load_s = row.pop("load_s")
+                if impl in ("ours-vera", "peft-lora") and max(KS) in pending:
+                    data["load_64_s"][impl] = load_s
+                data["rows"].append(row)
+                data["errors"].pop(impl, None)
+                print(f"  {impl} K={row['K']}: {row['tokens_per_s']:.1f} tok/s", flush=True)
+                save()
+
+            # The load time of 64 is measured when the child loads all 64 (it loads max(pending) adapters).
+            err = run_child({"kind": "gen", "impl": impl, "folder": folder, "ks": pending, "device": device,
+                             "dtype": settings["dtype"], "prompts": settings["prompts"],
+                             "tokens": settings["tokens"]}, record)
+            if err:
+                data["errors"][impl] = err
+                print(f"  {impl} failed:\n{err}", flush=True)
+                save()
+        if "bank" in wanted and "vera" not in data["bank_1000_bytes"]:
+            print("loading 1,000 VeRA adapter directories", flush=True)
+
+            def bank(res: dict) -> None:
+                data["bank_1000_bytes"] = {"vera": res["vera_rss_bytes"], "lora": res["lora_computed_bytes"]}
+                data["bank_1000_detail"] = res
+                save()
+
+            err = run_child({"kind": "bank", "folder": folder, "count": 1000, "device": "cpu", "dtype": "float32"},
+                            bank)
+            if err:
+                data["errors"]["bank"] = err
+    save()
+    print((RESULTS / "serve.md").read_text())
+
+
+if __name__ == "__main__":
+    sys.path.insert(0, str(ROOT))
+    main()
