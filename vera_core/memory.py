@@ -75,21 +75,18 @@ def _tracked_step(model: nn.Module, batch: dict, max_grad_norm: float | None) ->
         optimizer.zero_grad(set_to_none=True)
     tracker = MemoryTracker(model, optimizer)
     model.train(bool(params))
-    try:
-        with tracker:
-            if not params:
-                with torch.no_grad():
-                    model(**batch)
-                return tracker
-            loss = model(**batch).loss
-            loss.backward()
-            if max_grad_norm is not None:
-                torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-        return tracker
-    finally:
-        tracker.close()
+    with tracker:
+        if not params:
+            with torch.no_grad():
+                model(**batch)
+            return tracker
+        loss = model(**batch).loss
+        loss.backward()
+        if max_grad_norm is not None:
+            torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+    return tracker
 
 
 def fake_step_estimate(model: nn.Module | None, config: PretrainedConfig, adapter_config: AdapterConfig | str | None,

@@ -160,12 +160,6 @@ class MemoryTracker(TorchDispatchMode):
         self._handles.clear()
         return result
 
-    def close(self) -> None:
-        """Stop following frees once tracking is over: drop the weak references, whose callbacks would otherwise run
-        for as long as any tracked storage lives (the model's weights too), e.g. inside a garbage collection long
-        after the tracked steps. The peak and its breakdown stay."""
-        self._live.clear()
-
     # ------------------------------------------------------------------ results
     def breakdown(self) -> dict[str, int]:
         """Bytes per category at the peak, and their "total" (= peak_bytes)."""

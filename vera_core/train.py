@@ -431,8 +431,6 @@ def _optimizer_step(s: _Session, stream: Iterator[dict], stop: threading.Event |
     with s.tracker if tracking else contextlib.nullcontext():
         done = _step_body(s, stream, stop, rng_at_step_start)
     s.tracked += tracking and done
-    if tracking and s.tracked == TRACKED_STEPS:
-        s.tracker.close()
     return done
 
 
@@ -584,7 +582,6 @@ def train(
         s.emit("error", message=f"{type(e).__name__}: {e}")
         raise
     finally:
-        s.tracker.close()  # a run shorter than TRACKED_STEPS, or one that failed
         s.model.eval()
         if config.grad_checkpointing:
             s.core.activation_checkpointing_disable()
