@@ -321,7 +321,7 @@ def run_adapters(runs_dir: Path) -> list[str]:
     out = []
     for run in vera_list_runs(runs_dir):
         path = Path(run["run_dir"])
-        out += [f"{path.name}/{name}" for name in run["runs"] if (path / "adapters" / name).is_dir()]
+        out += [f"{path.name}/{name}" for name in run["settings"] if (path / "adapters" / name).is_dir()]
     return out
 
 

@@ -140,7 +140,7 @@ def test_calculator_tab_shows_table_1(page):
 
 def test_export_tab_hands_over_a_zip(page):
     page.get_by_role("tab", name="Export").click()
-    expect(page.get_by_label("Adapter")).to_have_value("vera-r16", timeout=30_000)
+    expect(page.get_by_label("Adapter", exact=True)).to_have_value("vera-r16", timeout=30_000)
     page.get_by_role("button", name="Export", exact=True).click()
     link = page.locator("#export-file a").first
     expect(link).to_have_attribute("href", re.compile(r"/vera-r16-native\.zip$"), timeout=60_000)

@@ -31,10 +31,13 @@ def make_run(runs_dir: Path, name: str, adapters: dict, seed: int = 0, model: st
                 if "lambda_b" in key or "lora_B" in key or "modules_to_save" in key:
                     p.add_(0.5 * (i + 1) * torch.randn(p.shape, generator=torch.Generator().manual_seed(i)))
         vera_core.save_adapter(base, run_dir / "adapters" / adapter)
-    (run_dir / "config.json").write_text(json.dumps({"model": model, "task": "classification",
-                                                     "train": {"seed": seed}, "labels": ["neg", "pos"]}))
+    (run_dir / "config.json").write_text(json.dumps({
+        "model": model, "dataset": "rotten-tomatoes", "task": "classification", "train": {"seed": seed},
+        "labels": ["neg", "pos"], "methods": list(adapters),
+        "adapters": {a: config.to_dict() for a, config in adapters.items()}}))
     (run_dir / "report.json").write_text(json.dumps({"model": model, "dataset": "rotten-tomatoes",
-                                                     "runs": [{"name": a} for a in adapters]}))
+                                                     "runs": [{"name": a, "method": config.method}
+                                                              for a, config in adapters.items()]}))
     return run_dir
 
 
