@@ -36,25 +36,22 @@ def _items(text: str, what: str, example: str) -> list[str]:
     return items
 
 
+def _numbers(text: str, what: str, kind: type, noun: str, example: str, valid, need: str) -> list:
+    items = _items(text, what, example)
+    try:
+        values = [kind(v) for v in items]
+    except ValueError:
+        raise ValueError(f"{what} must be comma-separated {noun} such as {example}; got {text!r}.") from None
+    if not all(valid(v) for v in values):
+        raise ValueError(f"{what} must be {need}; got {text!r}.")
+    return values
+
+
 def int_list(text: str, what: str) -> list[int]:
     """"8, 64" -> [8, 64]: positive integers separated by commas."""
-    items = _items(text, what, "8,64")
-    try:
-        values = [int(v) for v in items]
-    except ValueError:
-        raise ValueError(f"{what} must be comma-separated integers such as 8,64; got {text!r}.") from None
-    if any(v <= 0 for v in values):
-        raise ValueError(f"{what} must be positive integers; got {text!r}.")
-    return values
+    return _numbers(text, what, int, "integers", "8,64", lambda v: v > 0, "positive integers")
 
 
 def float_list(text: str, what: str) -> list[float]:
     """"0.1, 1" -> [0.1, 1.0]: finite numbers separated by commas."""
-    items = _items(text, what, "0.1,1.0")
-    try:
-        values = [float(v) for v in items]
-    except ValueError:
-        raise ValueError(f"{what} must be comma-separated numbers such as 0.1,1.0; got {text!r}.") from None
-    if not all(math.isfinite(v) for v in values):
-        raise ValueError(f"{what} must be finite numbers; got {text!r}.")
-    return values
+    return _numbers(text, what, float, "numbers", "0.1,1.0", math.isfinite, "finite numbers")
