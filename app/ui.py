@@ -32,7 +32,7 @@ from vera_core.plots import (
     tradeoff_figure,
 )
 from vera_core.report import load_run, tradeoff_rows
-from vera_core.runs import export, list_runs, load_run_model, new_run_dir
+from vera_core.runs import export, list_runs, load_run_model, new_run_dir, read_config
 
 from . import views
 from .jobs import JobBusy, JobManager
@@ -442,7 +442,7 @@ class Lab:
         """The base the chosen run adapters were trained on (one for all of them), else `base_model`."""
         bases = {}
         for label in picked or []:
-            config = json.loads((self.runs_dir / label.partition("/")[0] / "config.json").read_text())
+            config = read_config(self.runs_dir / label.partition("/")[0])
             bases[label] = {"model": config["model"], "task": config["task"], "seed": config["train"]["seed"],
                             "quantization": config.get("quantization"), "labels": config.get("labels")}
         models = {b["model"] for b in bases.values()}
