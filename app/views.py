@@ -168,7 +168,7 @@ def estimate_table(request: RunRequest) -> pd.DataFrame:
 # report.summary_rows' keys as the lab labels them
 RESULT_LABELS = {"run": "run", "method": "method", "trainable": "trainable params", "% of model": "% of model",
                  "head": "head params", "adapter_kib": "adapter file (KiB)", "peak_mib": "peak memory (MiB)",
-                 "step_s": "step time (s)", "tokens_per_s": "tokens/s", "train_loss": "final train loss",
+                 "est_mib": "predicted memory (MiB)", "rss_mib": "process RSS (MiB)", "step_s": "step time (s)", "tokens_per_s": "tokens/s", "train_loss": "final train loss",
                  "test_loss": "test loss", "metric": "test metric"}
 RESULT_COLUMNS = list(RESULT_LABELS.values())
 

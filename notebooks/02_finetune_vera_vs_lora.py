@@ -55,9 +55,9 @@ BUDGET
 # One function does the work; both the widget below and the static cell after it call it. It shows a progress bar fed
 # by `compare`'s events and returns the `Report` (also written to `runs/02-…/report.json`).
 #
-# In the table, `peak_mib` on a CPU is the process's RSS growth during each run (`cpu_rss_delta`) with all methods in
-# one process, so it is a rough number; `compare(..., isolate=True)` runs each method in its own process, and on a GPU
-# the allocator peak is reported instead.
+# In the table, `peak_mib` is the peak of live tensor storage during each run's first training steps (weights, adapter,
+# gradients, optimizer state, activations), counted the same way on CPU and GPU, so the order the methods ran in does
+# not change it; `est_mib` is the prediction `estimate_memory` made before the run from shapes alone.
 
 # %%
 def run_comparison(model_name="minilm-l6", r=256, d_init=0.1, steps=BUDGET["steps"]):

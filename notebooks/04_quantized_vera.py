@@ -103,7 +103,7 @@ display(widgets.VBox([widgets.HBox([bs, sl]), widgets.HBox([vr, lr_]), box])); s
 estimates = memory_table()
 display(estimates)
 ax = estimates.set_index(estimates.base + " · " + estimates.method)[
-    ["weights MiB", "adapter MiB", "gradients_optimizer MiB", "activations MiB"]].plot.barh(stacked=True, figsize=(8, 3.5))
+    ["weights MiB", "adapter MiB", "gradients MiB", "optimizer MiB", "activations MiB", "temporaries MiB"]].plot.barh(stacked=True, figsize=(8, 3.5))
 ax.set(xlabel="MiB (estimate)", title="One training step, MiniLM-L6, batch 16 × 64 tokens")
 ax.figure.tight_layout()
 
@@ -134,9 +134,10 @@ plots.metric_figure(runs, "classification")
 plots.memory_figure(runs)
 
 # %% [markdown]
-# Read the measured peaks with care: on a CPU they are RSS growth during training (`cpu_rss_delta`) of runs sharing
-# one process, not allocator peaks; on a GPU `compare` reports `torch.cuda.max_memory_allocated`, which is the number
-# to quote. In quick mode the accuracies are noise (a few dozen test reviews after 3 steps).
+# The measured peaks are the live tensor storage of the first training steps (`peak_memory_kind` "tensors"), counted
+# the same way on CPU and GPU and whatever ran before in the process; `est_mib` in the table is the prediction made
+# from shapes alone. A 4-bit base is estimated with a formula (fake tensors cannot run bitsandbytes), so expect a larger
+# error there. In quick mode the accuracies are noise (a few dozen test reviews after 3 steps).
 #
 # ## 4. Merging into a 4-bit base is refused
 #

@@ -32,11 +32,11 @@ from .data import TextDataset
 from .device import resolve_device
 from .evaluate import score_split
 from .files import write_json
-from .inject import adapter_layers, add_adapter
+from .inject import adapter_layers
 from .io import save_adapter
 from .memory import DTYPE_BYTES, estimate_memory
 from .metrics import group_references
-from .models import CLASSIFIER_HEADS
+from .models import head_names, make_trainable
 from .progress import with_bar
 from .report import Report, RunReport, load_run, write_reports
 from .request import RunRequest, RunSpec
@@ -44,27 +44,12 @@ from .runs import load_base, new_run_dir
 from .train import default_lr, train as train_model
 
 
-def _head_names(model: nn.Module) -> list[str]:
-    return [name for name, _ in model.named_children() if name in CLASSIFIER_HEADS]
-
-
 def _adapter_config(model: nn.Module, spec: RunSpec, task: str) -> AdapterConfig | None:
     """The run's adapter config; classification adapters also train the head (as modules_to_save)."""
-    heads = _head_names(model) if task == "classification" else []
+    heads = head_names(model) if task == "classification" else []
     if spec.adapter is not None and heads and not spec.adapter.modules_to_save:
         return replace(spec.adapter, modules_to_save=tuple(heads))
     return spec.adapter
-
-
-def _prepare(model: nn.Module, spec: RunSpec, adapter: AdapterConfig | None) -> nn.Module:
-    """Make `spec.method` the only thing trainable: the adapter, everything ("full"), the head, or nothing."""
-    if adapter is not None:
-        return add_adapter(model, adapter)
-    model.requires_grad_(spec.method == "full")
-    if spec.method == "head":
-        for name in _head_names(model):
-            getattr(model, name).requires_grad_(True)
-    return model
 
 
 def _counts(model: nn.Module, spec: RunSpec) -> tuple[int, int | None]:
@@ -74,7 +59,7 @@ def _counts(model: nn.Module, spec: RunSpec) -> tuple[int, int | None]:
         return counts["trainable_adapter"], counts["trainable_head"] or None
     if spec.method == "base":
         return 0, None
-    head = sum(p.numel() for n in _head_names(model) for p in getattr(model, n).parameters())
+    head = sum(p.numel() for n in head_names(model) for p in getattr(model, n).parameters())
     if spec.method == "head":
         return 0, counts["trainable"]
     return counts["trainable"] - head, head or None
@@ -104,10 +89,11 @@ def _run_one(request: RunRequest, spec: RunSpec, load: Callable[[], tuple], run_
     try:  # from the shapes, before the adapter exists; "full" / "head" / None (base) describe the other methods
         estimate = estimate_memory(model, adapter or (None if spec.method == "base" else spec.method),
                                    config.batch_size, config.max_length,
-                                   dtype if dtype in DTYPE_BYTES else "float32", request.quantization)
+                                   dtype if dtype in DTYPE_BYTES else "float32", request.quantization,
+                                   grad_checkpointing=config.grad_checkpointing, max_grad_norm=config.max_grad_norm)
     except (ValueError, AttributeError):
         estimate = None  # an architecture the estimator cannot read: the run goes on without it
-    model = _prepare(model, spec, adapter)
+    model = make_trainable(model, spec.method, adapter)
     trainable, head = _counts(model, spec)
     report = RunReport(name=spec.name, method=spec.method, trainable_params=trainable, head_params=head,
                        memory_estimate=estimate)
@@ -126,7 +112,9 @@ def _run_one(request: RunRequest, spec: RunSpec, load: Callable[[], tuple], run_
                              stop=stop, resume_from=resume)
         report.lr = config.lr or default_lr(spec.method)[0]
         report.steps, report.stopped, report.history = result.steps_done, result.stopped, result.history
-        report.peak_memory_bytes, report.peak_memory_kind = result.peak_memory_bytes, result.peak_memory_kind
+        for name in ("peak_memory_bytes", "peak_memory_kind", "memory_breakdown", "peak_rss_bytes",
+                     "cuda_max_allocated_bytes"):
+            setattr(report, name, getattr(result, name))
         report.step_time_s, report.tokens_per_s = result.step_time_s, result.tokens_per_s
         report.final_train_loss = result.final_train_loss
         device, dtype = result.device, result.dtype
@@ -221,7 +209,7 @@ def measure_step_times(request: RunRequest, steps: int = 3, stop: threading.Even
                      checkpoint_every=None)
     for spec in chosen.values():
         model, tokenizer = load()
-        model = _prepare(model, spec, _adapter_config(model, spec, request.dataset.task))
+        model = make_trainable(model, spec.method, _adapter_config(model, spec, request.dataset.task))
         result = train_model(model, tokenizer, request.dataset, replace(config, lr=request.train_config(spec).lr),
                              run_name=spec.name, stop=stop, progress=False)
         if result.step_time_s is not None:

@@ -15,9 +15,9 @@ from typing import Sequence
 from .files import write_json, write_jsonl, write_text
 
 MEMORY_MODES = {
-    "isolated": "each method ran in its own process (multiprocessing spawn), so its peak is its own",
-    "in-process": "all methods ran in one process (gc between them); a CPU RSS delta can be distorted by what "
-                  "earlier methods left allocated",
+    "isolated": "each method ran in its own process (multiprocessing spawn)",
+    "in-process": "all methods ran in one process (gc between them); the tensor peaks are each method's own, the "
+                  "process RSS is not",
 }
 
 
@@ -36,15 +36,18 @@ class RunReport:
     trainable_params: int = 0  # head excluded
     head_params: int | None = None  # trainable classifier-head parameters (classification runs that train one)
     adapter_bytes: int | None = None  # size of adapters/<name>/ on disk
-    peak_memory_bytes: int | None = None
-    peak_memory_kind: str | None = None  # "cuda_max_allocated" | "cpu_rss_delta"
+    peak_memory_bytes: int | None = None  # peak live tensor bytes during training (the tracker's, memtrack.py)
+    peak_memory_kind: str | None = None  # "tensors"
+    memory_breakdown: dict | None = None  # bytes per category at that peak (weights, adapter, gradients, ..., total)
+    peak_rss_bytes: int | None = None  # the process's sampled peak resident memory, for reference
+    cuda_max_allocated_bytes: int | None = None  # CUDA only: the allocator's peak, a cross-check of the tracker
     step_time_s: float | None = None
     tokens_per_s: float | None = None
     final_train_loss: float | None = None
     eval: dict | None = None  # {"loss", "accuracy"} or {"loss", "bleu", "rougeL"} on the test split
     stopped: bool = False  # the stop flag ended this run early (its eval is then None)
     wall_s: float | None = None
-    memory_estimate: dict | None = None  # estimate_memory(...) made before the run started
+    memory_estimate: dict | None = None  # estimate_memory(...) made before the run started, same categories
     history: list[dict] = field(default_factory=list, repr=False)  # step/eval events (metrics.jsonl has them too)
 
     def to_dict(self) -> dict:
@@ -128,11 +131,15 @@ def summary_rows(report: Report | dict, total_params: int | None = None) -> list
                "trainable": run["trainable_params"]}
         if total_params:
             row["% of model"] = round(100 * run["trainable_params"] / total_params, 4)
-        peak = run.get("peak_memory_bytes")
+        mib = {k: run.get(k) / 2**20 if run.get(k) is not None else None
+               for k in ("peak_memory_bytes", "peak_rss_bytes")}
+        estimate = (run.get("memory_estimate") or {}).get("total")
         row.update({
             "head": run.get("head_params"),
             "adapter_kib": _rounded(run["adapter_bytes"] / 1024 if run.get("adapter_bytes") else None, 1),
-            "peak_mib": _rounded(peak / 2**20 if peak is not None else None, 1),
+            "peak_mib": _rounded(mib["peak_memory_bytes"], 1),
+            "est_mib": _rounded(estimate / 2**20 if estimate is not None else None, 1),
+            "rss_mib": _rounded(mib["peak_rss_bytes"], 1),
             "step_s": _rounded(run.get("step_time_s"), 3),
             "tokens_per_s": _rounded(run.get("tokens_per_s"), 1),
             "train_loss": _rounded(run.get("final_train_loss"), 4),
@@ -143,7 +150,8 @@ def summary_rows(report: Report | dict, total_params: int | None = None) -> list
     return rows
 
 
-SUMMARY_COLUMNS = ["run", "trainable", "head", "adapter_kib", "peak_mib", "step_s", "train_loss", "test_loss", "metric"]
+SUMMARY_COLUMNS = ["run", "trainable", "head", "adapter_kib", "peak_mib", "est_mib", "step_s", "train_loss", "test_loss",
+                   "metric"]
 
 
 def format_table(rows: list[dict], columns: list[str]) -> str:
@@ -173,6 +181,7 @@ def parameter_ratios(report: Report | dict) -> list[str]:
 def report_markdown(report: Report, figures: Sequence[str] = ()) -> str:
     """The human-readable report: settings, the table, ratios, memory estimate vs measured, figures."""
     from .memory import comparable_estimate
+    from .memtrack import CATEGORIES
 
     lines = [f"# {report.model} on {report.dataset} ({report.task})", "",
              f"device {report.device}, dtype {report.dtype}, seed {report.seed}"
@@ -183,10 +192,14 @@ def report_markdown(report: Report, figures: Sequence[str] = ()) -> str:
     checks = [(r, comparable_estimate(r.memory_estimate, r.peak_memory_kind)) for r in report.runs if r.memory_estimate]
     checks = [(r, est) for r, est in checks if est and r.peak_memory_bytes]
     if checks:
-        lines += ["", "Memory estimate vs measured (the part of the estimate the measurement covers):", ""]
-        lines += [f"- {r.name}: estimated {est / 2**20:.1f} MiB, measured {r.peak_memory_bytes / 2**20:.1f} MiB "
-                  f"({r.peak_memory_kind}), error {100 * (est - r.peak_memory_bytes) / r.peak_memory_bytes:+.0f}%"
-                  for r, est in checks]
+        lines += ["", "Peak tensor memory, predicted (one fake step) vs measured (the tracked steps), MiB:", "",
+                  "| run | " + " | ".join(CATEGORIES) + " | total | error |",
+                  "|---|" + "---|" * (len(CATEGORIES) + 2)]
+        for r, est in checks:
+            for label, parts in (("predicted", r.memory_estimate), ("measured", r.memory_breakdown or {})):
+                cells = [f"{parts[k] / 2**20:.1f}" if parts.get(k) is not None else "-" for k in (*CATEGORIES, "total")]
+                error = f"{100 * (est - r.peak_memory_bytes) / r.peak_memory_bytes:+.1f}%" if label == "predicted" else ""
+                lines.append(f"| {r.name} {label} | " + " | ".join(cells) + f" | {error} |")
     lines += [""] + [f"![{Path(name).stem}]({name})" for name in figures]
     return "\n".join(lines) + "\n"
 
