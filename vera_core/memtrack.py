@@ -7,7 +7,9 @@
 
 "Live" is every storage the model and the optimizer own plus every storage allocated inside the tracked region and
 not yet freed. New storages are seen in a `TorchDispatchMode` (an op output whose schema does not alias an input is
-a fresh allocation); a weak reference to each storage tells when it is freed. Each storage is counted once (VeRA's
+a fresh allocation). Each is held by a C++ weak reference (`StorageWeakRef`, no Python callback: a callback would
+run inside whatever op frees the storage, and full test runs crashed that way); expired ones are swept out whenever
+the count could pass the peak, so the peak is exact without a sweep per op. Each storage is counted once (VeRA's
 shared A / B, tied embeddings) and labelled by what holds it: a model parameter or buffer ("weights", or "adapter" for
 the adapter's own tensors), a `.grad` ("gradients"), optimizer state ("optimizer"), a tensor saved for backward
 ("activations"), else "temporaries". A label learned after the peak (a gradient or AdamW moment allocated before the
@@ -16,11 +18,9 @@ hook that names it) is carried back into the peak's breakdown when the storage w
 """
 from __future__ import annotations
 
-import weakref
-from functools import partial
-
 import torch
 from torch import nn
+from torch.multiprocessing.reductions import StorageWeakRef
 from torch.utils import _pytree as pytree
 from torch.utils._python_dispatch import TorchDispatchMode
 
@@ -51,7 +51,9 @@ class MemoryTracker(TorchDispatchMode):
         super().__init__()
         self.model, self.optimizer = model, optimizer
         self.device = torch.device(device) if device is not None else next(model.parameters()).device
-        self._live: dict[int, list] = {}  # storage key -> [bytes, category, allocation number, weakref]
+        # storage key -> [bytes, category, allocation number, weak ref]. The weak ref keeps the storage's C++ object
+        # (not its data) alive, so a key is never reused by a new storage while its entry exists.
+        self._live: dict[int, list] = {}
         self._sums = dict.fromkeys(CATEGORIES, 0)
         self._total = 0
         self._count = 0  # storages registered so far: orders allocations against the peak
@@ -71,19 +73,20 @@ class MemoryTracker(TorchDispatchMode):
     def _add(self, key: int, storage, category: str) -> None:
         nbytes = storage.nbytes()
         self._count += 1
-        ref = weakref.ref(storage, partial(self._freed, key))
-        self._live[key] = [nbytes, category, self._count, ref]
+        self._live[key] = [nbytes, category, self._count, StorageWeakRef(storage)]
         self._sums[category] += nbytes
         self._total += nbytes
         if self._total > self.peak_bytes:
-            self.peak_bytes, self._peak_sums, self._peak_count = self._total, dict(self._sums), self._count
+            self._sweep()  # the total still counts freed storages; only a sweep tells whether this is a new peak
+            if self._total > self.peak_bytes:
+                self.peak_bytes, self._peak_sums, self._peak_count = self._total, dict(self._sums), self._count
 
-    def _freed(self, key: int, ref: weakref.ref) -> None:
-        entry = self._live.get(key)
-        if entry is not None and entry[3] is ref:  # not a newer storage that reused the address
-            del self._live[key]
-            self._sums[entry[1]] -= entry[0]
-            self._total -= entry[0]
+    def _sweep(self) -> None:
+        """Forget the storages freed since the last sweep."""
+        for key in [key for key, entry in self._live.items() if entry[3].expired()]:
+            nbytes, category = self._live.pop(key)[:2]
+            self._sums[category] -= nbytes
+            self._total -= nbytes
 
     def label(self, tensor: torch.Tensor | None, category: str, only_from: str | None = None) -> None:
         """Say what holds `tensor`'s storage (registering it if it was never seen), unless it is labelled otherwise
@@ -160,6 +163,11 @@ class MemoryTracker(TorchDispatchMode):
         self._handles.clear()
         return result
 
+    def close(self) -> None:
+        """Drop the bookkeeping of live storages once tracking is over; the peak and its breakdown stay."""
+        self._live.clear()
+        self._sums, self._total = dict.fromkeys(CATEGORIES, 0), 0
+
     # ------------------------------------------------------------------ results
     def breakdown(self) -> dict[str, int]:
         """Bytes per category at the peak, and their "total" (= peak_bytes)."""
@@ -167,4 +175,5 @@ class MemoryTracker(TorchDispatchMode):
 
     def current(self) -> dict[str, int]:
         """Bytes per category live now, and their "total"."""
+        self._sweep()
         return {**self._sums, "total": self._total}

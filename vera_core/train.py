@@ -431,6 +431,8 @@ def _optimizer_step(s: _Session, stream: Iterator[dict], stop: threading.Event |
     with s.tracker if tracking else contextlib.nullcontext():
         done = _step_body(s, stream, stop, rng_at_step_start)
     s.tracked += tracking and done
+    if tracking and s.tracked == TRACKED_STEPS:
+        s.tracker.close()
     return done
 
 
