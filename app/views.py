@@ -14,9 +14,10 @@ import torch
 from vera_core import TrainConfig, lora_grid, vera_grid
 from vera_core.calculator import known_model, parameter_table
 from vera_core.checks import float_list, int_list
-from vera_core.config import ALL_LINEAR
+from vera_core.config import ALL_LINEAR, LoraConfig, VeraConfig
 from vera_core.data import BUILTIN_DATASETS, shorten
 from vera_core.files import write_json
+from vera_core.memory import largest_batch
 from vera_core.report import metric_value, summary_rows
 from vera_core.request import RunRequest
 from vera_core.runs import list_runs as vera_list_runs
@@ -309,6 +310,25 @@ def calculator_rows(models: list[str], vera_ranks: str, lora_ranks: str, save_pr
                          "trainable": row["trainable"], "stored (KiB)": round(row["stored_bytes"] / 1024, 1),
                          "LoRA first rank / this": round(row["lora_ratio"], 1) if row["lora_ratio"] else None})
     return rows
+
+
+def fit_rows(model: str, budget_gib: float, seq_len: int, vera_r: int, lora_r: int, dtype: str) -> tuple[list[dict], list]:
+    """"Will it fit?": the largest training batch for VeRA and LoRA on one known model within a memory budget, and the
+    (label, breakdown) bars of each answer."""
+    known = known_model(model)
+    if not budget_gib or budget_gib <= 0:
+        raise ValueError(f"the memory budget must be a positive number of GiB, got {budget_gib!r}.")
+    rows, bars = [], []
+    for config in (VeraConfig(r=int(vera_r), target_modules=known.targets),
+                   LoraConfig(r=int(lora_r), target_modules=known.targets)):
+        fit = largest_batch(known.config, config, int(budget_gib * 2**30), int(seq_len), dtype)
+        label = f"{config.method} r={config.r}"
+        rows.append({"method": label, "largest batch": fit.batch_size,
+                     "predicted peak (GiB)": round(fit.breakdown["total"] / 2**30, 2),
+                     "per extra row (MiB)": round(fit.per_row_bytes / 2**20, 1),
+                     "fixed (MiB)": round(fit.fixed_bytes / 2**20, 1), "answer": fit.message})
+        bars.append((f"{label}\nbatch {fit.batch_size or 1}", fit.breakdown))
+    return rows, bars
 
 
 # ---------------------------------------------------------------------------------------------- many adapters

@@ -10,7 +10,7 @@ from torch import nn
 from vera_core.compare import compare
 from vera_core.config import LoraConfig, TrainConfig, VeraConfig
 from vera_core.inject import add_adapter
-from vera_core.memory import estimate_memory
+from vera_core.memory import estimate_memory, largest_batch
 from vera_core.memtrack import MemoryTracker
 from vera_core.train import train
 
@@ -161,3 +161,19 @@ def test_tracker_agrees_with_the_profiler_on_a_smollm2_step():
     print(f"tracker {tracked / 2**20:.1f} MiB, profiler {profiled / 2**20:.1f} MiB over the step start; "
           f"step {untracked_s:.2f} s untracked, {tracked_s:.2f} s tracked (with the profiler)")
     assert tracked == pytest.approx(profiled, rel=0.05)
+
+
+def test_largest_batch_is_the_largest_that_the_estimate_fits():
+    lora = LoraConfig(r=8)
+    budget = 512 * 2**20
+    fit = largest_batch("minilm-l6", lora, budget, seq_len=64)
+    assert fit.fake_steps >= 3  # two for the line, at least one to check its answer
+    assert fit.breakdown == estimate_memory("minilm-l6", lora, fit.batch_size, 64)
+    assert fit.breakdown["total"] <= budget < estimate_memory("minilm-l6", lora, fit.batch_size + 1, 64)["total"]
+    assert fit.message == f"batch {fit.batch_size:,} of 64 tokens fits: {fit.breakdown['total'] / 2**20:,.1f} MiB predicted"
+
+    tiny = largest_batch("minilm-l6", lora, 50 * 2**20, seq_len=64)  # the weights alone take 87 MiB
+    assert tiny.batch_size == 0 and tiny.fake_steps == 1
+    assert tiny.message.startswith("does not fit: one sequence of 64 tokens needs 98.2 MiB, more than the 50.0 MiB")
+    with pytest.raises(ValueError, match="budget_bytes must be positive, got 0"):
+        largest_batch("minilm-l6", lora, 0, seq_len=64)

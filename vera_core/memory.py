@@ -13,11 +13,13 @@ from __future__ import annotations
 
 import copy
 import warnings
+from dataclasses import dataclass
 
 import torch
 from torch import nn
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, PretrainedConfig
 
+from .checks import positive_int
 from .config import AdapterConfig, LoraConfig, VeraConfig
 from .count import estimate_parameters, meta_model
 from .inject import resolve_targets
@@ -196,3 +198,61 @@ def comparable_estimate(estimate: dict[str, int], peak_memory_kind: str | None) 
     """The part of an estimate a measured peak of this kind covers: all of it for the tracker's "tensors" (both
     count the same live storages), nothing for a kind it cannot be compared with."""
     return estimate["total"] if peak_memory_kind == "tensors" else None
+
+
+@dataclass(frozen=True)
+class Fit:
+    """The answer to "will it fit?" for one configuration: the largest batch whose predicted peak fits the budget."""
+
+    batch_size: int  # 0 when not even one row fits
+    budget_bytes: int
+    seq_len: int
+    fixed_bytes: int  # the line peak = fixed + per_row * batch, from two fake steps
+    per_row_bytes: int
+    breakdown: dict[str, int]  # the checked fake step's breakdown at batch_size (at 1 when nothing fits)
+    fake_steps: int  # how many fake steps the answer took (the third one checks the line's answer)
+
+    @property
+    def message(self) -> str:
+        need = _size(self.breakdown["total"])
+        if self.batch_size == 0:
+            return (f"does not fit: one sequence of {self.seq_len} tokens needs {need}, more than the "
+                    f"{_size(self.budget_bytes)} budget; try a shorter sequence, a smaller r or a 4-bit base")
+        return f"batch {self.batch_size:,} of {self.seq_len} tokens fits: {need} predicted"
+
+
+def _size(nbytes: int) -> str:
+    return f"{nbytes / 2**30:,.2f} GiB" if nbytes >= 2**30 else f"{nbytes / 2**20:,.1f} MiB"
+
+
+def largest_batch(model_config, adapter_config: AdapterConfig | str | None, budget_bytes: int, seq_len: int,
+                  dtype: str = "float32", quantization: str | None = None, *, grad_checkpointing: bool = False,
+                  max_batch: int = 65536) -> Fit:
+    """The largest training batch of `seq_len`-token sequences whose predicted peak (`estimate_memory`) is within
+    `budget_bytes`. The peak is close to linear in the batch: fake steps at 1 and 8 rows give the line, a third
+    checks its answer, and while the check is over budget the line is redrawn through it (a secant step)."""
+    if budget_bytes <= 0:
+        raise ValueError(f"budget_bytes must be positive, got {budget_bytes!r}.")
+    positive_int("seq_len", seq_len)
+
+    def estimate(batch: int) -> dict[str, int]:
+        return estimate_memory(model_config, adapter_config, batch, seq_len, dtype, quantization,
+                               grad_checkpointing=grad_checkpointing)
+
+    points = {1: estimate(1)}
+    if points[1]["total"] > budget_bytes:
+        return Fit(0, budget_bytes, seq_len, points[1]["total"], 0, points[1], 1)
+    points[8] = estimate(8)
+    low, high = 1, 8  # the two batches the line goes through
+    while True:
+        per_row = max(1, (points[high]["total"] - points[low]["total"]) // (high - low))
+        fixed = points[low]["total"] - per_row * low
+        batch = max(1, min(max_batch, (budget_bytes - fixed) // per_row))
+        if batch not in points:
+            points[batch] = estimate(batch)
+        if points[batch]["total"] <= budget_bytes or batch == 1 or len(points) >= 6:
+            break
+        low, high = max(b for b in points if b < batch), batch
+    fits = [b for b, parts in points.items() if parts["total"] <= budget_bytes]
+    best = max(fits)
+    return Fit(best, budget_bytes, seq_len, fixed, per_row, points[best], len(points))

@@ -51,14 +51,39 @@ def params_figure(runs: list[dict]) -> Figure:
     return fig
 
 
-def memory_figure(runs: list[dict]) -> Figure:
-    """Measured peak memory per run in MiB, labelled with how it was measured."""
-    runs = [r for r in runs if r["peak_memory_bytes"] is not None]
-    fig, ax = _figure()
-    _bars(ax, [r["name"] for r in runs], [r["peak_memory_bytes"] / 2**20 for r in runs], "{:,.1f}")
-    kinds = sorted({r["peak_memory_kind"] for r in runs})
-    ax.set(ylabel="MiB", title=f"Peak memory ({', '.join(kinds) or 'not measured'})")
+MEMORY_COLOURS = {"weights": "0.6", "adapter": "tab:orange", "gradients": "tab:red", "optimizer": "tab:purple",
+                  "activations": "tab:blue", "temporaries": "tab:cyan"}
+
+
+def breakdown_figure(bars: list[tuple[str, dict]], title: str = "Peak tensor memory by category") -> Figure:
+    """Stacked bars in MiB, one per (label, breakdown) with the memory_breakdown categories; the total on top."""
+    fig, ax = _figure(max(6.0, 1.1 * len(bars) + 2.5), 4.2)
+    names = [label for label, _ in bars]
+    bottom = [0.0] * len(bars)
+    for category, colour in MEMORY_COLOURS.items():
+        heights = [parts.get(category, 0) / 2**20 for _, parts in bars]
+        ax.bar(names, heights, bottom=bottom, color=colour, label=category)
+        bottom = [b + h for b, h in zip(bottom, heights)]
+    for i, (_, parts) in enumerate(bars):
+        ax.annotate(f"{parts['total'] / 2**20:,.1f}", (i, bottom[i]), ha="center", va="bottom", fontsize=8)
+    ax.tick_params(axis="x", labelrotation=20)
+    ax.set(ylabel="MiB", title=title)
+    if bars:
+        ax.legend(fontsize=7, ncols=3, loc="upper left")
+        ax.set_ylim(0, max(bottom) * 1.35)  # room for the legend above the tallest bar
     return fig
+
+
+def memory_figure(runs: list[dict]) -> Figure:
+    """Peak tensor memory per run, predicted (before the run, one fake step) beside measured (the tracked steps),
+    stacked by category; a run with no breakdown (trained nothing, or recorded before the tracker) is left out."""
+    bars = []
+    for run in runs:
+        if run.get("memory_estimate") and run.get("memory_breakdown"):
+            bars.append((f"{run['name']}\npredicted", run["memory_estimate"]))
+        if run.get("memory_breakdown"):
+            bars.append((f"{run['name']}\nmeasured", run["memory_breakdown"]))
+    return breakdown_figure(bars, "Peak tensor memory: predicted beside measured" if bars else "Peak memory (not measured)")
 
 
 def metric_figure(runs: list[dict], task: str) -> Figure:

@@ -178,6 +178,24 @@ def parameter_ratios(report: Report | dict) -> list[str]:
             for lo in loras for ve in veras]
 
 
+def memory_differences(report: Report | dict) -> list[str]:
+    """One plain sentence per LoRA-VeRA pair with measured breakdowns: what their peak tensor memory differs in."""
+    runs = [r for r in _as_dict(report)["runs"] if r.get("memory_breakdown")]
+    lines = []
+    for ve in (r for r in runs if r["method"] == "vera"):
+        for lo in (r for r in runs if r["method"] == "lora"):
+            v, lo_parts = ve["memory_breakdown"], lo["memory_breakdown"]
+            state_v, state_l = (p["gradients"] + p["optimizer"] for p in (v, lo_parts))
+            more_acts = "more" if v["activations"] > lo_parts["activations"] else "fewer"
+            lines.append(
+                f"{ve['name']} vs {lo['name']}: peak {v['total'] / 2**20:,.1f} vs {lo_parts['total'] / 2**20:,.1f} MiB "
+                f"({v['total'] / lo_parts['total']:.2f}x). Gradients and optimizer state {state_v / 2**20:,.2f} vs "
+                f"{state_l / 2**20:,.2f} MiB ({'VeRA trains fewer parameters' if state_v < state_l else 'VeRA trains more parameters here'}); "
+                f"activations saved for backward {v['activations'] / 2**20:,.1f} vs {lo_parts['activations'] / 2**20:,.1f} MiB "
+                f"({more_acts} for VeRA: it keeps r={ve['r']}-wide intermediates per adapted layer, LoRA r={lo['r']}-wide ones).")
+    return lines
+
+
 def report_markdown(report: Report, figures: Sequence[str] = ()) -> str:
     """The human-readable report: settings, the table, ratios, memory estimate vs measured, figures."""
     from .memory import comparable_estimate
@@ -188,7 +206,7 @@ def report_markdown(report: Report, figures: Sequence[str] = ()) -> str:
              + (" — **stopped early**" if report.stopped else ""), "",
              f"Peak memory: {report.memory_mode} — {MEMORY_MODES[report.memory_mode]}.", "", "```",
              format_table(summary_rows(report), SUMMARY_COLUMNS) if report.runs else "(no run finished)", "```", ""]
-    lines += [f"- {line}" for line in parameter_ratios(report)]
+    lines += [f"- {line}" for line in parameter_ratios(report) + memory_differences(report)]
     checks = [(r, comparable_estimate(r.memory_estimate, r.peak_memory_kind)) for r in report.runs if r.memory_estimate]
     checks = [(r, est) for r, est in checks if est and r.peak_memory_bytes]
     if checks:
