@@ -511,7 +511,7 @@ class Lab:
             rows, bars = views.fit_rows(model, budget_gib, seq_len, vera_r, lora_r, dtype)
         except ValueError as err:
             raise gr.Error(str(err)) from None
-        title = f"Predicted peak at the largest batch that fits {budget_gib:g} GiB ({seq_len} tokens)"
+        title = f"Predicted peak at the largest batch that fits {budget_gib} GiB ({seq_len} tokens)"
         return pd.DataFrame(rows), breakdown_figure(bars, title)
 
 

@@ -316,12 +316,16 @@ def fit_rows(model: str, budget_gib: float, seq_len: int, vera_r: int, lora_r: i
     """"Will it fit?": the largest training batch for VeRA and LoRA on one known model within a memory budget, and the
     (label, breakdown) bars of each answer."""
     known = known_model(model)
-    if not budget_gib or budget_gib <= 0:
+    try:
+        budget = float(budget_gib)  # typed into the dropdown, it arrives as text
+    except (TypeError, ValueError):
+        budget = float("nan")
+    if not budget > 0:
         raise ValueError(f"the memory budget must be a positive number of GiB, got {budget_gib!r}.")
     rows, bars = [], []
     for config in (VeraConfig(r=int(vera_r), target_modules=known.targets),
                    LoraConfig(r=int(lora_r), target_modules=known.targets)):
-        fit = largest_batch(known.config, config, int(budget_gib * 2**30), int(seq_len), dtype)
+        fit = largest_batch(known.config, config, int(budget * 2**30), int(seq_len), dtype)
         label = f"{config.method} r={config.r}"
         rows.append({"method": label, "largest batch": fit.batch_size,
                      "predicted peak (GiB)": round(fit.breakdown["total"] / 2**30, 2),

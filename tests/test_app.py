@@ -16,6 +16,9 @@ from helpers import TINY_LAB_RUN, free_port
 from app import build_app, launch
 from app.jobs import JobBusy, JobManager
 from app.views import UPLOAD, RunForm
+from vera_core.calculator import KNOWN_MODELS
+from vera_core.config import LoraConfig, VeraConfig
+from vera_core.memory import largest_batch
 
 
 def wait_for_job(client: Client, timeout: float = 240) -> dict:
@@ -274,6 +277,23 @@ def test_calculator_reproduces_table_1(lab):
     assert rows[("roberta-large", "vera", 256)]["trainable params"] == 61_440
     with pytest.raises(AppError, match="positive integers"):
         client.predict(["roberta-base"], "0", "8", False, api_name="/calculator")
+
+
+def test_will_it_fit_answers_the_largest_batch_for_vera_and_lora(lab):
+    demo, client = lab
+    table, _plot = client.predict("minilm-l6", 1, 128, 256, 8, "float32", api_name="/will_it_fit")
+    rows = {r[0]: dict(zip(table["headers"], r)) for r in table["data"]}
+    known = KNOWN_MODELS["minilm-l6"]
+    for label, config in (("vera r=256", VeraConfig(r=256, target_modules=known.targets)),
+                          ("lora r=8", LoraConfig(r=8, target_modules=known.targets))):
+        fit = largest_batch(known.config, config, 2**30, 128)
+        assert rows[label]["largest batch"] == fit.batch_size > 0
+        assert rows[label]["answer"] == fit.message
+    with pytest.raises(AppError, match="memory budget must be a positive number of GiB, got 0"):
+        client.predict("minilm-l6", 0, 128, 256, 8, "float32", api_name="/will_it_fit")
+    table, _plot = client.predict("minilm-l6", 0.05, 128, 256, 8, "float32", api_name="/will_it_fit")
+    assert all(row[1] == 0 and row[-1].startswith("does not fit: one sequence of 128 tokens needs")
+               for row in table["data"])
 
 
 # ---------------------------------------------------------------------------------------------- job manager

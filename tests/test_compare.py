@@ -1,6 +1,7 @@
 """The comparison runner on tiny models: report.json contract, numbers that agree with the files, stop, estimates."""
 import json
 import threading
+import warnings
 
 import pytest
 from helpers import check_contract, sentiment, tiny_bert, tiny_llama
@@ -190,9 +191,13 @@ def test_estimate_memory_parts_are_those_of_a_fake_training_step():
     assert v["activations"] > 8 * 64 * 384 * 4 * 6  # at least one hidden state per layer is kept for backward
     half = estimate_memory("minilm-l6", lora, 8, 64, dtype="bfloat16")
     assert half["weights"] == (v["weights"] - 2 * 8 * 512) // 2 + 2 * 8 * 512
-    with pytest.warns(UserWarning, match="4bit weights .bitsandbytes. cannot run on fake tensors"):
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no fallback: the fake step runs unquantized, the weights are bitsandbytes'
         four = estimate_memory("minilm-l6", lora, 8, 64, quantization="4bit")
-    assert four["weights"] < 0.6 * v["weights"]  # the formula: Linear weights shrink 8x; embeddings stay fp32
+    assert four["weights"] < 0.6 * v["weights"]  # Linear weights inside the layers at 4 bits; embeddings stay fp32
+    assert {k: four[k] for k in ("adapter", "gradients", "optimizer", "activations")} == {
+        k: lo[k] for k in ("adapter", "gradients", "optimizer", "activations")}
+    assert four["total"] - lo["total"] == four["weights"] - lo["weights"]
     base = estimate_memory("minilm-l6", None, 8, 64)
     assert base["gradients"] == base["optimizer"] == base["activations"] == 0
     with pytest.raises(ValueError, match="dtype must be one of"):

@@ -6,8 +6,9 @@ measured by the same tracker as the trainer (memtrack.py), so prediction and mea
     #  "total": ...}  bytes at the step's peak
 
 Fake tensors (`FakeTensorMode`) carry shapes, dtypes and storages but no data: no weight is read, nothing is
-computed. Where a model's forward cannot run on them (bitsandbytes weights, data-dependent code), a closed-form
-formula stands in, with a warning that names the reason.
+computed. bitsandbytes' 4-bit / 8-bit weights cannot be faked: a quantized base runs the step unquantized and counts
+its weights as bitsandbytes stores them. Where a model's forward cannot run on fake tensors (data-dependent code), a
+closed-form formula stands in, with a warning that names the reason.
 """
 from __future__ import annotations
 
@@ -109,6 +110,27 @@ def fake_step_estimate(model: nn.Module | None, config: PretrainedConfig, adapte
         return _tracked_step(fake, batch, max_grad_norm).breakdown()
 
 
+def _quantized_estimate(model: nn.Module | None, config: PretrainedConfig, adapter_config, batch_size: int,
+                        seq_len: int, dtype: str, quantization: str, grad_checkpointing: bool,
+                        max_grad_norm: float | None) -> dict[str, int]:
+    """A 4-bit / 8-bit base: bitsandbytes weights cannot run on fake tensors, so the fake step runs the same
+    architecture unquantized at the compute dtype, and its weights are then counted as bitsandbytes stores them: the
+    loaded model's own parameter and buffer bytes, else 4 or 8 bits per Linear weight inside the layers."""
+    plain = copy.deepcopy(config)
+    plain.__dict__.pop("quantization_config", None)
+    parts = fake_step_estimate(model, plain, adapter_config, batch_size, seq_len, dtype, grad_checkpointing,
+                               max_grad_norm)
+    if model is not None:
+        storages = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes()
+                    for t in (*model.parameters(), *model.buffers())}
+        weights = sum(storages.values())
+    else:
+        weights = _weight_bytes(meta_model(config), config, dtype, quantization)
+    parts["total"] += weights - parts["weights"]
+    parts["weights"] = weights
+    return parts
+
+
 def estimate_memory(model_config, adapter_config: AdapterConfig | str | None, batch_size: int, seq_len: int,
                     dtype: str = "float32", quantization: str | None = None, *, grad_checkpointing: bool = False,
                     max_grad_norm: float | None = 1.0) -> dict[str, int]:
@@ -117,8 +139,9 @@ def estimate_memory(model_config, adapter_config: AdapterConfig | str | None, ba
 
     model_config: a transformers config, a model (only its class and config are used) or a model name.
     adapter_config: a VeraConfig / LoraConfig, "full" (every weight trains), "head" (the classifier only), or None
-    (inference: one forward without gradients). Quantized bases fall back to the formula (bitsandbytes cannot run
-    on fake tensors), as does any model whose forward fails on them, with a warning naming the reason.
+    (inference: one forward without gradients). Quantized bases (bitsandbytes cannot run on fake tensors) run the
+    fake step unquantized and count their weights as bitsandbytes stores them; a model whose forward fails on fake
+    tensors falls back to the closed-form formula, with a warning naming the reason.
     """
     if dtype not in DTYPE_BYTES:
         raise ValueError(f"dtype must be one of {list(DTYPE_BYTES)}, got {dtype!r}.")
@@ -127,14 +150,14 @@ def estimate_memory(model_config, adapter_config: AdapterConfig | str | None, ba
     if not isinstance(adapter_config, (VeraConfig, LoraConfig)) and adapter_config not in ("full", "head", None):
         raise ValueError(f"adapter_config must be a VeraConfig, LoraConfig, 'full', 'head' or None, got {adapter_config!r}.")
     model, config = _model_and_config(model_config)
-    if quantization is None:
-        try:
+    try:
+        if quantization is None:
             return fake_step_estimate(model, config, adapter_config, batch_size, seq_len, dtype, grad_checkpointing,
                                       max_grad_norm)
-        except Exception as err:  # noqa: BLE001 - any failure of the fake step means: use the formula instead
-            reason = f"{type(err).__name__}: {str(err).strip().splitlines()[0][:200] if str(err).strip() else ''}"
-    else:
-        reason = f"{quantization} weights (bitsandbytes) cannot run on fake tensors"
+        return _quantized_estimate(model, config, adapter_config, batch_size, seq_len, dtype, quantization,
+                                   grad_checkpointing, max_grad_norm)
+    except Exception as err:  # noqa: BLE001 - any failure of the fake step means: use the formula instead
+        reason = f"{type(err).__name__}: {str(err).strip().splitlines()[0][:200] if str(err).strip() else ''}"
     warnings.warn(f"estimate_memory used the closed-form formula instead of a fake training step ({reason}); "
                   "its error is larger (see benchmarks/results/memory.md).", stacklevel=2)
     return formula_estimate(model if model is not None else meta_model(config), config, adapter_config, batch_size,
