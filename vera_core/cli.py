@@ -173,7 +173,7 @@ def cmd_evaluate(args) -> int:
     dataset = load_dataset(args.dataset, seed=args.seed, max_rows=args.max_rows)
     model, tokenizer = _load_with_adapter(args.model, args.adapter, dataset.task,
                                           len(dataset.labels) if dataset.labels else 2)
-    scores, _ = score_split(model, tokenizer, dataset, _train_config(args), args.eval_generate, 0, args.split)
+    scores, _, _ = score_split(model, tokenizer, dataset, _train_config(args), args.eval_generate, 0, args.split)
     if scores is None:
         raise ValueError(f"the {args.split} split of {dataset.name!r} is empty.")
     scores = {k: round(v, 4) if isinstance(v, float) else v for k, v in scores.items()}
