@@ -181,7 +181,8 @@ def parameter_ratios(report: Report | dict) -> list[str]:
     runs = list({r.get("setting") or r["name"]: r for r in _as_dict(report)["runs"]}.values())  # one per setting
     loras = [r for r in runs if r["method"] == "lora" and r["trainable_params"]]
     veras = [r for r in runs if r["method"] == "vera" and r["trainable_params"]]
-    return [f"{lo.get('setting') or lo['name']} / {ve.get('setting') or ve['name']}: {lo['trainable_params'] / ve['trainable_params']:.2f}x trainable "
+    name = lambda run: run.get("setting") or run["name"]  # noqa: E731
+    return [f"{name(lo)} / {name(ve)}: {lo['trainable_params'] / ve['trainable_params']:.2f}x trainable "
             f"parameters ({lo['trainable_params']:,} vs {ve['trainable_params']:,}, head excluded)"
             for lo in loras for ve in veras]
 
