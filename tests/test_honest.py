@@ -3,8 +3,7 @@ predictions, intervals, paired VeRA − LoRA differences, resuming, and the refu
 import json
 
 import pytest
-from helpers import sentiment, tiny_bert, tiny_llama
-from test_compare import colours
+from helpers import colours, sentiment, tiny_bert, tiny_llama
 
 from vera_core.compare import compare
 from vera_core.config import LoraConfig, VeraConfig

@@ -115,14 +115,15 @@ def metric_value(scores: dict | None) -> tuple[str, float] | None:
 
 
 def tradeoff_rows(report: Report | dict) -> list[dict]:
-    """The report's scored runs for `plots.tradeoff_figure` / `plots.dinit_figure`: each run's report.json fields
-    with its headline metric copied up under the metric's name ("accuracy" or "bleu")."""
-    rows = []
-    for run in _as_dict(report)["runs"]:
-        metric = metric_value(run.get("eval"))
-        if metric is not None:
-            rows.append({**run, metric[0]: metric[1], "metric_name": metric[0]})
-    return rows
+    """The report's scored settings for `plots.tradeoff_figure` / `plots.dinit_figure`: each setting's first
+    report.json run, named by its setting, with its headline metric (the mean over seeds) copied up under the
+    metric's name ("accuracy" or "bleu") and its std over seeds under "<metric>_err" (error bars; None: one seed)."""
+    report = _as_dict(report)
+    if not report.get("settings"):  # a report.json from before seeds: one row per run
+        report = {**report, "settings": setting_rows(report)}
+    first = {r["name"]: r for r in report["runs"]}
+    return [{**first[s["runs"][0]], "name": s["setting"], s["metric"]: s["mean"], f"{s['metric']}_err": s["std"],
+             "metric_name": s["metric"]} for s in report["settings"]]
 
 
 def _rounded(value, digits: int):
@@ -304,6 +305,19 @@ def seeds_note(report: Report | dict) -> str:
     return (f"Training seeds {', '.join(map(str, report['seeds']))} (data order, head init, dropout); the data split "
             f"(seed {report['seed']}) and VeRA's projection seed stay fixed, so every run is scored on the same test "
             "rows and pairs up.")
+
+
+def seed_summary_lines(report: Report | dict) -> list[str]:
+    """The CLI's and the app's plain-text summary over seeds: the mean ± std table, every VeRA − LoRA line and the
+    tuned rates; [] for a single-seed, untuned run (its one table says it all)."""
+    report = _as_dict(report)
+    lines = []
+    if len(report.get("seeds") or []) > 1 and report.get("settings"):
+        lines += ["", seeds_note(report), format_table(setting_table(report["settings"]), SETTING_COLUMNS)]
+        lines += [pair_line(p) for p in report.get("pairs") or []]
+    if report.get("tuning"):
+        lines += ["", "tuned learning rates (validation loss, first seed):", *tuning_lines(report["tuning"])]
+    return lines
 
 
 def report_markdown(report: Report, figures: Sequence[str] = ()) -> str:
