@@ -32,7 +32,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import torch  # noqa: E402
 
-from vera_core.checks import float_list, int_list  # noqa: E402
+from vera_core.checks import float_list, seed_list  # noqa: E402
 from vera_core.compare import compare  # noqa: E402
 from vera_core.config import LoraConfig, VeraConfig  # noqa: E402
 from vera_core.data import MR_INSTRUCTION, TextDataset, load_dataset  # noqa: E402
@@ -41,6 +41,7 @@ from vera_core.plots import tradeoff_figure  # noqa: E402
 from vera_core.report import Report, mean_cell, pair_line  # noqa: E402
 from vera_core.runs import run_summary  # noqa: E402
 from vera_core.train import TrainConfig  # noqa: E402
+from vera_core.tune import LR_SCALES  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results"
@@ -51,7 +52,6 @@ METRICS = {"sst2": "accuracy", "e2e": "bleu"}
 # What the paper reports (VeRA, ICLR 2024; ../shared/docs/vera-method.md): RoBERTa-base GLUE SST-2 accuracy.
 PAPER = {"sst2": {"lora": "LoRA 95.1 (RoBERTa-base, 0.3M params)", "vera": "VeRA 94.6 (RoBERTa-base, 0.043M params)"}}
 TARGET_RATIO = 8.0  # the bar: VeRA within 1 point of LoRA (stats.verdict) with >= 8x fewer parameters
-SCALES = [0.25, 0.5, 1.0, 2.0, 4.0]  # the learning-rate grid: each method's rates x each scale, on validation
 QUICK = {"seeds": [0, 1], "scales": [0.5, 2.0], "tune_steps": 2}  # --quick: the smoke run's seeds and grid
 
 
@@ -359,9 +359,9 @@ def main(argv: list[str] | None = None) -> int:
                         help="LoRA rate, the centre of its grid (LoRA paper's RoBERTa GLUE: 4e-4-5e-4)")
     parser.add_argument("--vera-lr", type=float, default=1e-2, help="VeRA vector rate, the centre of its grid")
     parser.add_argument("--d-init", type=float, default=0.1)
-    parser.add_argument("--seeds", type=lambda v: int_list(v, "seeds"), default=[0, 1, 2],
+    parser.add_argument("--seeds", type=seed_list, default=[0, 1, 2],
                         help="training seeds of the final runs (default 0,1,2; --quick: 0,1)")
-    parser.add_argument("--tune", type=lambda v: float_list(v, "scales"), default=SCALES,
+    parser.add_argument("--tune", type=lambda v: float_list(v, "scales"), default=list(LR_SCALES),
                         help="learning-rate scales tried on validation for every method (default 0.25,0.5,1,2,4; "
                              "--quick: 0.5,2)")
     parser.add_argument("--no-tune", action="store_true", help="run every method at its centre rate, untuned")

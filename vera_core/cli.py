@@ -17,7 +17,7 @@ from contextlib import contextmanager
 from typing import Iterator
 
 from .calculator import KNOWN_MODELS, known_model, parameter_table
-from .checks import float_list, int_list
+from .checks import float_list, int_list, seed_list
 from .report import format_table
 from .progress import ProgressBar
 from .runs import EXPORT_FORMATS
@@ -25,6 +25,13 @@ from .runs import EXPORT_FORMATS
 def _ints(text: str) -> list[int]:
     try:
         return int_list(text, "values")
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
+
+
+def _seeds(text: str) -> list[int]:
+    try:
+        return seed_list(text)
     except ValueError as err:
         raise argparse.ArgumentTypeError(str(err)) from None
 
@@ -234,7 +241,7 @@ def _compare_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--vera-lr", type=float, default=None, help="default 1e-2 (the VeRA paper's range)")
     p.add_argument("--lora-lr", type=float, default=None, help="default 2e-4")
     p.add_argument("--samples", type=int, default=8, help="test inputs written to samples.jsonl")
-    p.add_argument("--seeds", type=_ints, default=None,
+    p.add_argument("--seeds", type=_seeds, default=None,
                    help="training seeds, e.g. 0,1,2: every setting once per seed on the same split (default: --seed)")
     p.add_argument("--tune", type=_floats, default=None, metavar="SCALES",
                    help="tune each method's learning rates on validation: default x each scale, e.g. 0.25,0.5,1,2,4")

@@ -18,6 +18,7 @@ from .request import RunRequest, RunSpec
 from .train import train as train_model
 
 RESULT = "tune.json"
+LR_SCALES = (0.25, 0.5, 1.0, 2.0, 4.0)  # the default grid: a factor 16 around each method's default rates
 
 
 def _point(request: RunRequest, spec: RunSpec, scale: float, prepare: Callable[[RunSpec], tuple], work: Path,
