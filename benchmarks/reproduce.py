@@ -236,9 +236,9 @@ def task_rows(task: str, task_dir: Path, groups: list[Group]) -> tuple[list[dict
         for s in report.get("settings", []):
             tuned = (report.get("tuning") or {}).get(s["setting"])
             row = quality_row(task, runs[s["runs"][0]], report, named[s["setting"]], subset)
+            grid = [{k: p[k] for k in ("scale", "lr", "val_loss")} for p in tuned["grid"]] if tuned else None
             row.update(metric=s["mean"], metric_mean=s["mean"], metric_std=s["std"], ci95=s["ci95"], seeds=s["seeds"],
-                       tuned_lr=tuned["lr"] if tuned else None,
-                       lr_grid=[{k: p[k] for k in ("scale", "lr", "val_loss")} for p in tuned["grid"]] if tuned else None,
+                       tuned_lr=tuned["lr"] if tuned else None, lr_grid=grid,
                        wall_s=sum(runs[name]["wall_s"] or 0.0 for name in s["runs"]))
             rows.append(row)
         pairs += [{**p, "vera": named[p["vera"]], "lora": named[p["lora"]]} for p in report.get("pairs", [])]

@@ -9,7 +9,7 @@ from vera_core.compare import compare
 from vera_core.config import LoraConfig, VeraConfig
 from vera_core.report import load_run, pair_line, setting_table
 from vera_core.request import RunRequest
-from vera_core.runs import list_runs
+from vera_core.runs import list_runs, run_summary
 from vera_core.stats import t_interval
 from vera_core.train import TrainConfig
 
@@ -67,6 +67,9 @@ def test_seeds_and_tuning_give_intervals_pairs_and_chosen_rates(tokenizer, tmp_p
     md = (tmp_path / "report.md").read_text()
     assert "the data split (seed 0) and VeRA's projection seed stay fixed" in md and pair["verdict"] in md
     assert "vera-r16: lr" in md and "validation loss by scale" in md
+    assert json.loads((tmp_path / "config.json").read_text())["run_seeds"]["vera-r16-s1"] == 1  # load_run_model's
+    entry = run_summary(tmp_path)  # what list_runs shows: each method's best setting by its mean over seeds
+    assert entry["best"]["vera"] == vera["mean"] and entry["best"]["lora"] == settings["lora-r4"]["mean"]
     # resumed: finished tuning points and runs are reused, nothing trains again
     again = []
     _compare(tokenizer, tmp_path, seeds=(0, 1), tune={"lr_scale": [0.5, 2]}, tune_steps=2, on_event=again.append,

@@ -242,6 +242,7 @@ def _write_config(run_dir: Path, request: RunRequest, specs: list[RunSpec]) -> N
         "train": asdict(request.train), "lrs": request.lrs, "isolate": request.isolate,
         "eval_generate": request.eval_generate, "samples": request.samples, "max_rows": request.max_rows,
         "seeds": request.seeds, "tune": request.tune, "tune_steps": request.tune_steps,
+        "run_seeds": {s.name: s.seed for s in specs},  # load_run_model draws a run's new head from its own seed
         "quantization": request.quantization, "trust_remote_code": request.trust_remote_code,
         "splits": {"train": len(dataset.train), "validation": len(dataset.validation), "test": len(dataset.test)},
         "request": request.to_dict(),  # what `--resume` rebuilds the request from (null: passed as objects)
@@ -314,8 +315,8 @@ def run_request(request: RunRequest, out_dir: str | os.PathLike | None = None,
         try:
             scales: dict[str, float] = {}
             if request.tune:  # tuning runs in this process: its memory numbers are not reported
-                report.tuning = tune_rates(request, run_dir, lambda spec: _trainable_model(request, spec, _loader(request)),
-                                           emit, stop)
+                prepare = lambda spec: _trainable_model(request, spec, _loader(request))  # noqa: E731
+                report.tuning = tune_rates(request, run_dir, prepare, emit, stop)
                 scales = {setting: entry["scale"] for setting, entry in (report.tuning or {}).items()}
             for spec in specs:
                 if spec.name in finished:  # resumed: this run finished before

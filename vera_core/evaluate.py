@@ -86,6 +86,7 @@ def score_split(model, tokenizer, dataset: TextDataset, config: TrainConfig, eva
         scored = min(eval_generate, len(groups))
         answers_scored, refs = answers[:scored], [refs for _, refs in groups[:scored]]
         result.update(generation_scores(answers_scored, refs))
-        examples = [{"id": i, "prediction": a, "score": rouge, "bleu_stats": stats} for i, (a, rouge, stats) in
-                    enumerate(zip(answers_scored, rouge_l_each(answers_scored, refs), bleu_statistics(answers_scored, refs)))]
+        per_example = zip(answers_scored, rouge_l_each(answers_scored, refs), bleu_statistics(answers_scored, refs))
+        examples = [{"id": i, "prediction": a, "score": rouge, "bleu_stats": stats}
+                    for i, (a, rouge, stats) in enumerate(per_example)]
     return result, answers[:n_samples], examples

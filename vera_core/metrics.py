@@ -45,7 +45,8 @@ def rouge_l_each(predictions: Sequence[str], references: Sequence[Sequence[str]]
     """ROUGE-L F1 × 100 (rouge-score, stemmed) of each prediction against its best-matching reference."""
     _check_pairs(predictions, references)
     scorer = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=True)
-    return [100.0 * scorer.score_multi(list(refs), pred)["rougeL"].fmeasure for pred, refs in zip(predictions, references)]
+    return [100.0 * scorer.score_multi(list(refs), pred)["rougeL"].fmeasure
+            for pred, refs in zip(predictions, references)]
 
 
 def rouge_l(predictions: Sequence[str], references: Sequence[Sequence[str]]) -> float:

@@ -259,9 +259,9 @@ class RunRequest:
         return count_parameters(meta_model(self.model_config()))["total"]
 
     def estimate(self) -> list[dict]:
-        """Before a run, from shapes alone: per setting (the seeds of one setting share it) its trainable parameters (head excluded), the share of
-        the base model, the stored adapter bytes, the training-memory estimate (no weights are read) and a warning
-        when that estimate exceeds the device's memory."""
+        """Before a run, from shapes alone: per setting (its seeds share it) its trainable parameters (head
+        excluded), the share of the base model, the stored adapter bytes, the training-memory estimate (no weights
+        are read) and a warning when that estimate exceeds the device's memory."""
         config, total = self.model_config(), self.base_parameters()
         available, where = self._device_memory()
         rows = []

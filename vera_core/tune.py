@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 import threading
 from dataclasses import replace
 from pathlib import Path
@@ -24,12 +25,15 @@ LR_SCALES = (0.25, 0.5, 1.0, 2.0, 4.0)  # the default grid: a factor 16 around e
 def _point(request: RunRequest, spec: RunSpec, scale: float, prepare: Callable[[RunSpec], tuple], work: Path,
            emit: Callable[[dict], None], stop: threading.Event | None) -> dict | None:
     """One grid point's {"scale", "lr", "head_lr", "val_loss", "steps", "wall_s"}; None when stopped."""
-    if (work / RESULT).is_file():
-        return json.loads((work / RESULT).read_text())
     # Evaluated once, at the end, on the whole validation split: the one number the choice rests on.
     steps = request.tune_steps or request.steps_per_run()
     config = replace(request.train_config(spec, scale), steps=steps, epochs=None, eval_every=steps,
                      eval_batches=None, checkpoint_every=None)
+    if (work / RESULT).is_file():
+        point = json.loads((work / RESULT).read_text())
+        if (point["steps"], point["lr"], point["head_lr"]) == (steps, config.lr, config.head_lr):
+            return point
+        shutil.rmtree(work)  # made for other steps or rates (the request changed): train this point again
     model, tokenizer = prepare(spec)
     resume = work if (work / "checkpoints").is_dir() else None
     name = f"tune/{work.name}"
