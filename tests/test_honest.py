@@ -135,3 +135,23 @@ def test_a_stopped_multi_seed_run_stays_readable(tokenizer, tmp_path):
     assert [s["setting"] for s in data["settings"]] == ["base", "head", "vera-r16"] and data["pairs"] == []
     [entry] = list_runs(tmp_path)
     assert entry["status"] == "stopped" and set(entry["best"]) == {"base", "head", "vera"}
+
+
+def test_figures_draw_the_spread_over_seeds():
+    from matplotlib.container import BarContainer
+
+    from vera_core.plots import metric_figure
+    from vera_core.report import tradeoff_rows
+
+    runs = [{"name": f"vera-r16-s{s}", "setting": "vera-r16", "seed": s, "method": "vera", "r": 16,
+             "trainable_params": 192, "eval": {"loss": 0.5, "accuracy": acc}} for s, acc in ((0, 70.0), (1, 74.0))]
+    report = {"runs": runs, "seeds": [0, 1], "seed": 0}
+    [row] = tradeoff_rows(report)  # one row per setting: the mean, and the std as its error bar
+    assert (row["name"], row["accuracy"], row["accuracy_err"]) == ("vera-r16", 72.0, pytest.approx(2 * 2 ** 0.5))
+    settings = [{"setting": "vera-r16", "metric": "accuracy", "mean": 72.0, "std": 2.0}]
+    def bars(fig):
+        return next(c for c in fig.axes[0].containers if isinstance(c, BarContainer))
+
+    spread = bars(metric_figure(runs, "classification", settings))
+    assert [b.get_height() for b in spread] == [72.0] and spread.errorbar is not None
+    assert bars(metric_figure(runs, "classification")).errorbar is None  # one bar per run, no spread
