@@ -231,10 +231,11 @@ class Lab:
         config = json.loads((path / "config.json").read_text())
         summary = (f"**{report['model']}** on **{report['dataset']}** ({report['task']}) — device {report['device']}, "
                    f"dtype {report['dtype']}, seed {report['seed']}, peak memory measured {report['memory_mode']}"
-                   + (" — **stopped early**" if report.get("stopped") else "")
+                   + (" — **stopped early**" if report.get("stopped") else "") + views.seed_summary(report)
                    + "".join(f"\n- {line}" for line in memory_differences(report)))
         runs = report["runs"]
-        figures = (loss_figure(histories), params_figure(runs), memory_figure(runs), metric_figure(runs, report["task"]))
+        figures = (loss_figure(histories), params_figure(runs), memory_figure(runs),
+                   metric_figure(runs, report["task"], report.get("settings")))
         scored = tradeoff_rows(report)
         metric = scored[0]["metric_name"] if scored else "accuracy"
         sweep = (tradeoff_figure(scored, metric, "Test metric against trainable parameters"),
@@ -575,6 +576,11 @@ def build_app(runs_dir: str | Path = "runs", defaults: RunForm | None = None, po
                             max_length = gr.Number(defaults.max_length, precision=0, label="Sequence length")
                             seed = gr.Number(defaults.seed, precision=0, label="Seed")
                         with gr.Row():
+                            seeds = gr.Number(defaults.seeds, precision=0, minimum=1,
+                                              label="Seeds per setting (several: mean ± std, intervals)")
+                            tune_lr = gr.Checkbox(defaults.tune_lr, label="Tune the learning rate (every method, "
+                                                                           "validation, x0.25-x4; Measure time first)")
+                        with gr.Row():
                             eval_batches = gr.Number(defaults.eval_batches, precision=0,
                                                      label="Eval batches (0 = whole split)")
                             eval_generate = gr.Number(defaults.eval_generate, precision=0,
@@ -722,8 +728,8 @@ def build_app(runs_dir: str | Path = "runs", defaults: RunForm | None = None, po
                     dataset=dataset, max_rows=max_rows, methods=methods, vera_r=vera_r, vera_d_init=vera_d_init,
                     lora_r=lora_r, lora_alpha=lora_alpha, targets=targets, custom_targets=custom_targets,
                     vera_lr=vera_lr, lora_lr=lora_lr, full_lr=full_lr, steps=steps, batch_size=batch_size,
-                    max_length=max_length, seed=seed, eval_batches=eval_batches, eval_generate=eval_generate,
-                    confirm_runs=confirm_runs)
+                    max_length=max_length, seed=seed, seeds=seeds, tune_lr=tune_lr, eval_batches=eval_batches,
+                    eval_generate=eval_generate, confirm_runs=confirm_runs)
         lab.form_fields = list(form)
         form_inputs = list(form.values())
         all_inputs = [upload, *form_inputs]

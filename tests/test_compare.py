@@ -4,7 +4,7 @@ import threading
 import warnings
 
 import pytest
-from helpers import check_contract, sentiment, tiny_bert, tiny_llama
+from helpers import check_contract, colours, sentiment, tiny_bert, tiny_llama
 
 from vera_core.compare import compare
 from vera_core.config import LoraConfig, VeraConfig
@@ -14,13 +14,6 @@ from vera_core.memory import estimate_memory
 from vera_core.report import load_run
 from vera_core.request import RunRequest
 from vera_core.train import TrainConfig
-
-
-def colours() -> TextDataset:
-    rows = [{"prompt": f"colour of item {i}?", "response": f"item {i} is {c}.", "group": str(i)}
-            for i, c in enumerate(["red", "green", "blue", "red", "green", "blue", "red", "green"])]
-    rows.append({"prompt": "colour of item 7?", "response": "it is green.", "group": "7"})  # a second reference
-    return TextDataset("tiny-colours", "causal-lm", rows[:5], rows[5:6], rows[6:], None, "test")
 
 
 def test_classification_comparison_writes_a_consistent_run_directory(tokenizer, tmp_path):

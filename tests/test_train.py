@@ -189,7 +189,7 @@ def test_events_classification_with_head(tokenizer):
     steps = [e for e in events if e["type"] == "step"]
     for e in steps:
         assert {"loss", "lr", "head_lr", "tokens_per_s", "eta_s", "elapsed_s", "epoch", "grad_norm"} <= set(e)
-        assert (e["lr"], e["head_lr"]) == default_lr("vera") == (1e-2, 4e-3)  # two groups, each its own rate
+        assert (e["lr"], e["head_lr"]) == default_lr("vera") == (1e-2, 1e-3)  # two groups, each its own rate
     assert steps[-1]["eta_s"] == 0 and steps[0]["epoch"] == 0.5  # 8 rows / batch 4: two steps per epoch
     evals = [e for e in events if e["type"] == "eval"]
     assert [e["step"] for e in evals] == [2, 4]

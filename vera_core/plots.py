@@ -86,8 +86,18 @@ def memory_figure(runs: list[dict]) -> Figure:
     return breakdown_figure(bars, "Peak tensor memory: predicted beside measured" if bars else "Peak memory (not measured)")
 
 
-def metric_figure(runs: list[dict], task: str) -> Figure:
-    """Test accuracy (classification) or BLEU and ROUGE-L (generation) per run, 0-100."""
+def metric_figure(runs: list[dict], task: str, settings: list[dict] | None = None) -> Figure:
+    """Test accuracy (classification) or BLEU and ROUGE-L (generation) per run, 0-100; with several seeds
+    (`settings`, report.json's), the headline metric's mean per setting with ± std error bars."""
+    if settings and any(s["std"] is not None for s in settings):
+        fig, ax = _figure()
+        names, means = [s["setting"] for s in settings], [s["mean"] for s in settings]
+        bars = ax.bar(names, means, yerr=[s["std"] or 0.0 for s in settings], capsize=4,
+                      color=[f"C{i}" for i in range(len(names))])
+        ax.bar_label(bars, labels=[f"{m:.1f}" for m in means], fontsize=8, label_type="center")
+        ax.tick_params(axis="x", labelrotation=20)
+        ax.set(ylabel=settings[0]["metric"], title=f"Test {settings[0]['metric']}: mean ± std over seeds")
+        return fig
     runs = [r for r in runs if r["eval"]]
     fig, ax = _figure()
     names = [r["name"] for r in runs]
@@ -164,7 +174,7 @@ def save_figures(report: dict, histories: dict[str, list[dict]], directory: str 
     """Write FIGURES for a report.json dict; return their paths."""
     directory = Path(directory)
     drawn = (loss_figure(histories), params_figure(report["runs"]), memory_figure(report["runs"]),
-             metric_figure(report["runs"], report["task"]))
+             metric_figure(report["runs"], report["task"], report.get("settings")))
     figures = dict(zip(FIGURES, drawn))
     for name, fig in figures.items():
         fig.savefig(directory / name, dpi=110)
