@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import copy
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Iterator
 
 import torch
@@ -63,6 +63,14 @@ class RowAdapters:
     names: tuple[str, ...]
     groups: dict[str, torch.Tensor]  # name -> (rows,) long
     index: torch.Tensor  # (B,) long
+    # (VeRA layer, inference mode) -> the rows' gathered (b, d): gathered once per mixed call or block, not once per
+    # forward (a decode step gathered 2 x 210 times on SmolLM2); it dies with this object when the call ends.
+    vectors: dict = field(default_factory=dict, compare=False)
+
+    @property
+    def single(self) -> str | None:
+        """The name every row uses, or None when rows differ."""
+        return next(iter(self.groups)) if len(self.groups) == 1 else None
 
     def check_batch(self, x: torch.Tensor) -> None:
         if x.shape[0] != len(self.names):
@@ -92,12 +100,22 @@ class AdapterLayer(nn.Module):
         if dropout > 0:
             self.dropout[name] = nn.Dropout(dropout)
 
+    def route(self, x: torch.Tensor) -> tuple[str | None, RowAdapters | None]:
+        """(the adapter every row uses or None, None), or (None, rows) when rows use different adapters. A mixed call
+        whose rows all name one adapter takes the one-adapter path (VeRA's fold included): exact for every row."""
+        rows = self.rows
+        if rows is None:
+            return self.active_adapter, None
+        rows.check_batch(x)
+        if rows.single is None:
+            return None, rows
+        return (rows.single if rows.single in self.adapter_names else None), None
+
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         result = self.base_layer(x, *args, **kwargs)
-        if self.rows is not None:
-            self.rows.check_batch(x)
-            return self.mixed_output(x, result, self.rows)
-        name = self.active_adapter
+        name, rows = self.route(x)
+        if rows is not None:
+            return self.mixed_output(x, result, rows)
         if name is None or self.merged_adapter is not None:
             return result
         x = self.dropout[name](x) if name in self.dropout else x
@@ -169,8 +187,8 @@ class VeraLayer(AdapterLayer):
         self._register(name, config.dropout)
 
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
-        name = self.active_adapter
-        if (name is None or self.rows is not None or self.merged_adapter is not None or args or kwargs
+        name, rows = self.route(x)
+        if (name is None or rows is not None or self.merged_adapter is not None or args or kwargs
                 or not self._foldable(x, name)):
             return super().forward(x, *args, **kwargs)
         b, d = self.vera_lambda_b[name], self.vera_lambda_d[name]
@@ -209,10 +227,13 @@ class VeraLayer(AdapterLayer):
 
     def mixed_output(self, x: torch.Tensor, result: torch.Tensor, rows: RowAdapters) -> torch.Tensor:
         """h_i = W0 x_i + b[a_i] * (B_s (d[a_i] * (A_s x_i))): one A and one B product for the whole batch and a
-        row-wise gather of b and d, so the cost does not grow with the number of distinct adapters."""
-        b_bank, d_bank = self.vector_bank()
+        row-wise gather of b and d, so the cost does not grow with the number of distinct adapters. The gather runs
+        once per mixed call or block (RowAdapters.vectors): vectors edited inside a block are seen by the next one."""
+        key = (self, torch.is_inference_mode_enabled())
+        if key not in rows.vectors:
+            rows.vectors[key] = tuple(bank.index_select(0, rows.index) for bank in self.vector_bank())
         shape = (x.shape[0],) + (1,) * (x.dim() - 2) + (-1,)  # rows along dim 0, broadcast over the rest
-        b, d = b_bank[rows.index].view(shape), d_bank[rows.index].view(shape)  # (B, 1.., out), (B, 1.., r)
+        b, d = (v.view(shape) for v in rows.vectors[key])  # (B, 1.., out), (B, 1.., r)
         u = self.projections.project_input(x, self.in_features, b.dtype)  # (B, ..., r), shared like adapter_output
         return result + (b * F.linear(d * u, self.projections.B[: self.out_features, :])).to(result.dtype)
 
@@ -312,9 +333,12 @@ class ModulesToSave(nn.Module):
         return list(self.modules_to_save[name].parameters())
 
     def forward(self, *args, **kwargs):
-        if self.rows is not None:
-            return self.mixed_forward(*args, **kwargs)
-        return self._module(self.active_adapter)(*args, **kwargs)
+        if self.rows is None:
+            return self._module(self.active_adapter)(*args, **kwargs)
+        self.rows.check_batch(args[0])
+        if self.rows.single is not None:  # every row one adapter: its copy for the whole batch
+            return self._module(self.rows.single)(*args, **kwargs)
+        return self.mixed_forward(*args, **kwargs)
 
     def _module(self, name: str | None) -> nn.Module:
         return self.modules_to_save[name] if name in self.modules_to_save else self.original_module
@@ -322,7 +346,6 @@ class ModulesToSave(nn.Module):
     def mixed_forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         """Each row through its adapter's copy (or the original), one sub-batch per distinct adapter, as PEFT does;
         the first argument and the output must be batch-first tensors."""
-        self.rows.check_batch(x)
         result = None
         for name, index in self.rows.groups.items():
             out = self._module(name)(x[index], *args, **kwargs)

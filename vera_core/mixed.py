@@ -6,7 +6,8 @@
 
 A forward pre-hook on the top model (installed with the first adapter) takes `adapter_names` out of the call and
 tells every adapter layer which adapter each row uses until the call returns; how a layer then computes its rows
-is the layer's own business (layers.py). Mixed batches are for inference: refused in training mode (dropout would
+is the layer's own business (layers.py: rows that all name one adapter take the one-adapter path; VeRA gathers its
+rows' vectors once per call or block, so edit adapters between blocks, not inside one). Mixed batches are for inference: refused in training mode (dropout would
 differ per sub-batch, and VeRA's gather reads the stacked vectors, so no gradient reaches the adapters).
 """
 from __future__ import annotations
