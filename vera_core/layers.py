@@ -182,8 +182,10 @@ class VeraLayer(AdapterLayer):
     def add(self, name: str, config: VeraConfig) -> None:
         device = self._param_device()
         # b = 0 keeps the model unchanged at step 0; d = d_init (a small constant, per the paper's ablation).
-        self.vera_lambda_b[name] = nn.Parameter(torch.zeros(self.out_features, device=device))
-        self.vera_lambda_d[name] = nn.Parameter(torch.full((config.r,), float(config.d_init), device=device))
+        # Frozen until set_active_adapter trains them (as for LoRA below): adding many needs no second pass.
+        self.vera_lambda_b[name] = nn.Parameter(torch.zeros(self.out_features, device=device), requires_grad=False)
+        self.vera_lambda_d[name] = nn.Parameter(torch.full((config.r,), float(config.d_init), device=device),
+                                                requires_grad=False)
         self._register(name, config.dropout)
 
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
@@ -257,11 +259,11 @@ class VeraLayer(AdapterLayer):
 
     @staticmethod
     def _stack(params: nn.ParameterDict, names: list[str]) -> torch.Tensor:
-        first = params[names[0]]
-        bank = torch.zeros((len(names) + 1, *first.shape), dtype=first.dtype, device=first.device)
-        for i, name in enumerate(names):
-            bank[i] = params[name]
-            params[name].data = bank[i]  # the parameter object stays (optimizers, grads); its storage is the row
+        """One stack op per layer (64 adapters: a copy per adapter and layer was most of load_adapters' bank time)."""
+        rows = [params[name] for name in names]
+        bank = torch.stack(rows + [torch.zeros_like(rows[0])])
+        for param, row in zip(rows, bank.unbind(0)):
+            param.data = row  # the parameter object stays (optimizers, grads); its storage is the row
         return bank
 
     def plain_adapter_output(self, x: torch.Tensor, name: str) -> torch.Tensor:
@@ -295,8 +297,9 @@ class LoraLayer(AdapterLayer):
         device = self._param_device()
         A = torch.empty(config.r, self.in_features, device=device)
         nn.init.kaiming_uniform_(A, a=math.sqrt(5))  # as PEFT (and nn.Linear's default init)
-        self.lora_A[name] = nn.Parameter(A)
-        self.lora_B[name] = nn.Parameter(torch.zeros(self.out_features, config.r, device=device))  # B = 0: no change at step 0
+        self.lora_A[name] = nn.Parameter(A, requires_grad=False)
+        self.lora_B[name] = nn.Parameter(torch.zeros(self.out_features, config.r, device=device),  # B = 0: no change
+                                         requires_grad=False)
         self.scaling[name] = config.scaling
         self._register(name, config.dropout)
 
