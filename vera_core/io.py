@@ -235,10 +235,10 @@ def _check_against_model(model: nn.Module, config: AdapterConfig, tensors: dict,
         suffix = next((s for s in _ADAPTER_SUFFIXES if key.endswith(s)), None)
         if suffix is not None:
             entries.append((key[: -len(suffix)], suffix, value))
-    # Report problems in the model's own module order (the file's keys are sorted alphabetically).
+    # Report problems in the model's own module order (a file's key order is the writer's choice).
     modules = dict(walk(model))
     order = {path: i for i, path in enumerate(modules)}
-    entries.sort(key=lambda e: order.get(e[0], -1))
+    entries.sort(key=lambda e: (order.get(e[0], -1), e[0]))  # unknown paths first, by name
     # An r edited in the config (or tensors from another adapter): every tensor agrees on one other rank.
     ranks = {v.shape[0] if suffix in (".vera_lambda_d", ".lora_A.weight") else v.shape[-1]
              for _, suffix, v in entries if suffix != ".vera_lambda_b"}
