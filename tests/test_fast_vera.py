@@ -158,6 +158,20 @@ def test_cache_is_not_reused_for_another_input_or_after_in_place_change():
     assert proj.input_cache._u is None
 
 
+def test_cache_under_inference_mode_reuses_only_an_unchanged_input():
+    """Inference tensors have no version counter: the slot compares x with a copy instead."""
+    model = adapted(tiny_llama, LLAMA_ALL)
+    proj = model.model.layers[0].self_attn.q_proj.projections
+    with torch.inference_mode():
+        x = torch.randn(4, 32)
+        u = proj.project_input(x, 32, torch.float32)
+        assert proj.project_input(x, 32, torch.float32) is u
+        x.mul_(2)
+        torch.testing.assert_close(proj.project_input(x, 32, torch.float32), x @ proj.A[:, :32].T)
+        del x
+    assert proj.input_cache._u is None and proj.input_cache._copy is None
+
+
 def test_cache_respects_grad_mode():
     model = adapted(tiny_llama, LLAMA_ALL)
     proj = model.model.layers[0].self_attn.q_proj.projections

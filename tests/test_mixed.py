@@ -21,6 +21,7 @@ from vera_core import (
     save_adapter,
     set_active_adapter,
 )
+from vera_core.fused import FoldedVera
 from vera_core.layers import VeraLayer
 from vera_core.models import generate
 
@@ -69,6 +70,17 @@ def test_each_row_equals_its_adapter_alone(build, method):
     # Nothing leaks into the next call: the active adapter again, for every row.
     torch.testing.assert_close(model(tokens).logits, one_at_a_time(model, tokens, ["a"] * len(ROWS)), atol=1e-5,
                                rtol=0)
+
+
+def test_rows_of_one_adapter_take_the_one_adapter_path_and_its_fold(monkeypatch):
+    model, tokens = adapted("llama", "vera"), batch()
+    set_active_adapter(model, "a")
+    expected = one_at_a_time(model, tokens, ["b"] * len(ROWS))
+    folds = []
+    monkeypatch.setattr(FoldedVera, "apply", lambda *a, apply=FoldedVera.apply: folds.append(1) or apply(*a))
+    with torch.no_grad():
+        torch.testing.assert_close(model(tokens, adapter_names=["b"] * len(ROWS)).logits, expected, atol=1e-5, rtol=0)
+    assert len(folds) == len(LLAMA_ALL) * 2  # every layer folded b (45 tokens: N (in + out) > in x out here)
 
 
 def test_bert_rows_use_their_own_head():
@@ -192,7 +204,8 @@ def test_training_one_adapter_after_a_mixed_batch_updates_the_stack(tmp_path):
     torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=1.0).step()
     model.eval()
     trained_b = model(tokens).logits
-    torch.testing.assert_close(model(tokens, adapter_names=["b", "b"]).logits, trained_b, atol=1e-5, rtol=0)
+    # Two names, so the rows go through the stacked vectors (one name would take the one-adapter path).
+    torch.testing.assert_close(model(tokens, adapter_names=["b", "a"]).logits[0], trained_b[0], atol=1e-5, rtol=0)
     reloaded = load_adapter(tiny_llama(), save_adapter(model, tmp_path / "b", name="b"))
     torch.testing.assert_close(reloaded(tokens).logits, trained_b, atol=1e-5, rtol=0)
 

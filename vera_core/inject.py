@@ -94,8 +94,9 @@ def resolve_targets(model: nn.Module, config: AdapterConfig) -> list[str]:
                 f"{_leaf_names(model)[:8]} or 'all-linear'."
             )
         targets = DEFAULT_TARGETS[model_type]
-    excluded = set(config.modules_to_save) | _output_head_names(model)
     wanted = targets if isinstance(targets, str) else set(targets)
+    # Only "all-linear" excludes modules; finding the output head walks the model, once per adapter loaded.
+    excluded = (set(config.modules_to_save) | _output_head_names(model)) if targets == ALL_LINEAR else set()
 
     def is_excluded(path: str) -> bool:
         return any(matches_suffix(path, e) or f".{e}." in f".{path}." for e in excluded)
@@ -236,10 +237,9 @@ def add_adapter(model: nn.Module, config: AdapterConfig, name: str = "default", 
     adapter_configs(model)[name] = config
     if activate:
         set_active_adapter(model, name)
-    else:
-        for params in adapter_parameters(model, name).values():
-            for param in params:
-                param.requires_grad_(False)
+    else:  # layer tensors start frozen (layers.py); head copies copy the original's flags
+        for param in adapter_parameters(model, name)["head"] if head_paths else ():
+            param.requires_grad_(False)
     return model
 
 

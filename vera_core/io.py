@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load, save_file
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
@@ -88,8 +88,8 @@ def _vera_meta(model: nn.Module) -> dict:
             "fingerprint": proj.fingerprint()}
 
 
-def _sha256(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
+def _sha256(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
 
 
 def save_adapter(model: nn.Module, directory: str | os.PathLike, name: str | None = None, *,
@@ -112,7 +112,7 @@ def save_adapter(model: nn.Module, directory: str | os.PathLike, name: str | Non
             tensors["vera_A"], tensors["vera_B"] = proj.A.cpu().contiguous(), proj.B.cpu().contiguous()
     with atomic_directory(directory, overwrite) as tmp:
         save_file(tensors, str(tmp / NATIVE_WEIGHTS), metadata={"format": FORMAT})
-        meta["sha256"] = {NATIVE_WEIGHTS: _sha256(tmp / NATIVE_WEIGHTS)}  # load_adapter refuses a changed file
+        meta["sha256"] = {NATIVE_WEIGHTS: _sha256((tmp / NATIVE_WEIGHTS).read_bytes())}  # load_adapter refuses a changed file
         (tmp / NATIVE_CONFIG).write_text(json.dumps(meta, indent=2) + "\n")
     return Path(directory)
 
@@ -171,20 +171,23 @@ def _read(directory: Path) -> tuple[AdapterConfig, dict, dict[str, torch.Tensor]
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise ValueError(f"{config_file} is not valid JSON ({err}); the adapter directory is corrupt.") from err
     expected = meta.get("sha256", {}).get(weights.name) if native.exists() else None
-    if expected is not None and _sha256(weights) != expected:
+    data = weights.read_bytes()  # read once, hashed and parsed from memory (a second read was a third of _read)
+    if expected is not None and _sha256(data) != expected:
         raise ValueError(f"{weights} is corrupt or was changed after saving: its SHA-256 differs from the one in "
                          f"{config_file.name}; save the adapter again or restore the directory from a copy.")
     try:
-        tensors = load_file(str(weights))
+        tensors = load(data)
     except (SafetensorError, OSError, ValueError) as err:
         raise ValueError(f"{weights} is not a readable safetensors file ({err}); the adapter directory is corrupt.") from err
     if expected is None and native.exists():
         warnings.warn(f"{config_file} stores no SHA-256 of {weights.name} (saved by an older VeRA Lab), so only "
                       "NaN / inf values can be detected; save the adapter again to add one.", stacklevel=3)
     floats = {key: value for key, value in tensors.items() if value.is_floating_point()}
-    # A hash vouches for the bytes, not for what training wrote into them. One check for the whole file (one per
-    # tensor was a fifth of the time to load an adapter); the per-tensor pass only names the culprit.
-    if floats and not torch.isfinite(torch.cat([v.reshape(-1).float() for v in floats.values()])).all():
+    # A hash vouches for the bytes, not for what training wrote into them. One reduction for the whole file (one
+    # check per tensor was a fifth of the time to load an adapter): a finite sum proves every value finite; a
+    # non-finite one (a NaN or inf, or an overflow of finite values) runs the per-tensor pass, which names a culprit
+    # or finds none.
+    if floats and not torch.cat([v.view(-1).float() for v in floats.values()]).sum().isfinite():
         _name_non_finite(floats, weights)
     if native.exists():
         if meta.get("format") != FORMAT or "config" not in meta:
@@ -232,10 +235,10 @@ def _check_against_model(model: nn.Module, config: AdapterConfig, tensors: dict,
         suffix = next((s for s in _ADAPTER_SUFFIXES if key.endswith(s)), None)
         if suffix is not None:
             entries.append((key[: -len(suffix)], suffix, value))
-    # Report problems in the model's own module order (the file's keys are sorted alphabetically).
+    # Report problems in the model's own module order (a file's key order is the writer's choice).
     modules = dict(walk(model))
     order = {path: i for i, path in enumerate(modules)}
-    entries.sort(key=lambda e: order.get(e[0], -1))
+    entries.sort(key=lambda e: (order.get(e[0], -1), e[0]))  # unknown paths first, by name
     # An r edited in the config (or tensors from another adapter): every tensor agrees on one other rank.
     ranks = {v.shape[0] if suffix in (".vera_lambda_d", ".lora_A.weight") else v.shape[-1]
              for _, suffix, v in entries if suffix != ".vera_lambda_b"}
@@ -294,9 +297,7 @@ def load_adapter(base_model: nn.Module, directory: str | os.PathLike, name: str 
     adapter_configs(base_model)[name] = config
     if projections is not None:
         projections = projections.to(next(base_model.parameters()).device)
-        for _, layer in adapter_layers(base_model):
-            layer.projections = projections
-    _copy_into(base_model, name, tensors)
+    _copy_into(base_model, name, tensors, projections, bool(config.modules_to_save))
     return base_model
 
 
@@ -356,16 +357,25 @@ def _load_projections(model: nn.Module, config: VeraConfig, meta: dict, tensors:
     return projections
 
 
-def _copy_into(model: nn.Module, name: str, tensors: dict[str, torch.Tensor]) -> None:
+def _copy_into(model: nn.Module, name: str, tensors: dict[str, torch.Tensor], projections: VeraProjections | None,
+               heads: bool) -> None:
+    """The file's tensors become adapter `name`'s parameters (their storage, not a copy: the file was read into
+    fresh memory), VeRA layers get the proven pair, and head copies are filled; one walk over the model."""
+    def put(param: nn.Parameter, key: str) -> None:
+        param.data = tensors[key].to(param.device, param.dtype)
+
     with torch.no_grad():
         for path, layer in adapter_layers(model):
-            if isinstance(layer, VeraLayer) and name in layer.adapter_names:
-                layer.vera_lambda_b[name].copy_(tensors[f"{path}.vera_lambda_b"])
-                layer.vera_lambda_d[name].copy_(tensors[f"{path}.vera_lambda_d"])
+            if isinstance(layer, VeraLayer):
+                if projections is not None and layer.projections is not projections:
+                    layer.projections = projections
+                if name in layer.adapter_names:
+                    put(layer.vera_lambda_b[name], f"{path}.vera_lambda_b")
+                    put(layer.vera_lambda_d[name], f"{path}.vera_lambda_d")
             elif isinstance(layer, LoraLayer) and name in layer.adapter_names:
-                layer.lora_A[name].copy_(tensors[f"{path}.lora_A.weight"])
-                layer.lora_B[name].copy_(tensors[f"{path}.lora_B.weight"])
-        for path, module in head_wrappers(model):
+                put(layer.lora_A[name], f"{path}.lora_A.weight")
+                put(layer.lora_B[name], f"{path}.lora_B.weight")
+        for path, module in head_wrappers(model) if heads else ():
             if name in module.modules_to_save:
                 for key, target in module.modules_to_save[name].state_dict(keep_vars=True).items():
                     target.copy_(tensors[f"{path}.{key}"])

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import copy
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Iterator
 
 import torch
@@ -63,6 +63,13 @@ class RowAdapters:
     names: tuple[str, ...]
     groups: dict[str, torch.Tensor]  # name -> (rows,) long
     index: torch.Tensor  # (B,) long
+    # VeRA layer -> its rows' (b, d), filled by gather_vectors when the mixed call or block starts; dies with it.
+    vectors: dict = field(default_factory=dict, compare=False)
+
+    @property
+    def single(self) -> str | None:
+        """The name every row uses, or None when rows differ."""
+        return next(iter(self.groups)) if len(self.groups) == 1 else None
 
     def check_batch(self, x: torch.Tensor) -> None:
         if x.shape[0] != len(self.names):
@@ -92,12 +99,22 @@ class AdapterLayer(nn.Module):
         if dropout > 0:
             self.dropout[name] = nn.Dropout(dropout)
 
+    def route(self, x: torch.Tensor) -> tuple[str | None, RowAdapters | None]:
+        """(the adapter every row uses or None, None), or (None, rows) when rows use different adapters. A mixed call
+        whose rows all name one adapter takes the one-adapter path (VeRA's fold included): exact for every row."""
+        rows = self.rows
+        if rows is None:
+            return self.active_adapter, None
+        rows.check_batch(x)
+        if rows.single is None:
+            return None, rows
+        return (rows.single if rows.single in self.adapter_names else None), None
+
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         result = self.base_layer(x, *args, **kwargs)
-        if self.rows is not None:
-            self.rows.check_batch(x)
-            return self.mixed_output(x, result, self.rows)
-        name = self.active_adapter
+        name, rows = self.route(x)
+        if rows is not None:
+            return self.mixed_output(x, result, rows)
         if name is None or self.merged_adapter is not None:
             return result
         x = self.dropout[name](x) if name in self.dropout else x
@@ -148,7 +165,9 @@ class AdapterLayer(nn.Module):
         self.merged_adapter = None
 
     def _param_device(self) -> torch.device:
-        return next(self.base_layer.parameters()).device
+        # Every supported layer has a weight; parameters() walked the layer, once per adapter and layer (a fifth of
+        # loading 64 adapters).
+        return self.base_layer.weight.device
 
 
 class VeraLayer(AdapterLayer):
@@ -164,13 +183,15 @@ class VeraLayer(AdapterLayer):
     def add(self, name: str, config: VeraConfig) -> None:
         device = self._param_device()
         # b = 0 keeps the model unchanged at step 0; d = d_init (a small constant, per the paper's ablation).
-        self.vera_lambda_b[name] = nn.Parameter(torch.zeros(self.out_features, device=device))
-        self.vera_lambda_d[name] = nn.Parameter(torch.full((config.r,), float(config.d_init), device=device))
+        # Frozen until set_active_adapter trains them (as for LoRA below): adding many needs no second pass.
+        self.vera_lambda_b[name] = nn.Parameter(torch.zeros(self.out_features, device=device), requires_grad=False)
+        self.vera_lambda_d[name] = nn.Parameter(torch.full((config.r,), float(config.d_init), device=device),
+                                                requires_grad=False)
         self._register(name, config.dropout)
 
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
-        name = self.active_adapter
-        if (name is None or self.rows is not None or self.merged_adapter is not None or args or kwargs
+        name, rows = self.route(x)
+        if (name is None or rows is not None or self.merged_adapter is not None or args or kwargs
                 or not self._foldable(x, name)):
             return super().forward(x, *args, **kwargs)
         b, d = self.vera_lambda_b[name], self.vera_lambda_d[name]
@@ -209,10 +230,9 @@ class VeraLayer(AdapterLayer):
 
     def mixed_output(self, x: torch.Tensor, result: torch.Tensor, rows: RowAdapters) -> torch.Tensor:
         """h_i = W0 x_i + b[a_i] * (B_s (d[a_i] * (A_s x_i))): one A and one B product for the whole batch and a
-        row-wise gather of b and d, so the cost does not grow with the number of distinct adapters."""
-        b_bank, d_bank = self.vector_bank()
+        row-wise gather of b and d (gather_vectors), so the cost does not grow with the number of distinct adapters."""
         shape = (x.shape[0],) + (1,) * (x.dim() - 2) + (-1,)  # rows along dim 0, broadcast over the rest
-        b, d = b_bank[rows.index].view(shape), d_bank[rows.index].view(shape)  # (B, 1.., out), (B, 1.., r)
+        b, d = (v.view(shape) for v in rows.vectors[self])  # (B, 1.., out), (B, 1.., r)
         u = self.projections.project_input(x, self.in_features, b.dtype)  # (B, ..., r), shared like adapter_output
         return result + (b * F.linear(d * u, self.projections.B[: self.out_features, :])).to(result.dtype)
 
@@ -230,17 +250,19 @@ class VeraLayer(AdapterLayer):
         return self._bank
 
     def _bank_holds(self, names: list[str]) -> bool:
-        return all(len(bank) == len(names) + 1 and all(params[n].data_ptr() == bank[i].data_ptr()
-                                                        for i, n in enumerate(names))
-                   for bank, params in zip(self._bank, (self.vera_lambda_b, self.vera_lambda_d)))
+        # Row addresses by arithmetic: indexing the bank made a view per adapter, once per layer and mixed call.
+        return all(len(bank) == len(names) + 1 and all(
+            params[n].data_ptr() == bank.data_ptr() + i * bank.stride(0) * bank.element_size()
+            for i, n in enumerate(names))
+            for bank, params in zip(self._bank, (self.vera_lambda_b, self.vera_lambda_d)))
 
     @staticmethod
     def _stack(params: nn.ParameterDict, names: list[str]) -> torch.Tensor:
-        first = params[names[0]]
-        bank = torch.zeros((len(names) + 1, *first.shape), dtype=first.dtype, device=first.device)
-        for i, name in enumerate(names):
-            bank[i] = params[name]
-            params[name].data = bank[i]  # the parameter object stays (optimizers, grads); its storage is the row
+        """One stack op per layer (64 adapters: a copy per adapter and layer was most of load_adapters' bank time)."""
+        rows = [params[name] for name in names]
+        bank = torch.stack(rows + [torch.zeros_like(rows[0])])
+        for param, row in zip(rows, bank.unbind(0)):
+            param.data = row  # the parameter object stays (optimizers, grads); its storage is the row
         return bank
 
     def plain_adapter_output(self, x: torch.Tensor, name: str) -> torch.Tensor:
@@ -261,6 +283,26 @@ class VeraLayer(AdapterLayer):
         return [self.vera_lambda_b[name], self.vera_lambda_d[name]]
 
 
+def gather_vectors(layers: list[VeraLayer], rows: RowAdapters) -> None:
+    """Each layer's rows' (b, d) into rows.vectors, once per mixed call or block (vectors edited inside a block are
+    seen by the next one). Measured on SmolLM2: gathering in every forward was a fifth of a decode step, and 420
+    separate gathers kept alive across the call fragmented the heap (RSS doubled after two calls, malloc_trim gave
+    it back); one buffer per dtype is one allocation, freed whole. Normal tensors even under inference_mode, so the
+    block may also run with gradients on."""
+    by_dtype: dict[torch.dtype, list[torch.Tensor]] = {}
+    with torch.inference_mode(False), torch.no_grad():
+        banks = [layer.vector_bank() for layer in layers]
+        for bank in (t for pair in banks for t in pair):
+            by_dtype.setdefault(bank.dtype, []).append(bank)
+        n, gathered = len(rows.names), {}
+        for dtype, group in by_dtype.items():
+            flat = torch.empty(n * sum(b.shape[1] for b in group), dtype=dtype, device=group[0].device)
+            for bank, out in zip(group, flat.split([n * b.shape[1] for b in group])):
+                gathered[id(bank)] = torch.index_select(bank, 0, rows.index, out=out.view(n, -1))  # (B, width)
+    for layer, (b_bank, d_bank) in zip(layers, banks):
+        rows.vectors[layer] = (gathered[id(b_bank)], gathered[id(d_bank)])
+
+
 class LoraLayer(AdapterLayer):
     """LoRA on one layer: trainable A (r, in) and B (out, r), update scaled by alpha / r."""
 
@@ -274,8 +316,9 @@ class LoraLayer(AdapterLayer):
         device = self._param_device()
         A = torch.empty(config.r, self.in_features, device=device)
         nn.init.kaiming_uniform_(A, a=math.sqrt(5))  # as PEFT (and nn.Linear's default init)
-        self.lora_A[name] = nn.Parameter(A)
-        self.lora_B[name] = nn.Parameter(torch.zeros(self.out_features, config.r, device=device))  # B = 0: no change at step 0
+        self.lora_A[name] = nn.Parameter(A, requires_grad=False)
+        self.lora_B[name] = nn.Parameter(torch.zeros(self.out_features, config.r, device=device),  # B = 0: no change
+                                         requires_grad=False)
         self.scaling[name] = config.scaling
         self._register(name, config.dropout)
 
@@ -312,9 +355,12 @@ class ModulesToSave(nn.Module):
         return list(self.modules_to_save[name].parameters())
 
     def forward(self, *args, **kwargs):
-        if self.rows is not None:
-            return self.mixed_forward(*args, **kwargs)
-        return self._module(self.active_adapter)(*args, **kwargs)
+        if self.rows is None:
+            return self._module(self.active_adapter)(*args, **kwargs)
+        self.rows.check_batch(args[0])
+        if self.rows.single is not None:  # every row one adapter: its copy for the whole batch
+            return self._module(self.rows.single)(*args, **kwargs)
+        return self.mixed_forward(*args, **kwargs)
 
     def _module(self, name: str | None) -> nn.Module:
         return self.modules_to_save[name] if name in self.modules_to_save else self.original_module
@@ -322,7 +368,6 @@ class ModulesToSave(nn.Module):
     def mixed_forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         """Each row through its adapter's copy (or the original), one sub-batch per distinct adapter, as PEFT does;
         the first argument and the output must be batch-first tensors."""
-        self.rows.check_batch(x)
         result = None
         for name, index in self.rows.groups.items():
             out = self._module(name)(x[index], *args, **kwargs)

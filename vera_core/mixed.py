@@ -6,7 +6,8 @@
 
 A forward pre-hook on the top model (installed with the first adapter) takes `adapter_names` out of the call and
 tells every adapter layer which adapter each row uses until the call returns; how a layer then computes its rows
-is the layer's own business (layers.py). Mixed batches are for inference: refused in training mode (dropout would
+is the layer's own business (layers.py: rows that all name one adapter take the one-adapter path; VeRA layers get
+their rows' vectors gathered here, once per call or block, so edit adapters between blocks, not inside one). Mixed batches are for inference: refused in training mode (dropout would
 differ per sub-batch, and VeRA's gather reads the stacked vectors, so no gradient reaches the adapters).
 """
 from __future__ import annotations
@@ -18,7 +19,7 @@ from typing import Iterator, Sequence
 import torch
 from torch import nn
 
-from .layers import AdapterLayer, ModulesToSave, RowAdapters, walk
+from .layers import AdapterLayer, ModulesToSave, RowAdapters, VeraLayer, gather_vectors, walk
 
 BASE = "__base__"  # PEFT's name for "no adapter on this row"
 _HOOKS = "_mixed_hooks"  # handles of the hooks on the top model
@@ -67,6 +68,9 @@ def _set_rows(modules: list, names: tuple[str, ...] | None) -> None:
                 torch.tensor([position.get(name, len(order)) for name in names], device=device),
             )
         module.rows = built[(order, device)]
+    for rows in built.values():
+        if rows.single is None:  # one name for every row takes the one-adapter path, which reads no gathered rows
+            gather_vectors([m for m in modules if isinstance(m, VeraLayer) and m.rows is rows], rows)
 
 
 def _current(modules: list) -> tuple[str, ...] | None:
