@@ -223,9 +223,12 @@ def write_report(data: dict) -> None:
         lines += ["", "Quantized bases: " + "; ".join(
             f"{r['method']} {r['quantization']} {100 * (r['predicted_peak_bytes'] / r['measured_peak_bytes'] - 1):+.1f}% "
             f"(temporaries measured {_mib(r['breakdown']['temporaries'])} vs predicted "
-            f"{_mib(r['predicted_breakdown']['temporaries'])} MiB)" for r in quantized) + ". What bitsandbytes allocates "
-            "inside its layers during the step (dequantized or int8 copies) is invisible to the unquantized fake "
-            "step; the gap is in the temporaries."]
+            f"{_mib(r['predicted_breakdown']['temporaries'])} MiB)" for r in quantized) + ". The unquantized fake "
+            "step cannot see what bitsandbytes keeps inside its layers: its 8-bit matmul (0.50.2, "
+            "`MatMul8bitLt`) holds each layer's input for backward in `ctx.tensors` even when the weight is frozen "
+            "(not through save_for_backward, so the tracker counts it as temporaries), where a frozen fp32 Linear "
+            "keeps nothing; in backward it also dequantizes each weight to the compute dtype. The 4-bit path keeps "
+            "far less."]
     lab = data.get("lab", {})
     if len(lab) == 4:
         alone = {m: lab[f"lab-order/{m}"]["peaks"][m] for m in ("vera", "lora")}

@@ -25,7 +25,7 @@ from .config import AdapterConfig, LoraConfig, VeraConfig
 from .count import estimate_parameters, meta_model
 from .inject import resolve_targets
 from .layers import layer_shape
-from .memtrack import MemoryTracker
+from .memtrack import MemoryTracker, extent_bytes
 from .models import enable_grad_checkpointing, is_causal_lm, make_trainable, model_config as config_of
 
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
@@ -121,8 +121,7 @@ def _quantized_estimate(model: nn.Module | None, config: PretrainedConfig, adapt
     parts = fake_step_estimate(model, plain, adapter_config, batch_size, seq_len, dtype, grad_checkpointing,
                                max_grad_norm)
     if model is not None:
-        storages = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes()
-                    for t in (*model.parameters(), *model.buffers())}
+        storages = {torch._C._storage_id(t): extent_bytes(t) for t in (*model.parameters(), *model.buffers())}
         weights = sum(storages.values())
     else:
         weights = _weight_bytes(meta_model(config), config, dtype, quantization)

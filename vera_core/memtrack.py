@@ -7,9 +7,12 @@
 
 "Live" is every storage the model and the optimizer own plus every storage allocated inside the tracked region and
 not yet freed. New storages are seen in a `TorchDispatchMode` (an op output whose schema does not alias an input is
-a fresh allocation). Each is held by a C++ weak reference (`StorageWeakRef`, no Python callback: a callback would
-run inside whatever op frees the storage, and full test runs crashed that way); expired ones are swept out whenever
-the count could pass the peak, so the peak is exact without a sweep per op. Each storage is counted once (VeRA's
+a fresh allocation), known by its C++ storage's address and sized from the tensor's extent, as the allocator sized
+it. A storage is live while any tensor seen on it is (views register too): the tracker keeps Python weak references
+to those tensors and sweeps out dead storages whenever the count could pass the peak, so the peak is exact without a
+sweep per op. It makes no Python storage objects and no storage weak references for a step's tensors: with those,
+full test runs of the lab crashed in a later allocation (never explained; tensor weak references are the ordinary
+kind). Each storage is counted once (VeRA's
 shared A / B, tied embeddings) and labelled by what holds it: a model parameter or buffer ("weights", or "adapter" for
 the adapter's own tensors), a `.grad` ("gradients"), optimizer state ("optimizer"), a tensor saved for backward
 ("activations"), else "temporaries". A label learned after the peak (a gradient or AdamW moment allocated before the
@@ -18,9 +21,10 @@ hook that names it) is carried back into the peak's breakdown when the storage w
 """
 from __future__ import annotations
 
+import weakref
+
 import torch
 from torch import nn
-from torch.multiprocessing.reductions import StorageWeakRef
 from torch.utils import _pytree as pytree
 from torch.utils._python_dispatch import TorchDispatchMode
 
@@ -33,6 +37,14 @@ CATEGORIES = ("weights", "adapter", "gradients", "optimizer", "activations", "te
 def _same_device(a: torch.device, b: torch.device) -> bool:
     # "cuda" and "cuda:0" are one device when the index is left open.
     return a.type == b.type and (a.index is None or b.index is None or a.index == b.index)
+
+
+def extent_bytes(tensor: torch.Tensor) -> int:
+    """The bytes a fresh tensor's storage holds: offset + its furthest element (torch's own storage sizing)."""
+    if tensor.numel() == 0:
+        return 0
+    last = sum((size - 1) * stride for size, stride in zip(tensor.shape, tensor.stride()))
+    return (tensor.storage_offset() + last + 1) * tensor.element_size()
 
 
 def _adapter_tensor_ids(model: nn.Module) -> set[int]:
@@ -51,9 +63,7 @@ class MemoryTracker(TorchDispatchMode):
         super().__init__()
         self.model, self.optimizer = model, optimizer
         self.device = torch.device(device) if device is not None else next(model.parameters()).device
-        # storage key -> [bytes, category, allocation number, weak ref]. The weak ref keeps the storage's C++ object
-        # (not its data) alive, so a key is never reused by a new storage while its entry exists.
-        self._live: dict[int, list] = {}
+        self._live: dict[int, list] = {}  # storage address -> [bytes, category, allocation number, tensor weak refs]
         self._sums = dict.fromkeys(CATEGORIES, 0)
         self._total = 0
         self._count = 0  # storages registered so far: orders allocations against the peak
@@ -64,16 +74,29 @@ class MemoryTracker(TorchDispatchMode):
         self._saved_hooks = None
 
     # ------------------------------------------------------------------ bookkeeping
-    def _key(self, tensor: torch.Tensor):
+    def _key(self, tensor: torch.Tensor) -> int | None:
         if tensor.layout != torch.strided or not _same_device(tensor.device, self.device):
-            return None, None
-        storage = tensor.untyped_storage()
-        return storage._cdata, storage
+            return None
+        return torch._C._storage_id(tensor)
 
-    def _add(self, key: int, storage, category: str) -> None:
-        nbytes = storage.nbytes()
+    def _entry(self, key: int) -> list | None:
+        """The live entry at `key`; a dead one (every tensor seen on it freed) is dropped first, as its address may
+        now belong to a new storage."""
+        entry = self._live.get(key)
+        if entry is not None and all(ref() is None for ref in entry[3]):
+            self._drop(key)
+            return None
+        return entry
+
+    def _drop(self, key: int) -> None:
+        nbytes, category = self._live.pop(key)[:2]
+        self._sums[category] -= nbytes
+        self._total -= nbytes
+
+    def _add(self, key: int, tensor: torch.Tensor, category: str) -> None:
+        nbytes = extent_bytes(tensor)
         self._count += 1
-        self._live[key] = [nbytes, category, self._count, StorageWeakRef(storage)]
+        self._live[key] = [nbytes, category, self._count, [weakref.ref(tensor)]]
         self._sums[category] += nbytes
         self._total += nbytes
         if self._total > self.peak_bytes:
@@ -83,22 +106,34 @@ class MemoryTracker(TorchDispatchMode):
 
     def _sweep(self) -> None:
         """Forget the storages freed since the last sweep."""
-        for key in [key for key, entry in self._live.items() if entry[3].expired()]:
-            nbytes, category = self._live.pop(key)[:2]
-            self._sums[category] -= nbytes
-            self._total -= nbytes
+        for key in [key for key, entry in self._live.items() if all(ref() is None for ref in entry[3])]:
+            self._drop(key)
+
+    def _seen(self, tensor: torch.Tensor, fresh: bool) -> None:
+        """An op output: a view keeps its storage alive too; a fresh allocation is registered as a temporary."""
+        key = self._key(tensor)
+        if key is None:
+            return
+        entry = self._entry(key)
+        if entry is not None:
+            if not any(ref() is tensor for ref in entry[3]):
+                entry[3] = [ref for ref in entry[3] if ref() is not None] + [weakref.ref(tensor)]
+        elif fresh:
+            self._add(key, tensor, "temporaries")
 
     def label(self, tensor: torch.Tensor | None, category: str, only_from: str | None = None) -> None:
         """Say what holds `tensor`'s storage (registering it if it was never seen), unless it is labelled otherwise
         than `only_from`. A storage live at the peak moves between the peak's categories too."""
-        key, storage = self._key(tensor) if tensor is not None else (None, None)
+        key = self._key(tensor) if tensor is not None else None
         if key is None:
             return
-        entry = self._live.get(key)
+        entry = self._entry(key)
         if entry is None:
             if only_from is None:
-                self._add(key, storage, category)
+                self._add(key, tensor, category)
             return
+        if not any(ref() is tensor for ref in entry[3]):
+            entry[3].append(weakref.ref(tensor))
         old = entry[1]
         if old == category or (only_from is not None and old != only_from):
             return
@@ -130,13 +165,10 @@ class MemoryTracker(TorchDispatchMode):
         returns = func._schema.returns
         values = out if isinstance(out, (tuple, list)) and len(returns) > 1 else (out,)
         for ret, value in zip(returns, values):
-            if ret.alias_info is not None:  # a view or an in-place result: no new storage
-                continue
+            fresh = ret.alias_info is None  # else a view or an in-place result: no new storage
             for tensor in pytree.tree_leaves(value):
                 if isinstance(tensor, torch.Tensor):
-                    key, storage = self._key(tensor)
-                    if key is not None and key not in self._live:
-                        self._add(key, storage, "temporaries")
+                    self._seen(tensor, fresh)
         return out
 
     def _pack(self, tensor: torch.Tensor) -> torch.Tensor:
