@@ -193,5 +193,5 @@ def test_memory_differences_say_what_the_breakdowns_differ_in():
     assert memory_differences(report) == [
         "vera-r256 vs lora-r8: peak 100.0 vs 125.0 MiB (0.80x). Gradients and optimizer state 0.75 vs 3.00 MiB "
         "(VeRA trains fewer parameters); activations saved for backward 30.0 vs 40.0 MiB (fewer for VeRA: its "
-        "backward keeps r=256-wide A x per adapted input, LoRA's keeps each adapted layer's full-width input for A's "
-        "gradient)."]
+        "backward keeps r=256-wide A x per adapted input, and the folded W' of each layer the fast path folds with "
+        "folded_backward 'keep'; LoRA's keeps each adapted layer's full-width input for A's gradient)."]

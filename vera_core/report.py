@@ -205,8 +205,9 @@ def memory_differences(report: Report | dict) -> list[str]:
                 f"({v['total'] / lo_parts['total']:.2f}x). Gradients and optimizer state {state_v / 2**20:,.2f} vs "
                 f"{state_l / 2**20:,.2f} MiB ({'VeRA trains fewer parameters' if state_v < state_l else 'VeRA trains more parameters here'}); "
                 f"activations saved for backward {v['activations'] / 2**20:,.1f} vs {lo_parts['activations'] / 2**20:,.1f} MiB "
-                f"({more_acts} for VeRA: its backward keeps r={ve['r']}-wide A x per adapted input, LoRA's keeps each "
-                f"adapted layer's full-width input for A's gradient).")
+                f"({more_acts} for VeRA: its backward keeps r={ve['r']}-wide A x per adapted input, and the folded W' "
+                f"of each layer the fast path folds with folded_backward 'keep'; LoRA's keeps each adapted layer's "
+                f"full-width input for A's gradient).")
     return lines
 
 
