@@ -47,6 +47,18 @@ def extent_bytes(tensor: torch.Tensor) -> int:
     return (tensor.storage_offset() + last + 1) * tensor.element_size()
 
 
+def _dead(entry: list) -> bool:
+    """No tensor seen on this storage is alive (so neither is the storage)."""
+    return entry[3]() is None and (entry[4] is None or all(ref() is None for ref in entry[4]))
+
+
+def _also_on(entry: list, tensor: torch.Tensor) -> None:
+    """Remember another tensor on an entry's storage (a view, a label's tensor), once; dead extras are dropped."""
+    if entry[3]() is tensor or any(ref() is tensor for ref in entry[4] or ()):
+        return
+    entry[4] = [ref for ref in entry[4] or () if ref() is not None] + [weakref.ref(tensor)]
+
+
 def _adapter_tensor_ids(model: nn.Module) -> set[int]:
     """Ids of the tensors an adapter added: its trainable ones (head copies too) and VeRA's shared projections."""
     owned = adapter_parameters(model)
@@ -63,7 +75,9 @@ class MemoryTracker(TorchDispatchMode):
         super().__init__()
         self.model, self.optimizer = model, optimizer
         self.device = torch.device(device) if device is not None else next(model.parameters()).device
-        self._live: dict[int, list] = {}  # storage address -> [bytes, category, allocation number, tensor weak refs]
+        # storage address -> [bytes, category, allocation number, weak ref to the first tensor seen on it, weak refs to
+        # later ones (views) or None]; the first is checked alone in the common case, which keeps sweeps cheap.
+        self._live: dict[int, list] = {}
         self._sums = dict.fromkeys(CATEGORIES, 0)
         self._total = 0
         self._count = 0  # storages registered so far: orders allocations against the peak
@@ -83,7 +97,7 @@ class MemoryTracker(TorchDispatchMode):
         """The live entry at `key`; a dead one (every tensor seen on it freed) is dropped first, as its address may
         now belong to a new storage."""
         entry = self._live.get(key)
-        if entry is not None and all(ref() is None for ref in entry[3]):
+        if entry is not None and _dead(entry):
             self._drop(key)
             return None
         return entry
@@ -96,7 +110,7 @@ class MemoryTracker(TorchDispatchMode):
     def _add(self, key: int, tensor: torch.Tensor, category: str) -> None:
         nbytes = extent_bytes(tensor)
         self._count += 1
-        self._live[key] = [nbytes, category, self._count, [weakref.ref(tensor)]]
+        self._live[key] = [nbytes, category, self._count, weakref.ref(tensor), None]
         self._sums[category] += nbytes
         self._total += nbytes
         if self._total > self.peak_bytes:
@@ -106,7 +120,7 @@ class MemoryTracker(TorchDispatchMode):
 
     def _sweep(self) -> None:
         """Forget the storages freed since the last sweep."""
-        for key in [key for key, entry in self._live.items() if all(ref() is None for ref in entry[3])]:
+        for key in [key for key, entry in self._live.items() if entry[3]() is None and _dead(entry)]:
             self._drop(key)
 
     def _seen(self, tensor: torch.Tensor, fresh: bool) -> None:
@@ -116,8 +130,7 @@ class MemoryTracker(TorchDispatchMode):
             return
         entry = self._entry(key)
         if entry is not None:
-            if not any(ref() is tensor for ref in entry[3]):
-                entry[3] = [ref for ref in entry[3] if ref() is not None] + [weakref.ref(tensor)]
+            _also_on(entry, tensor)
         elif fresh:
             self._add(key, tensor, "temporaries")
 
@@ -132,8 +145,7 @@ class MemoryTracker(TorchDispatchMode):
             if only_from is None:
                 self._add(key, tensor, category)
             return
-        if not any(ref() is tensor for ref in entry[3]):
-            entry[3].append(weakref.ref(tensor))
+        _also_on(entry, tensor)
         old = entry[1]
         if old == category or (only_from is not None and old != only_from):
             return
