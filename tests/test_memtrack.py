@@ -4,7 +4,7 @@ import time
 
 import pytest
 import torch
-from helpers import LLAMA_ALL, causal_data, tiny_llama
+from helpers import LLAMA_ALL, causal_data, tiny_bert, tiny_llama
 from torch import nn
 
 from vera_core.compare import compare
@@ -95,6 +95,19 @@ def test_fake_step_estimate_equals_the_tracked_real_step(adapter):
     assert predicted["total"] == pytest.approx(measured["total"], rel=0.01)
     for key in ("weights", "adapter", "optimizer"):
         assert predicted[key] == measured[key], key
+
+
+def test_a_head_copied_under_fake_tensors_stays_in_their_one_mode():
+    """deepcopy would copy a fake tensor's FakeTensorMode with it: a second mode whose tensors the first took for
+    real ones corrupted the heap within tens of estimates of a classifier with a head copy."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    with FakeTensorMode() as mode:
+        model = add_adapter(tiny_bert(), VeraConfig(r=8, modules_to_save=["classifier"]))
+    modes = {id(t.fake_mode) for t in [*model.parameters(), *model.buffers()]}
+    assert modes == {id(mode)}
+    head = model.classifier
+    assert head.modules_to_save["default"].weight is not head.original_module.weight  # a copy, not the same tensor
 
 
 def _tiny_pair(tokenizer):

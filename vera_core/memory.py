@@ -101,7 +101,8 @@ def fake_step_estimate(model: nn.Module | None, config: PretrainedConfig, adapte
     method = adapter_config if not isinstance(adapter_config, (VeraConfig, LoraConfig)) else adapter_config.method
     adapter = adapter_config if isinstance(adapter_config, (VeraConfig, LoraConfig)) else None
     with FakeTensorMode(allow_non_fake_inputs=True), warnings.catch_warnings():
-        # deepcopy (a head copied into modules_to_save) reads a fake tensor's data pointer: harmless, no data exists
+        # deepcopy (a head copied into modules_to_save) asks each fake tensor for its data pointer, finds none (0) and
+        # clones it; ModulesToSave.add keeps the copy in this one mode
         warnings.filterwarnings("ignore", message="Accessing the data pointer of FakeTensor")
         fake = make_trainable(_fake_model(model, config, dtype), method or "base", adapter)
         if grad_checkpointing:

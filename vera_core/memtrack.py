@@ -184,8 +184,11 @@ class MemoryTracker(TorchDispatchMode):
         return out
 
     def _pack(self, tensor: torch.Tensor) -> torch.Tensor:
-        self.label(tensor, "activations", only_from="temporaries")  # weights saved for backward stay weights
-        return tensor
+        # The graph keeps a detached alias, as torch's saved_tensors_hooks asks: returning the tensor itself would
+        # tie a saved output to its own grad_fn in a reference cycle. The alias keeps the storage live for the tracker.
+        saved = tensor.detach()
+        self.label(saved, "activations", only_from="temporaries")  # weights saved for backward stay weights
+        return saved
 
     def __enter__(self):
         self._label_owned()
