@@ -110,8 +110,9 @@ def first_groups(rows: list[dict], n: int | None) -> list[dict]:
 
 def e2e_dataset(root: Path, seed: int, train_groups: int | None, val_groups: int | None,
                 test_groups: int | None) -> TextDataset:
-    """E2E devset split 80/10/10 by meaning representation (no MR in two splits), then capped per split in MRs."""
-    ds = load_dataset(root / "e2e" / "devset.csv", "causal-lm", seed=seed, val_fraction=0.1, test_fraction=0.1)
+    """E2E devset split 60/10/30 by meaning representation (no MR in two splits), then capped per split in MRs. The
+    test share is 30% (164 MRs, 1,290 references): at 10% each of the 55 test MRs was ~2% of the corpus BLEU counts."""
+    ds = load_dataset(root / "e2e" / "devset.csv", "causal-lm", seed=seed, val_fraction=0.1, test_fraction=0.3)
     return replace(ds, name="e2e", train=first_groups(ds.train, train_groups),
                    validation=first_groups(ds.validation, val_groups), test=first_groups(ds.test, test_groups))
 
@@ -354,7 +355,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-length", type=int)
     parser.add_argument("--sst2-train-rows", type=int, default=4000)
     parser.add_argument("--e2e-train-groups", type=int, default=200)
-    parser.add_argument("--e2e-test-groups", type=int, default=40)
+    parser.add_argument("--e2e-test-groups", type=int, help="cap on test MRs (default: all 164 of the split)")
     parser.add_argument("--lora-lr", type=float, default=5e-4,
                         help="LoRA rate, the centre of its grid (LoRA paper's RoBERTa GLUE: 4e-4-5e-4)")
     parser.add_argument("--vera-lr", type=float, default=1e-2, help="VeRA vector rate, the centre of its grid")

@@ -10,10 +10,8 @@ not yet freed. New storages are seen in a `TorchDispatchMode` (an op output whos
 a fresh allocation), known by its C++ storage's address and sized from the tensor's extent, as the allocator sized
 it. A storage is live while any tensor seen on it is (views register too): the tracker keeps Python weak references
 to those tensors and sweeps out dead storages whenever the count could pass the peak, so the peak is exact without a
-sweep per op. It makes no Python storage objects and no storage weak references for a step's tensors: with those,
-full test runs of the lab crashed in a later allocation (never explained; tensor weak references are the ordinary
-kind). Each storage is counted once (VeRA's
-shared A / B, tied embeddings) and labelled by what holds it: a model parameter or buffer ("weights", or "adapter" for
+sweep per op; no Python storage object is made for a step's tensors. Each storage is counted once (VeRA's shared
+A / B, tied embeddings) and labelled by what holds it: a model parameter or buffer ("weights", or "adapter" for
 the adapter's own tensors), a `.grad` ("gradients"), optimizer state ("optimizer"), a tensor saved for backward
 ("activations"), else "temporaries". A label learned after the peak (a gradient or AdamW moment allocated before the
 hook that names it) is carried back into the peak's breakdown when the storage was already live then. Fake tensors
