@@ -23,6 +23,7 @@ from vera_core.data import BUILTIN_DATASETS, format_preview, load_dataset
 from vera_core.many import load_many, serve_batch
 from vera_core.models import OFFLINE_MODELS, generate, predict
 from vera_core.plots import (
+    breakdown_figure,
     calculator_figure,
     dinit_figure,
     loss_figure,
@@ -31,7 +32,7 @@ from vera_core.plots import (
     params_figure,
     tradeoff_figure,
 )
-from vera_core.report import load_run, tradeoff_rows
+from vera_core.report import load_run, memory_differences, tradeoff_rows
 from vera_core.runs import export, list_runs, load_run_model, new_run_dir, read_config
 
 from . import views
@@ -230,9 +231,11 @@ class Lab:
         config = json.loads((path / "config.json").read_text())
         summary = (f"**{report['model']}** on **{report['dataset']}** ({report['task']}) — device {report['device']}, "
                    f"dtype {report['dtype']}, seed {report['seed']}, peak memory measured {report['memory_mode']}"
-                   + (" — **stopped early**" if report.get("stopped") else ""))
+                   + (" — **stopped early**" if report.get("stopped") else "") + views.seed_summary(report)
+                   + "".join(f"\n- {line}" for line in memory_differences(report)))
         runs = report["runs"]
-        figures = (loss_figure(histories), params_figure(runs), memory_figure(runs), metric_figure(runs, report["task"]))
+        figures = (loss_figure(histories), params_figure(runs), memory_figure(runs),
+                   metric_figure(runs, report["task"], report.get("settings")))
         scored = tradeoff_rows(report)
         metric = scored[0]["metric_name"] if scored else "accuracy"
         sweep = (tradeoff_figure(scored, metric, "Test metric against trainable parameters"),
@@ -504,6 +507,14 @@ class Lab:
             raise gr.Error(str(err)) from None
         return pd.DataFrame(rows).rename(columns={"trainable": "trainable params"}), calculator_figure(rows)
 
+    def will_it_fit(self, model: str, budget_gib: float, seq_len: int, vera_r: int, lora_r: int, dtype: str):
+        try:
+            rows, bars = views.fit_rows(model, budget_gib, seq_len, vera_r, lora_r, dtype)
+        except ValueError as err:
+            raise gr.Error(str(err)) from None
+        title = f"Predicted peak at the largest batch that fits {budget_gib} GiB ({seq_len} tokens)"
+        return pd.DataFrame(rows), breakdown_figure(bars, title)
+
 
 def build_app(runs_dir: str | Path = "runs", defaults: RunForm | None = None, poll_s: float = 1.0,
               max_batch_rows: int = 64) -> gr.Blocks:
@@ -564,6 +575,11 @@ def build_app(runs_dir: str | Path = "runs", defaults: RunForm | None = None, po
                             batch_size = gr.Number(defaults.batch_size, precision=0, label="Batch")
                             max_length = gr.Number(defaults.max_length, precision=0, label="Sequence length")
                             seed = gr.Number(defaults.seed, precision=0, label="Seed")
+                        with gr.Row():
+                            seeds = gr.Number(defaults.seeds, precision=0, minimum=1,
+                                              label="Seeds per setting (several: mean ± std, intervals)")
+                            tune_lr = gr.Checkbox(defaults.tune_lr, label="Tune the learning rate (every method, "
+                                                                           "validation, x0.25-x4; Measure time first)")
                         with gr.Row():
                             eval_batches = gr.Number(defaults.eval_batches, precision=0,
                                                      label="Eval batches (0 = whole split)")
@@ -683,6 +699,24 @@ def build_app(runs_dir: str | Path = "runs", defaults: RunForm | None = None, po
                 calc_btn = gr.Button("Compute", variant="primary")
                 calc_table = gr.Dataframe(interactive=False, elem_id="calc-table")
                 calc_plot = gr.Plot()
+                gr.Markdown("### Will it fit?\nThe largest training batch for VeRA and LoRA within a memory budget, "
+                            "predicted by running training steps on fake tensors (shapes only, no weights, no "
+                            "compute; a few seconds each): weights, adapter, gradients, AdamW state, activations "
+                            "saved for backward and temporaries at the step's peak. The same tracker measures real "
+                            "runs, so the two can be compared on the Results tab. Three or four fake steps per "
+                            "method: about half a minute for a 30-layer model on a quiet 2-core CPU.")
+                with gr.Row():
+                    fit_model = gr.Dropdown(list(KNOWN_MODELS), value="smollm2-135m-instruct", label="Model shape",
+                                            elem_id="fit-model")
+                    fit_budget = gr.Dropdown([8, 16, 24, 80], value=8, allow_custom_value=True,
+                                             label="Memory budget (GiB)")
+                    fit_seq = gr.Number(256, precision=0, minimum=1, label="Sequence length (tokens)")
+                    fit_vera = gr.Number(256, precision=0, minimum=1, label="VeRA rank")
+                    fit_lora = gr.Number(8, precision=0, minimum=1, label="LoRA rank")
+                    fit_dtype = gr.Radio(["float32", "bfloat16"], value="float32", label="Weights dtype")
+                fit_btn = gr.Button("Will it fit?", variant="primary")
+                fit_table = gr.Dataframe(interactive=False, elem_id="fit-table")
+                fit_plot = gr.Plot()
 
             with gr.Tab("Export", id="export") as export_tab:
                 exp_run = gr.Dropdown(label="Run", choices=views.list_runs(lab.runs_dir), allow_custom_value=True)
@@ -696,8 +730,8 @@ def build_app(runs_dir: str | Path = "runs", defaults: RunForm | None = None, po
                     dataset=dataset, max_rows=max_rows, methods=methods, vera_r=vera_r, vera_d_init=vera_d_init,
                     lora_r=lora_r, lora_alpha=lora_alpha, targets=targets, custom_targets=custom_targets,
                     vera_lr=vera_lr, lora_lr=lora_lr, full_lr=full_lr, steps=steps, batch_size=batch_size,
-                    max_length=max_length, seed=seed, eval_batches=eval_batches, eval_generate=eval_generate,
-                    confirm_runs=confirm_runs)
+                    max_length=max_length, seed=seed, seeds=seeds, tune_lr=tune_lr, eval_batches=eval_batches,
+                    eval_generate=eval_generate, confirm_runs=confirm_runs)
         lab.form_fields = list(form)
         form_inputs = list(form.values())
         all_inputs = [upload, *form_inputs]
@@ -765,6 +799,8 @@ def build_app(runs_dir: str | Path = "runs", defaults: RunForm | None = None, po
         calc_inputs = [calc_models, calc_vera, calc_lora, calc_save]
         calc_btn.click(lab.calculator, calc_inputs, [calc_table, calc_plot], api_name="calculator")
         demo.load(lab.calculator, calc_inputs, [calc_table, calc_plot], api_visibility="private")
+        fit_btn.click(lab.will_it_fit, [fit_model, fit_budget, fit_seq, fit_vera, fit_lora, fit_dtype],
+                      [fit_table, fit_plot], api_name="will_it_fit", concurrency_limit=1)
     return demo
 
 

@@ -14,13 +14,15 @@ import torch
 from vera_core import TrainConfig, lora_grid, vera_grid
 from vera_core.calculator import known_model, parameter_table
 from vera_core.checks import float_list, int_list
-from vera_core.config import ALL_LINEAR
+from vera_core.config import ALL_LINEAR, LoraConfig, VeraConfig
 from vera_core.data import BUILTIN_DATASETS, shorten
 from vera_core.files import write_json
-from vera_core.report import metric_value, summary_rows
+from vera_core.memory import largest_batch
+from vera_core.report import metric_value, seed_summary_lines, summary_rows
 from vera_core.request import RunRequest
 from vera_core.runs import list_runs as vera_list_runs
 from vera_core.train import DEFAULT_LR
+from vera_core.tune import LR_SCALES
 
 UPLOAD = "uploaded file"
 UPLOAD_SUFFIXES = (".jsonl", ".csv", ".tsv")
@@ -58,10 +60,12 @@ class RunForm:
     steps: int = 20  # ≈4-5 s a step for SmolLM2 at batch 4 x 128 on 2 quiet CPU cores: a few minutes in all
     batch_size: int = 4
     max_length: int = 128  # built-in restaurant rows are 67-114 SmolLM2 tokens, chat template included
-    seed: int = 0
+    seed: int = 0  # the data split's seed, and the first training seed
+    seeds: int = 1  # training seeds per setting (seed, seed + 1, ...): several give mean ± std and intervals
+    tune_lr: bool = False  # every method's learning rates x LR_SCALES on validation first, the best kept
     eval_batches: int = 2  # validation batches per evaluation during training (0: the whole split)
     eval_generate: int = 4  # test inputs generated and scored with BLEU / ROUGE-L after training (causal LM)
-    confirm_runs: bool = False  # the user's yes to a sweep of more than CONFIRM_ABOVE runs
+    confirm_runs: bool = False  # the user's yes to a plan of more than CONFIRM_ABOVE runs (tuning included)
 
     @classmethod
     def from_dict(cls, data: dict) -> "RunForm":
@@ -124,6 +128,9 @@ def run_request(form: RunForm, upload: str | None) -> RunRequest:
     if unknown or not any(m != "base" for m in form.methods):
         raise ValueError(f"choose at least one method to train among vera, lora, full (got {form.methods}).")
     targets = target_modules(form)
+    seed, seeds = number("seed", form.seed, True), number("seeds", form.seeds, True)
+    if isinstance(seeds, bool) or not isinstance(seeds, int) or seeds < 1:
+        raise ValueError(f"seeds is how many training seeds to run, a whole number >= 1; got {form.seeds!r}.")
     return RunRequest(
         model=form.model, dataset=dataset_source(form, upload), methods=form.methods,
         vera=vera_grid(r=int_list(form.vera_r, "VeRA r"), d_init=float_list(form.vera_d_init, "VeRA d_init"),
@@ -133,13 +140,15 @@ def run_request(form: RunForm, upload: str | None) -> RunRequest:
                        else number("LoRA alpha", form.lora_alpha)),
         train=TrainConfig(steps=number("steps", form.steps, True), batch_size=number("batch", form.batch_size, True),
                           max_length=number("sequence length", form.max_length, True),
-                          seed=number("seed", form.seed, True),
+                          seed=seed,
                           eval_batches=number("eval batches", form.eval_batches, True) or None),
         lrs={m: number(f"{m} learning rate", rate) for m, rate in
              (("vera", form.vera_lr), ("lora", form.lora_lr), ("full", form.full_lr))},
         task=None if form.task == "auto" else form.task, max_rows=number("rows per split", form.max_rows, True) or None,
         quantization="4bit" if form.quantize_4bit else None, trust_remote_code=form.trust_remote_code,
-        eval_generate=number("test generations scored", form.eval_generate, True), samples=SAMPLES)
+        eval_generate=number("test generations scored", form.eval_generate, True), samples=SAMPLES,
+        seeds=list(range(seed, seed + seeds)), tune={"lr_scale": list(LR_SCALES)} if form.tune_lr else None,
+        max_runs=10**6)  # the lab's own limit is CONFIRM_ABOVE, with a confirmation (check_sweep_size)
 
 
 def keep_upload(source: str, run_dir: Path) -> str:
@@ -168,7 +177,7 @@ def estimate_table(request: RunRequest) -> pd.DataFrame:
 # report.summary_rows' keys as the lab labels them
 RESULT_LABELS = {"run": "run", "method": "method", "trainable": "trainable params", "% of model": "% of model",
                  "head": "head params", "adapter_kib": "adapter file (KiB)", "peak_mib": "peak memory (MiB)",
-                 "step_s": "step time (s)", "tokens_per_s": "tokens/s", "train_loss": "final train loss",
+                 "est_mib": "predicted memory (MiB)", "rss_mib": "process RSS (MiB)", "step_s": "step time (s)", "tokens_per_s": "tokens/s", "train_loss": "final train loss",
                  "test_loss": "test loss", "metric": "test metric"}
 RESULT_COLUMNS = list(RESULT_LABELS.values())
 
@@ -177,6 +186,13 @@ def results_table(report: dict, total_params: int | None) -> pd.DataFrame:
     """report.summary_rows as the lab's table ("% of model" against the base model's parameters)."""
     rows = [{RESULT_LABELS[k]: v for k, v in row.items()} for row in summary_rows(report, total_params)]
     return pd.DataFrame(rows, columns=RESULT_COLUMNS)
+
+
+def seed_summary(report: dict) -> str:
+    """Over several seeds: mean ± std and the 95% interval per setting, and every "VeRA − LoRA" line with its
+    interval and verdict; the tuned rates when tuned ("" for one untuned seed), as a fixed-width block."""
+    lines = seed_summary_lines(report)
+    return "\n\n```\n" + "\n".join(lines).strip() + "\n```" if lines else ""
 
 
 def histories(events: list[dict]) -> dict[str, list[dict]]:
@@ -238,19 +254,29 @@ def filter_runs(runs: list[dict], model: str | None, dataset: str | None) -> lis
     return [run for run in runs if model in (None, ALL, run["model"]) and dataset in (None, ALL, run["dataset"])]
 
 
+def run_count(request: RunRequest) -> int:
+    """Every run a request makes: each setting once per seed, plus the tuning runs."""
+    return len(request.plan()) + len(request.tuning_plan())
+
+
 def check_sweep_size(request: RunRequest, confirmed: bool) -> None:
-    """A sweep above CONFIRM_ABOVE runs starts only after an explicit yes (a typo can make a 200-run grid)."""
-    runs = len(request.plan())
+    """A plan above CONFIRM_ABOVE runs starts only after an explicit yes (a typo can make a 200-run grid)."""
+    runs = run_count(request)
     if runs > CONFIRM_ABOVE and not confirmed:
         raise ValueError(f"this sweep makes {runs} runs, more than {CONFIRM_ABOVE}; tick \"I know this sweep has "
                          f"more than {CONFIRM_ABOVE} runs\" (API: confirm_runs=True) to start it.")
 
 
 def plan_text(request: RunRequest, time_estimate: dict | None = None) -> str:
-    """The planned runs and, once step times were measured, the time estimate with what it is based on."""
-    names = [spec.name for spec in request.plan()]
-    line = f"**{len(names)} run{'s' * (len(names) != 1)}**: {', '.join(names)}"
-    if len(names) > CONFIRM_ABOVE:
+    """The planned runs (settings, seeds, tuning runs) and, once step times were measured, the time estimate with
+    what it is based on."""
+    names, seeds, tuning = [spec.name for spec in request.settings()], request.seeds, len(request.tuning_plan())
+    line = f"**{run_count(request)} run{'s' * (run_count(request) != 1)}**: {', '.join(names)}"
+    if len(seeds) > 1:
+        line += f", each trained with seeds {', '.join(map(str, seeds))}"
+    if tuning:
+        line += f", after {tuning} tuning runs (learning rate x {', '.join(f'{x:g}' for x in LR_SCALES)})"
+    if run_count(request) > CONFIRM_ABOVE:
         line += f" — more than {CONFIRM_ABOVE}: tick the confirmation to start"
     if time_estimate is None:
         return line + ". Time: press *Measure time* (it trains 2-3 steps of the smallest and largest run)."
@@ -309,6 +335,29 @@ def calculator_rows(models: list[str], vera_ranks: str, lora_ranks: str, save_pr
                          "trainable": row["trainable"], "stored (KiB)": round(row["stored_bytes"] / 1024, 1),
                          "LoRA first rank / this": round(row["lora_ratio"], 1) if row["lora_ratio"] else None})
     return rows
+
+
+def fit_rows(model: str, budget_gib: float, seq_len: int, vera_r: int, lora_r: int, dtype: str) -> tuple[list[dict], list]:
+    """"Will it fit?": the largest training batch for VeRA and LoRA on one known model within a memory budget, and the
+    (label, breakdown) bars of each answer."""
+    known = known_model(model)
+    try:
+        budget = float(budget_gib)  # typed into the dropdown, it arrives as text
+    except (TypeError, ValueError):
+        budget = float("nan")
+    if not budget > 0:
+        raise ValueError(f"the memory budget must be a positive number of GiB, got {budget_gib!r}.")
+    rows, bars = [], []
+    for config in (VeraConfig(r=int(vera_r), target_modules=known.targets),
+                   LoraConfig(r=int(lora_r), target_modules=known.targets)):
+        fit = largest_batch(known.config, config, int(budget * 2**30), int(seq_len), dtype)
+        label = f"{config.method} r={config.r}"
+        rows.append({"method": label, "largest batch": fit.batch_size,
+                     "predicted peak (GiB)": round(fit.breakdown["total"] / 2**30, 2),
+                     "per extra row (MiB)": round(fit.per_row_bytes / 2**20, 1),
+                     "fixed (MiB)": round(fit.fixed_bytes / 2**20, 1), "answer": fit.message})
+        bars.append((f"{label}\nbatch {fit.batch_size or 1}", fit.breakdown))
+    return rows, bars
 
 
 # ---------------------------------------------------------------------------------------------- many adapters

@@ -74,7 +74,7 @@ def main() -> None:
         f"- trainable parameters (head excluded): LoRA {lo.trainable_params:,} / VeRA {v.trainable_params:,} = "
         f"**{ratio:.2f}x** (bar: at least 8x) — {'pass' if ratio >= 8 else 'FAIL'}",
         f"- wall time for the pair: {wall / 60:.1f} min (bar: 15) — {'pass' if wall <= 900 else 'FAIL'}",
-        "- memory estimate vs measured CPU RSS growth: " + "; ".join(
+        "- memory estimate vs measured tensor peak: " + "; ".join(
             f"{n} {m['estimated_bytes'] / 2**20:.0f} vs {m['measured_bytes'] / 2**20:.0f} MiB ({m['error_pct']:+.0f}%)"
             for n, m in memory.items()),
     ]

@@ -256,7 +256,7 @@ def write_report(data: dict) -> None:
     summary = summarise(data["results"])
     data["summary"] = summary
     (RESULTS / "speed.json").write_text(json.dumps(data, indent=1))
-    lines = [f"# Speed and memory: our VeRA vs PEFT (SmolLM2-135M, all 7 projections)", "",
+    lines = ["# Speed and memory: our VeRA vs PEFT (SmolLM2-135M, all 7 projections)", "",
              f"Machine: {data['machine']}. Date: {data['date']}. Mode: {data['mode']}. "
              "Peak memory: child-process `ru_maxrss` (peak RSS, model load included).", "",
              "| method | impl | r | seq | median step (s) | min–max (s) | steps | peak RSS (MB) |",

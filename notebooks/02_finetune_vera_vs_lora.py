@@ -39,7 +39,7 @@ import ipywidgets as widgets
 from IPython.display import display, Markdown
 from vera_core import LoraConfig, VeraConfig, load_adapter, load_model, merge_adapter, predict
 from vera_core import TrainConfig, compare, load_run
-from vera_core.report import SUMMARY_COLUMNS, parameter_ratios, summary_rows
+from vera_core.report import SUMMARY_COLUMNS, memory_differences, parameter_ratios, summary_rows
 from vera_core import plots
 
 # Budgets: quick (CI) vs full. Full mode is sized for a quiet 2-core CPU in a few minutes per method.
@@ -55,9 +55,9 @@ BUDGET
 # One function does the work; both the widget below and the static cell after it call it. It shows a progress bar fed
 # by `compare`'s events and returns the `Report` (also written to `runs/02-…/report.json`).
 #
-# In the table, `peak_mib` on a CPU is the process's RSS growth during each run (`cpu_rss_delta`) with all methods in
-# one process, so it is a rough number; `compare(..., isolate=True)` runs each method in its own process, and on a GPU
-# the allocator peak is reported instead.
+# In the table, `peak_mib` is the peak of live tensor storage during each run's first training steps (weights, adapter,
+# gradients, optimizer state, activations), counted the same way on CPU and GPU, so the order the methods ran in does
+# not change it; `est_mib` is the prediction `estimate_memory` made before the run from shapes alone.
 
 # %%
 def run_comparison(model_name="minilm-l6", r=256, d_init=0.1, steps=BUDGET["steps"]):
@@ -81,9 +81,9 @@ def run_comparison(model_name="minilm-l6", r=256, d_init=0.1, steps=BUDGET["step
     return report
 
 def show_results(report):
-    """The results table and the parameter ratio (the same view for the widget and the static cell)."""
+    """The results table, the parameter ratio and what the memory differs in (same view for widget and static cell)."""
     display(pd.DataFrame(summary_rows(report), columns=SUMMARY_COLUMNS))
-    display(Markdown("\n".join(f"- {line}" for line in parameter_ratios(report))))
+    display(Markdown("\n".join(f"- {line}" for line in parameter_ratios(report) + memory_differences(report))))
 
 
 # %% [markdown]
@@ -133,6 +133,14 @@ plots.metric_figure(report_json["runs"], report_json["task"])
 
 # %% tags=["expect-image"]
 plots.params_figure(report_json["runs"])
+
+# %% [markdown]
+# Memory by category: for each method, the prediction made before the run (one training step on fake tensors) beside
+# what the tracker measured in the real steps. The frozen weights dominate at this size; VeRA's gradients and AdamW
+# state are tiny next to LoRA's, while at large r its r-wide intermediates add activations.
+
+# %% tags=["expect-image"]
+plots.memory_figure(report_json["runs"])
 
 # %% [markdown]
 # ## 3. Outputs side by side

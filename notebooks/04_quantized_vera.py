@@ -39,7 +39,7 @@ import ipywidgets as widgets
 from IPython.display import display
 from vera_core import (LoraConfig, TrainConfig, VeraConfig, add_adapter, compare, count_parameters, estimate_memory,
                        load_model, load_run, merge_adapter)
-from vera_core.report import SUMMARY_COLUMNS, summary_rows
+from vera_core.report import SUMMARY_COLUMNS, memory_differences, summary_rows
 from vera_core import plots
 
 BUDGET = (dict(max_rows=32, train=TrainConfig(steps=3, batch_size=8, max_length=48, eval_batches=2, seed=0)) if QUICK
@@ -103,7 +103,7 @@ display(widgets.VBox([widgets.HBox([bs, sl]), widgets.HBox([vr, lr_]), box])); s
 estimates = memory_table()
 display(estimates)
 ax = estimates.set_index(estimates.base + " · " + estimates.method)[
-    ["weights MiB", "adapter MiB", "gradients_optimizer MiB", "activations MiB"]].plot.barh(stacked=True, figsize=(8, 3.5))
+    ["weights MiB", "adapter MiB", "gradients MiB", "optimizer MiB", "activations MiB", "temporaries MiB"]].plot.barh(stacked=True, figsize=(8, 3.5))
 ax.set(xlabel="MiB (estimate)", title="One training step, MiniLM-L6, batch 16 × 64 tokens")
 ax.figure.tight_layout()
 
@@ -133,10 +133,16 @@ plots.metric_figure(runs, "classification")
 # %% tags=["expect-image"]
 plots.memory_figure(runs)
 
+# %%
+for label, rep in reports.items():
+    for line in memory_differences(rep):
+        print(f"{label}: {line}")
+
 # %% [markdown]
-# Read the measured peaks with care: on a CPU they are RSS growth during training (`cpu_rss_delta`) of runs sharing
-# one process, not allocator peaks; on a GPU `compare` reports `torch.cuda.max_memory_allocated`, which is the number
-# to quote. In quick mode the accuracies are noise (a few dozen test reviews after 3 steps).
+# The measured peaks are the live tensor storage of the first training steps (`peak_memory_kind` "tensors"), counted
+# the same way on CPU and GPU and whatever ran before in the process; `est_mib` in the table is the prediction made
+# from shapes alone. Fake tensors cannot run bitsandbytes, so a 4-bit base is predicted from the unquantized step with
+# the weights counted at 4 bits; what bitsandbytes allocates inside its layers is not seen, so expect a few % error. In quick mode the accuracies are noise (a few dozen test reviews after 3 steps).
 #
 # ## 4. Merging into a 4-bit base is refused
 #
@@ -158,8 +164,9 @@ except NotImplementedError as err:
 #   quantized Linear dequantizes its weight on every call, so do not expect a speed-up: on a CPU, 4-bit is about
 #   memory. (The step times in the table above come from a shared, loaded machine; they do not rank the methods.)
 # - **GPU:** the same code (`load_model(..., quantization="4bit", device="cuda")`, `TrainConfig(device="auto")`)
-#   runs the NF4 kernels on CUDA; measured peaks there are allocator peaks. This is how QLoRA fits large bases on one
-#   GPU; VeRA's gradients and optimizer state are then ~10× smaller than LoRA r=8's (7,680 vs 73,728 parameters here).
+#   runs the NF4 kernels on CUDA; the tracker measures the same tensor peaks there, and reports record
+#   `torch.cuda.max_memory_allocated` beside them (`cuda_max_allocated_bytes`) as a cross-check. This is how QLoRA
+#   fits large bases on one GPU; VeRA's gradients and optimizer state are then ~10× smaller than LoRA r=8's (7,680 vs 73,728 parameters here).
 #   Not run in this notebook: this machine has no GPU.
 # - Sequence classification keeps the classifier head out of quantization (`llm_int8_skip_modules=["classifier"]`,
 #   set by `load_model`), so the head trains in full precision.

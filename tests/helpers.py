@@ -119,6 +119,14 @@ def causal_data() -> TextDataset:
     return TextDataset("tiny-colours", "causal-lm", train=rows[:12], validation=rows[12:], test=[], source="test")
 
 
+def colours() -> TextDataset:
+    """Eight colour questions (one with a second reference): a causal-LM set with a 2-group test split."""
+    rows = [{"prompt": f"colour of item {i}?", "response": f"item {i} is {c}.", "group": str(i)}
+            for i, c in enumerate(["red", "green", "blue", "red", "green", "blue", "red", "green"])]
+    rows.append({"prompt": "colour of item 7?", "response": "it is green.", "group": "7"})  # a second reference
+    return TextDataset("tiny-colours", "causal-lm", rows[:5], rows[5:6], rows[6:], None, "test")
+
+
 def sentiment() -> TextDataset:
     """Twelve short reviews, both labels in every split: a classification set for the tiny BERT."""
     rows = [{"text": t, "label": 1} for t in GOOD] + [{"text": t, "label": 0} for t in BAD]

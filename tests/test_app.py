@@ -16,6 +16,9 @@ from helpers import TINY_LAB_RUN, free_port
 from app import build_app, launch
 from app.jobs import JobBusy, JobManager
 from app.views import UPLOAD, RunForm
+from vera_core.calculator import KNOWN_MODELS
+from vera_core.config import LoraConfig, VeraConfig
+from vera_core.memory import largest_batch
 
 
 def wait_for_job(client: Client, timeout: float = 240) -> dict:
@@ -276,6 +279,23 @@ def test_calculator_reproduces_table_1(lab):
         client.predict(["roberta-base"], "0", "8", False, api_name="/calculator")
 
 
+def test_will_it_fit_answers_the_largest_batch_for_vera_and_lora(lab):
+    demo, client = lab
+    table, _plot = client.predict("minilm-l6", 1, 128, 256, 8, "float32", api_name="/will_it_fit")
+    rows = {r[0]: dict(zip(table["headers"], r)) for r in table["data"]}
+    known = KNOWN_MODELS["minilm-l6"]
+    for label, config in (("vera r=256", VeraConfig(r=256, target_modules=known.targets)),
+                          ("lora r=8", LoraConfig(r=8, target_modules=known.targets))):
+        fit = largest_batch(known.config, config, 2**30, 128)
+        assert rows[label]["largest batch"] == fit.batch_size > 0
+        assert rows[label]["answer"] == fit.message
+    with pytest.raises(AppError, match="memory budget must be a positive number of GiB, got 0"):
+        client.predict("minilm-l6", 0, 128, 256, 8, "float32", api_name="/will_it_fit")
+    table, _plot = client.predict("minilm-l6", 0.05, 128, 256, 8, "float32", api_name="/will_it_fit")
+    assert all(row[1] == 0 and row[-1].startswith("does not fit: one sequence of 128 tokens needs")
+               for row in table["data"])
+
+
 # ---------------------------------------------------------------------------------------------- job manager
 
 def test_job_status_follows_the_thread():
@@ -324,3 +344,37 @@ def test_stop_sets_the_flag_and_the_job_reports_stopped():
     assert manager.wait(5)
     assert manager.snapshot()["status"] == "stopped"
     assert manager.stop() == "no run in progress"
+
+
+def test_the_form_plans_seeds_and_tuning_and_asks_before_too_many_runs():
+    from app import views
+
+    form = RunForm(**{**TINY_LAB_RUN, "seed": 3}, seeds=2, tune_lr=True)
+    request = views.run_request(form, None)
+    assert request.seeds == [3, 4] and request.tune == {"lr_scale": [0.25, 0.5, 1.0, 2.0, 4.0]}
+    assert views.plan_text(request).startswith("**15 runs**: base, vera-r16, lora-r2, each trained with seeds 3, 4, "
+                                               "after 10 tuning runs (learning rate x 0.25, 0.5, 1, 2, 4)")
+    estimate = request.time_estimate({"vera-r16": 1.0, "lora-r2": 2.0})
+    assert estimate["total_s"] == 2 * (2 * 1.0 + 2 * 2.0) + 2 * 5 * (1.0 + 2.0)  # 2 steps a run, tuning included
+    assert "Estimated training time ≈ 0.7 min" in views.plan_text(request, estimate)  # 42 s
+    big = views.run_request(RunForm(**TINY_LAB_RUN, seeds=8, tune_lr=True), None)
+    with pytest.raises(ValueError, match="this sweep makes 27 runs, more than 24; tick"):
+        views.check_sweep_size(big, confirmed=False)
+    views.check_sweep_size(big, confirmed=True)
+    with pytest.raises(ValueError, match="seeds is how many training seeds to run, a whole number >= 1; got 0"):
+        views.run_request(RunForm(**TINY_LAB_RUN, seeds=0), None)
+
+
+@pytest.mark.integration
+def test_several_seeds_show_mean_std_and_the_paired_line_in_results(lab):
+    _demo, client = lab
+    assert client.predict(**{**TINY_LAB_RUN, "seeds": 2}, api_name="/start_run").startswith("started ")
+    state = wait_for_job(client)
+    assert state["status"] == "done", state
+    report = json.loads((Path(state["run_dir"]) / "report.json").read_text())
+    assert [r["name"] for r in report["runs"]] == ["base", "vera-r16-s0", "vera-r16-s1", "lora-r2-s0", "lora-r2-s1"]
+    summary, *_ = client.predict(state["run_dir"], api_name="/show_run")
+    [pair] = report["pairs"]
+    assert f"vera-r16 − lora-r2 = {pair['diff_mean']:+.1f} points [{pair['ci95'][0]:+.1f}, " in summary
+    vera = next(s for s in report["settings"] if s["setting"] == "vera-r16")
+    assert f"accuracy {vera['mean']:.1f} ± {vera['std']:.1f}" in summary and pair["verdict"] in summary

@@ -135,6 +135,11 @@ def test_many_adapters_tab_serves_one_mixed_batch(page):
 def test_calculator_tab_shows_table_1(page):
     page.get_by_role("tab", name="Calculator").click()
     expect(page.locator("#calc-table")).to_contain_text("43008", timeout=30_000)  # RoBERTa-base, VeRA r=1024
+    page.locator("#fit-model input").click()  # MiniLM: a few seconds of fake steps (SmolLM2 takes ~30 s)
+    page.get_by_role("option", name="minilm-l6", exact=True).click()
+    page.get_by_role("button", name="Will it fit?").click()  # 8 GiB, 256 tokens
+    expect(page.locator("#fit-table")).to_contain_text("tokens fits", timeout=120_000)
+    expect(page.locator("#fit-table")).to_contain_text("lora r=8")
     page.screenshot(path=ARTIFACTS / "08-tab-calculator.png", full_page=True)
 
 

@@ -103,6 +103,9 @@ def test_errors_in_an_isolated_child_are_one_line(assets, tmp_path):
     (["--model", "no-such-org/no-such-model"], "error: unknown model 'no-such-org/no-such-model'"),
     (["--device", "cuda"], "no CUDA device is available on this machine; choose device 'cpu'"),
     (["--max-length", "100000"], "max_length 100000 is longer than the model takes (max_position_embeddings = 128)"),
+    (["--seeds", "1,1"], "seeds [1, 1] repeat a seed"),
+    (["--seeds", "0,1", "--max-runs", "2"], "makes 5 runs (5 final, 0 tuning), more than the limit of 2; pass "
+                                            "max_runs=5"),
 ])
 def test_bad_settings_fail_before_anything_runs(assets, tmp_path, capsys, args, message):
     if "cuda" in args and __import__("torch").cuda.is_available():
@@ -130,6 +133,22 @@ def test_cli_compare_in_isolated_processes_matches_the_contract(assets, tmp_path
     assert runs["lora-r4"]["alpha"] == 8  # --lora-alpha defaults to 2 r
     assert "lora-r4 / vera-r16: 5.33x trainable parameters" in done.stdout
     assert "estimated memory" in done.stdout and "adapter_kib" in done.stdout
+
+
+def test_cli_compare_with_seeds_and_tuning_prints_mean_std_and_the_pair(assets, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main(["compare", "--model", str(assets / "bert"), "--dataset", str(assets / "sentiment.jsonl"),
+                 "--methods", "vera,lora", "--steps", "1", "--batch-size", "4", "--max-length", "16", "--vera-r", "16",
+                 "--lora-r", "4", "--in-process", "--seeds", "0,1", "--tune", "0.5,2", "--tune-steps", "1",
+                 "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    report = json.loads((out / "report.json").read_text())
+    [pair] = report["pairs"]
+    assert report["seeds"] == [0, 1] and [r["name"] for r in report["runs"]] == [
+        "vera-r16-s0", "vera-r16-s1", "lora-r4-s0", "lora-r4-s1"]
+    assert f"vera-r16 − lora-r4 = {pair['diff_mean']:+.1f} points [{pair['ci95'][0]:+.1f}, " in printed
+    assert "mean ± std" in printed and "tuned learning rates" in printed and "vera-r16: lr " in printed
+    assert sorted(report["tuning"]) == ["lora-r4", "vera-r16"]
 
 
 def test_cli_train_evaluate_export(assets, tmp_path, capsys):

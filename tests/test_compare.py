@@ -1,9 +1,10 @@
 """The comparison runner on tiny models: report.json contract, numbers that agree with the files, stop, estimates."""
 import json
 import threading
+import warnings
 
 import pytest
-from helpers import check_contract, sentiment, tiny_bert, tiny_llama
+from helpers import check_contract, colours, sentiment, tiny_bert, tiny_llama
 
 from vera_core.compare import compare
 from vera_core.config import LoraConfig, VeraConfig
@@ -13,13 +14,6 @@ from vera_core.memory import estimate_memory
 from vera_core.report import load_run
 from vera_core.request import RunRequest
 from vera_core.train import TrainConfig
-
-
-def colours() -> TextDataset:
-    rows = [{"prompt": f"colour of item {i}?", "response": f"item {i} is {c}.", "group": str(i)}
-            for i, c in enumerate(["red", "green", "blue", "red", "green", "blue", "red", "green"])]
-    rows.append({"prompt": "colour of item 7?", "response": "it is green.", "group": "7"})  # a second reference
-    return TextDataset("tiny-colours", "causal-lm", rows[:5], rows[5:6], rows[6:], None, "test")
 
 
 def test_classification_comparison_writes_a_consistent_run_directory(tokenizer, tmp_path):
@@ -37,7 +31,8 @@ def test_classification_comparison_writes_a_consistent_run_directory(tokenizer, 
     assert runs["vera-r16"]["head_params"] == runs["head"]["head_params"] == 66
     assert runs["base"]["trainable_params"] == 0 and runs["base"]["steps"] is None
     assert runs["base"]["peak_memory_bytes"] is None and runs["base"]["peak_memory_kind"] is None
-    assert runs["vera-r16"]["peak_memory_kind"] == "cpu_rss_delta" and runs["vera-r16"]["steps"] == 3
+    assert runs["vera-r16"]["peak_memory_kind"] == "tensors" and runs["vera-r16"]["steps"] == 3
+    assert runs["vera-r16"]["memory_breakdown"]["total"] == runs["vera-r16"]["peak_memory_bytes"]
     assert runs["vera-r16"]["targets"] == ["query", "value"] and runs["vera-r16"]["d_init"] == 0.1
     assert runs["lora-r4"]["alpha"] == 16 and runs["lora-r4"]["d_init"] is None
     assert runs["vera-r16"]["lr"] == 1e-2 and runs["lora-r4"]["lr"] == 2e-4
@@ -174,22 +169,44 @@ def test_run_request_plans_names_and_refuses_bad_plans(tokenizer):
         RunRequest(pair, sentiment(), ["lora"], isolate=True)
 
 
-def test_estimate_memory_parts_follow_the_formulas():
+def test_estimate_memory_parts_are_those_of_a_fake_training_step():
     vera, lora = VeraConfig(r=256), LoraConfig(r=8)
     v = estimate_memory("minilm-l6", vera, batch_size=8, seq_len=64)
     lo = estimate_memory("minilm-l6", lora, batch_size=8, seq_len=64)
-    assert v["total"] == sum(v[k] for k in ("weights", "adapter", "gradients_optimizer", "activations"))
-    assert v["weights"] == lo["weights"] == 4 * 22_713_216  # all-MiniLM-L6-v2 has 22.7M fp32 parameters
-    assert v["gradients_optimizer"] == 12 * estimate_parameters(_minilm(), vera)["trainable"]
-    assert v["adapter"] == 4 * 7_680 + 4 * 256 * (384 + 384)  # vectors + the shared A and B
-    assert lo["gradients_optimizer"] == 12 * 73_728
+    assert v["total"] == sum(v[k] for k in ("weights", "adapter", "gradients", "optimizer", "activations",
+                                            "temporaries"))
+    # all-MiniLM-L6-v2's 22.7M fp32 parameters, the 2-label classifier (and pooler) and two int64 position buffers
+    assert v["weights"] == lo["weights"] == 4 * (22_713_216 + 384 * 2 + 2) + 2 * 8 * 512
+    assert v["adapter"] == 4 * 7_680 + 4 * 256 * (384 + 384)  # vectors + the shared A and B, counted once
+    # AdamW's two moments and its step counter per trainable tensor: there from the second step on
+    assert v["optimizer"] == 8 * estimate_parameters(_minilm(), vera)["trainable"] + 4 * 12 * 2
+    assert lo["optimizer"] == 8 * 73_728 + 4 * 12 * 2
+    assert v["activations"] > 8 * 64 * 384 * 4 * 6  # at least one hidden state per layer is kept for backward
     half = estimate_memory("minilm-l6", lora, 8, 64, dtype="bfloat16")
-    assert half["weights"] == v["weights"] // 2
-    four = estimate_memory("minilm-l6", lora, 8, 64, quantization="4bit")
-    assert four["weights"] < 0.6 * v["weights"]  # the Linear weights shrink 8x; embeddings stay fp32
-    assert estimate_memory("minilm-l6", None, 8, 64)["gradients_optimizer"] == 0
+    assert half["weights"] == (v["weights"] - 2 * 8 * 512) // 2 + 2 * 8 * 512
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no fallback: the fake step runs unquantized, the weights are bitsandbytes'
+        four = estimate_memory("minilm-l6", lora, 8, 64, quantization="4bit")
+    assert four["weights"] < 0.6 * v["weights"]  # Linear weights inside the layers at 4 bits; embeddings stay fp32
+    assert {k: four[k] for k in ("adapter", "gradients", "optimizer", "activations")} == {
+        k: lo[k] for k in ("adapter", "gradients", "optimizer", "activations")}
+    assert four["total"] - lo["total"] == four["weights"] - lo["weights"]
+    base = estimate_memory("minilm-l6", None, 8, 64)
+    assert base["gradients"] == base["optimizer"] == base["activations"] == 0
     with pytest.raises(ValueError, match="dtype must be one of"):
         estimate_memory("minilm-l6", lora, 8, 64, dtype="float8")
+
+
+def test_estimate_memory_falls_back_to_the_formula_naming_the_reason(monkeypatch):
+    import vera_core.memory as memory
+
+    def broken(*args):
+        raise RuntimeError("data-dependent shape in forward")
+
+    monkeypatch.setattr(memory, "fake_step_estimate", broken)
+    with pytest.warns(UserWarning, match="formula .*RuntimeError: data-dependent shape in forward"):
+        fallback = estimate_memory("minilm-l6", LoraConfig(r=8), 8, 64)
+    assert fallback["optimizer"] == 8 * 73_728 and fallback["temporaries"] == 0
 
 
 def _minilm():

@@ -94,7 +94,7 @@ def test_time_estimate_uses_measured_step_times_and_interpolates_by_size(pair):
     assert estimate["runs"] == pytest.approx({"base": 0.0, "vera-r8": 1.0, "vera-r16": 10 * middle, "vera-r32": 3.0,
                                               "lora-r2": 2.0})
     assert estimate["total_s"] == pytest.approx(sum(estimate["runs"].values()))
-    assert "10 steps x the step time measured on this device" in estimate["based_on"]
+    assert "5 runs of 10 steps, x the step time measured on this device" in estimate["based_on"]
     with pytest.raises(ValueError, match="no measured step time for a lora run"):
         request.time_estimate({"vera-r8": 0.1})
 

@@ -44,7 +44,7 @@ _LAZY = {
     "OFFLINE_MODELS": "models",
     "TextDataset": "data", "load_dataset": "data", "preview": "data", "format_preview": "data",
     "BUILTIN_DATASETS": "data",
-    "estimate_memory": "memory",
+    "estimate_memory": "memory", "largest_batch": "memory", "MemoryTracker": "memtrack",
     "bleu": "metrics", "rouge_l": "metrics", "generation_scores": "metrics",
 }
 

@@ -52,6 +52,11 @@ def int_list(text: str, what: str) -> list[int]:
     return _numbers(text, what, int, "integers", "8,64", lambda v: v > 0, "positive integers")
 
 
+def seed_list(text: str, what: str = "seeds") -> list[int]:
+    """"0, 1, 2" -> [0, 1, 2]: integers >= 0 separated by commas (repeats are refused by RunRequest)."""
+    return _numbers(text, what, int, "integers", "0,1,2", lambda v: v >= 0, "integers >= 0")
+
+
 def float_list(text: str, what: str) -> list[float]:
     """"0.1, 1" -> [0.1, 1.0]: finite numbers separated by commas."""
     return _numbers(text, what, float, "numbers", "0.1,1.0", math.isfinite, "finite numbers")

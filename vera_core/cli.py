@@ -17,14 +17,21 @@ from contextlib import contextmanager
 from typing import Iterator
 
 from .calculator import KNOWN_MODELS, known_model, parameter_table
-from .checks import float_list, int_list
+from .checks import float_list, int_list, seed_list
 from .report import format_table
 from .progress import ProgressBar
 from .runs import EXPORT_FORMATS
 
 def _ints(text: str) -> list[int]:
     try:
-        return int_list(text, "ranks")
+        return int_list(text, "values")
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
+
+
+def _seeds(text: str) -> list[int]:
+    try:
+        return seed_list(text)
     except ValueError as err:
         raise argparse.ArgumentTypeError(str(err)) from None
 
@@ -63,7 +70,9 @@ def _request(args, methods: list[str]):
         lora=lora_grid(r=args.lora_r, alpha=args.lora_alpha, target_modules=args.targets),
         train=_train_config(args),
         lrs={m: v for m, v in (("vera", args.vera_lr), ("lora", args.lora_lr)) if v is not None},
-        max_rows=args.max_rows, isolate=not args.in_process, eval_generate=args.eval_generate, samples=args.samples)
+        max_rows=args.max_rows, isolate=not args.in_process, eval_generate=args.eval_generate, samples=args.samples,
+        seeds=args.seeds, tune={"lr_scale": args.tune} if args.tune is not None else None, tune_steps=args.tune_steps,
+        max_runs=args.max_runs)
 
 
 def _train_config(args):
@@ -109,7 +118,7 @@ def _stop_on_signals(stop: threading.Event) -> Iterator[list[int]]:
 
 def _run_compare(args, methods: list[str]) -> int:
     from .compare import run_request
-    from .report import SUMMARY_COLUMNS, parameter_ratios, summary_rows
+    from .report import SUMMARY_COLUMNS, parameter_ratios, seed_summary_lines, summary_rows
 
     if args.resume:
         from .request import RunRequest
@@ -130,6 +139,8 @@ def _run_compare(args, methods: list[str]) -> int:
     print()
     print(format_table(summary_rows(report), SUMMARY_COLUMNS))
     for line in parameter_ratios(report):
+        print(line)
+    for line in seed_summary_lines(report):
         print(line)
     print(f"peak memory: {report.memory_mode}; run directory: {report.run_dir}")
     if report.stopped:
@@ -173,7 +184,7 @@ def cmd_evaluate(args) -> int:
     dataset = load_dataset(args.dataset, seed=args.seed, max_rows=args.max_rows)
     model, tokenizer = _load_with_adapter(args.model, args.adapter, dataset.task,
                                           len(dataset.labels) if dataset.labels else 2)
-    scores, _ = score_split(model, tokenizer, dataset, _train_config(args), args.eval_generate, 0, args.split)
+    scores, _, _ = score_split(model, tokenizer, dataset, _train_config(args), args.eval_generate, 0, args.split)
     if scores is None:
         raise ValueError(f"the {args.split} split of {dataset.name!r} is empty.")
     scores = {k: round(v, 4) if isinstance(v, float) else v for k, v in scores.items()}
@@ -230,6 +241,12 @@ def _compare_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--vera-lr", type=float, default=None, help="default 1e-2 (the VeRA paper's range)")
     p.add_argument("--lora-lr", type=float, default=None, help="default 2e-4")
     p.add_argument("--samples", type=int, default=8, help="test inputs written to samples.jsonl")
+    p.add_argument("--seeds", type=_seeds, default=None,
+                   help="training seeds, e.g. 0,1,2: every setting once per seed on the same split (default: --seed)")
+    p.add_argument("--tune", type=_floats, default=None, metavar="SCALES",
+                   help="tune each method's learning rates on validation: default x each scale, e.g. 0.25,0.5,1,2,4")
+    p.add_argument("--tune-steps", type=int, default=None, help="steps of each tuning run (default: --steps)")
+    p.add_argument("--max-runs", type=int, default=60, help="refuse more runs than this (seeds x settings + tuning)")
     p.add_argument("--in-process", action="store_true",
                    help="run all methods in this process (faster start; CPU peak memory then less clean)")
 

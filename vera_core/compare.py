@@ -31,40 +31,26 @@ from .count import count_parameters
 from .data import TextDataset
 from .device import resolve_device
 from .evaluate import score_split
-from .files import write_json
-from .inject import adapter_layers, add_adapter
+from .files import write_json, write_jsonl
+from .inject import adapter_layers
 from .io import save_adapter
 from .memory import DTYPE_BYTES, estimate_memory
 from .metrics import group_references
-from .models import CLASSIFIER_HEADS
+from .models import head_names, make_trainable
 from .progress import with_bar
 from .report import Report, RunReport, load_run, write_reports
-from .request import RunRequest, RunSpec
+from .request import MAX_RUNS, RunRequest, RunSpec
 from .runs import load_base, new_run_dir
-from .train import default_lr, train as train_model
-
-
-def _head_names(model: nn.Module) -> list[str]:
-    return [name for name, _ in model.named_children() if name in CLASSIFIER_HEADS]
+from .train import train as train_model
+from .tune import tune_rates
 
 
 def _adapter_config(model: nn.Module, spec: RunSpec, task: str) -> AdapterConfig | None:
     """The run's adapter config; classification adapters also train the head (as modules_to_save)."""
-    heads = _head_names(model) if task == "classification" else []
+    heads = head_names(model) if task == "classification" else []
     if spec.adapter is not None and heads and not spec.adapter.modules_to_save:
         return replace(spec.adapter, modules_to_save=tuple(heads))
     return spec.adapter
-
-
-def _prepare(model: nn.Module, spec: RunSpec, adapter: AdapterConfig | None) -> nn.Module:
-    """Make `spec.method` the only thing trainable: the adapter, everything ("full"), the head, or nothing."""
-    if adapter is not None:
-        return add_adapter(model, adapter)
-    model.requires_grad_(spec.method == "full")
-    if spec.method == "head":
-        for name in _head_names(model):
-            getattr(model, name).requires_grad_(True)
-    return model
 
 
 def _counts(model: nn.Module, spec: RunSpec) -> tuple[int, int | None]:
@@ -74,7 +60,7 @@ def _counts(model: nn.Module, spec: RunSpec) -> tuple[int, int | None]:
         return counts["trainable_adapter"], counts["trainable_head"] or None
     if spec.method == "base":
         return 0, None
-    head = sum(p.numel() for n in _head_names(model) for p in getattr(model, n).parameters())
+    head = sum(p.numel() for n in head_names(model) for p in getattr(model, n).parameters())
     if spec.method == "head":
         return 0, counts["trainable"]
     return counts["trainable"] - head, head or None
@@ -91,26 +77,29 @@ def sample_rows(dataset: TextDataset, n: int) -> list[dict]:
     return [{"prompt": p, "reference": refs} for p, refs in group_references(dataset.test)[:n]]
 
 
-def _run_one(request: RunRequest, spec: RunSpec, load: Callable[[], tuple], run_dir: Path,
-             emit: Callable[[dict], None], stop: threading.Event | None) -> tuple[RunReport, list, str, str]:
-    """Build, train, save, evaluate one method. Returns (report, sample outputs, device, dtype).
+def _run_one(request: RunRequest, spec: RunSpec, load: Callable[[int], tuple], run_dir: Path,
+             emit: Callable[[dict], None], stop: threading.Event | None,
+             scale: float = 1.0) -> tuple[RunReport, list, str, str]:
+    """Build, train, save, evaluate one method at its learning-rate scale. Returns (report, sample outputs, device,
+    dtype), and writes run_dir/predictions/<run>.jsonl (one row per scored test example).
 
     The trainer writes run_dir/train/<run>/: a checkpoint when stopped, which the next call resumes from."""
     t0 = time.perf_counter()
-    dataset, config = request.dataset, request.train_config(spec)
-    model, tokenizer = load()
+    dataset, config = request.dataset, request.train_config(spec, scale)
+    model, tokenizer = load(spec.seed)
     dtype = str(next(model.parameters()).dtype).removeprefix("torch.")
     adapter = _adapter_config(model, spec, dataset.task)
     try:  # from the shapes, before the adapter exists; "full" / "head" / None (base) describe the other methods
         estimate = estimate_memory(model, adapter or (None if spec.method == "base" else spec.method),
                                    config.batch_size, config.max_length,
-                                   dtype if dtype in DTYPE_BYTES else "float32", request.quantization)
+                                   dtype if dtype in DTYPE_BYTES else "float32", request.quantization,
+                                   grad_checkpointing=config.grad_checkpointing, max_grad_norm=config.max_grad_norm)
     except (ValueError, AttributeError):
         estimate = None  # an architecture the estimator cannot read: the run goes on without it
-    model = _prepare(model, spec, adapter)
+    model = make_trainable(model, spec.method, adapter)
     trainable, head = _counts(model, spec)
-    report = RunReport(name=spec.name, method=spec.method, trainable_params=trainable, head_params=head,
-                       memory_estimate=estimate)
+    report = RunReport(name=spec.name, method=spec.method, setting=spec.setting, seed=spec.seed,
+                       trainable_params=trainable, head_params=head, memory_estimate=estimate)
     if adapter is not None:
         report.r = adapter.r
         report.alpha = adapter.alpha if isinstance(adapter, LoraConfig) else None
@@ -124,9 +113,11 @@ def _run_one(request: RunRequest, spec: RunSpec, load: Callable[[], tuple], run_
         resume = work if (work / "checkpoints").is_dir() else None
         result = train_model(model, tokenizer, dataset, config, run_name=spec.name, out_dir=work, on_event=emit,
                              stop=stop, resume_from=resume)
-        report.lr = config.lr or default_lr(spec.method)[0]
+        report.lr, report.head_lr = config.lr, config.head_lr if head else None
         report.steps, report.stopped, report.history = result.steps_done, result.stopped, result.history
-        report.peak_memory_bytes, report.peak_memory_kind = result.peak_memory_bytes, result.peak_memory_kind
+        for name in ("peak_memory_bytes", "peak_memory_kind", "memory_breakdown", "peak_rss_bytes",
+                     "cuda_max_allocated_bytes"):
+            setattr(report, name, getattr(result, name))
         report.step_time_s, report.tokens_per_s = result.step_time_s, result.tokens_per_s
         report.final_train_loss = result.final_train_loss
         device, dtype = result.device, result.dtype
@@ -137,22 +128,32 @@ def _run_one(request: RunRequest, spec: RunSpec, load: Callable[[], tuple], run_
         report.adapter_bytes = _directory_bytes(path)
     outputs: list = []
     if not report.stopped:
-        report.eval, outputs = score_split(model, tokenizer, dataset, config, request.eval_generate, request.samples)
+        report.eval, outputs, examples = score_split(model, tokenizer, dataset, config, request.eval_generate,
+                                                     request.samples)
+        (run_dir / "predictions").mkdir(exist_ok=True)
+        write_jsonl(run_dir / "predictions" / f"{spec.name}.jsonl", examples)
     report.wall_s = time.perf_counter() - t0
     return report, outputs, device, dtype
 
 
-def _loader(request: RunRequest) -> Callable[[], tuple]:
-    """A function giving a fresh (model, tokenizer) per method, with the same seeded classifier-head init each time."""
+def _loader(request: RunRequest) -> Callable[[int], tuple]:
+    """load(seed): a fresh (model, tokenizer) per run; a new classifier head is drawn from the run's seed, so every
+    method gets the same head at one seed. A model passed as an object keeps its own head."""
     if request.loads_by_name:
         labels = request.dataset.labels
-        return lambda: load_base(request.model, request.dataset.task, request.train.seed, request.quantization,
-                                 len(labels) if labels else 2, request.trust_remote_code)
+        return lambda seed: load_base(request.model, request.dataset.task, seed, request.quantization,
+                                      len(labels) if labels else 2, request.trust_remote_code)
     base, tokenizer = request.model
-    return lambda: (copy.deepcopy(base), tokenizer)
+    return lambda seed: (copy.deepcopy(base), tokenizer)
 
 
-def _child(request, spec, run_dir, messages, stop) -> None:
+def _trainable_model(request: RunRequest, spec: RunSpec, load: Callable[[int], tuple]) -> tuple:
+    """(model, tokenizer) of a run, freshly loaded at its seed, ready to train with its method."""
+    model, tokenizer = load(spec.seed)
+    return make_trainable(model, spec.method, _adapter_config(model, spec, request.dataset.task)), tokenizer
+
+
+def _child(request, spec, run_dir, messages, stop, scale) -> None:
     """Body of an isolated run: same as in-process, with events and the result sent back through a queue.
 
     Ctrl-C and SIGTERM reach the whole process group; only the parent acts on them (it sets `stop`), so the child
@@ -162,7 +163,8 @@ def _child(request, spec, run_dir, messages, stop) -> None:
     parent = multiprocessing.parent_process()
     threading.Thread(target=lambda: (parent.join(), stop.set()), daemon=True).start()
     try:
-        out = _run_one(request, spec, _loader(request), Path(run_dir), lambda e: messages.put(("event", e)), stop)
+        out = _run_one(request, spec, _loader(request), Path(run_dir), lambda e: messages.put(("event", e)), stop,
+                       scale)
         messages.put(("result", out))
     except ValueError as err:  # bad input: the same one-line message as in-process
         messages.put(("invalid", str(err)))
@@ -170,11 +172,11 @@ def _child(request, spec, run_dir, messages, stop) -> None:
         messages.put(("error", traceback.format_exc()))
 
 
-def _run_isolated(request: RunRequest, spec: RunSpec, run_dir: Path, emit, stop):
+def _run_isolated(request: RunRequest, spec: RunSpec, run_dir: Path, emit, stop, scale: float):
     """Run one method in a spawned process, forwarding its events and the caller's stop flag."""
     ctx = multiprocessing.get_context("spawn")
     messages, child_stop = ctx.Queue(), ctx.Event()
-    proc = ctx.Process(target=_child, args=(request, spec, str(run_dir), messages, child_stop), daemon=True)
+    proc = ctx.Process(target=_child, args=(request, spec, str(run_dir), messages, child_stop, scale), daemon=True)
     proc.start()
     try:
         while True:
@@ -210,7 +212,7 @@ def measure_step_times(request: RunRequest, steps: int = 3, stop: threading.Even
     positive_int("steps", steps)
     sizes = {row["run"]: row["trainable"] for row in request.estimate()}
     by_method: dict[str, list[RunSpec]] = {}
-    for spec in request.plan():
+    for spec in request.settings():
         if spec.method != "base":
             by_method.setdefault(spec.method, []).append(spec)
     chosen = {s.name: s for specs in by_method.values()
@@ -220,8 +222,7 @@ def measure_step_times(request: RunRequest, steps: int = 3, stop: threading.Even
     config = replace(request.train, steps=max(2, steps), epochs=None, eval_every=max(2, steps), eval_batches=1,
                      checkpoint_every=None)
     for spec in chosen.values():
-        model, tokenizer = load()
-        model = _prepare(model, spec, _adapter_config(model, spec, request.dataset.task))
+        model, tokenizer = _trainable_model(request, replace(spec, seed=request.seeds[0]), load)
         result = train_model(model, tokenizer, request.dataset, replace(config, lr=request.train_config(spec).lr),
                              run_name=spec.name, stop=stop, progress=False)
         if result.step_time_s is not None:
@@ -240,6 +241,8 @@ def _write_config(run_dir: Path, request: RunRequest, specs: list[RunSpec]) -> N
         "adapters": {s.name: s.adapter.to_dict() for s in specs if s.adapter is not None},
         "train": asdict(request.train), "lrs": request.lrs, "isolate": request.isolate,
         "eval_generate": request.eval_generate, "samples": request.samples, "max_rows": request.max_rows,
+        "seeds": request.seeds, "tune": request.tune, "tune_steps": request.tune_steps,
+        "run_seeds": {s.name: s.seed for s in specs},  # load_run_model draws a run's new head from its own seed
         "quantization": request.quantization, "trust_remote_code": request.trust_remote_code,
         "splits": {"train": len(dataset.train), "validation": len(dataset.validation), "test": len(dataset.test)},
         "request": request.to_dict(),  # what `--resume` rebuilds the request from (null: passed as objects)
@@ -247,8 +250,8 @@ def _write_config(run_dir: Path, request: RunRequest, specs: list[RunSpec]) -> N
 
 
 EXISTS = ("refuse", "resume", "overwrite")
-RUN_FILES = ("config.json", "metrics.jsonl", "report.json", "report.md", "samples.jsonl")
-RUN_FOLDERS = ("adapters", "train")
+RUN_FILES = ("config.json", "metrics.jsonl", "report.json", "report.md", "samples.jsonl", "tuning.json")
+RUN_FOLDERS = ("adapters", "train", "predictions", "tune")
 
 
 def _open_run_dir(run_dir: Path, exists: str) -> tuple[dict | None, dict]:
@@ -295,7 +298,7 @@ def run_request(request: RunRequest, out_dir: str | os.PathLike | None = None,
     report = Report(model=request.model_name, task=dataset.task, dataset=dataset.name,
                     device=str(resolve_device(request.train.device)), dtype="float32", seed=request.train.seed,
                     runs=[], run_dir=str(run_dir), memory_mode="isolated" if request.isolate else "in-process",
-                    samples=sample_rows(dataset, request.samples))
+                    samples=sample_rows(dataset, request.samples), seeds=request.seeds)
     if finished and (run_dir / "samples.jsonl").is_file():
         saved = [json.loads(line) for line in (run_dir / "samples.jsonl").read_text().splitlines()]
         for row, old in zip(report.samples, saved):
@@ -310,6 +313,11 @@ def run_request(request: RunRequest, out_dir: str | os.PathLike | None = None,
                 on_event(event)
 
         try:
+            scales: dict[str, float] = {}
+            if request.tune:  # tuning runs in this process: its memory numbers are not reported
+                prepare = lambda spec: _trainable_model(request, spec, _loader(request))  # noqa: E731
+                report.tuning = tune_rates(request, run_dir, prepare, emit, stop)
+                scales = {setting: entry["scale"] for setting, entry in (report.tuning or {}).items()}
             for spec in specs:
                 if spec.name in finished:  # resumed: this run finished before
                     kept = {k: v for k, v in finished[spec.name].items() if k in RunReport.__dataclass_fields__}
@@ -323,9 +331,11 @@ def run_request(request: RunRequest, out_dir: str | os.PathLike | None = None,
                     emit({**event, "method": method})
 
                 if request.isolate:
-                    run, outputs, device, dtype = _run_isolated(request, spec, run_dir, emit_run, stop)
+                    run, outputs, device, dtype = _run_isolated(request, spec, run_dir, emit_run, stop,
+                                                                scales.get(spec.setting, 1.0))
                 else:
-                    run, outputs, device, dtype = _run_one(request, spec, load, run_dir, emit_run, stop)
+                    run, outputs, device, dtype = _run_one(request, spec, load, run_dir, emit_run, stop,
+                                                           scales.get(spec.setting, 1.0))
                     gc.collect()  # drop this method's model before the next one measures its memory
                 report.runs.append(run)
                 report.device, report.dtype = device, dtype
@@ -368,6 +378,10 @@ def compare(
     trust_remote_code: bool = False,
     progress: bool | None = None,
     exists: str = "refuse",
+    seeds: Sequence[int] | None = None,
+    tune: dict | None = None,
+    tune_steps: int | None = None,
+    max_runs: int = MAX_RUNS,
 ) -> Report:
     """Run every method on the same model, data, seed and step budget; write and return the Report.
 
@@ -376,9 +390,14 @@ def compare(
     `max_rows` per split). lrs: per-method learning rates, e.g. {"vera": 1e-2, "lora": 2e-4} (else `train.lr`,
     else each method's default). isolate: each method in its own process, so CPU peak memory is its own.
     eval_generate: test groups scored with BLEU / ROUGE-L (causal LM); samples: test inputs in samples.jsonl.
+    seeds: training seeds, e.g. (0, 1, 2): every setting runs once per seed on the same split; report.json then holds
+    mean, std and a 95% interval per setting and the paired VeRA − LoRA differences. tune: {"lr_scale": [...]}:
+    every method's rates × each scale, `tune_steps` steps on the first seed, lowest validation loss wins.
+    max_runs: more runs than this (seeds × settings + tuning) is refused.
     The arguments are those of `RunRequest`; see `run_request` for out_dir, on_event, stop, progress and exists.
     """
     request = RunRequest(model, dataset, methods, vera, lora, train, lrs=dict(lrs or {}), max_rows=max_rows,
                          quantization=quantization, trust_remote_code=trust_remote_code, isolate=isolate,
-                         eval_generate=eval_generate, samples=samples)
+                         eval_generate=eval_generate, samples=samples, seeds=seeds, tune=tune, tune_steps=tune_steps,
+                         max_runs=max_runs)
     return run_request(request, out_dir, on_event, stop, progress, exists)

@@ -1,30 +1,167 @@
-"""Training memory from shapes alone: weights, adapter, gradients + AdamW state, activations — before a run starts.
+"""Training memory before a run starts: one training step (forward, backward, AdamW step) run on fake tensors,
+measured by the same tracker as the trainer (memtrack.py), so prediction and measurement share one definition.
 
-An estimate, not a measurement: the benchmark reports its error against the peaks the trainer measures.
+    estimate_memory("smollm2-135m-instruct", VeraConfig(r=256), batch_size=4, seq_len=128)
+    # {"weights": ..., "adapter": ..., "gradients": ..., "optimizer": ..., "activations": ..., "temporaries": ...,
+    #  "total": ...}  bytes at the step's peak
+
+Fake tensors (`FakeTensorMode`) carry shapes, dtypes and storages but no data: no weight is read, nothing is
+computed. bitsandbytes' 4-bit / 8-bit weights cannot be faked: a quantized base runs the step unquantized and counts
+its weights as bitsandbytes stores them. Where a model's forward cannot run on fake tensors (data-dependent code), a
+closed-form formula stands in, with a warning that names the reason.
 """
 from __future__ import annotations
 
-from torch import nn
-from transformers import PretrainedConfig
+import copy
+import warnings
+from dataclasses import dataclass
 
-from .calculator import known_model
+import torch
+from torch import nn
+from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, PretrainedConfig
+
+from .checks import positive_int
 from .config import AdapterConfig, LoraConfig, VeraConfig
 from .count import estimate_parameters, meta_model
 from .inject import resolve_targets
 from .layers import layer_shape
-from .models import is_causal_lm
+from .memtrack import MemoryTracker, extent_bytes
+from .models import enable_grad_checkpointing, is_causal_lm, make_trainable, model_config as config_of
 
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 QUANTIZED_BYTES = {"4bit": 0.5, "8bit": 1.0}  # bytes per weight of a quantized Linear (block scales ignored)
-ADAM_BYTES = 12  # per trainable fp32 parameter: the gradient plus AdamW's two moments
+ADAM_BYTES = 8  # per trainable fp32 parameter: AdamW's two moments (the gradient is 4 more)
 
 
-def _model_and_config(model_config) -> tuple[nn.Module, PretrainedConfig]:
+def _model_and_config(model_config) -> tuple[nn.Module | None, PretrainedConfig]:
+    """(the given model or None, its config) for a model, a transformers config or a model name."""
     if isinstance(model_config, str):
-        model_config = known_model(model_config).config
+        return None, config_of(model_config)
     if isinstance(model_config, nn.Module):
         return model_config, model_config.config
-    return meta_model(model_config), model_config
+    return None, model_config
+
+
+def _fake_model(model: nn.Module | None, config: PretrainedConfig, dtype: str) -> nn.Module:
+    """The architecture with fake weights: the given model's own class, else the Auto class of its task (a causal
+    LM, or a sequence classifier). Call inside FakeTensorMode."""
+    config = copy.deepcopy(config)
+    if model is not None:
+        return type(model)._from_config(config, dtype=getattr(torch, dtype))
+    if is_causal_lm(config):
+        return AutoModelForCausalLM.from_config(config, dtype=getattr(torch, dtype))
+    if getattr(config, "pad_token_id", None) is None:
+        config.pad_token_id = 0  # sequence classifiers find each row's last token through it
+    return AutoModelForSequenceClassification.from_config(config, dtype=getattr(torch, dtype))
+
+
+def _fake_batch(model: nn.Module, batch_size: int, seq_len: int) -> dict[str, torch.Tensor]:
+    """A fixed-length batch: token ids and labels. No attention mask: on a batch without padding the trainer's mask
+    is all ones, which transformers sees (a data-dependent check that fake tensors cannot make) and then builds no
+    mask; without one, the fake step takes that same path."""
+    ids = torch.zeros(batch_size, seq_len, dtype=torch.long)  # (B, T)
+    causal = model.get_output_embeddings() is not None  # a classifier has no output embedding
+    labels = ids.clone() if causal else torch.zeros(batch_size, dtype=torch.long)  # (B, T) or (B,)
+    return {"input_ids": ids, "labels": labels}
+
+
+def _tracked_step(model: nn.Module, batch: dict, max_grad_norm: float | None) -> MemoryTracker:
+    """One training step as the trainer runs it (forward, backward, clipping, AdamW step, zero_grad), tracked;
+    a model with nothing trainable runs one forward without gradients instead. AdamW's state is made first: every
+    step after the first holds it through forward and backward, so that step is the one with the run's peak."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params) if params else None
+    if optimizer is not None:
+        for p in params:
+            p.grad = torch.zeros_like(p)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+    tracker = MemoryTracker(model, optimizer)
+    model.train(bool(params))
+    with tracker:
+        if not params:
+            with torch.no_grad():
+                model(**batch)
+            return tracker
+        loss = model(**batch).loss
+        loss.backward()
+        if max_grad_norm is not None:
+            torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+    return tracker
+
+
+def fake_step_estimate(model: nn.Module | None, config: PretrainedConfig, adapter_config: AdapterConfig | str | None,
+                       batch_size: int, seq_len: int, dtype: str = "float32", grad_checkpointing: bool = False,
+                       max_grad_norm: float | None = 1.0) -> dict[str, int]:
+    """The tracker's breakdown of one training step on fake tensors (see estimate_memory)."""
+    from torch._subclasses.fake_tensor import FakeTensorMode  # private to torch, so imported where it is used
+
+    method = adapter_config if not isinstance(adapter_config, (VeraConfig, LoraConfig)) else adapter_config.method
+    adapter = adapter_config if isinstance(adapter_config, (VeraConfig, LoraConfig)) else None
+    with FakeTensorMode(allow_non_fake_inputs=True), warnings.catch_warnings():
+        # deepcopy (a head copied into modules_to_save) asks each fake tensor for its data pointer, finds none (0) and
+        # clones it; ModulesToSave.add keeps the copy in this one mode
+        warnings.filterwarnings("ignore", message="Accessing the data pointer of FakeTensor")
+        fake = make_trainable(_fake_model(model, config, dtype), method or "base", adapter)
+        if grad_checkpointing:
+            enable_grad_checkpointing(fake)
+        batch = _fake_batch(fake, batch_size, seq_len)
+        return _tracked_step(fake, batch, max_grad_norm).breakdown()
+
+
+def _quantized_estimate(model: nn.Module | None, config: PretrainedConfig, adapter_config, batch_size: int,
+                        seq_len: int, dtype: str, quantization: str, grad_checkpointing: bool,
+                        max_grad_norm: float | None) -> dict[str, int]:
+    """A 4-bit / 8-bit base: bitsandbytes weights cannot run on fake tensors, so the fake step runs the same
+    architecture unquantized at the compute dtype, and its weights are then counted as bitsandbytes stores them: the
+    loaded model's own parameter and buffer bytes, else 4 or 8 bits per Linear weight inside the layers."""
+    plain = copy.deepcopy(config)
+    plain.__dict__.pop("quantization_config", None)
+    parts = fake_step_estimate(model, plain, adapter_config, batch_size, seq_len, dtype, grad_checkpointing,
+                               max_grad_norm)
+    if model is not None:
+        storages = {torch._C._storage_id(t): extent_bytes(t) for t in (*model.parameters(), *model.buffers())}
+        weights = sum(storages.values())
+    else:
+        weights = _weight_bytes(meta_model(config), config, dtype, quantization)
+    parts["total"] += weights - parts["weights"]
+    parts["weights"] = weights
+    return parts
+
+
+def estimate_memory(model_config, adapter_config: AdapterConfig | str | None, batch_size: int, seq_len: int,
+                    dtype: str = "float32", quantization: str | None = None, *, grad_checkpointing: bool = False,
+                    max_grad_norm: float | None = 1.0) -> dict[str, int]:
+    """Bytes at the peak of one training step: {"weights", "adapter", "gradients", "optimizer", "activations",
+    "temporaries", "total"}, the trainer's `memory_breakdown` categories, on fixed-length (B, T) batches.
+
+    model_config: a transformers config, a model (only its class and config are used) or a model name.
+    adapter_config: a VeraConfig / LoraConfig, "full" (every weight trains), "head" (the classifier only), or None
+    (inference: one forward without gradients). Quantized bases (bitsandbytes cannot run on fake tensors) run the
+    fake step unquantized and count their weights as bitsandbytes stores them; a model whose forward fails on fake
+    tensors falls back to the closed-form formula, with a warning naming the reason.
+    """
+    if dtype not in DTYPE_BYTES:
+        raise ValueError(f"dtype must be one of {list(DTYPE_BYTES)}, got {dtype!r}.")
+    if quantization not in (None, *QUANTIZED_BYTES):
+        raise ValueError(f"quantization must be None, '4bit' or '8bit', got {quantization!r}.")
+    if not isinstance(adapter_config, (VeraConfig, LoraConfig)) and adapter_config not in ("full", "head", None):
+        raise ValueError(f"adapter_config must be a VeraConfig, LoraConfig, 'full', 'head' or None, got {adapter_config!r}.")
+    model, config = _model_and_config(model_config)
+    try:
+        if quantization is None:
+            return fake_step_estimate(model, config, adapter_config, batch_size, seq_len, dtype, grad_checkpointing,
+                                      max_grad_norm)
+        return _quantized_estimate(model, config, adapter_config, batch_size, seq_len, dtype, quantization,
+                                   grad_checkpointing, max_grad_norm)
+    except Exception as err:  # noqa: BLE001 - any failure of the fake step means: use the formula instead
+        reason = f"{type(err).__name__}: {str(err).strip().splitlines()[0][:200] if str(err).strip() else ''}"
+    warnings.warn(f"estimate_memory used the closed-form formula instead of a fake training step ({reason}); "
+                  "its error is larger (see benchmarks/results/memory.md).", stacklevel=2)
+    return formula_estimate(model if model is not None else meta_model(config), config, adapter_config, batch_size,
+                            seq_len, dtype, quantization)
 
 
 def _weight_bytes(model: nn.Module, config: PretrainedConfig, dtype: str, quantization: str | None) -> int:
@@ -39,21 +176,13 @@ def _weight_bytes(model: nn.Module, config: PretrainedConfig, dtype: str, quanti
     return int(total)
 
 
-def estimate_memory(model_config, adapter_config: AdapterConfig | str | None, batch_size: int, seq_len: int,
-                    dtype: str = "float32", quantization: str | None = None) -> dict[str, int]:
-    """Bytes for {"weights", "adapter", "gradients_optimizer", "activations", "total"} of one training step.
+def formula_estimate(model: nn.Module, config: PretrainedConfig, adapter_config: AdapterConfig | str | None,
+                     batch_size: int, seq_len: int, dtype: str, quantization: str | None) -> dict[str, int]:
+    """The fallback when a step cannot run on fake tensors: the same categories from closed-form counts.
 
-    model_config: a transformers config, a model (its shapes are read) or a calculator name ("minilm-l6").
-    adapter_config: a VeraConfig / LoraConfig, "full" (every weight trains), "head" (the classifier only), or None
-    (inference only).
     Activations follow Korthikanti et al. 2022 (sbh(34 + 5as/h) bytes per layer at 16 bit), plus the adapter's
-    r-wide intermediates and, for causal LMs, the logits and their gradient.
+    r-wide intermediates and, for causal LMs, the logits and their gradient; temporaries are not modelled (0).
     """
-    if dtype not in DTYPE_BYTES:
-        raise ValueError(f"dtype must be one of {list(DTYPE_BYTES)}, got {dtype!r}.")
-    if quantization not in (None, *QUANTIZED_BYTES):
-        raise ValueError(f"quantization must be None, '4bit' or '8bit', got {quantization!r}.")
-    model, config = _model_and_config(model_config)
     weights = _weight_bytes(model, config, dtype, quantization)
     h, layers, heads = config.hidden_size, config.num_hidden_layers, config.num_attention_heads
     s, b, width = seq_len, batch_size, DTYPE_BYTES[dtype]
@@ -73,8 +202,6 @@ def estimate_memory(model_config, adapter_config: AdapterConfig | str | None, ba
         trainable = sum(p.numel() for p in model.parameters())
     elif adapter_config == "head":
         trainable = (h + 1) * getattr(config, "num_labels", 2)  # the classifier Linear
-    elif adapter_config is not None:
-        raise ValueError(f"adapter_config must be a VeraConfig, LoraConfig, 'full', 'head' or None, got {adapter_config!r}.")
 
     if adapter_config in (None, "head"):
         # Nothing below the head needs gradients: the forward keeps a few hidden states alive, not the whole graph.
@@ -84,21 +211,71 @@ def estimate_memory(model_config, adapter_config: AdapterConfig | str | None, ba
         activations = int(layers * per_layer) + adapter_acts
     if is_causal_lm(config):
         activations += b * s * config.vocab_size * 4 * (1 if adapter_config in (None, "head") else 2)  # fp32 logits (+ grad)
-    gradients_optimizer = ADAM_BYTES * trainable
-    out = {"weights": weights, "adapter": adapter, "gradients_optimizer": gradients_optimizer,
-           "activations": int(activations)}
+    out = {"weights": weights, "adapter": adapter, "gradients": 4 * trainable, "optimizer": ADAM_BYTES * trainable,
+           "activations": int(activations), "temporaries": 0}
     out["total"] = sum(out.values())
     return out
 
 
 def comparable_estimate(estimate: dict[str, int], peak_memory_kind: str | None) -> int | None:
-    """The part of an estimate a measured peak of this kind covers.
+    """The part of an estimate a measured peak of this kind covers: all of it for the tracker's "tensors" (both
+    count the same live storages), nothing for a kind it cannot be compared with."""
+    return estimate["total"] if peak_memory_kind == "tensors" else None
 
-    "cuda_max_allocated" is reset when training starts with everything resident: the whole total. "cpu_rss_delta"
-    is RSS growth during training, after the model and adapter were built: gradients, optimizer state, activations.
-    """
-    if peak_memory_kind == "cuda_max_allocated":
-        return estimate["total"]
-    if peak_memory_kind == "cpu_rss_delta":
-        return estimate["gradients_optimizer"] + estimate["activations"]
-    return None
+
+@dataclass(frozen=True)
+class Fit:
+    """The answer to "will it fit?" for one configuration: the largest batch whose predicted peak fits the budget."""
+
+    batch_size: int  # 0 when not even one row fits
+    budget_bytes: int
+    seq_len: int
+    fixed_bytes: int  # the line peak = fixed + per_row * batch, from two fake steps
+    per_row_bytes: int
+    breakdown: dict[str, int]  # the checked fake step's breakdown at batch_size (at 1 when nothing fits)
+    fake_steps: int  # how many fake steps the answer took (the third one checks the line's answer)
+
+    @property
+    def message(self) -> str:
+        need = _size(self.breakdown["total"])
+        if self.batch_size == 0:
+            return (f"does not fit: one sequence of {self.seq_len} tokens needs {need}, more than the "
+                    f"{_size(self.budget_bytes)} budget; try a shorter sequence, a smaller r or a 4-bit base")
+        return f"batch {self.batch_size:,} of {self.seq_len} tokens fits: {need} predicted"
+
+
+def _size(nbytes: int) -> str:
+    return f"{nbytes / 2**30:,.2f} GiB" if nbytes >= 2**30 else f"{nbytes / 2**20:,.1f} MiB"
+
+
+def largest_batch(model_config, adapter_config: AdapterConfig | str | None, budget_bytes: int, seq_len: int,
+                  dtype: str = "float32", quantization: str | None = None, *, grad_checkpointing: bool = False,
+                  max_batch: int = 65536) -> Fit:
+    """The largest training batch of `seq_len`-token sequences whose predicted peak (`estimate_memory`) is within
+    `budget_bytes`. The peak is close to linear in the batch: fake steps at 1 and 8 rows give the line, a third
+    checks its answer, and while the check is over budget the line is redrawn through it (a secant step)."""
+    if budget_bytes <= 0:
+        raise ValueError(f"budget_bytes must be positive, got {budget_bytes!r}.")
+    positive_int("seq_len", seq_len)
+
+    def estimate(batch: int) -> dict[str, int]:
+        return estimate_memory(model_config, adapter_config, batch, seq_len, dtype, quantization,
+                               grad_checkpointing=grad_checkpointing)
+
+    points = {1: estimate(1)}
+    if points[1]["total"] > budget_bytes:
+        return Fit(0, budget_bytes, seq_len, points[1]["total"], 0, points[1], 1)
+    points[8] = estimate(8)
+    low, high = 1, 8  # the two batches the line goes through
+    while True:
+        per_row = max(1, (points[high]["total"] - points[low]["total"]) // (high - low))
+        fixed = points[low]["total"] - per_row * low
+        batch = max(1, min(max_batch, (budget_bytes - fixed) // per_row))
+        if batch not in points:
+            points[batch] = estimate(batch)
+        if points[batch]["total"] <= budget_bytes or batch == 1 or len(points) >= 6:
+            break
+        low, high = max(b for b in points if b < batch), batch
+    fits = [b for b, parts in points.items() if parts["total"] <= budget_bytes]
+    best = max(fits)
+    return Fit(best, budget_bytes, seq_len, fixed, per_row, points[best], len(points))

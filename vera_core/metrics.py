@@ -41,12 +41,18 @@ def bleu(predictions: Sequence[str], references: Sequence[Sequence[str]]) -> flo
     return float(sacrebleu.corpus_bleu(list(predictions), streams).score)
 
 
-def rouge_l(predictions: Sequence[str], references: Sequence[Sequence[str]]) -> float:
-    """Mean ROUGE-L F1 (rouge-score, stemmed); each prediction takes its best-matching reference."""
+def rouge_l_each(predictions: Sequence[str], references: Sequence[Sequence[str]]) -> list[float]:
+    """ROUGE-L F1 × 100 (rouge-score, stemmed) of each prediction against its best-matching reference."""
     _check_pairs(predictions, references)
     scorer = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=True)
-    scores = [scorer.score_multi(list(refs), pred)["rougeL"].fmeasure for pred, refs in zip(predictions, references)]
-    return 100.0 * sum(scores) / len(scores)
+    return [100.0 * scorer.score_multi(list(refs), pred)["rougeL"].fmeasure
+            for pred, refs in zip(predictions, references)]
+
+
+def rouge_l(predictions: Sequence[str], references: Sequence[Sequence[str]]) -> float:
+    """Mean ROUGE-L F1 (rouge-score, stemmed); each prediction takes its best-matching reference."""
+    scores = rouge_l_each(predictions, references)
+    return sum(scores) / len(scores)
 
 
 def generation_scores(predictions: Sequence[str], references: Sequence[Sequence[str]]) -> dict[str, float]:
@@ -61,3 +67,20 @@ def _check_pairs(predictions: Sequence[str], references: Sequence[Sequence[str]]
         raise ValueError("no predictions to score.")
     if any(isinstance(refs, str) or not refs for refs in references):
         raise ValueError("each input needs a non-empty list of reference strings, e.g. [['ref a', 'ref b'], ['ref c']].")
+
+
+def bleu_statistics(predictions: Sequence[str], references: Sequence[Sequence[str]]) -> list[list[int]]:
+    """Per input, sacrebleu's sufficient statistics [hyp_len, ref_len, matches 1-4, totals 1-4]: they add up over
+    inputs, so corpus BLEU of any subset (a bootstrap resample) is `bleu_from_statistics` of their sum."""
+    _check_pairs(predictions, references)
+    width = max(len(refs) for refs in references)
+    streams = [[refs[k] if k < len(refs) else None for refs in references] for k in range(width)]
+    metric = sacrebleu.BLEU()
+    return [[int(v) for v in row] for row in metric._extract_corpus_statistics(list(predictions), streams)]
+
+
+def bleu_from_statistics(sums, n: int = 0) -> float:
+    """Corpus BLEU (sacrebleu's default exponential smoothing) from summed `bleu_statistics` rows; `n` is unused,
+    so this is a `stats.Statistic`."""
+    sums = [int(v) for v in sums]
+    return float(sacrebleu.BLEU.compute_bleu(sums[2:6], sums[6:10], sums[0], sums[1], smooth_method="exp").score)

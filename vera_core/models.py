@@ -28,7 +28,9 @@ from transformers import (
 )
 
 from .calculator import KNOWN_MODELS, known_model
+from .config import AdapterConfig
 from .chat import format_prompt
+from .inject import add_adapter
 from .layers import keep_portable_4bit
 from .mixed import mixed_adapters
 from .data import TASKS
@@ -143,6 +145,31 @@ def is_causal_lm(config) -> bool:
     if archs:
         return any(a.endswith(("ForCausalLM", "LMHeadModel")) for a in archs)
     return config.model_type in ("llama", "gpt2")
+
+
+def head_names(model: nn.Module) -> list[str]:
+    """The model's classifier-head children ("classifier", "score"), if it has one."""
+    return [name for name, _ in model.named_children() if name in CLASSIFIER_HEADS]
+
+
+def make_trainable(model: nn.Module, method: str, adapter: AdapterConfig | None) -> nn.Module:
+    """Make `method` the only thing trainable: the adapter, everything ("full"), the head, or nothing ("base")."""
+    if adapter is not None:
+        return add_adapter(model, adapter)
+    model.requires_grad_(method == "full")
+    if method == "head":
+        for name in head_names(model):
+            getattr(model, name).requires_grad_(True)
+    return model
+
+
+def enable_grad_checkpointing(model: nn.Module) -> None:
+    """Recompute activations in backward. Non-reentrant checkpointing back-propagates to the adapter even though the
+    frozen inputs need no grad, so enable_input_require_grads (needed by the reentrant variant) is not.
+    (transformers 5 renamed gradient_checkpointing_enable to activation_checkpointing_enable.)"""
+    if not getattr(model, "supports_gradient_checkpointing", False):
+        raise ValueError(f"{type(model).__name__} does not support gradient checkpointing; set grad_checkpointing=False.")
+    model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
 
 
 def _offline_choices() -> str:

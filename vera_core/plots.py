@@ -51,18 +51,53 @@ def params_figure(runs: list[dict]) -> Figure:
     return fig
 
 
-def memory_figure(runs: list[dict]) -> Figure:
-    """Measured peak memory per run in MiB, labelled with how it was measured."""
-    runs = [r for r in runs if r["peak_memory_bytes"] is not None]
-    fig, ax = _figure()
-    _bars(ax, [r["name"] for r in runs], [r["peak_memory_bytes"] / 2**20 for r in runs], "{:,.1f}")
-    kinds = sorted({r["peak_memory_kind"] for r in runs})
-    ax.set(ylabel="MiB", title=f"Peak memory ({', '.join(kinds) or 'not measured'})")
+MEMORY_COLOURS = {"weights": "0.6", "adapter": "tab:orange", "gradients": "tab:red", "optimizer": "tab:purple",
+                  "activations": "tab:blue", "temporaries": "tab:cyan"}
+
+
+def breakdown_figure(bars: list[tuple[str, dict]], title: str = "Peak tensor memory by category") -> Figure:
+    """Stacked bars in MiB, one per (label, breakdown) with the memory_breakdown categories; the total on top."""
+    fig, ax = _figure(max(6.0, 1.1 * len(bars) + 2.5), 4.2)
+    names = [label for label, _ in bars]
+    bottom = [0.0] * len(bars)
+    for category, colour in MEMORY_COLOURS.items():
+        heights = [parts.get(category, 0) / 2**20 for _, parts in bars]
+        ax.bar(names, heights, bottom=bottom, color=colour, label=category)
+        bottom = [b + h for b, h in zip(bottom, heights)]
+    for i, (_, parts) in enumerate(bars):
+        ax.annotate(f"{parts['total'] / 2**20:,.1f}", (i, bottom[i]), ha="center", va="bottom", fontsize=8)
+    ax.tick_params(axis="x", labelrotation=20)
+    ax.set(ylabel="MiB", title=title)
+    if bars:
+        ax.legend(fontsize=7, ncols=3, loc="upper left")
+        ax.set_ylim(0, max(bottom) * 1.35)  # room for the legend above the tallest bar
     return fig
 
 
-def metric_figure(runs: list[dict], task: str) -> Figure:
-    """Test accuracy (classification) or BLEU and ROUGE-L (generation) per run, 0-100."""
+def memory_figure(runs: list[dict]) -> Figure:
+    """Peak tensor memory per run, predicted (before the run, one fake step) beside measured (the tracked steps),
+    stacked by category; a run with no breakdown (trained nothing, or recorded before the tracker) is left out."""
+    bars = []
+    for run in runs:
+        if run.get("memory_estimate") and run.get("memory_breakdown"):
+            bars.append((f"{run['name']}\npredicted", run["memory_estimate"]))
+        if run.get("memory_breakdown"):
+            bars.append((f"{run['name']}\nmeasured", run["memory_breakdown"]))
+    return breakdown_figure(bars, "Peak tensor memory: predicted beside measured" if bars else "Peak memory (not measured)")
+
+
+def metric_figure(runs: list[dict], task: str, settings: list[dict] | None = None) -> Figure:
+    """Test accuracy (classification) or BLEU and ROUGE-L (generation) per run, 0-100; with several seeds
+    (`settings`, report.json's), the headline metric's mean per setting with ± std error bars."""
+    if settings and any(s["std"] is not None for s in settings):
+        fig, ax = _figure()
+        names, means = [s["setting"] for s in settings], [s["mean"] for s in settings]
+        bars = ax.bar(names, means, yerr=[s["std"] or 0.0 for s in settings], capsize=4,
+                      color=[f"C{i}" for i in range(len(names))])
+        ax.bar_label(bars, labels=[f"{m:.1f}" for m in means], fontsize=8, label_type="center")
+        ax.tick_params(axis="x", labelrotation=20)
+        ax.set(ylabel=settings[0]["metric"], title=f"Test {settings[0]['metric']}: mean ± std over seeds")
+        return fig
     runs = [r for r in runs if r["eval"]]
     fig, ax = _figure()
     names = [r["name"] for r in runs]
@@ -139,7 +174,7 @@ def save_figures(report: dict, histories: dict[str, list[dict]], directory: str 
     """Write FIGURES for a report.json dict; return their paths."""
     directory = Path(directory)
     drawn = (loss_figure(histories), params_figure(report["runs"]), memory_figure(report["runs"]),
-             metric_figure(report["runs"], report["task"]))
+             metric_figure(report["runs"], report["task"], report.get("settings")))
     figures = dict(zip(FIGURES, drawn))
     for name, fig in figures.items():
         fig.savefig(directory / name, dpi=110)

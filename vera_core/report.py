@@ -15,9 +15,9 @@ from typing import Sequence
 from .files import write_json, write_jsonl, write_text
 
 MEMORY_MODES = {
-    "isolated": "each method ran in its own process (multiprocessing spawn), so its peak is its own",
-    "in-process": "all methods ran in one process (gc between them); a CPU RSS delta can be distorted by what "
-                  "earlier methods left allocated",
+    "isolated": "each method ran in its own process (multiprocessing spawn)",
+    "in-process": "all methods ran in one process (gc between them); the tensor peaks are each method's own, the "
+                  "process RSS is not",
 }
 
 
@@ -25,26 +25,32 @@ MEMORY_MODES = {
 class RunReport:
     """One method's numbers; fields that do not apply are None (see the report.json contract in the README)."""
 
-    name: str  # "base", "head", "vera-r256", "vera-r256-d0.1", "lora-r8", "full"
+    name: str  # "base", "head", "vera-r256", "vera-r256-d0.1", "lora-r8", "full"; "-s1" added with several seeds
     method: str
+    setting: str | None = None  # the name without the seed: runs of one setting are averaged over seeds
+    seed: int | None = None  # training seed: data order, head init, dropout (the split and projections stay fixed)
     r: int | None = None
     alpha: float | None = None  # LoRA only
     d_init: float | None = None  # VeRA only
     targets: list[str] | None = None  # adapted module names (leaf names, sorted)
     lr: float | None = None
+    head_lr: float | None = None  # the classifier head's rate (classification runs that train one)
     steps: int | None = None  # optimizer steps done
     trainable_params: int = 0  # head excluded
     head_params: int | None = None  # trainable classifier-head parameters (classification runs that train one)
     adapter_bytes: int | None = None  # size of adapters/<name>/ on disk
-    peak_memory_bytes: int | None = None
-    peak_memory_kind: str | None = None  # "cuda_max_allocated" | "cpu_rss_delta"
+    peak_memory_bytes: int | None = None  # peak live tensor bytes during training (the tracker's, memtrack.py)
+    peak_memory_kind: str | None = None  # "tensors"
+    memory_breakdown: dict | None = None  # bytes per category at that peak (weights, adapter, gradients, ..., total)
+    peak_rss_bytes: int | None = None  # the process's sampled peak resident memory, for reference
+    cuda_max_allocated_bytes: int | None = None  # CUDA only: the allocator's peak, a cross-check of the tracker
     step_time_s: float | None = None
     tokens_per_s: float | None = None
     final_train_loss: float | None = None
     eval: dict | None = None  # {"loss", "accuracy"} or {"loss", "bleu", "rougeL"} on the test split
     stopped: bool = False  # the stop flag ended this run early (its eval is then None)
     wall_s: float | None = None
-    memory_estimate: dict | None = None  # estimate_memory(...) made before the run started
+    memory_estimate: dict | None = None  # estimate_memory(...) made before the run started, same categories
     history: list[dict] = field(default_factory=list, repr=False)  # step/eval events (metrics.jsonl has them too)
 
     def to_dict(self) -> dict:
@@ -67,11 +73,16 @@ class Report:
     stopped: bool = False
     error: str | None = None  # the first line of the error that ended the comparison, if one did
     samples: list[dict] = field(default_factory=list, repr=False)
+    seeds: list[int] = field(default_factory=list)  # training seeds; `seed` is the data split's
+    tuning: dict | None = None  # tune.tune_rates: per setting the chosen scale, lr, head_lr and the grid's losses
+    settings: list[dict] = field(default_factory=list)  # per setting over seeds (`setting_rows`)
+    pairs: list[dict] = field(default_factory=list)  # every VeRA − LoRA pair (`pair_rows`)
 
     def to_dict(self) -> dict:
         return {"model": self.model, "task": self.task, "dataset": self.dataset, "device": self.device,
-                "dtype": self.dtype, "seed": self.seed, "memory_mode": self.memory_mode, "stopped": self.stopped,
-                "error": self.error, "runs": [r.to_dict() for r in self.runs]}
+                "dtype": self.dtype, "seed": self.seed, "seeds": self.seeds, "memory_mode": self.memory_mode,
+                "stopped": self.stopped, "error": self.error, "runs": [r.to_dict() for r in self.runs],
+                "settings": self.settings, "pairs": self.pairs, "tuning": self.tuning}
 
     def run(self, name: str) -> RunReport:
         for r in self.runs:
@@ -104,14 +115,15 @@ def metric_value(scores: dict | None) -> tuple[str, float] | None:
 
 
 def tradeoff_rows(report: Report | dict) -> list[dict]:
-    """The report's scored runs for `plots.tradeoff_figure` / `plots.dinit_figure`: each run's report.json fields
-    with its headline metric copied up under the metric's name ("accuracy" or "bleu")."""
-    rows = []
-    for run in _as_dict(report)["runs"]:
-        metric = metric_value(run.get("eval"))
-        if metric is not None:
-            rows.append({**run, metric[0]: metric[1], "metric_name": metric[0]})
-    return rows
+    """The report's scored settings for `plots.tradeoff_figure` / `plots.dinit_figure`: each setting's first
+    report.json run, named by its setting, with its headline metric (the mean over seeds) copied up under the
+    metric's name ("accuracy" or "bleu") and its std over seeds under "<metric>_err" (error bars; None: one seed)."""
+    report = _as_dict(report)
+    if not report.get("settings"):  # a report.json from before seeds: one row per run
+        report = {**report, "settings": setting_rows(report)}
+    first = {r["name"]: r for r in report["runs"]}
+    return [{**first[s["runs"][0]], "name": s["setting"], s["metric"]: s["mean"], f"{s['metric']}_err": s["std"],
+             "metric_name": s["metric"]} for s in report["settings"]]
 
 
 def _rounded(value, digits: int):
@@ -128,11 +140,15 @@ def summary_rows(report: Report | dict, total_params: int | None = None) -> list
                "trainable": run["trainable_params"]}
         if total_params:
             row["% of model"] = round(100 * run["trainable_params"] / total_params, 4)
-        peak = run.get("peak_memory_bytes")
+        mib = {k: run.get(k) / 2**20 if run.get(k) is not None else None
+               for k in ("peak_memory_bytes", "peak_rss_bytes")}
+        estimate = (run.get("memory_estimate") or {}).get("total")
         row.update({
             "head": run.get("head_params"),
             "adapter_kib": _rounded(run["adapter_bytes"] / 1024 if run.get("adapter_bytes") else None, 1),
-            "peak_mib": _rounded(peak / 2**20 if peak is not None else None, 1),
+            "peak_mib": _rounded(mib["peak_memory_bytes"], 1),
+            "est_mib": _rounded(estimate / 2**20 if estimate is not None else None, 1),
+            "rss_mib": _rounded(mib["peak_rss_bytes"], 1),
             "step_s": _rounded(run.get("step_time_s"), 3),
             "tokens_per_s": _rounded(run.get("tokens_per_s"), 1),
             "train_loss": _rounded(run.get("final_train_loss"), 4),
@@ -143,7 +159,8 @@ def summary_rows(report: Report | dict, total_params: int | None = None) -> list
     return rows
 
 
-SUMMARY_COLUMNS = ["run", "trainable", "head", "adapter_kib", "peak_mib", "step_s", "train_loss", "test_loss", "metric"]
+SUMMARY_COLUMNS = ["run", "trainable", "head", "adapter_kib", "peak_mib", "est_mib", "step_s", "train_loss", "test_loss",
+                   "metric"]
 
 
 def format_table(rows: list[dict], columns: list[str]) -> str:
@@ -162,37 +179,206 @@ def format_table(rows: list[dict], columns: list[str]) -> str:
 
 def parameter_ratios(report: Report | dict) -> list[str]:
     """"lora-r8 / vera-r256: 9.60x trainable parameters" for every LoRA-VeRA pair (head excluded)."""
-    runs = _as_dict(report)["runs"]
+    runs = list({r.get("setting") or r["name"]: r for r in _as_dict(report)["runs"]}.values())  # one per setting
     loras = [r for r in runs if r["method"] == "lora" and r["trainable_params"]]
     veras = [r for r in runs if r["method"] == "vera" and r["trainable_params"]]
-    return [f"{lo['name']} / {ve['name']}: {lo['trainable_params'] / ve['trainable_params']:.2f}x trainable "
+    name = lambda run: run.get("setting") or run["name"]  # noqa: E731
+    return [f"{name(lo)} / {name(ve)}: {lo['trainable_params'] / ve['trainable_params']:.2f}x trainable "
             f"parameters ({lo['trainable_params']:,} vs {ve['trainable_params']:,}, head excluded)"
             for lo in loras for ve in veras]
+
+
+def memory_differences(report: Report | dict) -> list[str]:
+    """One plain sentence per LoRA-VeRA pair with measured breakdowns (the first seed's runs: memory does not
+    depend on the seed): what their peak tensor memory differs in."""
+    report = _as_dict(report)
+    first = (report.get("seeds") or [None])[0]
+    runs = [r for r in report["runs"] if r.get("memory_breakdown") and r.get("seed", first) in (None, first)]
+    lines = []
+    for ve in (r for r in runs if r["method"] == "vera"):
+        for lo in (r for r in runs if r["method"] == "lora"):
+            v, lo_parts = ve["memory_breakdown"], lo["memory_breakdown"]
+            state_v, state_l = (p["gradients"] + p["optimizer"] for p in (v, lo_parts))
+            more_acts = "more" if v["activations"] > lo_parts["activations"] else "fewer"
+            lines.append(
+                f"{ve['name']} vs {lo['name']}: peak {v['total'] / 2**20:,.1f} vs {lo_parts['total'] / 2**20:,.1f} MiB "
+                f"({v['total'] / lo_parts['total']:.2f}x). Gradients and optimizer state {state_v / 2**20:,.2f} vs "
+                f"{state_l / 2**20:,.2f} MiB ({'VeRA trains fewer parameters' if state_v < state_l else 'VeRA trains more parameters here'}); "
+                f"activations saved for backward {v['activations'] / 2**20:,.1f} vs {lo_parts['activations'] / 2**20:,.1f} MiB "
+                f"({more_acts} for VeRA: its backward keeps r={ve['r']}-wide A x per adapted input, and the folded W' "
+                f"of each layer the fast path folds with folded_backward 'keep'; LoRA's keeps each adapted layer's "
+                f"full-width input for A's gradient).")
+    return lines
+
+
+def load_predictions(run_dir: str | os.PathLike, name: str) -> list[dict] | None:
+    """A run's predictions/<name>.jsonl rows (one per scored test example), or None when it has none."""
+    path = Path(run_dir) / "predictions" / f"{name}.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.is_file() else None
+
+
+def _example_rows(run_dir, name: str, metric: str):
+    """(n, k) numbers per test example whose column sums give the metric, and the `stats.Statistic` doing so."""
+    import numpy as np
+
+    from .metrics import bleu_from_statistics
+    from .stats import accuracy_statistic
+
+    rows = load_predictions(run_dir, name) if run_dir is not None else None
+    if not rows:
+        return None, None
+    if metric == "accuracy":
+        return np.array([[r["score"]] for r in rows]), accuracy_statistic
+    return np.array([r["bleu_stats"] for r in rows]), bleu_from_statistics
+
+
+def _by_setting(report: dict) -> dict[str, list[dict]]:
+    """The scored, finished runs grouped by setting (runs written before seeds existed: by name)."""
+    groups: dict[str, list[dict]] = {}
+    for run in report["runs"]:
+        if not run.get("stopped") and metric_value(run.get("eval")) is not None:
+            groups.setdefault(run.get("setting") or run["name"], []).append(run)
+    return groups
+
+
+def setting_rows(report: Report | dict, run_dir: str | os.PathLike | None = None) -> list[dict]:
+    """Per setting over its seeds: {"setting", "method", "seeds", "runs", "trainable_params", "lr", "head_lr",
+    "metric" (its name), "values", "mean", "std" (None for one seed), "ci95" [low, high], "ci_kind"}: a t-interval
+    over seeds when there are several, else a bootstrap over the run's test examples (predictions/*.jsonl in
+    `run_dir`; None without them)."""
+    from .stats import bootstrap_interval, mean_std, t_interval
+
+    rows = []
+    for setting, runs in _by_setting(_as_dict(report)).items():
+        metric = metric_value(runs[0]["eval"])[0]
+        values = [metric_value(r["eval"])[1] for r in runs]
+        mean, std = mean_std(values)
+        if len(values) > 1:
+            ci, kind = list(t_interval(values)), "t over seeds"
+        else:
+            examples, statistic = _example_rows(run_dir, runs[0]["name"], metric)
+            ci = list(bootstrap_interval([examples], statistic)) if examples is not None else None
+            kind = "bootstrap over test examples" if ci else None
+        rows.append({"setting": setting, "method": runs[0]["method"], "seeds": [r.get("seed") for r in runs],
+                     "runs": [r["name"] for r in runs], "trainable_params": runs[0]["trainable_params"],
+                     "lr": runs[0].get("lr"), "head_lr": runs[0].get("head_lr"), "metric": metric, "values": values,
+                     "mean": mean, "std": std, "ci95": ci, "ci_kind": kind})
+    return rows
+
+
+def pair_rows(report: Report | dict, run_dir: str | os.PathLike | None) -> list[dict]:
+    """Every VeRA setting against every LoRA setting on the runs of their common seeds: {"vera", "lora",
+    "metric", "seeds", "diff_mean" (VeRA − LoRA, points), "ci95" (paired bootstrap over test examples, pooled
+    over seeds), "verdict" (stats.verdict), "param_ratio" (LoRA ÷ VeRA trainable parameters)}. Pairs whose runs
+    lack predictions are left out."""
+    from .stats import paired_difference, verdict
+
+    groups = _by_setting(_as_dict(report))
+    pairs = []
+    for vera in [g for g, runs in groups.items() if runs[0]["method"] == "vera"]:
+        for lora in [g for g, runs in groups.items() if runs[0]["method"] == "lora"]:
+            by_seed = [{r.get("seed"): r for r in groups[g]} for g in (vera, lora)]
+            seeds = [s for s in by_seed[0] if s in by_seed[1]]
+            metric = metric_value(groups[vera][0]["eval"])[0]
+            found = [[_example_rows(run_dir, side[s]["name"], metric) for s in seeds] for side in by_seed]
+            if not seeds or any(rows is None for side in found for rows, _ in side):
+                continue
+            statistic = found[0][0][1]
+            diff = paired_difference([r for r, _ in found[0]], [r for r, _ in found[1]], statistic)
+            pairs.append({"vera": vera, "lora": lora, "metric": metric, "seeds": seeds, **diff,
+                          "verdict": verdict(*diff["ci95"]),
+                          "param_ratio": groups[lora][0]["trainable_params"] / groups[vera][0]["trainable_params"]})
+    return pairs
+
+
+def mean_cell(row: dict) -> str:
+    """"79.4 ± 0.6" over seeds, or "79.4" for one seed."""
+    return f"{row['mean']:.1f}" + (f" ± {row['std']:.1f}" if row.get("std") is not None else "")
+
+
+def setting_table(rows: list[dict]) -> list[dict]:
+    """`setting_rows` as table rows: setting, seeds, trainable, lr, "<metric> mean ± std" and the 95% interval."""
+    return [{"setting": r["setting"], "seeds": len(r["seeds"]), "trainable": r["trainable_params"],
+             "lr": f"{r['lr']:.2g}" if r.get("lr") else "-", "mean ± std": f"{r['metric']} {mean_cell(r)}",
+             "ci95": f"[{r['ci95'][0]:.1f}, {r['ci95'][1]:.1f}]" if r.get("ci95") else "-"} for r in rows]
+
+
+SETTING_COLUMNS = ["setting", "seeds", "trainable", "lr", "mean ± std", "ci95"]
+
+
+def pair_line(pair: dict) -> str:
+    """"vera-r256 − lora-r8 = +0.9 points [-0.8, +2.6] (accuracy, 3 seeds; 9.6x fewer parameters): matches within
+    1 point"."""
+    low, high = pair["ci95"]
+    return (f"{pair['vera']} − {pair['lora']} = {pair['diff_mean']:+.1f} points [{low:+.1f}, {high:+.1f}] "
+            f"({pair['metric']}, {len(pair['seeds'])} seed{'s' * (len(pair['seeds']) > 1)}; "
+            f"{pair['param_ratio']:.1f}x fewer parameters): {pair['verdict']}")
+
+
+def tuning_lines(tuning: dict | None) -> list[str]:
+    """One line per tuned setting: the chosen rates and the validation loss at every scale."""
+    return [f"{setting}: lr {entry['lr']:.2g} (x{entry['scale']:g}); validation loss by scale: "
+            + ", ".join(f"x{p['scale']:g} {p['val_loss']:.4f}" if p["val_loss"] is not None else f"x{p['scale']:g} "
+                        "diverged" for p in entry["grid"]) for setting, entry in (tuning or {}).items()]
+
+
+def seeds_note(report: Report | dict) -> str:
+    """What varies with the seed and what does not, in one sentence."""
+    report = _as_dict(report)
+    return (f"Training seeds {', '.join(map(str, report['seeds']))} (data order, head init, dropout); the data split "
+            f"(seed {report['seed']}) and VeRA's projection seed stay fixed, so every run is scored on the same test "
+            "rows and pairs up.")
+
+
+def seed_summary_lines(report: Report | dict) -> list[str]:
+    """The CLI's and the app's plain-text summary over seeds: the mean ± std table, every VeRA − LoRA line and the
+    tuned rates; [] for a single-seed, untuned run (its one table says it all)."""
+    report = _as_dict(report)
+    lines = []
+    if len(report.get("seeds") or []) > 1 and report.get("settings"):
+        lines += ["", seeds_note(report), format_table(setting_table(report["settings"]), SETTING_COLUMNS)]
+        lines += [pair_line(p) for p in report.get("pairs") or []]
+    if report.get("tuning"):
+        lines += ["", "tuned learning rates (validation loss, first seed):", *tuning_lines(report["tuning"])]
+    return lines
 
 
 def report_markdown(report: Report, figures: Sequence[str] = ()) -> str:
     """The human-readable report: settings, the table, ratios, memory estimate vs measured, figures."""
     from .memory import comparable_estimate
+    from .memtrack import CATEGORIES
 
     lines = [f"# {report.model} on {report.dataset} ({report.task})", "",
              f"device {report.device}, dtype {report.dtype}, seed {report.seed}"
              + (" — **stopped early**" if report.stopped else ""), "",
              f"Peak memory: {report.memory_mode} — {MEMORY_MODES[report.memory_mode]}.", "", "```",
              format_table(summary_rows(report), SUMMARY_COLUMNS) if report.runs else "(no run finished)", "```", ""]
-    lines += [f"- {line}" for line in parameter_ratios(report)]
+    lines += [f"- {line}" for line in parameter_ratios(report) + memory_differences(report)]
+    if report.settings:
+        lines += ["", seeds_note(report), "", "```", format_table(setting_table(report.settings), SETTING_COLUMNS),
+                  "```", ""] + [f"- {pair_line(p)}" for p in report.pairs]
+    if report.tuning:
+        lines += ["", "Learning rates tuned on validation (same grid and steps for every method, first seed):", ""]
+        lines += [f"- {line}" for line in tuning_lines(report.tuning)]
     checks = [(r, comparable_estimate(r.memory_estimate, r.peak_memory_kind)) for r in report.runs if r.memory_estimate]
     checks = [(r, est) for r, est in checks if est and r.peak_memory_bytes]
     if checks:
-        lines += ["", "Memory estimate vs measured (the part of the estimate the measurement covers):", ""]
-        lines += [f"- {r.name}: estimated {est / 2**20:.1f} MiB, measured {r.peak_memory_bytes / 2**20:.1f} MiB "
-                  f"({r.peak_memory_kind}), error {100 * (est - r.peak_memory_bytes) / r.peak_memory_bytes:+.0f}%"
-                  for r, est in checks]
+        lines += ["", "Peak tensor memory, predicted (one fake step) vs measured (the tracked steps), MiB:", "",
+                  "| run | " + " | ".join(CATEGORIES) + " | total | error |",
+                  "|---|" + "---|" * (len(CATEGORIES) + 2)]
+        for r, est in checks:
+            for label, parts in (("predicted", r.memory_estimate), ("measured", r.memory_breakdown or {})):
+                cells = [f"{parts[k] / 2**20:.1f}" if parts.get(k) is not None else "-" for k in (*CATEGORIES, "total")]
+                error = f"{100 * (est - r.peak_memory_bytes) / r.peak_memory_bytes:+.1f}%" if label == "predicted" else ""
+                lines.append(f"| {r.name} {label} | " + " | ".join(cells) + f" | {error} |")
     lines += [""] + [f"![{Path(name).stem}]({name})" for name in figures]
     return "\n".join(lines) + "\n"
 
 
 def write_reports(run_dir: Path, report: Report, figures: bool = False) -> None:
     """report.json, report.md and samples.jsonl (and the figures) for what has finished so far, each atomically."""
+    report.settings = setting_rows(report, run_dir)
+    report.pairs = pair_rows(report, run_dir)
     write_json(run_dir / "report.json", report.to_dict())
     write_jsonl(run_dir / "samples.jsonl", report.samples)
     names = []
@@ -211,6 +397,6 @@ def load_run(run_dir: str | os.PathLike) -> tuple[dict, dict[str, list[dict]]]:
     with open(run_dir / "metrics.jsonl") as f:
         for line in f:
             event = json.loads(line)
-            if event.get("type") in ("step", "eval"):
+            if event.get("type") in ("step", "eval") and event.get("phase") != "tune":
                 histories.setdefault(event["run"], []).append(event)
     return report, histories

@@ -25,15 +25,19 @@ from .memory import estimate_memory
 from .models import QUANTIZATIONS, model_config
 
 METHODS = ("base", "head", "vera", "lora", "full")
+MAX_RUNS = 60  # runs (seeds × settings, plus tuning runs) one request may make unless max_runs is raised
 
 
 @dataclass(frozen=True)
 class RunSpec:
-    """One run of a comparison: its report name, its method, and its adapter config (None for base/head/full)."""
+    """One run of a comparison: its report name, its method, its adapter config (None for base/head/full), its
+    training seed, and its setting: the name without the seed, shared by the runs that are averaged over seeds."""
 
     name: str
     method: str
     adapter: AdapterConfig | None
+    seed: int = 0
+    setting: str = ""
 
 
 @dataclass
@@ -54,6 +58,10 @@ class RunRequest:
     isolate: bool = False  # each method in its own process, so its CPU peak memory is its own
     eval_generate: int = 32  # test groups scored with BLEU / ROUGE-L (causal LM)
     samples: int = 8  # test inputs whose outputs go to samples.jsonl
+    seeds: Sequence[int] | None = None  # training seeds, one run per setting each (None: train.seed); the split stays
+    tune: dict | None = None  # {"lr_scale": [0.25, 0.5, 1, 2, 4]}: each method's rates × each scale, on validation
+    tune_steps: int | None = None  # steps of each tuning run (None: the runs' own budget)
+    max_runs: int = MAX_RUNS  # more runs than this (tuning included) is refused: raise it to mean it
     dataset_source: str | None = field(default=None, init=False)  # the name or file the data set was loaded from
 
     def __post_init__(self):
@@ -76,6 +84,7 @@ class RunRequest:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 0:
                 raise ValueError(f"{name} must be an integer >= 0, got {value!r}.")
+        self._check_seeds_and_tuning()
         for method, rate in self.lrs.items():
             if method not in METHODS:
                 raise ValueError(f"a learning rate is given for unknown method {method!r}; methods: {list(METHODS)}.")
@@ -91,6 +100,12 @@ class RunRequest:
             self.dataset_source = str(self.dataset)
             self.dataset = load_dataset(self.dataset, self.task, seed=self.train.seed, max_rows=self.max_rows)
         self.plan()  # unknown methods and clashing run names fail here
+        if self.tune and not self.dataset.validation:
+            raise ValueError("tuning chooses learning rates on the validation split, and this data set has none.")
+        total = len(self.plan()) + len(self.tuning_plan())
+        if total > self.max_runs:
+            raise ValueError(f"this request makes {total} runs ({len(self.plan())} final, {len(self.tuning_plan())} "
+                             f"tuning), more than the limit of {self.max_runs}; pass max_runs={total} to run them all.")
         resolve_device(self.train.device)  # "cuda" on a machine without one
         limit = getattr(self.model_config(), "max_position_embeddings", None)  # (a model name that resolves to nothing)
         if limit and self.train.max_length > limit:
@@ -105,13 +120,37 @@ class RunRequest:
                 "methods": self.methods, "vera": [v.to_dict() for v in self.vera], "lora": [c.to_dict() for c in self.lora],
                 "train": asdict(self.train), "lrs": self.lrs, "quantization": self.quantization,
                 "trust_remote_code": self.trust_remote_code, "isolate": self.isolate,
-                "eval_generate": self.eval_generate, "samples": self.samples}
+                "eval_generate": self.eval_generate, "samples": self.samples, "seeds": self.seeds, "tune": self.tune,
+                "tune_steps": self.tune_steps, "max_runs": self.max_runs}
 
     @classmethod
     def from_dict(cls, data: dict) -> "RunRequest":
         loras = data["lora"] if isinstance(data["lora"], list) else [data["lora"]]  # one dict: written before sweeps
         return cls(**{**data, "vera": [config_from_dict(v) for v in data["vera"]],
                       "lora": [config_from_dict(c) for c in loras], "train": TrainConfig(**data["train"])})
+
+    def _check_seeds_and_tuning(self) -> None:
+        self.seeds = [self.train.seed] if self.seeds is None else list(self.seeds)
+        if not self.seeds or any(isinstance(s, bool) or not isinstance(s, int) or s < 0 for s in self.seeds):
+            raise ValueError(f"seeds must be a non-empty list of integers >= 0, got {self.seeds!r}.")
+        if len(set(self.seeds)) != len(self.seeds):
+            raise ValueError(f"seeds {self.seeds} repeat a seed; each seed runs once, so list it once.")
+        positive_int("tune_steps", self.tune_steps, optional=True)
+        positive_int("max_runs", self.max_runs)
+        if self.tune is None:
+            return
+        if not isinstance(self.tune, dict) or set(self.tune) != {"lr_scale"}:
+            raise ValueError(f"tune must be {{'lr_scale': [scales]}}, e.g. {{'lr_scale': [0.25, 0.5, 1, 2, 4]}}; "
+                             f"got {self.tune!r}.")
+        scales = list(self.tune["lr_scale"])
+        if not scales:
+            raise ValueError("the tuning grid is empty; give at least one learning-rate scale, e.g. 0.5,1,2.")
+        if any(isinstance(x, bool) or not isinstance(x, (int, float)) or not math.isfinite(x) or x <= 0
+               for x in scales):
+            raise ValueError(f"learning-rate scales must be positive numbers, got {scales}.")
+        if len(set(scales)) != len(scales):
+            raise ValueError(f"the tuning grid {scales} repeats a scale; list each once.")
+        self.tune = {"lr_scale": [float(x) for x in scales]}
 
     @property
     def loads_by_name(self) -> bool:
@@ -125,8 +164,25 @@ class RunRequest:
         return getattr(config, "_name_or_path", None) or type(self.model[0]).__name__
 
     def plan(self) -> list[RunSpec]:
-        """The runs this request makes, in order: the one place they are listed. Names are unique and readable:
-        "vera-r256", with "-d0.1" only when d_init varies; "lora-r8", with "-a16" only when alpha / r varies."""
+        """The runs this request makes, in order: every setting once per seed ("base" trains nothing: once).
+        Names are unique and readable: "vera-r256", with "-d0.1" only when d_init varies; "lora-r8", with "-a16"
+        only when alpha / r varies; "-s1" (the seed) only when there are several seeds."""
+        runs = []
+        for setting in self.settings():
+            for seed in self.seeds[:1] if setting.method == "base" else self.seeds:
+                name = setting.name + (f"-s{seed}" if len(self.seeds) > 1 and setting.method != "base" else "")
+                runs.append(replace(setting, name=name, seed=seed))
+        return runs
+
+    def tuning_plan(self) -> list[tuple[RunSpec, float]]:
+        """(setting at the first seed, learning-rate scale) of every tuning run; [] without `tune`."""
+        if not self.tune:
+            return []
+        return [(replace(s, seed=self.seeds[0]), scale) for s in self.settings() if s.method != "base"
+                for scale in self.tune["lr_scale"]]
+
+    def settings(self) -> list[RunSpec]:
+        """The request's settings (one per method and adapter config), each named as its single-seed run."""
         unknown = [m for m in self.methods if m not in METHODS]
         if unknown or not self.methods:
             raise ValueError(f"unknown methods {unknown or self.methods!r}; choose from {', '.join(METHODS)}.")
@@ -145,7 +201,7 @@ class RunRequest:
             else:
                 specs.append(RunSpec(method, method, None))
         _refuse_repeats(specs)
-        return specs
+        return [replace(s, setting=s.name) for s in specs]
 
     def steps_per_run(self) -> int:
         """Optimizer steps each trained run makes (from an epoch budget: the training split's batches)."""
@@ -155,29 +211,44 @@ class RunRequest:
         return max(1, math.ceil(self.train.epochs * len(self.dataset.train) / per_step))
 
     def time_estimate(self, step_s: dict[str, float]) -> dict:
-        """Training time of every planned run from measured seconds per step (`compare.measure_step_times`):
-        a run that was measured uses its own time; another is interpolated in trainable parameters between the
-        measured runs of its method (the nearest one outside their range). Loading, evaluation and "base" (which
-        does not train) are not counted. {"total_s", "runs": {name: seconds}, "based_on": words}."""
-        specs = self.plan()
+        """Training time of every planned run, tuning runs included, from measured seconds per step
+        (`compare.measure_step_times`, keyed by setting name): a measured setting uses its own time; another is
+        interpolated in trainable parameters between the measured settings of its method (the nearest one outside
+        their range). Loading, evaluation and "base" (which does not train) are not counted.
+        {"total_s", "runs": {name: seconds}, "based_on": words}; tuning runs are named "tune/<setting>-x<scale>"."""
         sizes = {row["run"]: row["trainable"] for row in self.estimate()}
-        method_of = {spec.name: spec.method for spec in specs}
-        steps, runs = self.steps_per_run(), {}
-        for spec in specs:
-            if spec.method == "base":
-                runs[spec.name] = 0.0
-                continue
+        method_of = {spec.name: spec.method for spec in self.settings()}
+        per_step: dict[str, float] = {}
+        for spec in self.settings():
             known = sorted((sizes[name], s) for name, s in step_s.items() if method_of.get(name) == spec.method)
-            if not known:
+            if spec.method != "base" and not known:
                 raise ValueError(f"no measured step time for a {spec.method} run; measure one first.")
-            runs[spec.name] = steps * _interpolate(known, sizes[spec.name])
+            per_step[spec.setting] = _interpolate(known, sizes[spec.setting]) if spec.method != "base" else 0.0
+        steps, tune_steps = self.steps_per_run(), self.tune_steps or self.steps_per_run()
+        runs = {spec.name: steps * per_step[spec.setting] for spec in self.plan()}
+        runs.update({f"tune/{spec.setting}-x{scale:g}": tune_steps * per_step[spec.setting]
+                     for spec, scale in self.tuning_plan()})
+        tuning = f", plus {len(self.tuning_plan())} tuning runs of {tune_steps} steps" if self.tune else ""
         return {"total_s": sum(runs.values()), "runs": runs,
-                "based_on": f"{steps} steps x the step time measured on this device for "
-                            f"{', '.join(sorted(step_s))}; loading and evaluation not included"}
+                "based_on": f"{len(self.plan())} runs of {steps} steps{tuning}, x the step time measured on this "
+                            f"device for {', '.join(sorted(step_s))}; loading and evaluation not included"}
 
-    def train_config(self, spec: RunSpec) -> TrainConfig:
-        """The run's TrainConfig: the request's, with the method's own learning rate when `lrs` names one."""
-        return replace(self.train, lr=self.lrs.get(spec.method, self.train.lr))
+    def rates(self, spec: RunSpec, scale: float = 1.0) -> tuple[float, float]:
+        """(learning rate, head learning rate) of a run: `lrs` for its method, else train.lr, else the method's
+        default; the head's rate is train.head_lr, else the default; both × `scale` (a tuned scale)."""
+        from .train import default_lr  # the trainer loads only when a run needs its rates
+
+        if spec.method == "base":
+            return 0.0, 0.0
+        lr, head_lr = default_lr(spec.method)
+        return (self.lrs.get(spec.method, self.train.lr) or lr) * scale, (self.train.head_lr or head_lr) * scale
+
+    def train_config(self, spec: RunSpec, scale: float = 1.0) -> TrainConfig:
+        """The run's TrainConfig: the request's, with its own seed and rates (`rates`)."""
+        if spec.method == "base":
+            return replace(self.train, seed=spec.seed)
+        lr, head_lr = self.rates(spec, scale)
+        return replace(self.train, seed=spec.seed, lr=lr, head_lr=head_lr)
 
     def model_config(self):
         """The model's architecture, without its weights."""
@@ -188,20 +259,22 @@ class RunRequest:
         return count_parameters(meta_model(self.model_config()))["total"]
 
     def estimate(self) -> list[dict]:
-        """Before a run, from shapes alone: per planned run its trainable parameters (head excluded), the share of
-        the base model, the stored adapter bytes, the training-memory estimate (no weights are read) and a warning
-        when that estimate exceeds the device's memory."""
+        """Before a run, from shapes alone: per setting (its seeds share it) its trainable parameters (head
+        excluded), the share of the base model, the stored adapter bytes, the training-memory estimate (no weights
+        are read) and a warning when that estimate exceeds the device's memory."""
         config, total = self.model_config(), self.base_parameters()
         available, where = self._device_memory()
         rows = []
-        for spec in self.plan():
+        for spec in self.settings():
             if spec.adapter is not None:
                 params = estimate_parameters(config, spec.adapter)
                 trainable, stored = params["trainable"], params["stored_bytes"]
             else:
                 trainable, stored = (total if spec.method == "full" else 0), None
             memory = estimate_memory(config, spec.adapter or (None if spec.method == "base" else spec.method),
-                                     self.train.batch_size, self.train.max_length, quantization=self.quantization)
+                                     self.train.batch_size, self.train.max_length, quantization=self.quantization,
+                                     grad_checkpointing=self.train.grad_checkpointing,
+                                     max_grad_norm=self.train.max_grad_norm)
             over = memory["total"] > available
             rows.append({"run": spec.name, "method": spec.method, "trainable": trainable,
                          "% of model": round(100 * trainable / total, 4), "stored_bytes": stored,

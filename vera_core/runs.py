@@ -51,9 +51,9 @@ def read_config(run_dir: str | os.PathLike) -> dict:
 
 
 def load_run_model(run_dir: str | os.PathLike, run_name: str = "base", trust_remote_code: bool = False):
-    """(model, tokenizer) of a finished run: its base model loaded as the run loaded it (seed, quantization and
-    task from the run's config.json) with adapter `run_name` ("base": none). A model that needed remote code
-    still needs the caller's own trust_remote_code=True."""
+    """(model, tokenizer) of a finished run: its base model loaded as the run loaded it (the run's own seed,
+    quantization and task from the run's config.json) with adapter `run_name` ("base": none). A model that needed
+    remote code still needs the caller's own trust_remote_code=True."""
     run_dir = Path(run_dir)
     config = read_config(run_dir)
     if config.get("trust_remote_code") and not trust_remote_code:
@@ -63,7 +63,8 @@ def load_run_model(run_dir: str | os.PathLike, run_name: str = "base", trust_rem
     if run_name != "base" and not adapter.is_dir():
         raise ValueError(f"run {run_name!r} saved no adapter in {str(run_dir)!r}; runs with one: "
                          f"{sorted(p.name for p in (run_dir / 'adapters').glob('*') if p.is_dir())}.")
-    model, tokenizer = load_base(config["model"], config["task"], config["train"]["seed"], config.get("quantization"),
+    seed = config.get("run_seeds", {}).get(run_name, config["train"]["seed"])  # the run's own training seed
+    model, tokenizer = load_base(config["model"], config["task"], seed, config.get("quantization"),
                                  len(config.get("labels") or [0, 1]), trust_remote_code)
     if run_name != "base":
         load_adapter(model, adapter)
@@ -94,8 +95,9 @@ _ENDINGS = {"compare_done": "finished", "stopped": "stopped", "error": "failed"}
 def list_runs(runs_dir: str | os.PathLike) -> list[dict]:
     """The run history: every run directory directly under `runs_dir`, newest first, as {"run_dir", "model",
     "dataset", "methods", "settings" ({run name: its adapter settings, {} for base / head / full}), "best"
-    ({method: its best headline metric}), "metric" (that metric's name), "started", "status" ("finished" |
-    "stopped" | "failed" | "running"), "wall_s"}. A folder that is not a readable run is skipped with a warning."""
+    ({method: its best headline metric, a mean over seeds when there are several}), "metric" (that metric's
+    name), "started", "status" ("finished" | "stopped" | "failed" | "running"), "wall_s"}. A folder that is not a
+    readable run is skipped with a warning."""
     found = []
     for path in sorted(p for p in Path(runs_dir).iterdir() if p.is_dir()) if Path(runs_dir).is_dir() else []:
         try:
@@ -114,11 +116,13 @@ def run_summary(run_dir: str | os.PathLike) -> dict:
     report = json.loads(report_path.read_text()) if report_path.is_file() else {"runs": []}
     best: dict[str, float] = {}
     metric = None
-    for run in report["runs"]:
-        scored = metric_value(run.get("eval"))
+    # With seeds, a setting counts by its mean over seeds (report.json "settings"), never by its luckiest seed.
+    scored_runs = [(s["method"], (s["metric"], s["mean"])) for s in report["settings"]] if report.get("settings") \
+        else [(run["method"], metric_value(run.get("eval"))) for run in report["runs"]]
+    for method, scored in scored_runs:
         if scored is not None:
             metric = scored[0]
-            best[run["method"]] = max(best.get(run["method"], scored[1]), scored[1])
+            best[method] = max(best.get(method, scored[1]), scored[1])
     started = config.get("started") or time.strftime("%Y-%m-%d %H:%M:%S",
                                                       time.localtime((run_dir / "config.json").stat().st_mtime))
     walls = [run["wall_s"] for run in report["runs"] if run.get("wall_s") is not None]

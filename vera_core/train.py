@@ -36,13 +36,16 @@ from .evaluate import evaluate_encoded
 from .files import atomic_directory, write_json
 from .inject import active_adapter, adapter_configs, adapter_parameters
 from .io import save_adapter
+from .memtrack import MemoryTracker
+from .models import enable_grad_checkpointing
 from .progress import with_bar
 
 # Default learning rates per method: (rate for the adapter / main parameters, rate for the classifier head).
 DEFAULT_LR: dict[str, tuple[float, float]] = {
     # VeRA paper (Kopiczko et al., ICLR 2024, arXiv 2310.11454), GLUE on RoBERTa-base: the vectors train at
-    # 4e-3 to 1e-2 and the classifier head at its own, smaller rate (e.g. MRPC: vectors 1e-2, head 4e-3).
-    "vera": (1e-2, 4e-3),
+    # 4e-3 to 1e-2. The head trains at the same 1e-3 under every method: a head rate that differed by method
+    # would confound the comparison (tuning scales both rates together).
+    "vera": (1e-2, 1e-3),
     # LoRA paper (Hu et al., 2021) GLUE runs used 4e-4 to 5e-4; PEFT / QLoRA causal-LM examples use 2e-4.
     # The head, a fresh full layer, trains at the usual 1e-3.
     "lora": (2e-4, 1e-3),
@@ -56,6 +59,9 @@ DEFAULT_LR: dict[str, tuple[float, float]] = {
 _RESUME_FIELDS = ("steps", "epochs", "batch_size", "grad_accum", "max_length", "lr", "head_lr", "weight_decay",
                   "warmup_ratio", "schedule", "max_grad_norm", "seed", "method", "r", "trainable_params", "world_size")
 _CHECKPOINT_STATE = "trainer_state.pt"  # optimizer, scheduler and RNG states (tensors and plain values only)
+# Steps whose tensors are tracked: the peak is reached within them (step 1 allocates the optimizer state, step 2 is
+# the first with it already there), and the later steps run at full speed without the tracker's per-op cost.
+TRACKED_STEPS = 3
 
 
 @dataclass
@@ -71,8 +77,11 @@ class TrainResult:
     eval: dict | None  # the last evaluation (eval_loss, and eval_accuracy in % for classification)
     step_time_s: float | None  # median seconds per optimizer step, the first (warm-up) step excluded
     tokens_per_s: float | None  # non-padding training tokens per second, the first step excluded
-    peak_memory_bytes: int  # see peak_memory_kind
-    peak_memory_kind: str  # "cuda_max_allocated" (allocator peak) or "cpu_rss_delta" (sampled process RSS peak - start)
+    peak_memory_bytes: int | None  # peak live tensor bytes on the device over the tracked steps (None: no step ran)
+    peak_memory_kind: str  # "tensors": the tensor tracker's peak (memtrack.py), on CPU and CUDA alike
+    memory_breakdown: dict | None  # bytes per category at that peak: weights, adapter, gradients, optimizer, ...
+    peak_rss_bytes: int  # the process's resident memory at its sampled peak (everything, not only tensors)
+    cuda_max_allocated_bytes: int | None  # CUDA: torch.cuda.max_memory_allocated over the run, a cross-check
     truncated: int  # training rows cut at max_length
     device: str
     dtype: str  # parameter dtype, or "bfloat16-autocast"
@@ -175,37 +184,34 @@ def _set_rng_state(state: dict) -> None:
 
 
 class _PeakMemory:
-    """Peak memory over a block. CUDA: the allocator's peak (`max_memory_allocated`). CPU: this process's RSS,
-    sampled every 50 ms in a thread, minus the RSS at entry; per-process sampling can miss spikes under 50 ms."""
+    """Process-level peaks over a block, beside the tracker's tensor peak: this process's RSS, sampled every 50 ms in
+    a thread (it can miss spikes under 50 ms), and on CUDA the allocator's peak (`max_memory_allocated`)."""
 
     def __init__(self, device: torch.device):
         self.device = device
-        self.kind = "cuda_max_allocated" if device.type == "cuda" else "cpu_rss_delta"
-        self.peak_bytes = 0
+        self.rss_bytes = 0
+        self.cuda_max_allocated_bytes: int | None = None
         self._done = threading.Event()
 
     def _sample(self) -> None:
         process = psutil.Process()
         while not self._done.wait(0.05):
-            self._peak_rss = max(self._peak_rss, process.memory_info().rss)
+            self.rss_bytes = max(self.rss_bytes, process.memory_info().rss)
 
     def __enter__(self) -> "_PeakMemory":
         if self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(self.device)
-        else:
-            self._start_rss = self._peak_rss = psutil.Process().memory_info().rss
-            self._thread = threading.Thread(target=self._sample, daemon=True)
-            self._thread.start()
+        self.rss_bytes = psutil.Process().memory_info().rss
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+        self._thread.start()
         return self
 
     def __exit__(self, *exc) -> None:
+        self._done.set()
+        self._thread.join()
+        self.rss_bytes = max(self.rss_bytes, psutil.Process().memory_info().rss)
         if self.device.type == "cuda":
-            self.peak_bytes = int(torch.cuda.max_memory_allocated(self.device))
-        else:
-            self._done.set()
-            self._thread.join()
-            self._peak_rss = max(self._peak_rss, psutil.Process().memory_info().rss)
-            self.peak_bytes = int(self._peak_rss - self._start_rss)
+            self.cuda_max_allocated_bytes = int(torch.cuda.max_memory_allocated(self.device))
 
 
 def _check_writable(out_dir: Path) -> None:
@@ -334,6 +340,8 @@ class _Session:
     step_tokens: list[int] = field(default_factory=list)
     checkpoints: list[str] = field(default_factory=list)
     t_start: float = field(default_factory=time.perf_counter)
+    tracker: MemoryTracker | None = None  # tensor memory of the first TRACKED_STEPS steps of this call
+    tracked: int = 0  # steps of this call run under the tracker
 
     @property
     def is_main(self) -> bool:
@@ -395,19 +403,13 @@ def _set_up(model: nn.Module, tokenizer, dataset: TextDataset, config: TrainConf
         world=world, train_set=train_set, val_set=val_set, total=total, eval_every=config.eval_every or max(1, total // 5),
         per_step=per_step, per_epoch=per_epoch, optimizer=optimizer, scheduler=scheduler, run_config=run_config,
         out_dir=out_dir, on_event=on_event)
+    session.tracker = MemoryTracker(model, optimizer, device)
     if resume_from is not None:
         session.step, session.history = _load_checkpoint(Path(resume_from), model, optimizer, scheduler, run_config)
     else:
         _seed_everything(config.seed)
     if config.grad_checkpointing:
-        if not getattr(model, "supports_gradient_checkpointing", False):
-            raise ValueError(
-                f"{type(model).__name__} does not support gradient checkpointing; set grad_checkpointing=False."
-            )
-        # Non-reentrant checkpointing back-propagates to the adapter even though the frozen inputs need no grad,
-        # so enable_input_require_grads (needed by the reentrant variant) is not. (transformers 5 renamed
-        # gradient_checkpointing_enable to activation_checkpointing_enable.)
-        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        enable_grad_checkpointing(model)
     if accelerator:
         # DDP all-reduces gradients in backward; the scheduler stays ours (accelerate's would step once per process).
         session.model, session.optimizer = accelerator.prepare(model, optimizer)
@@ -426,6 +428,16 @@ def _optimizer_step(s: _Session, stream: Iterator[dict], stop: threading.Event |
     """One optimizer step over `grad_accum` micro-batches; False when a stop request cut it short (nothing applied,
     and the random generators put back, so a resume redoes the step exactly)."""
     rng_at_step_start = _rng_state()
+    tracking = s.tracked < TRACKED_STEPS
+    with s.tracker if tracking else contextlib.nullcontext():
+        done = _step_body(s, stream, stop, rng_at_step_start)
+    s.tracked += tracking and done
+    if tracking and s.tracked == TRACKED_STEPS:
+        s.tracker.close()
+    return done
+
+
+def _step_body(s: _Session, stream: Iterator[dict], stop: threading.Event | None, rng_at_step_start: dict) -> bool:
     t0 = time.perf_counter()
     loss_sum, tokens = 0.0, 0
     for micro in range(s.config.grad_accum):
@@ -486,8 +498,11 @@ def _checkpoint(s: _Session) -> None:
 
 
 def _result(s: _Session, stopped: bool, memory: _PeakMemory, adapter_dir: str | None, wall_s: float) -> TrainResult:
-    timed = s.step_times[1:] or s.step_times  # the first step pays for warm-up (allocations, lazy init)
-    timed_tokens = s.step_tokens[1:] or s.step_tokens
+    # Step times leave out the tracked steps (slowed by the tracker; the first also pays for warm-up) when later
+    # steps exist, else only the first step.
+    skip = s.tracked if len(s.step_times) > s.tracked else 1
+    timed = s.step_times[skip:] or s.step_times
+    timed_tokens = s.step_tokens[skip:] or s.step_tokens
     evals = [e for e in s.history if e["type"] == "eval"]
     return TrainResult(
         run_name=s.run_name,
@@ -499,8 +514,11 @@ def _result(s: _Session, stopped: bool, memory: _PeakMemory, adapter_dir: str | 
         eval={k: evals[-1][k] for k in evals[-1] if k.startswith("eval_")} if evals else None,
         step_time_s=statistics.median(timed) if timed else None,
         tokens_per_s=sum(timed_tokens) / sum(timed) if timed else None,
-        peak_memory_bytes=memory.peak_bytes,
-        peak_memory_kind=memory.kind,
+        peak_memory_bytes=s.tracker.peak_bytes if s.tracked else None,
+        peak_memory_kind="tensors",
+        memory_breakdown=s.tracker.breakdown() if s.tracked else None,
+        peak_rss_bytes=memory.rss_bytes,
+        cuda_max_allocated_bytes=memory.cuda_max_allocated_bytes,
         truncated=s.train_set.truncated,
         device=str(s.device),
         dtype="bfloat16-autocast" if s.bf16 else str(next(s.core.parameters()).dtype).removeprefix("torch."),

@@ -1,0 +1,311 @@
+"""Training memory, predicted against measured: `estimate_memory` (one step on fake tensors) beside the trainer's
+tensor tracker (the first steps of a real run), with the process RSS for reference.
+
+    python benchmarks/memory.py            # every configuration; resumes: rows already in memory.json are kept
+    python benchmarks/memory.py --fresh    # start over
+    python benchmarks/memory.py --only smollm2   # configurations whose key contains this text
+
+Each configuration runs in its own process: `estimate_memory` first (timed), then `train` for 3 steps (the steps the
+trainer tracks) on fixed-length batches, so padding is the same in both (every row is longer than max_length and is
+truncated to it). Rows go into benchmarks/results/memory.json as they finish; memory.md and memory.png are redrawn
+from it. "lab-order" rows check the lab's default comparison: each method's peak in one in-process comparison
+(VeRA then LoRA, and LoRA then VeRA) against the same method alone in a fresh process.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+from vera_core.files import write_json, write_text  # noqa: E402
+
+RESULTS = ROOT / "benchmarks" / "results"
+LLAMA_ALL = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+STEPS = 3  # the steps the trainer tracks (train.TRACKED_STEPS)
+RUN_STEPS = 6  # three more, untracked, time the tracker's overhead
+TARGET = 0.05  # |predicted / measured - 1|
+
+
+def configurations() -> list[dict]:
+    """(model, method, r, targets, batch, seq, dtype, grad checkpointing, quantization) rows, cheapest first."""
+    rows = []
+    for batch, seq in ((8, 64), (16, 128)):
+        for method, r in (("head", None), ("vera", 256), ("lora", 8), ("full", None)):
+            rows.append(dict(model="minilm-l6", method=method, r=r, targets="query,value", batch_size=batch, seq_len=seq))
+    for quant in ("4bit", "8bit"):
+        for method, r in (("vera", 256), ("lora", 8)):
+            rows.append(dict(model="minilm-l6", method=method, r=r, targets="query,value", batch_size=8, seq_len=64,
+                             quantization=quant))
+    for batch, seq in ((2, 64), (4, 128)):
+        for method, r in (("vera", 256), ("lora", 8), ("full", None)):
+            rows.append(dict(model="tiny-gpt2", method=method, r=r, targets="c_attn,c_proj,c_fc", batch_size=batch,
+                             seq_len=seq))
+    for batch, seq in ((2, 64), (4, 128)):
+        for targets in ("all-linear", "q_proj,v_proj"):
+            for method, r in (("vera", 256), ("vera", 1024), ("lora", 8)):
+                rows.append(dict(model="smollm2-135m-instruct", method=method, r=r, targets=targets, batch_size=batch,
+                                 seq_len=seq))
+    for method, r in (("vera", 256), ("lora", 8)):
+        rows.append(dict(model="smollm2-135m-instruct", method=method, r=r, targets="all-linear", batch_size=4,
+                         seq_len=128, grad_checkpointing=True))
+        rows.append(dict(model="smollm2-135m-instruct", method=method, r=r, targets="all-linear", batch_size=4,
+                         seq_len=128, dtype="bfloat16"))
+    for row in rows:
+        row.setdefault("dtype", "float32")
+        row.setdefault("grad_checkpointing", False)
+        row.setdefault("quantization", None)
+        row["key"] = "/".join(str(row[k]) for k in ("model", "method", "r", "targets", "batch_size", "seq_len", "dtype",
+                                                    "grad_checkpointing", "quantization"))
+    return rows
+
+
+# ---------------------------------------------------------------------------------------------- child process
+def _model(cfg: dict):
+    """(model, tokenizer) for a configuration; "tiny-gpt2" is a 2-layer GPT-2 (Conv1D projections), random weights,
+    with SmolLM2's tokenizer."""
+    from vera_core.models import load_model
+
+    if cfg["model"] != "tiny-gpt2":
+        return load_model(cfg["model"], quantization=cfg["quantization"], dtype=cfg["dtype"])
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    _, tokenizer = load_model("smollm2-135m-instruct")
+    config = GPT2Config(n_layer=2, n_embd=128, n_head=4, vocab_size=len(tokenizer), n_positions=256)
+    return GPT2LMHeadModel(config).to(getattr(__import__("torch"), cfg["dtype"])), tokenizer
+
+
+def _adapter(cfg: dict):
+    from vera_core.config import ALL_LINEAR, LoraConfig, VeraConfig
+
+    targets = ALL_LINEAR if cfg["targets"] == "all-linear" else cfg["targets"].split(",")
+    if cfg["method"] == "vera":
+        return VeraConfig(r=cfg["r"], target_modules=targets)
+    if cfg["method"] == "lora":
+        return LoraConfig(r=cfg["r"], target_modules=targets)
+    return cfg["method"]  # "full" or "head"
+
+
+def _long_rows(task: str, n: int) -> list[dict]:
+    """Rows longer than any max_length used here, so every batch is exactly (B, T) after truncation."""
+    text = ("The Golden Curry is a family friendly Indian restaurant near the river, with a customer rating of 5 out "
+            "of 5 and prices in the moderate range; it serves breakfast, lunch and dinner every day of the week. ") * 8
+    if task == "classification":
+        return [{"text": f"{i} {text}", "label": i % 2} for i in range(n)]
+    return [{"prompt": f"Describe restaurant {i}.", "response": text, "group": str(i)} for i in range(n)]
+
+
+def child(cfg: dict) -> dict:
+    import warnings
+
+    from vera_core.data import TextDataset
+    from vera_core.memory import estimate_memory
+    from vera_core.models import make_trainable
+    from vera_core.train import TrainConfig, train
+
+    model, tokenizer = _model(cfg)
+    adapter = _adapter(cfg)
+    t0 = time.perf_counter()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        predicted = estimate_memory(model, adapter, cfg["batch_size"], cfg["seq_len"], cfg["dtype"], cfg["quantization"],
+                                    grad_checkpointing=cfg["grad_checkpointing"])
+    estimate_s = time.perf_counter() - t0
+    fallback = next((str(w.message) for w in caught if "closed-form formula" in str(w.message)), None)
+    task = "classification" if cfg["model"] == "minilm-l6" else "causal-lm"
+    rows = _long_rows(task, cfg["batch_size"] * RUN_STEPS)
+    data = TextDataset("long-rows", task, train=rows, validation=rows[:1], test=[],
+                       labels=["neg", "pos"] if task == "classification" else None, source="benchmark")
+    model = make_trainable(model, cfg["method"], adapter if cfg["method"] in ("vera", "lora") else None)
+    result = train(model, tokenizer, data, TrainConfig(
+        steps=RUN_STEPS, batch_size=cfg["batch_size"], max_length=cfg["seq_len"], eval_every=10**6, eval_batches=1,
+        grad_checkpointing=cfg["grad_checkpointing"], device="cpu"), progress=False)
+    return {**{k: v for k, v in cfg.items() if k != "key"}, "key": cfg["key"],
+            "predicted_peak_bytes": predicted["total"], "measured_peak_bytes": result.peak_memory_bytes,
+            "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+            "breakdown": result.memory_breakdown, "predicted_breakdown": predicted, "estimate_s": round(estimate_s, 2),
+            "estimate_kind": "formula" if fallback else "fake step, bnb weights" if cfg["quantization"] else "fake step",
+            "fallback": fallback,
+            **_step_times(result.history)}
+
+
+def _step_times(history: list[dict]) -> dict:
+    """The tracker's overhead: median time of the tracked steps 2-3 (the first also warms up) over that of the
+    untracked steps 4-6. Every batch has the same tokens, so times are in inverse ratio to tokens per second."""
+    import statistics
+
+    rates = [e["tokens_per_s"] for e in history if e["type"] == "step"]
+    return {"tracker_overhead": round(statistics.median(rates[STEPS:]) / statistics.median(rates[1:STEPS]), 3)}
+
+
+def child_lab(cfg: dict) -> dict:
+    """The lab's default comparison (SmolLM2, synthetic-restaurants, VeRA r=256 and LoRA r=8 all-linear, 4 x 128),
+    3 steps, in-process in the given order: each method's tracked peak."""
+    import tempfile
+
+    from vera_core.compare import compare
+    from vera_core.config import ALL_LINEAR, LoraConfig, TrainConfig, VeraConfig
+
+    with tempfile.TemporaryDirectory() as out:
+        report = compare("smollm2-135m-instruct", "synthetic-restaurants", methods=cfg["order"],
+                         vera=VeraConfig(r=256, target_modules=ALL_LINEAR), lora=LoraConfig(r=8, target_modules=ALL_LINEAR),
+                         train=TrainConfig(steps=STEPS, batch_size=4, max_length=128, eval_batches=1, device="cpu"),
+                         out_dir=out, max_rows=96, eval_generate=0, samples=0, progress=False)
+    return {"key": cfg["key"], "order": cfg["order"],
+            "peaks": {r.method: r.peak_memory_bytes for r in report.runs},
+            "breakdowns": {r.method: r.memory_breakdown for r in report.runs}}
+
+
+# ---------------------------------------------------------------------------------------------- parent
+def run_child(cfg: dict) -> dict | str:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    proc = subprocess.run([sys.executable, __file__, "--child", json.dumps(cfg)], capture_output=True, text=True,
+                          cwd=ROOT, env=env)
+    lines = [line for line in proc.stdout.splitlines() if line.startswith("{")]
+    if proc.returncode or not lines:
+        return (proc.stderr.strip().splitlines() or [f"exit {proc.returncode}"])[-1]
+    return json.loads(lines[-1])
+
+
+def lab_configurations() -> list[dict]:
+    return [{"key": f"lab-order/{'-'.join(order)}", "order": list(order)}
+            for order in (("vera", "lora"), ("lora", "vera"), ("vera",), ("lora",))]
+
+
+def _mib(value) -> str:
+    return "-" if value is None else f"{value / 2**20:,.1f}"
+
+
+def write_report(data: dict) -> None:
+    rows = data["rows"]
+    lines = ["# Training memory: predicted (one fake step) vs measured (the trainer's tensor tracker)", "",
+             f"Device: {data['device']}. Date: {data['date']}. Command: `HF_HUB_OFFLINE=1 python benchmarks/memory.py`. "
+             f"Load average (1, 5, 15 min) at the last start: {data.get('load_avg')} on {os.cpu_count()} cores: times "
+             "(estimate seconds, step times) are slower under load; bytes are not affected.",
+             "", f"Measured: the peak live tensor bytes over the first {STEPS} training steps (memtrack.py), fixed-length "
+             "batches (every row truncated to the sequence length). Predicted: `estimate_memory`, one forward, "
+             "backward and AdamW step on fake tensors with the same tracker (bitsandbytes weights cannot be faked: "
+             "a 4-bit / 8-bit base runs the step unquantized, its weights counted as bitsandbytes stores them). RSS: the process's peak resident memory, model "
+             "loading included, for reference only.", "",
+             "| model | method | r | targets | B x T | dtype | ckpt | predicted MiB | measured MiB | error | RSS MiB | "
+             "estimate | estimate s | tracked / untracked step |", "|" + "---|" * 14]
+    for row in rows:
+        error = row["predicted_peak_bytes"] / row["measured_peak_bytes"] - 1
+        flag = "" if abs(error) <= TARGET else " **miss**"
+        dtype = row["dtype"] + (f" {row['quantization']}" if row["quantization"] else "")
+        lines.append(f"| {row['model']} | {row['method']} | {row['r'] or '-'} | {row['targets']} | "
+                     f"{row['batch_size']} x {row['seq_len']} | {dtype} | {'on' if row['grad_checkpointing'] else 'off'} | "
+                     f"{_mib(row['predicted_peak_bytes'])} | {_mib(row['measured_peak_bytes'])} | {100 * error:+.2f}%{flag} | "
+                     f"{_mib(row['peak_rss_bytes'])} | {row['estimate_kind']} | {row['estimate_s']:.1f} | "
+                     f"{row['tracker_overhead']:.2f}x |")
+    faked = [r for r in rows if not r["quantization"]]
+    if faked:
+        worst = max(faked, key=lambda r: abs(r["predicted_peak_bytes"] / r["measured_peak_bytes"] - 1))
+        lines += ["", f"Fake-step rows: {len(faked)}, largest error "
+                  f"{100 * (worst['predicted_peak_bytes'] / worst['measured_peak_bytes'] - 1):+.2f}% ({worst['key']}); "
+                  f"slowest estimate {max(r['estimate_s'] for r in faked):.1f} s (target < 10 s for SmolLM2)."]
+    smol = sorted(r["tracker_overhead"] for r in rows if r["model"].startswith("smollm2"))
+    if smol:
+        lines += ["", f"Tracker overhead, SmolLM2 rows (time of a tracked step over an untracked one): median "
+                  f"{smol[len(smol) // 2]:.2f}x, range {smol[0]:.2f}-{smol[-1]:.2f}x. Only the first {STEPS} steps of "
+                  "a run are tracked; on a loaded CPU single-step ratios are noisy (the small models' rows swing "
+                  "either way)."]
+    quantized = [r for r in rows if r["quantization"]]
+    if quantized:
+        lines += ["", "Quantized bases: " + "; ".join(
+            f"{r['method']} {r['quantization']} {100 * (r['predicted_peak_bytes'] / r['measured_peak_bytes'] - 1):+.1f}% "
+            f"(temporaries measured {_mib(r['breakdown']['temporaries'])} vs predicted "
+            f"{_mib(r['predicted_breakdown']['temporaries'])} MiB)" for r in quantized) + ". The unquantized fake "
+            "step cannot see what bitsandbytes keeps inside its layers: its 8-bit matmul (0.50.2, "
+            "`MatMul8bitLt`) holds each layer's input for backward in `ctx.tensors` even when the weight is frozen "
+            "(not through save_for_backward, so the tracker counts it as temporaries), where a frozen fp32 Linear "
+            "keeps nothing; in backward it also dequantizes each weight to the compute dtype. The 4-bit path keeps "
+            "far less."]
+    lab = data.get("lab", {})
+    if len(lab) == 4:
+        alone = {m: lab[f"lab-order/{m}"]["peaks"][m] for m in ("vera", "lora")}
+        lines += ["", "Lab default comparison (SmolLM2, synthetic-restaurants, VeRA r=256 / LoRA r=8 all-linear, "
+                  "4 x 128, in one process) against each method alone in a fresh process:", "",
+                  "| order | VeRA MiB | vs alone | LoRA MiB | vs alone |", "|---|---|---|---|---|"]
+        for order in ("vera-lora", "lora-vera", "vera", "lora"):
+            peaks = lab[f"lab-order/{order}"]["peaks"]
+            cells = [f"{_mib(peaks.get(m))} | " + (f"{100 * (peaks[m] / alone[m] - 1):+.2f}%" if m in peaks else "-")
+                     for m in ("vera", "lora")]
+            lines.append(f"| {order.replace('-', ' then ')} | " + " | ".join(cells) + " |")
+    lines += ["", "![predicted vs measured](memory.png)"]
+    write_text(RESULTS / "memory.md", "\n".join(lines) + "\n")
+
+
+def plot(data: dict) -> None:
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(6.5, 5), layout="constrained")
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot()
+    for kind, marker in (("fake step", "o"), ("fake step, bnb weights", "s"), ("formula", "x")):
+        pts = [(r["measured_peak_bytes"] / 2**20, r["predicted_peak_bytes"] / 2**20) for r in data["rows"]
+               if r["estimate_kind"] == kind]
+        if pts:
+            ax.scatter(*zip(*pts), marker=marker, label=f"predicted by the {kind}")
+    rss = [(r["measured_peak_bytes"] / 2**20, r["peak_rss_bytes"] / 2**20) for r in data["rows"]]
+    ax.scatter(*zip(*rss), marker=".", color="0.6", label="process peak RSS (reference)")
+    lo, hi = ax.get_xlim()
+    ax.plot([lo, hi], [lo, hi], "k-", lw=0.8, label="predicted = measured")
+    ax.fill_between([lo, hi], [lo * 0.95, hi * 0.95], [lo * 1.05, hi * 1.05], color="k", alpha=0.08, label="±5%")
+    ax.set(xscale="log", yscale="log", xlabel="measured tensor peak (MiB)", ylabel="MiB",
+           title="Training memory: predicted vs measured")
+    ax.legend(fontsize=8)
+    fig.savefig(RESULTS / "memory.png", dpi=110)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--fresh", action="store_true", help="discard memory.json and start over")
+    parser.add_argument("--only", default="", help="run only configurations whose key contains this text")
+    parser.add_argument("--child", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child:
+        cfg = json.loads(args.child)
+        print(json.dumps(child_lab(cfg) if cfg["key"].startswith("lab-order") else child(cfg)), flush=True)
+        return
+    path = RESULTS / "memory.json"
+    data = {"rows": [], "lab": {}} if args.fresh or not path.exists() else json.loads(path.read_text())
+    import torch
+
+    data.update(device=f"CPU {platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}",
+                date=datetime.date.today().isoformat(), load_avg=[round(x, 1) for x in os.getloadavg()])
+    for row in data["rows"]:  # early rows also carried per-token times, dropped as they read like step times
+        row.pop("step_s", None), row.pop("tracked_step_s", None)
+    done = {r["key"] for r in data["rows"]} | set(data["lab"])
+    for cfg in configurations() + lab_configurations():
+        if cfg["key"] in done or args.only not in cfg["key"]:
+            continue
+        t0 = time.perf_counter()
+        result = run_child(cfg)
+        if isinstance(result, str):
+            print(f"{cfg['key']}: FAILED: {result}", flush=True)
+            continue
+        if cfg["key"].startswith("lab-order"):
+            data["lab"][cfg["key"]] = result
+            print(f"{cfg['key']}: {({m: _mib(p) for m, p in result['peaks'].items()})}", flush=True)
+        else:
+            data["rows"].append(result)
+            print(f"{cfg['key']}: predicted {_mib(result['predicted_peak_bytes'])} MiB, measured "
+                  f"{_mib(result['measured_peak_bytes'])} MiB ({time.perf_counter() - t0:.0f} s)", flush=True)
+        write_json(path, data)
+        if data["rows"]:
+            write_report(data)
+            plot(data)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,157 @@
+"""Honest comparisons on tiny models: several seeds, equal learning-rate tuning on validation, per-example
+predictions, intervals, paired VeRA − LoRA differences, resuming, and the refusals."""
+import json
+
+import pytest
+from helpers import colours, sentiment, tiny_bert, tiny_llama
+
+from vera_core.compare import compare
+from vera_core.config import LoraConfig, VeraConfig
+from vera_core.report import load_run, pair_line, setting_table
+from vera_core.request import RunRequest
+from vera_core.runs import list_runs, run_summary
+from vera_core.stats import t_interval
+from vera_core.train import TrainConfig
+
+TINY = TrainConfig(steps=2, batch_size=4, max_length=16)
+
+
+def _compare(tokenizer, out, **kw):
+    return compare((tiny_bert(tokenizer=tokenizer, num_labels=2), tokenizer), sentiment(),
+                   methods=("base", "head", "vera", "lora"), vera=VeraConfig(r=16), lora=LoraConfig(r=4),
+                   out_dir=out, train=TINY, samples=1, progress=False, **kw)
+
+
+def test_seeds_and_tuning_give_intervals_pairs_and_chosen_rates(tokenizer, tmp_path):
+    events = []
+    _compare(tokenizer, tmp_path, seeds=(0, 1), tune={"lr_scale": [0.5, 2]}, tune_steps=2, on_event=events.append)
+    data, histories = load_run(tmp_path)
+    runs = {r["name"]: r for r in data["runs"]}
+    assert list(runs) == ["base", "head-s0", "head-s1", "vera-r16-s0", "vera-r16-s1", "lora-r4-s0", "lora-r4-s1"]
+    assert [runs[n]["seed"] for n in ("vera-r16-s0", "vera-r16-s1")] == [0, 1] and data["seeds"] == [0, 1]
+    assert data["seed"] == 0 and runs["lora-r4-s1"]["setting"] == "lora-r4"
+    # tuning: the same grid and steps for every trained setting; the lowest validation loss wins
+    tuning = data["tuning"]
+    assert set(tuning) == {"head", "vera-r16", "lora-r4"}
+    defaults = {"head": (1e-3, 1e-3), "vera-r16": (1e-2, 1e-3), "lora-r4": (2e-4, 1e-3)}
+    for setting, entry in tuning.items():
+        assert [p["scale"] for p in entry["grid"]] == [0.5, 2.0] and all(p["steps"] == 2 for p in entry["grid"])
+        assert [p["lr"] for p in entry["grid"]] == pytest.approx([defaults[setting][0] * s for s in (0.5, 2)])
+        best = min(entry["grid"], key=lambda p: p["val_loss"])
+        assert entry["scale"] == best["scale"] and entry["lr"] == best["lr"]
+        assert runs[f"{setting}-s1"]["lr"] == pytest.approx(entry["lr"])
+        assert runs[f"{setting}-s1"]["head_lr"] == pytest.approx(1e-3 * entry["scale"])  # one head rate for all
+    assert json.loads((tmp_path / "tuning.json").read_text()) == tuning
+    assert not any(n.startswith("tune/") for n in histories)  # tuning curves stay out of the runs' histories
+    assert {e["run"] for e in events if e.get("phase") == "tune" and e["type"] == "step"} == {
+        f"tune/{s}-x{x:g}" for s in tuning for x in (0.5, 2)}
+    # every run's predictions: one row per test example, their scores giving its accuracy
+    for name, run in runs.items():
+        rows = [json.loads(line) for line in (tmp_path / "predictions" / f"{name}.jsonl").read_text().splitlines()]
+        assert [r["id"] for r in rows] == [0, 1]
+        assert 100 * sum(r["score"] for r in rows) / 2 == run["eval"]["accuracy"]
+    settings = {s["setting"]: s for s in data["settings"]}
+    vera = settings["vera-r16"]
+    values = [runs["vera-r16-s0"]["eval"]["accuracy"], runs["vera-r16-s1"]["eval"]["accuracy"]]
+    assert vera["values"] == values and vera["seeds"] == [0, 1] and vera["ci_kind"] == "t over seeds"
+    assert vera["mean"] == sum(values) / 2 and vera["ci95"] == pytest.approx(list(t_interval(values)))
+    assert settings["base"]["ci_kind"] == "bootstrap over test examples" and settings["base"]["std"] is None
+    [pair] = data["pairs"]
+    assert (pair["vera"], pair["lora"], pair["seeds"], pair["param_ratio"]) == ("vera-r16", "lora-r4", [0, 1],
+                                                                                 1024 / 192)
+    assert pair["diff_mean"] == pytest.approx(vera["mean"] - settings["lora-r4"]["mean"])
+    assert pair["ci95"][0] <= pair["diff_mean"] <= pair["ci95"][1]
+    assert pair_line(pair).startswith(f"vera-r16 − lora-r4 = {pair['diff_mean']:+.1f} points [")
+    assert setting_table([vera])[0]["mean ± std"].startswith("accuracy ") and " ± " in setting_table([vera])[0][
+        "mean ± std"]
+    md = (tmp_path / "report.md").read_text()
+    assert "the data split (seed 0) and VeRA's projection seed stay fixed" in md and pair["verdict"] in md
+    assert "vera-r16: lr" in md and "validation loss by scale" in md
+    assert json.loads((tmp_path / "config.json").read_text())["run_seeds"]["vera-r16-s1"] == 1  # load_run_model's
+    entry = run_summary(tmp_path)  # what list_runs shows: each method's best setting by its mean over seeds
+    assert entry["best"]["vera"] == vera["mean"] and entry["best"]["lora"] == settings["lora-r4"]["mean"]
+    # resumed: finished tuning points and runs are reused, nothing trains again
+    again = []
+    _compare(tokenizer, tmp_path, seeds=(0, 1), tune={"lr_scale": [0.5, 2]}, tune_steps=2, on_event=again.append,
+             exists="resume")
+    assert not [e for e in again if e["type"] == "step"] and load_run(tmp_path)[0]["tuning"] == tuning
+
+
+def test_one_seed_generation_bootstraps_over_test_groups(tokenizer, tmp_path):
+    compare((tiny_llama(tokenizer=tokenizer), tokenizer), colours(), methods=("vera", "lora"),
+            vera=VeraConfig(r=8), lora=LoraConfig(r=2), out_dir=tmp_path, eval_generate=2, samples=1, progress=False,
+            train=TrainConfig(steps=1, batch_size=2, max_length=24))
+    data = json.loads((tmp_path / "report.json").read_text())
+    assert [r["name"] for r in data["runs"]] == ["vera-r8", "lora-r2"] and data["seeds"] == [0]
+    rows = [json.loads(line) for line in (tmp_path / "predictions" / "vera-r8.jsonl").read_text().splitlines()]
+    assert [r["id"] for r in rows] == [0, 1] and all(len(r["bleu_stats"]) == 10 for r in rows)
+    vera = data["settings"][0]
+    assert vera["ci_kind"] == "bootstrap over test examples" and vera["metric"] == "bleu"
+    assert vera["ci95"][0] <= vera["mean"] <= vera["ci95"][1]
+    assert data["pairs"][0]["seeds"] == [0] and data["pairs"][0]["verdict"] in (
+        "matches within 1 point", "behind", "cannot tell")
+
+
+def test_bad_seeds_grids_and_too_many_runs_are_refused(tokenizer):
+    model = (tiny_bert(tokenizer=tokenizer, num_labels=2), tokenizer)
+
+    def request(**kw):
+        return RunRequest(model, sentiment(), methods=("vera", "lora"), **kw)
+
+    with pytest.raises(ValueError, match=r"seeds \[0, 1, 0\] repeat a seed"):
+        request(seeds=[0, 1, 0])
+    with pytest.raises(ValueError, match="non-empty list"):
+        request(seeds=[])
+    with pytest.raises(ValueError, match="tuning grid is empty"):
+        request(tune={"lr_scale": []})
+    with pytest.raises(ValueError, match="repeats a scale"):
+        request(tune={"lr_scale": [1, 1.0]})
+    with pytest.raises(ValueError, match="tune must be"):
+        request(tune={"lr": [1]})
+    with pytest.raises(ValueError, match=r"makes 90 runs \(60 final, 30 tuning\), more than the limit of 60; "
+                                         r"pass max_runs=90"):
+        request(seeds=range(10), tune={"lr_scale": [0.5, 1, 2, 3, 4]}, vera=[VeraConfig(r=r) for r in range(1, 6)])
+    ok = request(seeds=[3, 4], tune={"lr_scale": [0.5, 2]}, tune_steps=5)
+    assert [s.name for s in ok.plan()] == ["vera-r256-s3", "vera-r256-s4", "lora-r8-s3", "lora-r8-s4"]
+    assert [(s.setting, s.seed, x) for s, x in ok.tuning_plan()] == [("vera-r256", 3, 0.5), ("vera-r256", 3, 2.0),
+                                                                     ("lora-r8", 3, 0.5), ("lora-r8", 3, 2.0)]
+    estimate = ok.time_estimate({"vera-r256": 2.0, "lora-r8": 1.0})
+    assert estimate["runs"]["vera-r256-s4"] == 100 * 2.0 and estimate["runs"]["tune/lora-r8-x0.5"] == 5 * 1.0
+    assert estimate["total_s"] == 2 * 100 * 3.0 + 2 * 5 * 3.0
+
+
+def test_a_stopped_multi_seed_run_stays_readable(tokenizer, tmp_path):
+    import threading
+
+    stop = threading.Event()
+
+    def on_event(event):
+        if event["type"] == "run_done" and event["run"] == "vera-r16-s1":
+            stop.set()
+
+    _compare(tokenizer, tmp_path / "run", seeds=(0, 1), on_event=on_event, stop=stop)
+    data, _ = load_run(tmp_path / "run")
+    assert data["stopped"] and [r["name"] for r in data["runs"]][-1] == "vera-r16-s1"
+    assert [s["setting"] for s in data["settings"]] == ["base", "head", "vera-r16"] and data["pairs"] == []
+    [entry] = list_runs(tmp_path)
+    assert entry["status"] == "stopped" and set(entry["best"]) == {"base", "head", "vera"}
+
+
+def test_figures_draw_the_spread_over_seeds():
+    from matplotlib.container import BarContainer
+
+    from vera_core.plots import metric_figure
+    from vera_core.report import tradeoff_rows
+
+    runs = [{"name": f"vera-r16-s{s}", "setting": "vera-r16", "seed": s, "method": "vera", "r": 16,
+             "trainable_params": 192, "eval": {"loss": 0.5, "accuracy": acc}} for s, acc in ((0, 70.0), (1, 74.0))]
+    report = {"runs": runs, "seeds": [0, 1], "seed": 0}
+    [row] = tradeoff_rows(report)  # one row per setting: the mean, and the std as its error bar
+    assert (row["name"], row["accuracy"], row["accuracy_err"]) == ("vera-r16", 72.0, pytest.approx(2 * 2 ** 0.5))
+    settings = [{"setting": "vera-r16", "metric": "accuracy", "mean": 72.0, "std": 2.0}]
+    def bars(fig):
+        return next(c for c in fig.axes[0].containers if isinstance(c, BarContainer))
+
+    spread = bars(metric_figure(runs, "classification", settings))
+    assert [b.get_height() for b in spread] == [72.0] and spread.errorbar is not None
+    assert bars(metric_figure(runs, "classification")).errorbar is None  # one bar per run, no spread

@@ -1,0 +1,210 @@
+"""The tensor memory tracker, checked against hand counts and torch's profiler; the trainer's peaks do not depend
+on run order or learning rate; the fake-step estimate predicts a real step."""
+import time
+
+import pytest
+import torch
+from helpers import LLAMA_ALL, causal_data, tiny_bert, tiny_llama
+from torch import nn
+
+from vera_core.compare import compare
+from vera_core.config import LoraConfig, TrainConfig, VeraConfig
+from vera_core.inject import add_adapter
+from vera_core.memory import estimate_memory, largest_batch
+from vera_core.memtrack import MemoryTracker
+from vera_core.report import memory_differences
+from vera_core.train import train
+
+
+def _step(model, optimizer, batch) -> torch.Tensor:
+    loss = model(**batch).loss if isinstance(batch, dict) else model(batch).pow(2).sum()
+    loss.backward()
+    optimizer.step()
+    return loss
+
+
+def test_exact_bytes_of_weights_gradients_and_adamw_state():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 4))
+    model[0].requires_grad_(False)
+    optimizer = torch.optim.AdamW(model[2].parameters())
+    x = torch.randn(5, 8)  # made before tracking: not the step's
+    tracker = MemoryTracker(model, optimizer)
+    with tracker:
+        loss = _step(model, optimizer, x)
+    weights = 4 * (8 * 16 + 16 + 16 * 4 + 4)  # 848
+    trainable = 4 * (16 * 4 + 4)  # 272
+    now = tracker.current()
+    assert now == {"weights": weights, "adapter": 0, "gradients": trainable, "optimizer": 2 * trainable + 2 * 4,
+                   "activations": 0, "temporaries": 4, "total": weights + 3 * trainable + 8 + 4}  # + the loss
+    # The peak is inside AdamW's update of the (16, 4) weight: its denominator sqrt(v) / c (two 256-byte tensors)
+    # beside the loss, the gradients and both moments (the 4-byte step counters are made outside the dispatcher).
+    assert tracker.breakdown() == {"weights": weights, "adapter": 0, "gradients": trainable,
+                                   "optimizer": 2 * trainable, "activations": 0, "temporaries": 4 + 2 * 256,
+                                   "total": weights + 3 * trainable + 4 + 512}
+    del loss
+    optimizer.zero_grad(set_to_none=True)
+    assert tracker.current()["gradients"] == 0 and tracker.current()["temporaries"] == 0  # frees are seen
+
+
+def test_saved_activations_are_labelled_and_freed_by_backward():
+    model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 4))
+    tracker = MemoryTracker(model)
+    with tracker:
+        loss = model(torch.randn(5, 8)).pow(2).sum()
+        # Saved for backward: the (5, 8) input (made inside the region) by Linear 1, ReLU's (5, 16) output, which
+        # Linear 2 saves too (one storage, counted once), and the (5, 4) input of pow.
+        assert tracker.current()["activations"] == 4 * (5 * 8 + 5 * 16 + 5 * 4)
+        loss.backward()
+        assert tracker.current()["activations"] == 0
+
+
+def test_vera_shared_projections_count_once():
+    model = add_adapter(tiny_llama(), VeraConfig(r=16, target_modules=LLAMA_ALL))
+    tracker = MemoryTracker(model)
+    with tracker:
+        pass
+    projections = model.base_model_projections if hasattr(model, "base_model_projections") else None
+    vera = [m for m in model.modules() if type(m).__name__ == "VeraProjections"]
+    assert len(vera) == 1 and projections is None
+    vectors = sum(p.nbytes for p in model.parameters() if p.requires_grad)
+    assert tracker.current()["adapter"] == vectors + vera[0].A.nbytes + vera[0].B.nbytes
+    frozen = {p.untyped_storage()._cdata: p.nbytes for p in model.parameters() if not p.requires_grad}
+    buffers = {b.untyped_storage()._cdata: b.nbytes for m in model.modules() if m not in vera
+               for b in m.buffers(recurse=False)}
+    assert tracker.current()["weights"] == sum(frozen.values()) + sum(buffers.values())  # tied embeddings once
+
+
+@pytest.mark.parametrize("adapter", [VeraConfig(r=16, target_modules=LLAMA_ALL), LoraConfig(r=4), "full"])
+def test_fake_step_estimate_equals_the_tracked_real_step(adapter):
+    """Same tracker, real tensors vs fake ones: the prediction has the measured peak and breakdown."""
+    model = tiny_llama()
+    predicted = estimate_memory(model, adapter, batch_size=4, seq_len=16, max_grad_norm=None)
+    model = add_adapter(model, adapter) if adapter != "full" else model.requires_grad_(True)
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params)
+    ids = torch.randint(0, 100, (4, 16), generator=torch.Generator().manual_seed(0))
+    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids.clone()}
+    model.train()
+    tracker = MemoryTracker(model, optimizer)
+    for _ in range(2):  # the second step holds AdamW's state from the start, as every later step does
+        with tracker:
+            _step(model, optimizer, batch)
+            optimizer.zero_grad(set_to_none=True)
+    measured = tracker.breakdown()
+    assert predicted["total"] == pytest.approx(measured["total"], rel=0.01)
+    for key in ("weights", "adapter", "optimizer"):
+        assert predicted[key] == measured[key], key
+
+
+def test_a_head_copied_under_fake_tensors_stays_in_their_one_mode():
+    """deepcopy would copy a fake tensor's FakeTensorMode with it: a second mode whose tensors the first took for
+    real ones corrupted the heap within tens of estimates of a classifier with a head copy."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    with FakeTensorMode() as mode:
+        model = add_adapter(tiny_bert(), VeraConfig(r=8, modules_to_save=["classifier"]))
+    modes = {id(t.fake_mode) for t in [*model.parameters(), *model.buffers()]}
+    assert modes == {id(mode)}
+    head = model.classifier
+    assert head.modules_to_save["default"].weight is not head.original_module.weight  # a copy, not the same tensor
+
+
+def _tiny_pair(tokenizer):
+    return tiny_llama(tokenizer=tokenizer), tokenizer
+
+
+def test_peaks_do_not_depend_on_run_order(tokenizer, tmp_path):
+    config = TrainConfig(steps=3, batch_size=4, max_length=32)
+    runs = {}
+    for order in (("vera", "lora"), ("lora", "vera")):
+        report = compare(_tiny_pair(tokenizer), causal_data(), methods=order, vera=VeraConfig(r=16),
+                         lora=LoraConfig(r=4), train=config, out_dir=tmp_path / "-".join(order), eval_generate=0,
+                         samples=0, progress=False)
+        runs[order] = {r.name: r for r in report.runs}
+    for name in ("vera-r16", "lora-r4"):
+        first, second = runs[("vera", "lora")][name], runs[("lora", "vera")][name]
+        assert first.peak_memory_bytes == pytest.approx(second.peak_memory_bytes, rel=0.01), name
+        for key, value in first.memory_breakdown.items():
+            assert value == pytest.approx(second.memory_breakdown[key], rel=0.01, abs=64), (name, key)
+
+
+def test_peak_does_not_depend_on_learning_rate(tokenizer):
+    peaks = []
+    for lr in (1e-2, 1e-3):
+        model = add_adapter(tiny_llama(tokenizer=tokenizer), VeraConfig(r=16, target_modules=LLAMA_ALL))
+        result = train(model, tokenizer, causal_data(), TrainConfig(steps=4, batch_size=4, lr=lr), progress=False)
+        peaks.append(result.memory_breakdown)
+    for key in peaks[0]:
+        assert peaks[0][key] == pytest.approx(peaks[1][key], rel=0.01, abs=64), key
+
+
+def _profiled_peak(prof) -> int:
+    """The highest running sum of the profiler's [memory] events (allocations +, frees -), in time order."""
+    events = sorted((e.start_ns(), e.nbytes()) for e in prof.profiler.kineto_results.events() if e.name() == "[memory]")
+    running = peak = 0
+    for _, change in events:
+        running += change
+        peak = max(peak, running)
+    return peak
+
+
+@pytest.mark.integration
+def test_tracker_agrees_with_the_profiler_on_a_smollm2_step():
+    from vera_core.models import load_model
+
+    model, _ = load_model("smollm2-135m-instruct")
+    model = add_adapter(model, VeraConfig(r=256, target_modules=LLAMA_ALL))
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad])
+    ids = torch.randint(0, 1000, (2, 64), generator=torch.Generator().manual_seed(0))
+    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids.clone()}
+    model.train()
+    t0 = time.perf_counter()
+    _step(model, optimizer, batch)  # untracked: allocates AdamW's state, and times a plain step
+    optimizer.zero_grad(set_to_none=True)
+    untracked_s = time.perf_counter() - t0
+    tracker = MemoryTracker(model, optimizer)
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True) as prof:
+        t0 = time.perf_counter()
+        with tracker:
+            start = tracker.current()["total"]  # what the model and optimizer hold before the step
+            _step(model, optimizer, batch)
+            optimizer.zero_grad(set_to_none=True)
+        tracked_s = time.perf_counter() - t0
+    profiled, tracked = _profiled_peak(prof), tracker.peak_bytes - start
+    print(f"tracker {tracked / 2**20:.1f} MiB, profiler {profiled / 2**20:.1f} MiB over the step start; "
+          f"step {untracked_s:.2f} s untracked, {tracked_s:.2f} s tracked (with the profiler)")
+    assert tracked == pytest.approx(profiled, rel=0.05)
+
+
+def test_largest_batch_is_the_largest_that_the_estimate_fits():
+    lora = LoraConfig(r=8)
+    budget = 512 * 2**20
+    fit = largest_batch("minilm-l6", lora, budget, seq_len=64)
+    assert fit.fake_steps >= 3  # two for the line, at least one to check its answer
+    assert fit.breakdown == estimate_memory("minilm-l6", lora, fit.batch_size, 64)
+    assert fit.breakdown["total"] <= budget < estimate_memory("minilm-l6", lora, fit.batch_size + 1, 64)["total"]
+    assert fit.message == f"batch {fit.batch_size:,} of 64 tokens fits: {fit.breakdown['total'] / 2**20:,.1f} MiB predicted"
+
+    tiny = largest_batch("minilm-l6", lora, 50 * 2**20, seq_len=64)  # the weights alone take 87 MiB
+    assert tiny.batch_size == 0 and tiny.fake_steps == 1
+    assert tiny.message.startswith("does not fit: one sequence of 64 tokens needs 98.2 MiB, more than the 50.0 MiB")
+    with pytest.raises(ValueError, match="budget_bytes must be positive, got 0"):
+        largest_batch("minilm-l6", lora, 0, seq_len=64)
+
+
+def test_memory_differences_say_what_the_breakdowns_differ_in():
+    mib = 2**20
+    parts = lambda grads, opt, acts, total: {"weights": 0, "adapter": 0, "gradients": grads * mib,  # noqa: E731
+                                             "optimizer": opt * mib, "activations": acts * mib, "temporaries": 0,
+                                             "total": total * mib}
+    report = {"seeds": [0, 1], "runs": [
+        {"name": "vera-r256", "method": "vera", "r": 256, "seed": 0, "memory_breakdown": parts(0.25, 0.5, 30, 100)},
+        {"name": "vera-r256-s1", "method": "vera", "r": 256, "seed": 1, "memory_breakdown": parts(0.25, 0.5, 30, 100)},
+        {"name": "lora-r8", "method": "lora", "r": 8, "seed": 0, "memory_breakdown": parts(1, 2, 40, 125)},
+        {"name": "base", "method": "base", "r": None, "seed": 0, "memory_breakdown": None}]}
+    assert memory_differences(report) == [
+        "vera-r256 vs lora-r8: peak 100.0 vs 125.0 MiB (0.80x). Gradients and optimizer state 0.75 vs 3.00 MiB "
+        "(VeRA trains fewer parameters); activations saved for backward 30.0 vs 40.0 MiB (fewer for VeRA: its "
+        "backward keeps r=256-wide A x per adapted input, and the folded W' of each layer the fast path folds with "
+        "folded_backward 'keep'; LoRA's keeps each adapted layer's full-width input for A's gradient)."]

@@ -1,0 +1,71 @@
+"""The statistics of an honest comparison, against hand computations: t-intervals, bootstrap, paired differences,
+verdicts, and BLEU from per-example statistics."""
+import math
+
+import numpy as np
+import pytest
+
+from vera_core.metrics import bleu, bleu_from_statistics, bleu_statistics
+from vera_core.stats import (accuracy_statistic, bootstrap_interval, mean_std, paired_difference, resample_counts,
+                             t_interval, t_quantile, verdict)
+
+
+def test_t_interval_is_mean_plus_minus_table_quantile_times_standard_error():
+    values = [79.0, 81.0, 80.0]  # mean 80, sample std 1, df 2: t = 4.303
+    assert mean_std(values) == (80.0, 1.0)
+    low, high = t_interval(values)
+    assert low == pytest.approx(80 - 4.303 / math.sqrt(3)) and high == pytest.approx(80 + 4.303 / math.sqrt(3))
+    assert (t_quantile(1), t_quantile(4), t_quantile(22), t_quantile(500)) == (12.706, 2.776, 2.086, 1.960)
+    assert mean_std([5.0]) == (5.0, None)
+    with pytest.raises(ValueError, match="at least 2 values"):
+        t_interval([5.0])
+    with pytest.raises(ValueError, match="no values"):
+        mean_std([])
+
+
+def test_bootstrap_is_deterministic_and_brackets_the_accuracy():
+    correct = np.array([[1.0]] * 80 + [[0.0]] * 20)  # 80% accuracy on 100 rows
+    counts = resample_counts(100, 5, seed=0)
+    assert counts.shape == (5, 100) and (counts.sum(axis=1) == 100).all()
+    low, high = bootstrap_interval([correct], accuracy_statistic, n_boot=2000, seed=0)
+    assert (low, high) == bootstrap_interval([correct], accuracy_statistic, n_boot=2000, seed=0)
+    # the binomial standard error is 4 points: the percentile interval is about 80 ± 7.8
+    assert 70 < low < 74 and 86 < high < 90
+    assert bootstrap_interval([np.ones((10, 1))], accuracy_statistic, n_boot=50) == (100.0, 100.0)
+
+
+def test_paired_difference_cancels_what_both_methods_share():
+    rng = np.random.default_rng(1)
+    b = rng.integers(0, 2, (200, 1)).astype(float)
+    a = b.copy()
+    a[:4] = 1.0 - a[:4]  # A differs from B on 4 of 200 rows only
+    diff = paired_difference([a], [b], accuracy_statistic, n_boot=1000, seed=0)
+    expected = 100 * (a.sum() - b.sum()) / 200
+    assert diff["diff_mean"] == pytest.approx(expected)
+    low, high = diff["ci95"]
+    assert low <= expected <= high and high - low <= 4.0 + 1e-9  # at most the 4 differing rows can move it
+    same = paired_difference([a, a], [a, a], accuracy_statistic, n_boot=100)
+    assert same == {"diff_mean": 0.0, "ci95": [0.0, 0.0]}  # pooled over two seeds, identical runs
+    with pytest.raises(ValueError, match="different test rows"):
+        paired_difference([a], [b[:10]], accuracy_statistic)
+
+
+def test_verdict_reads_the_interval_against_minus_one_point():
+    assert verdict(-0.8, 2.6) == "matches within 1 point"
+    assert verdict(-1.0, 0.5) == "matches within 1 point"  # the bound itself counts as matching
+    assert verdict(-3.0, -1.2) == "behind"
+    assert verdict(-2.0, 0.3) == "cannot tell"
+    assert verdict(-1.5, -1.0) == "cannot tell"
+    with pytest.raises(ValueError, match="above its high end"):
+        verdict(1.0, -1.0)
+
+
+def test_bleu_from_summed_statistics_equals_sacrebleu_on_any_subset():
+    preds = ["the cat sat on the mat", "a dog runs", "hello world there", "red"]
+    refs = [["the cat is on the mat", "there is a cat on the mat"], ["a dog is running"], ["hello there world"],
+            ["it is red"]]
+    rows = np.array(bleu_statistics(preds, refs))
+    assert rows.shape == (4, 10)
+    assert bleu_from_statistics(rows.sum(axis=0)) == pytest.approx(bleu(preds, refs), abs=1e-9)
+    assert bleu_from_statistics(rows[[0, 2]].sum(axis=0)) == pytest.approx(bleu([preds[0], preds[2]],
+                                                                                  [refs[0], refs[2]]), abs=1e-9)
