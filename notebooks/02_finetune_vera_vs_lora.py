@@ -16,10 +16,14 @@
 # %% [markdown]
 # # 02 · Fine-tune with VeRA and LoRA, side by side
 #
-# **What you will do:** train the same model on the same data with the same seed and step budget three ways — no
-# training (`base`), VeRA and LoRA — with `vera_core.compare`, then read the loss curves, the results table and the
-# model's outputs side by side, merge the VeRA adapter into the weights and check nothing changed, and look at the
-# adapter files on disk.
+# **What you will do:** train the same model on the same data with the same step budget three ways — no training
+# (`base`), VeRA and LoRA — with `vera_core.compare`, then read the loss curves, the results table and the model's
+# outputs side by side, merge the VeRA adapter into the weights and check nothing changed, and look at the adapter
+# files on disk.
+#
+# A fair comparison gives both methods the same chance: each method's learning rate is tuned on the validation split
+# with the same grid and budget (`tune=`), and each runs with several training seeds (`seeds=`), so you see a mean,
+# its spread and a paired difference with an interval instead of one lucky or unlucky number.
 #
 # Default: all-MiniLM-L6-v2 (22.7M parameters) classifying Rotten Tomatoes reviews. Quick mode (CI) uses a few dozen
 # rows and a handful of steps: its accuracies are not meaningful, only the mechanics are.
@@ -39,12 +43,15 @@ import ipywidgets as widgets
 from IPython.display import display, Markdown
 from vera_core import LoraConfig, VeraConfig, load_adapter, load_model, merge_adapter, predict
 from vera_core import TrainConfig, compare, load_run
-from vera_core.report import SUMMARY_COLUMNS, memory_differences, parameter_ratios, summary_rows
+from vera_core.report import (SETTING_COLUMNS, SUMMARY_COLUMNS, memory_differences, pair_line, parameter_ratios,
+                               seeds_note, setting_table, summary_rows, tuning_lines)
 from vera_core import plots
 
-# Budgets: quick (CI) vs full. Full mode is sized for a quiet 2-core CPU in a few minutes per method.
-BUDGET = (dict(max_rows=48, steps=4, batch_size=8, max_length=48, eval_batches=2) if QUICK else
-          dict(max_rows=800, steps=80, batch_size=16, max_length=64, eval_batches=8))
+# Budgets: quick (CI) vs full. Full mode is sized for a quiet 2-core CPU: 5 learning-rate scales x 2 methods to tune,
+# then 3 seeds x 3 methods, about a minute per run.
+BUDGET = (dict(max_rows=48, steps=4, batch_size=8, max_length=48, eval_batches=2, seeds=(0, 1), scales=[0.5, 2]) if QUICK
+          else dict(max_rows=800, steps=80, batch_size=16, max_length=64, eval_batches=8, seeds=(0, 1, 2),
+                    scales=[0.25, 0.5, 1, 2, 4]))
 DATASET_FOR = {"minilm-l6": "rotten-tomatoes", "smollm2-135m-instruct": "synthetic-restaurants"}
 BUDGET
 
@@ -53,15 +60,21 @@ BUDGET
 # ## 1. The comparison runner
 #
 # One function does the work; both the widget below and the static cell after it call it. It shows a progress bar fed
-# by `compare`'s events and returns the `Report` (also written to `runs/02-…/report.json`).
+# by `compare`'s events and returns the `Report` (also written to `runs/02-…/report.json`). With `tune=` each method
+# first trains once per learning-rate scale (its default rate times the scale) and keeps the scale with the lowest
+# validation loss; the classifier head gets the same rate under every method. With `seeds=` the chosen setting then
+# runs once per seed (data order, head init, dropout), while the data split and VeRA's projections stay fixed, so every
+# run is scored on the same test rows.
 #
 # In the table, `peak_mib` is the peak of live tensor storage during each run's first training steps (weights, adapter,
 # gradients, optimizer state, activations), counted the same way on CPU and GPU, so the order the methods ran in does
 # not change it; `est_mib` is the prediction `estimate_memory` made before the run from shapes alone.
 
 # %%
-def run_comparison(model_name="minilm-l6", r=256, d_init=0.1, steps=BUDGET["steps"]):
-    """compare(base, VeRA, LoRA r=8) on the model's data set with a progress bar; returns the Report."""
+def run_comparison(model_name="minilm-l6", r=256, d_init=0.1, steps=BUDGET["steps"], seeds=BUDGET["seeds"],
+                   tune=True):
+    """compare(base, VeRA, LoRA r=8) on the model's data set, tuned and over seeds, with a progress bar; returns
+    the Report."""
     bar = widgets.IntProgress(min=0, max=steps, description="starting", layout={"width": "60%"})
     display(bar)
     def on_event(event):
@@ -76,14 +89,18 @@ def run_comparison(model_name="minilm-l6", r=256, d_init=0.1, steps=BUDGET["step
     report = compare(model_name, DATASET_FOR[model_name], methods=("base", "vera", "lora"),
                      vera=VeraConfig(r=r, d_init=d_init), lora=LoraConfig(r=8, alpha=16), train=train,
                      out_dir=Path("runs") / f"02-{model_name}-r{r}-d{d_init:g}-s{steps}", on_event=on_event,
-                     max_rows=BUDGET["max_rows"], samples=4, exists="overwrite")  # a rerun replaces its run
+                     max_rows=BUDGET["max_rows"], samples=4, exists="overwrite",  # a rerun replaces its run
+                     seeds=seeds, tune={"lr_scale": BUDGET["scales"]} if tune else None, tune_steps=steps)
     bar.description = "done"
     return report
 
 def show_results(report):
-    """The results table, the parameter ratio and what the memory differs in (same view for widget and static cell)."""
+    """Mean ± std over seeds with the 95% interval, every VeRA − LoRA difference with its interval, the tuned rates,
+    then one row per run (same view for widget and static cell)."""
+    display(pd.DataFrame(setting_table(report.settings), columns=SETTING_COLUMNS))
+    lines = [seeds_note(report)] + [pair_line(p) for p in report.pairs] + tuning_lines(report.tuning)
+    display(Markdown("\n".join(f"- {line}" for line in lines + parameter_ratios(report) + memory_differences(report))))
     display(pd.DataFrame(summary_rows(report), columns=SUMMARY_COLUMNS))
-    display(Markdown("\n".join(f"- {line}" for line in parameter_ratios(report) + memory_differences(report))))
 
 
 # %% [markdown]
@@ -97,16 +114,20 @@ pick_model = widgets.Dropdown(options=list(DATASET_FOR), value="minilm-l6", desc
 pick_r = widgets.SelectionSlider(options=[16, 64, 256, 1024], value=256, description="VeRA r")
 pick_d = widgets.SelectionSlider(options=[1e-3, 1e-2, 0.1, 1.0], value=0.1, description="d_init")
 pick_steps = widgets.IntSlider(value=BUDGET["steps"], min=2, max=400, step=2, description="steps")
+pick_seeds = widgets.IntSlider(value=len(BUDGET["seeds"]), min=1, max=5, description="seeds")
+pick_tune = widgets.Checkbox(value=True, description="tune the learning rate")
 go = widgets.Button(description="Run", button_style="primary")
 panel = widgets.Output()
 
 def on_click(_):
     panel.clear_output()
     with panel:
-        show_results(run_comparison(pick_model.value, pick_r.value, pick_d.value, pick_steps.value))
+        show_results(run_comparison(pick_model.value, pick_r.value, pick_d.value, pick_steps.value,
+                                    tuple(range(pick_seeds.value)), pick_tune.value))
 
 go.on_click(on_click)
-display(widgets.VBox([widgets.HBox([pick_model, pick_r]), widgets.HBox([pick_d, pick_steps, go]), panel]))
+display(widgets.VBox([widgets.HBox([pick_model, pick_r, pick_d]), widgets.HBox([pick_steps, pick_seeds, pick_tune]),
+                      go, panel]))
 
 # %% [markdown]
 # ### Static run with the default values
@@ -128,8 +149,13 @@ show_results(report)
 report_json, histories = load_run(report.run_dir)
 plots.loss_figure(histories)
 
+# %% [markdown]
+# Test accuracy per setting: the bar is the mean over seeds, the whisker ± one standard deviation. Overlapping whiskers
+# mean the seeds alone move the score as much as the method does; the paired line above says whether the difference
+# is larger than that noise.
+
 # %% tags=["expect-image"]
-plots.metric_figure(report_json["runs"], report_json["task"])
+plots.metric_figure(report_json["runs"], report_json["task"], report_json["settings"])
 
 # %% tags=["expect-image"]
 plots.params_figure(report_json["runs"])
@@ -145,7 +171,8 @@ plots.memory_figure(report_json["runs"])
 # %% [markdown]
 # ## 3. Outputs side by side
 #
-# The first test reviews with their label and each method's class probabilities `[p(rotten), p(fresh)]`.
+# The first test reviews with their label and each run's class probabilities `[p(rotten), p(fresh)]` (one column per
+# method and seed).
 
 # %%
 pd.set_option("display.max_colwidth", 70)
