@@ -4,6 +4,7 @@ tensor tracker (the first steps of a real run), with the process RSS for referen
     python benchmarks/memory.py            # every configuration; resumes: rows already in memory.json are kept
     python benchmarks/memory.py --fresh    # start over
     python benchmarks/memory.py --only smollm2   # configurations whose key contains this text
+    python benchmarks/memory.py --only smollm2 --redo   # measure those again, replacing their rows
 
 Each configuration runs in its own process: `estimate_memory` first (timed), then `train` for 3 steps (the steps the
 trainer tracks) on fixed-length batches, so padding is the same in both (every row is longer than max_length and is
@@ -111,6 +112,7 @@ def child(cfg: dict) -> dict:
     from vera_core.models import make_trainable
     from vera_core.train import TrainConfig, train
 
+    load_1m = os.getloadavg()[0]  # the estimate's time means little without the machine's load beside it
     model, tokenizer = _model(cfg)
     adapter = _adapter(cfg)
     t0 = time.perf_counter()
@@ -132,6 +134,7 @@ def child(cfg: dict) -> dict:
             "predicted_peak_bytes": predicted["total"], "measured_peak_bytes": result.peak_memory_bytes,
             "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
             "breakdown": result.memory_breakdown, "predicted_breakdown": predicted, "estimate_s": round(estimate_s, 2),
+            "load_1m": round(load_1m, 1),
             "estimate_kind": "formula" if fallback else "fake step, bnb weights" if cfg["quantization"] else "fake step",
             "fallback": fallback,
             **_step_times(result.history)}
@@ -184,12 +187,19 @@ def _mib(value) -> str:
     return "-" if value is None else f"{value / 2**20:,.1f}"
 
 
+def _seconds(row: dict, unit: str = "") -> str:
+    """The estimate's seconds, with the 1-minute load average when the row started (rows before it was kept: none)."""
+    load = f" (load {row['load_1m']:.1f})" if row.get("load_1m") is not None else ""
+    return f"{row['estimate_s']:.1f}{' ' + unit if unit else ''}{load}"
+
+
 def write_report(data: dict) -> None:
     rows = data["rows"]
     lines = ["# Training memory: predicted (one fake step) vs measured (the trainer's tensor tracker)", "",
              f"Device: {data['device']}. Date: {data['date']}. Command: `HF_HUB_OFFLINE=1 python benchmarks/memory.py`. "
-             f"Load average (1, 5, 15 min) at the last start: {data.get('load_avg')} on {os.cpu_count()} cores: times "
-             "(estimate seconds, step times) are slower under load; bytes are not affected.",
+             f"Load average (1, 5, 15 min) at the last start: {data.get('load_avg')} on {os.cpu_count()} cores. Times "
+             "(estimate seconds, step-time ratios) are slower and noisier under load; bytes are not affected. A row's "
+             "estimate seconds show the 1-minute load when it started; rows without one ran at loads of 5-10.",
              "", f"Measured: the peak live tensor bytes over the first {STEPS} training steps (memtrack.py), fixed-length "
              "batches (every row truncated to the sequence length). Predicted: `estimate_memory`, one forward, "
              "backward and AdamW step on fake tensors with the same tracker (bitsandbytes weights cannot be faked: "
@@ -204,14 +214,15 @@ def write_report(data: dict) -> None:
         lines.append(f"| {row['model']} | {row['method']} | {row['r'] or '-'} | {row['targets']} | "
                      f"{row['batch_size']} x {row['seq_len']} | {dtype} | {'on' if row['grad_checkpointing'] else 'off'} | "
                      f"{_mib(row['predicted_peak_bytes'])} | {_mib(row['measured_peak_bytes'])} | {100 * error:+.2f}%{flag} | "
-                     f"{_mib(row['peak_rss_bytes'])} | {row['estimate_kind']} | {row['estimate_s']:.1f} | "
+                     f"{_mib(row['peak_rss_bytes'])} | {row['estimate_kind']} | {_seconds(row)} | "
                      f"{row['tracker_overhead']:.2f}x |")
     faked = [r for r in rows if not r["quantization"]]
     if faked:
         worst = max(faked, key=lambda r: abs(r["predicted_peak_bytes"] / r["measured_peak_bytes"] - 1))
         lines += ["", f"Fake-step rows: {len(faked)}, largest error "
                   f"{100 * (worst['predicted_peak_bytes'] / worst['measured_peak_bytes'] - 1):+.2f}% ({worst['key']}); "
-                  f"slowest estimate {max(r['estimate_s'] for r in faked):.1f} s (target < 10 s for SmolLM2)."]
+                  f"slowest estimate {_seconds(max(faked, key=lambda r: r['estimate_s']), 's')} (target < 10 s for "
+                  "SmolLM2; the estimate runs first in a fresh process, so it includes fake tensors' one-off set-up)."]
     smol = sorted(r["tracker_overhead"] for r in rows if r["model"].startswith("smollm2"))
     if smol:
         lines += ["", f"Tracker overhead, SmolLM2 rows (time of a tracked step over an untracked one): median "
@@ -271,6 +282,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--fresh", action="store_true", help="discard memory.json and start over")
     parser.add_argument("--only", default="", help="run only configurations whose key contains this text")
+    parser.add_argument("--redo", action="store_true",
+                        help="measure the --only configurations again, replacing their recorded rows (e.g. times "
+                             "taken on a loaded machine)")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
@@ -287,7 +301,7 @@ def main() -> None:
         row.pop("step_s", None), row.pop("tracked_step_s", None)
     done = {r["key"] for r in data["rows"]} | set(data["lab"])
     for cfg in configurations() + lab_configurations():
-        if cfg["key"] in done or args.only not in cfg["key"]:
+        if args.only not in cfg["key"] or (cfg["key"] in done and not args.redo):
             continue
         t0 = time.perf_counter()
         result = run_child(cfg)
@@ -298,7 +312,11 @@ def main() -> None:
             data["lab"][cfg["key"]] = result
             print(f"{cfg['key']}: {({m: _mib(p) for m, p in result['peaks'].items()})}", flush=True)
         else:
-            data["rows"].append(result)
+            keys = [r["key"] for r in data["rows"]]
+            if result["key"] in keys:
+                data["rows"][keys.index(result["key"])] = result
+            else:
+                data["rows"].append(result)
             print(f"{cfg['key']}: predicted {_mib(result['predicted_peak_bytes'])} MiB, measured "
                   f"{_mib(result['measured_peak_bytes'])} MiB ({time.perf_counter() - t0:.0f} s)", flush=True)
         write_json(path, data)

@@ -46,10 +46,10 @@ from vera_core import plots
 
 if QUICK:   # CI: every sweep runs for real, with a tiny budget
     SWEEP = dict(ranks=[16, 256], d_inits=[0.1, 1.0], lora_ranks=[8], max_rows=48, seeds=(0, 1), scales=[0.5, 2],
-                 train=TrainConfig(steps=4, batch_size=8, max_length=48, eval_batches=2, seed=0))
-else:       # full: r from 16 to 1024, d_init from 1e-7 to 1.0; 3 learning-rate scales to tune, 3 seeds per setting
+                 tune_steps=2, train=TrainConfig(steps=4, batch_size=8, max_length=48, eval_batches=2, seed=0))
+else:       # full: r from 16 to 1024, d_init from 1e-7 to 1.0; 3 learning-rate scales tuned on 25 steps, 3 seeds
     SWEEP = dict(ranks=[16, 64, 256, 1024], d_inits=[1e-7, 1e-3, 0.1, 1.0], lora_ranks=[1, 8], max_rows=600,
-                 seeds=(0, 1, 2), scales=[0.25, 1, 4],
+                 seeds=(0, 1, 2), scales=[0.25, 1, 4], tune_steps=25,
                  train=TrainConfig(steps=100, batch_size=16, max_length=64, eval_batches=8, seed=0))
 SWEEP
 
@@ -64,14 +64,14 @@ SWEEP
 # over seeds in one row.
 
 # %%
-def run_sweep(ranks, d_inits, lora_ranks, max_rows, seeds, scales, train):
+def run_sweep(ranks, d_inits, lora_ranks, max_rows, seeds, scales, tune_steps, train):
     """Rows {sweep, method, r, d_init, trainable_params, lr, seeds, accuracy (mean), accuracy_err (std), eval_loss,
     run_dir}, one per setting, from real compare() runs."""
     data = load_dataset("rotten-tomatoes", seed=train.seed, max_rows=max_rows)
     loaded = load_model("minilm-l6")   # (model, tokenizer); compare deep-copies it for every run
     rows, out = [], Path("runs") / "03-sweep"
     runs_of = dict(train=train, samples=0, exists="overwrite", seeds=seeds, tune={"lr_scale": scales},
-                   tune_steps=train.steps)
+                   tune_steps=tune_steps)
     def add(sweep, report):
         runs = {run.name: run for run in report.runs}
         for s in report.settings:
