@@ -422,8 +422,10 @@ def write_report(data: dict) -> None:
         lines += ["", "**Not measured in this record** (the run was stopped or has not reached them; rerun the same "
                   "command to resume): " + ", ".join(missing) + "."]
     if data.get("load_average_at_start"):
+        busy = data["load_average_at_start"][0] >= 1  # this benchmark's own processes start after the reading
         lines += ["", f"Load average (1, 5, 15 min) when the run started: {data['load_average_at_start']} on "
-                  f"{os.cpu_count()} cores: other processes shared the CPU, so absolute numbers are low and noisy."]
+                  f"{os.cpu_count()} cores: " + ("other processes shared the CPU, so absolute numbers are low and "
+                                                 "noisy." if busy else "nothing else was running.")]
     lines += ["", *why_mixed_is_slower(data)]
     for note in data.get("notes", []):  # written by hand about this record (a rerun of another mode drops them)
         lines += ["", note]
