@@ -220,11 +220,12 @@ class Lab:
         return gr.update(choices=choices, value=value)
 
     def show_run(self, run_dir: str | None):
-        """A finished (or stopped) run: summary, table, bar charts, loss curves, the sweep's trade-off figures and
-        its table sorted by metric, and its saved settings."""
+        """A finished (or stopped) run: summary, table, bar charts, loss curves, for a sweep its trade-off figures
+        and its table sorted by metric (else a line saying it is not a sweep), and its saved settings."""
         if not run_dir:
             empty = pd.DataFrame(columns=views.RESULT_COLUMNS)
-            return "No run selected.", empty, None, None, None, None, None, None, empty, {}
+            hidden = gr.update(value=None, visible=False)
+            return "No run selected.", empty, None, None, None, None, "", hidden, hidden, hidden, {}
         path = self._run_dir(run_dir)
         report, histories = load_run(path)
         meta = views.read_lab_meta(path)
@@ -236,12 +237,16 @@ class Lab:
         runs = report["runs"]
         figures = (loss_figure(histories), params_figure(runs), memory_figure(runs),
                    metric_figure(runs, report["task"], report.get("settings")))
-        scored = tradeoff_rows(report)
-        metric = scored[0]["metric_name"] if scored else "accuracy"
-        sweep = (tradeoff_figure(scored, metric, "Test metric against trainable parameters"),
-                 dinit_figure(scored, metric))
+        if views.is_sweep(report):
+            scored = tradeoff_rows(report)
+            metric = scored[0]["metric_name"] if scored else "accuracy"
+            sweep = (views.SWEEP_HEADING,
+                     *(gr.update(value=v, visible=True) for v in (
+                         tradeoff_figure(scored, metric, "Test metric against trainable parameters"),
+                         dinit_figure(scored, metric), views.sweep_table(report, meta.get("total_params")))))
+        else:  # one point per method: the figures would look like a finding and say nothing
+            sweep = (views.NOT_A_SWEEP, *[gr.update(value=None, visible=False)] * 3)
         return (summary, views.results_table(report, meta.get("total_params")), *figures, *sweep,
-                views.sweep_table(report, meta.get("total_params")),
                 {"compare config.json": config, "lab form": meta.get("form")})
 
     def reopen(self, run_dir: str | None):
@@ -614,12 +619,12 @@ def build_app(runs_dir: str | Path = "runs", defaults: RunForm | None = None, po
                     loss_plot, params_plot = gr.Plot(label="Loss"), gr.Plot(label="Trainable parameters")
                 with gr.Row():
                     memory_plot, metric_plot = gr.Plot(label="Peak memory"), gr.Plot(label="Test metric")
-                gr.Markdown("### Sweep: quality against size (base / head only dashed), and against d_init per r")
+                sweep_note = gr.Markdown(elem_id="sweep-note")
                 with gr.Row():
-                    tradeoff_plot = gr.Plot(label="Trade-off", elem_id="tradeoff-plot")
-                    dinit_plot = gr.Plot(label="d_init", elem_id="dinit-plot")
+                    tradeoff_plot = gr.Plot(label="Trade-off", elem_id="tradeoff-plot", visible=False)
+                    dinit_plot = gr.Plot(label="d_init", elem_id="dinit-plot", visible=False)
                 sweep_results = gr.Dataframe(label="Runs sorted by test metric", interactive=False,
-                                             elem_id="sweep-table")
+                                             elem_id="sweep-table", visible=False)
                 saved_config = gr.JSON(label="Saved configuration")
 
             with gr.Tab("Runs", id="runs") as runs_tab:
@@ -764,7 +769,8 @@ def build_app(runs_dir: str | Path = "runs", defaults: RunForm | None = None, po
             tab.select(lab.run_choices, picker, picker, api_visibility="private")
         refresh_btn.click(lab.run_choices, run_pick, run_pick, api_visibility="private")
         run_pick.change(lab.show_run, run_pick, [summary, results, loss_plot, params_plot, memory_plot, metric_plot,
-                                                 tradeoff_plot, dinit_plot, sweep_results, saved_config],
+                                                 sweep_note, tradeoff_plot, dinit_plot, sweep_results,
+                                                 saved_config],
                         api_name="show_run")
 
         # Runs: the history, filtered; overlay, open elsewhere, delete

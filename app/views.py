@@ -284,6 +284,19 @@ def plan_text(request: RunRequest, time_estimate: dict | None = None) -> str:
             f"({time_estimate['based_on']}).")
 
 
+SWEEP_HEADING = "### Sweep: quality against size (base / head only dashed), and against d_init per r"
+NOT_A_SWEEP = ("*This run is not a sweep* (one setting per method), so there is no trade-off or d_init figure: "
+               "enter several values, e.g. VeRA r `16,256` or d_init `0.1,1`, in the Train tab for one.")
+
+
+def is_sweep(report: dict) -> bool:
+    """Several settings (r, d_init, alpha) of one method: what the trade-off and d_init figures are for."""
+    settings: dict[str, set] = {}
+    for run in report["runs"]:
+        settings.setdefault(run["method"], set()).add((run.get("r"), run.get("d_init"), run.get("alpha")))
+    return any(len(s) > 1 for s in settings.values())
+
+
 def sweep_table(report: dict, total_params: int | None) -> pd.DataFrame:
     """The results table sorted by the test metric (best first; unscored runs last), with each run's settings."""
     table = results_table(report, total_params)

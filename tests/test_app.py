@@ -58,8 +58,9 @@ def test_comparison_through_the_api_matches_report_json(lab):
     report = json.loads((run_dir / "report.json").read_text())
     assert [r["name"] for r in report["runs"]] == ["base", "vera-r16", "lora-r2"]
 
-    summary, table, *_figures, saved = client.predict(str(run_dir), api_name="/show_run")
+    summary, table, *_figures, note, tradeoff, dinit, _sweep, saved = client.predict(str(run_dir), api_name="/show_run")
     assert "minilm-l6" in summary and "rotten-tomatoes" in summary
+    assert "not a sweep" in note and not tradeoff["visible"] and not dinit["visible"]  # one setting per method
     rows = [dict(zip(table["headers"], row)) for row in table["data"]]
     assert [r["run"] for r in rows] == [r["name"] for r in report["runs"]]
     for row, run in zip(rows, report["runs"]):
@@ -114,7 +115,10 @@ def test_a_sweep_through_the_api_reports_every_setting(lab):
         ("lora-r4", 4, None, 8.0)]
     assert all(r["eval"] is not None and r["steps"] in (None, 2) for r in report["runs"])
 
-    *_, tradeoff, dinit, table, _saved = client.predict(str(run_dir), api_name="/show_run")
+    *_, note, tradeoff, dinit, table, _saved = client.predict(str(run_dir), api_name="/show_run")
+    assert note.startswith("### Sweep") and tradeoff["visible"] and dinit["visible"] and table["visible"]
+    assert tradeoff["value"] is not None and dinit["value"] is not None
+    table = table["value"]
     rows = [dict(zip(table["headers"], row)) for row in table["data"]]
     accuracy = [float(r["test metric"].split()[1].rstrip("%")) for r in rows]
     assert accuracy == sorted(accuracy, reverse=True) and len(rows) == 7

@@ -99,6 +99,8 @@ def test_bad_upload_shows_an_error(page, tmp_path):
 def test_results_tab_reopens_the_last_run(page):
     page.get_by_role("tab", name="Results").click()
     expect(page.locator("#results-table")).to_contain_text("vera-r16", timeout=30_000)
+    expect(page.locator("#sweep-note")).to_contain_text("not a sweep")  # one setting per method
+    expect(page.locator("#tradeoff-plot")).to_be_hidden()
     page.locator("#results-table").scroll_into_view_if_needed()
     page.screenshot(path=ARTIFACTS / "06-tab-results.png", full_page=True)
 

@@ -155,3 +155,16 @@ def test_figures_draw_the_spread_over_seeds():
     spread = bars(metric_figure(runs, "classification", settings))
     assert [b.get_height() for b in spread] == [72.0] and spread.errorbar is not None
     assert bars(metric_figure(runs, "classification")).errorbar is None  # one bar per run, no spread
+
+
+def test_a_rate_chosen_at_an_end_of_the_grid_says_so():
+    from vera_core.report import tuning_lines
+
+    def entry(scale):
+        grid = [{"scale": s, "val_loss": 0.7 - 0.01 * s} for s in (0.5, 1.0, 2.0)]
+        return {"scale": scale, "lr": 1e-3 * scale, "head_lr": 1e-3, "grid": grid}
+
+    top, middle, bottom = tuning_lines({"vera-r16": entry(2.0), "lora-r2": entry(1.0), "head": entry(0.5)})
+    assert top.startswith("vera-r16: lr 0.002 (x2); validation loss by scale: x0.5 0.6950, x1 0.6900, x2 0.6800")
+    assert top.endswith("at the top of the grid: a higher rate may do better")
+    assert "grid" not in middle.split("scale:")[1] and bottom.endswith("a lower rate may do better")

@@ -195,6 +195,27 @@ def test_load_adapters_share_one_pair_and_one_copy_of_the_vectors(tmp_path):
     assert [n for n, p in model.named_parameters() if p.requires_grad][0].endswith(".ccc")  # the last is active
 
 
+def test_loading_in_several_calls_keeps_one_exact_stack_per_layer(tmp_path):
+    """Each load copies its vectors into rows kept free for the rest; layers an adapter skips (gate/down only) and a
+    second load_adapters call end with exactly one row per adapter plus the zero row, and serve the same rows."""
+    narrow = ["gate_proj", "down_proj"]  # the same largest in / out as all seven, so the same (A, B)
+    dirs = {"a": _saved(tmp_path, "a"), "n": _saved(tmp_path, "n", target_modules=narrow), "b": _saved(tmp_path, "b")}
+    model = load_adapters(load_adapters(tiny_llama(), dirs), {"c": _saved(tmp_path, "c")})
+    for path, layer in ((p, m) for p, m in model.named_modules() if isinstance(m, VeraLayer)):
+        b_bank, d_bank = layer._bank
+        assert layer.adapter_names == (["a", "n", "b", "c"] if path.endswith(tuple(narrow)) else ["a", "b", "c"])
+        assert len(b_bank) == len(d_bank) == len(layer.adapter_names) + 1
+        for i, name in enumerate(layer.adapter_names):
+            assert layer.vera_lambda_b[name].data_ptr() == b_bank[i].data_ptr()
+            assert layer.vera_lambda_d[name].data_ptr() == d_bank[i].data_ptr()
+        assert not b_bank[-1].any() and not d_bank[-1].any()
+    tokens, names = batch(4), ["a", "n", "b", "c"]
+    mixed = model(tokens, adapter_names=names).logits
+    for i, name in enumerate(names):
+        alone = load_adapter(tiny_llama(), tmp_path / name)(tokens[i : i + 1]).logits[0]
+        torch.testing.assert_close(mixed[i], alone, atol=1e-5, rtol=0)
+
+
 def test_training_one_adapter_after_a_mixed_batch_updates_the_stack(tmp_path):
     model, tokens = adapted("llama", "vera", names=("a", "b")), batch(2)
     model(tokens, adapter_names=["a", "b"])  # builds the stacked vectors

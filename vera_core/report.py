@@ -316,10 +316,18 @@ def pair_line(pair: dict) -> str:
 
 
 def tuning_lines(tuning: dict | None) -> list[str]:
-    """One line per tuned setting: the chosen rates and the validation loss at every scale."""
-    return [f"{setting}: lr {entry['lr']:.2g} (x{entry['scale']:g}); validation loss by scale: "
-            + ", ".join(f"x{p['scale']:g} {p['val_loss']:.4f}" if p["val_loss"] is not None else f"x{p['scale']:g} "
-                        "diverged" for p in entry["grid"]) for setting, entry in (tuning or {}).items()]
+    """One line per tuned setting: the chosen rates and the validation loss at every scale; a rate chosen at an end
+    of the grid says so (a rate beyond it may be better, so the comparison may favour the other method)."""
+    lines = []
+    for setting, entry in (tuning or {}).items():
+        scales = [p["scale"] for p in entry["grid"]]
+        edge = ("" if len(scales) < 2 else
+                " — at the top of the grid: a higher rate may do better" if entry["scale"] == max(scales) else
+                " — at the bottom of the grid: a lower rate may do better" if entry["scale"] == min(scales) else "")
+        lines.append(f"{setting}: lr {entry['lr']:.2g} (x{entry['scale']:g}); validation loss by scale: "
+                     + ", ".join(f"x{p['scale']:g} {p['val_loss']:.4f}" if p["val_loss"] is not None
+                                 else f"x{p['scale']:g} diverged" for p in entry["grid"]) + edge)
+    return lines
 
 
 def seeds_note(report: Report | dict) -> str:
