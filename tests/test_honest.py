@@ -168,3 +168,14 @@ def test_a_rate_chosen_at_an_end_of_the_grid_says_so():
     assert top.startswith("vera-r16: lr 0.002 (x2); validation loss by scale: x0.5 0.6950, x1 0.6900, x2 0.6800")
     assert top.endswith("at the top of the grid: a higher rate may do better")
     assert "grid" not in middle.split("scale:")[1] and bottom.endswith("a lower rate may do better")
+
+
+def test_the_pair_line_says_when_matches_is_really_a_lead_or_a_small_lag():
+    pair = {"vera": "vera-r256", "lora": "lora-r8", "metric": "accuracy", "seeds": [0, 1, 2], "param_ratio": 9.6,
+            "verdict": "matches within 1 point"}
+    lead = pair_line({**pair, "diff_mean": 3.8, "ci95": [1.7, 5.8]})
+    assert lead == ("vera-r256 − lora-r8 = +3.8 points [+1.7, +5.8] (accuracy, 3 seeds; 9.6x fewer parameters): "
+                    "matches within 1 point (vera-r256 ahead: the whole interval is above 0)")
+    assert pair_line({**pair, "diff_mean": -0.5, "ci95": [-0.9, -0.1]}).endswith("slightly behind: the whole "
+                                                                                  "interval is below 0)")
+    assert pair_line({**pair, "diff_mean": 0.9, "ci95": [-0.8, 2.6]}).endswith("matches within 1 point")
