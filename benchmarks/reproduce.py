@@ -1,4 +1,5 @@
-"""Paper reproduction on real data: VeRA vs LoRA on SST-2 (all-MiniLM-L6-v2) and E2E NLG (SmolLM2-135M-Instruct).
+"""Paper reproduction on real data: VeRA vs LoRA on SST-2 (all-MiniLM-L6-v2) and E2E NLG (SmolLM2-135M-Instruct),
+and the lab's own Rotten Tomatoes bar (all-MiniLM-L6-v2, query + value, the built-in set).
 
 Each task is one or two comparisons (one per set of target layers, e.g. query+value and every linear layer), each a
 `vera_core.compare` call with the same verbs a user has: `tune=` gives every method (head-only included) the same
@@ -10,6 +11,7 @@ paired difference with its interval.
 
     .venv/bin/python benchmarks/reproduce.py --task sst2              # CPU subset, 3 seeds, 5-point grid
     .venv/bin/python benchmarks/reproduce.py --task e2e               # CPU subset
+    .venv/bin/python benchmarks/reproduce.py --task rotten-tomatoes   # whole built-in set, 400 steps x 16
     .venv/bin/python benchmarks/reproduce.py --task all --full        # full sets (a GPU)
     .venv/bin/python benchmarks/reproduce.py --task all --quick --out /tmp/q   # smoke: 2 seeds, 2-point grid, 3 steps
 
@@ -46,9 +48,9 @@ from vera_core.tune import LR_SCALES  # noqa: E402
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results"
 DEFAULT_DATA = ROOT.parent / "shared" / "data"
-TASKS = ("sst2", "e2e")
-MODELS = {"sst2": "minilm-l6", "e2e": "smollm2-135m-instruct"}
-METRICS = {"sst2": "accuracy", "e2e": "bleu"}
+TASKS = ("sst2", "e2e", "rotten-tomatoes")
+MODELS = {"sst2": "minilm-l6", "e2e": "smollm2-135m-instruct", "rotten-tomatoes": "minilm-l6"}
+METRICS = {"sst2": "accuracy", "e2e": "bleu", "rotten-tomatoes": "accuracy"}
 # What the paper reports (VeRA, ICLR 2024; ../shared/docs/vera-method.md): RoBERTa-base GLUE SST-2 accuracy.
 PAPER = {"sst2": {"lora": "LoRA 95.1 (RoBERTa-base, 0.3M params)", "vera": "VeRA 94.6 (RoBERTa-base, 0.043M params)"}}
 TARGET_RATIO = 8.0  # the bar: VeRA within 1 point of LoRA (stats.verdict) with >= 8x fewer parameters
@@ -71,7 +73,9 @@ def data_dir(flag: str | None) -> Path:
 
 
 def missing_data(task: str, root: Path) -> str | None:
-    """The skip message for `task` when its files are absent, else None."""
+    """The skip message for `task` when its files are absent, else None (Rotten Tomatoes is built in)."""
+    if task == "rotten-tomatoes":
+        return None
     need = {"sst2": ["sst2/train.tsv", "sst2/dev.tsv"], "e2e": ["e2e/devset.csv"]}[task]
     absent = [p for p in need if not (root / p).is_file()]
     if not absent:
@@ -134,6 +138,9 @@ def plan(task: str, args: argparse.Namespace) -> list[Group]:
                       (LoraConfig(r=8, alpha=16, target_modules=qv),)),
                 Group("all", ("lora", "vera"), (VeraConfig(r=256, d_init=args.d_init, target_modules=all_linear),),
                       (LoraConfig(r=8, alpha=16, target_modules=all_linear),))]
+    if task == "rotten-tomatoes":  # the lab's own quality bar, as benchmarks/quality_rotten_tomatoes.py set it
+        return [Group("qv", ("head", "lora", "vera"), (VeraConfig(r=256, d_init=args.d_init),),
+                      (LoraConfig(r=8, alpha=16),))]
     return [Group("all", ("base", "lora", "vera"), (VeraConfig(r=256, d_init=args.d_init, target_modules=all_linear),),
                   (LoraConfig(r=8, alpha=16, target_modules=all_linear),))]
 
@@ -141,22 +148,25 @@ def plan(task: str, args: argparse.Namespace) -> list[Group]:
 def budgets(task: str, args: argparse.Namespace) -> dict:
     """Subset sizes and the step budget: --quick (smoke), --full (whole sets, for a GPU), else the CPU subset flags."""
     if args.quick:
-        return {"train": 16, "val": 8 if task == "sst2" else 2, "test": 8 if task == "sst2" else 2, "steps": 3,
-                "batch_size": 4, "max_length": 32 if task == "sst2" else 64}
+        return {"train": 16, "val": 8 if task != "e2e" else 2, "test": 8 if task != "e2e" else 2, "steps": 3,
+                "batch_size": 4, "max_length": 32 if task != "e2e" else 64}
     if args.full:
-        return {"train": None, "val": None, "test": None, "steps": args.steps or (2000 if task == "sst2" else 1000),
-                "batch_size": args.batch_size or (32 if task == "sst2" else 8),
-                "max_length": args.max_length or (64 if task == "sst2" else 128)}
+        return {"train": None, "val": None, "test": None, "steps": args.steps or (2000 if task != "e2e" else 1000),
+                "batch_size": args.batch_size or (32 if task != "e2e" else 8),
+                "max_length": args.max_length or (64 if task != "e2e" else 128)}
     if task == "sst2":
         return {"train": args.sst2_train_rows, "val": 500, "test": None, "steps": args.steps or 300,
                 "batch_size": args.batch_size or 32, "max_length": args.max_length or 64}
+    if task == "rotten-tomatoes":  # the whole built-in set (80/10/10), 400 steps x 16 as the quality bar
+        return {"train": None, "val": 500, "test": None, "steps": args.steps or 400,
+                "batch_size": args.batch_size or 16, "max_length": args.max_length or 64}
     return {"train": args.e2e_train_groups, "val": 20, "test": args.e2e_test_groups, "steps": args.steps or 300,
             "batch_size": args.batch_size or 4, "max_length": args.max_length or 128}
 
 
 def subset_note(task: str, ds: TextDataset, b: dict) -> str:
-    unit = "rows" if task == "sst2" else "MRs"
-    count = (lambda rows: len(rows)) if task == "sst2" else (lambda rows: len({r["group"] for r in rows}))
+    unit = "MRs" if task == "e2e" else "rows"
+    count = (lambda rows: len({r["group"] for r in rows})) if task == "e2e" else (lambda rows: len(rows))
     return (f"train {count(ds.train)} {unit}, validation {count(ds.validation)}, test {count(ds.test)}"
             f"{' (all of dev.tsv)' if task == 'sst2' and b['test'] is None else ''}; {b['steps']} steps x batch "
             f"{b['batch_size']}, max_length {b['max_length']}")
@@ -174,6 +184,10 @@ def run_task(task: str, args: argparse.Namespace) -> list[dict]:
     b = budgets(task, args)
     if task == "sst2":
         ds = sst2_dataset(root, args.seed, b["train"], b["val"], b["test"])
+    elif task == "rotten-tomatoes":
+        full = load_dataset("rotten-tomatoes", seed=args.seed)
+        ds = replace(full, train=full.train[:b["train"]], validation=full.validation[:b["val"]],
+                     test=full.test[:b["test"]])
     else:
         ds = e2e_dataset(root, args.seed, b["train"], b["val"], b["test"])
     note = subset_note(task, ds, b)
@@ -275,7 +289,7 @@ def merge_quality(results: Path, task: str, rows: list[dict], pairs: list[dict])
     quality = json.loads(path.read_text()) if path.is_file() else {"tasks": {}}
     quality["tasks"][task] = rows
     quality.setdefault("pairs", {})[task] = pairs
-    rt = rotten_tomatoes_rows(results)
+    rt = [] if quality["pairs"].get("rotten-tomatoes") else rotten_tomatoes_rows(results)  # until rerun here
     if rt:
         quality["tasks"]["rotten-tomatoes"] = rt
     results.mkdir(parents=True, exist_ok=True)
@@ -350,7 +364,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--full", action="store_true", help="whole data sets (meant for a GPU)")
     parser.add_argument("--data-dir", help="folder with sst2/ and e2e/ (default $VERA_REPRO_DATA or ../shared/data)")
     parser.add_argument("--out", default=str(RESULTS), help="results folder (quality.json, quality.md, repro/)")
-    parser.add_argument("--steps", type=int, help="optimizer steps per run (default: sst2 300, e2e 300)")
+    parser.add_argument("--steps", type=int,
+                        help="optimizer steps per run (default: sst2 300, e2e 300, rotten-tomatoes 400)")
     parser.add_argument("--batch-size", type=int)
     parser.add_argument("--max-length", type=int)
     parser.add_argument("--sst2-train-rows", type=int, default=4000)

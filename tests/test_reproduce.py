@@ -1,4 +1,5 @@
 """benchmarks/reproduce.py: the skip when data is absent, leak-free splits of the real data, the quality.json rows."""
+import argparse
 import csv
 import importlib.util
 import json
@@ -24,7 +25,9 @@ ROW_KEYS = {"name", "method", "r", "targets", "lr", "steps", "trainable_params",
 
 def test_absent_data_skips_with_a_clear_message(tmp_path, capsys, monkeypatch):
     monkeypatch.setenv("VERA_REPRO_DATA", str(tmp_path / "nowhere"))
-    assert reproduce.main(["--task", "all", "--quick", "--out", str(tmp_path / "out")]) == 0
+    for task in ("sst2", "e2e"):  # Rotten Tomatoes is built in: it never skips
+        assert reproduce.main(["--task", task, "--quick", "--out", str(tmp_path / "out")]) == 0
+    assert reproduce.missing_data("rotten-tomatoes", tmp_path / "nowhere") is None
     out = capsys.readouterr().out
     for task, hub in (("sst2", "glue/sst2"), ("e2e", "e2e_nlg")):
         assert f"SKIP {task}:" in out and hub in out and str(tmp_path / "nowhere") in out
@@ -88,3 +91,12 @@ def test_quick_run_tunes_every_method_runs_two_seeds_and_writes_pairs(tmp_path, 
     reproduce.main(["--task", "sst2", "--quick", "--out", str(out)])
     assert (out / "repro" / "sst2" / "qv" / "report.json").stat().st_mtime_ns == stamp
     assert "qv: done earlier, kept" in capsys.readouterr().out
+
+
+def test_rotten_tomatoes_is_the_quality_bar_rerun_with_tuning_and_seeds():
+    args = argparse.Namespace(d_init=0.1, steps=None, batch_size=None, max_length=None, quick=False, full=False)
+    [group] = reproduce.plan("rotten-tomatoes", args)
+    assert (group.name, group.methods) == ("qv", ("head", "lora", "vera"))
+    assert [(c.r, c.target_modules) for c in group.vera] == [(256, None)] and group.lora[0].r == 8
+    assert reproduce.budgets("rotten-tomatoes", args) == {"train": None, "val": 500, "test": None, "steps": 400,
+                                                          "batch_size": 16, "max_length": 64}
