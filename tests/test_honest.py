@@ -42,6 +42,9 @@ def test_seeds_and_tuning_give_intervals_pairs_and_chosen_rates(tokenizer, tmp_p
         assert runs[f"{setting}-s1"]["lr"] == pytest.approx(entry["lr"])
         assert runs[f"{setting}-s1"]["head_lr"] == pytest.approx(1e-3 * entry["scale"])  # one head rate for all
     assert json.loads((tmp_path / "tuning.json").read_text()) == tuning
+    points = sorted(p.name for p in (tmp_path / "tune").iterdir())
+    assert points == sorted(f"{s}-x{x:g}" for s in tuning for x in (0.5, 2))
+    assert all([f.name for f in (tmp_path / "tune" / p).iterdir()] == ["tune.json"] for p in points)  # no adapter
     assert not any(n.startswith("tune/") for n in histories)  # tuning curves stay out of the runs' histories
     assert {e["run"] for e in events if e.get("phase") == "tune" and e["type"] == "step"} == {
         f"tune/{s}-x{x:g}" for s in tuning for x in (0.5, 2)}
