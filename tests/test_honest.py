@@ -182,3 +182,18 @@ def test_the_pair_line_says_when_matches_is_really_a_lead_or_a_small_lag():
     assert pair_line({**pair, "diff_mean": -0.5, "ci95": [-0.9, -0.1]}).endswith("slightly behind: the whole "
                                                                                   "interval is below 0)")
     assert pair_line({**pair, "diff_mean": 0.9, "ci95": [-0.8, 2.6]}).endswith("matches within 1 point")
+
+
+def test_a_resume_with_another_grid_retrains_only_the_runs_whose_rate_changed(tokenizer, tmp_path):
+    def run(scales):
+        done = []
+        _compare(tokenizer, tmp_path / "run", tune={"lr_scale": scales}, tune_steps=2, exists="resume"
+                 if (tmp_path / "run").is_dir() else "refuse",
+                 on_event=lambda e: done.append(e["run"]) if e["type"] == "run_done" else None)
+        return done, {r["name"]: r["lr"] for r in load_run(tmp_path / "run")[0]["runs"]}
+
+    first, rates = run([0.5])
+    assert first == ["base", "head", "vera-r16", "lora-r4"] and rates["vera-r16"] == pytest.approx(5e-3)
+    assert run([0.5])[0] == []  # the same grid: every finished run is kept
+    again, rates = run([2.0])  # another grid chooses another rate: the trained runs run again at it
+    assert again == ["head", "vera-r16", "lora-r4"] and rates["vera-r16"] == pytest.approx(2e-2)

@@ -249,6 +249,15 @@ def _write_config(run_dir: Path, request: RunRequest, specs: list[RunSpec]) -> N
     })
 
 
+def _same_rates(request: RunRequest, spec: RunSpec, run: dict, scale: float) -> bool:
+    """Whether a finished run was trained at the rates this request gives it now: a resume with another tuning grid
+    can choose another rate, and then the run is trained again."""
+    if spec.method == "base":
+        return True
+    config = request.train_config(spec, scale)
+    return (run.get("lr"), run.get("head_lr")) == (config.lr, config.head_lr)
+
+
 EXISTS = ("refuse", "resume", "overwrite")
 RUN_FILES = ("config.json", "metrics.jsonl", "report.json", "report.md", "samples.jsonl", "tuning.json")
 RUN_FOLDERS = ("adapters", "train", "predictions", "tune")
@@ -319,7 +328,8 @@ def run_request(request: RunRequest, out_dir: str | os.PathLike | None = None,
                 report.tuning = tune_rates(request, run_dir, prepare, emit, stop)
                 scales = {setting: entry["scale"] for setting, entry in (report.tuning or {}).items()}
             for spec in specs:
-                if spec.name in finished:  # resumed: this run finished before
+                if spec.name in finished and _same_rates(request, spec, finished[spec.name],
+                                                         scales.get(spec.setting, 1.0)):  # resumed: finished before
                     kept = {k: v for k, v in finished[spec.name].items() if k in RunReport.__dataclass_fields__}
                     report.runs.append(RunReport(**kept, history=histories.get(spec.name, [])))
                     continue
