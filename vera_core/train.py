@@ -540,12 +540,14 @@ def train(
     stop: threading.Event | None = None,
     resume_from: str | os.PathLike | None = None,
     progress: bool | None = None,
+    keep_adapter: bool = True,
 ) -> TrainResult:
     """Train the model's trainable parameters on `dataset.train`, evaluating on `dataset.validation`.
 
     Events go to `on_event` (JSON-serialisable dicts; the last is "done", "stopped" or "error"). Setting `stop`
     ends the run within one step, adapter intact. With `out_dir` the final adapter goes to out_dir/adapter and
     checkpoints (every `checkpoint_every` steps, and on stop) to out_dir/checkpoints; `resume_from` continues one.
+    keep_adapter=False skips the final save (a tuning run keeps only its score).
     progress: a tqdm bar with loss and ETA (None: shown when no `on_event` is given and a terminal or notebook shows
     the output).
     """
@@ -571,7 +573,7 @@ def train(
                     _checkpoint(s)
             if stopped and out_dir is not None:
                 _checkpoint(s)
-            if out_dir is not None and s.method in ("vera", "lora") and s.is_main:
+            if keep_adapter and out_dir is not None and s.method in ("vera", "lora") and s.is_main:
                 adapter_dir = str(save_adapter(s.core, out_dir / "adapter"))
             s.emit("stopped" if stopped else "done", final_train_loss=_final_loss(s.history))
     except torch.cuda.OutOfMemoryError as e:

@@ -38,16 +38,14 @@ def _point(request: RunRequest, spec: RunSpec, scale: float, prepare: Callable[[
     resume = work if (work / "checkpoints").is_dir() else None
     name = f"tune/{work.name}"
     result = train_model(model, tokenizer, request.dataset, config, run_name=name, out_dir=work,
-                         on_event=lambda e: emit({**e, "phase": "tune"}), stop=stop, resume_from=resume)
+                         on_event=lambda e: emit({**e, "phase": "tune"}), stop=stop, resume_from=resume,
+                         keep_adapter=False)  # the point keeps its score: the chosen rate is retrained per seed
     if result.stopped:
         return None
     loss = result.eval["eval_loss"] if result.eval else float("nan")
     point = {"scale": scale, "lr": config.lr, "head_lr": config.head_lr,
              "val_loss": loss if math.isfinite(loss) else None, "steps": result.steps_done, "wall_s": result.wall_s}
     write_json(work / RESULT, point)
-    # The point keeps only its score: the chosen rate is trained again with every seed, so the adapter the trainer
-    # saved would be dead weight (9.8 MB a point for LoRA r=8 on SmolLM2's 7 projections).
-    shutil.rmtree(work / "adapter", ignore_errors=True)
     return point
 
 
