@@ -397,7 +397,7 @@ def adapter_macs() -> tuple[float, float]:
     computes A x once per distinct input (q/k/v share the attention input, gate/up the MLP input; o and down have
     their own) and one B product per layer; LoRA r one (r, in) and one (out, r) product per layer."""
     base = sum(i * o for i, o in SMOLLM2_SHAPES.values())
-    inputs = [576, 576, 576, 1536]  # attention input, o's input, MLP input, down's input
+    inputs = [SMOLLM2_SHAPES[n][0] for n in ("q", "o", "gate", "down")]  # the distinct inputs A x is computed on
     vera = VERA_R * (sum(inputs) + sum(o for _, o in SMOLLM2_SHAPES.values()))
     lora = LORA_R * sum(i + o for i, o in SMOLLM2_SHAPES.values())
     return vera / base, lora / base
@@ -524,14 +524,16 @@ def write_report(data: dict) -> None:
                      f"{extra['vera_vector_bytes'] / 1e6:.0f} MB; load {extra['load_s']:.1f} s), LoRA r=8 "
                      f"{bank['lora'] / 1e6:.0f} MB (computed from the shapes, fp32 A and B).")
         if "parameters" in extra:
+            from vera_core.io import BANK_EVERY
+
             rest = bank["vera"] - extra["vera_vector_bytes"]
             lines.append(
                 f"\nThe {rest / 1e6:.0f} MB beyond the vectors are their {extra['parameters']:,} parameter objects "
                 f"(a b and a d per adapter and adapted layer): {rest / extra['parameters']:.0f} B each here, against "
                 f"{extra['bytes_per_parameter_view']:.0f} B measured on their own for a Parameter that views a row "
-                "of a stack, held in a ParameterDict (Python object, TensorImpl, dict entries). The vectors are held once: load_adapters "
-                "copies each group of 16 adapters into rows kept free for them, so the files' tensors are freed as "
-                "it goes (stacking everything at the end held 1.75 GB: the vectors twice over, then freed copies "
+                "of a stack, held in a ParameterDict (Python object, TensorImpl, dict entries). The vectors are held "
+                f"once: load_adapters copies each group of {BANK_EVERY} adapters into rows kept free for them, so the "
+                "files' tensors are freed as it goes (stacking everything at the end held 1.75 GB: the vectors twice over, then freed copies "
                 "scattered through the heap that malloc_trim could not give back).")
     load = data.get("load_64_s", {})
     if load:
