@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 
 from vera_core.metrics import bleu, bleu_from_statistics, bleu_statistics
-from vera_core.stats import (accuracy_statistic, bootstrap_interval, mean_std, paired_difference, resample_counts,
-                             t_interval, t_quantile, verdict)
+from vera_core.stats import (PERCENT, accuracy_statistic, bootstrap_interval, mean_std, paired_difference,
+                             resample_counts, t_interval, t_quantile, verdict)
 
 
 def test_t_interval_is_mean_plus_minus_table_quantile_times_standard_error():
@@ -21,6 +21,14 @@ def test_t_interval_is_mean_plus_minus_table_quantile_times_standard_error():
         t_interval([5.0])
     with pytest.raises(ValueError, match="no values"):
         mean_std([])
+
+
+def test_a_two_seed_interval_stops_at_the_metrics_range():
+    values = [60.0, 90.0]  # mean 75, std 21.2, df 1: t = 12.706, half-width 190.6 points
+    low, high = t_interval(values)
+    assert low == pytest.approx(75 - 12.706 * 15) and high == pytest.approx(75 + 12.706 * 15)
+    assert t_interval(values, PERCENT) == (0.0, 100.0)
+    assert t_interval([79.0, 81.0, 80.0], PERCENT) == t_interval([79.0, 81.0, 80.0])  # inside: unchanged
 
 
 def test_bootstrap_is_deterministic_and_brackets_the_accuracy():

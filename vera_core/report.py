@@ -246,7 +246,7 @@ def setting_rows(report: Report | dict, run_dir: str | os.PathLike | None = None
     "metric" (its name), "values", "mean", "std" (None for one seed), "ci95" [low, high], "ci_kind"}: a t-interval
     over seeds when there are several, else a bootstrap over the run's test examples (predictions/*.jsonl in
     `run_dir`; None without them)."""
-    from .stats import bootstrap_interval, mean_std, t_interval
+    from .stats import PERCENT, bootstrap_interval, mean_std, t_interval
 
     rows = []
     for setting, runs in _by_setting(_as_dict(report)).items():
@@ -254,7 +254,7 @@ def setting_rows(report: Report | dict, run_dir: str | os.PathLike | None = None
         values = [metric_value(r["eval"])[1] for r in runs]
         mean, std = mean_std(values)
         if len(values) > 1:
-            ci, kind = list(t_interval(values)), "t over seeds"
+            ci, kind = list(t_interval(values, PERCENT)), "t over seeds"
         else:
             examples, statistic = _example_rows(run_dir, runs[0]["name"], metric)
             ci = list(bootstrap_interval([examples], statistic)) if examples is not None else None
