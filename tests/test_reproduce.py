@@ -93,6 +93,16 @@ def test_quick_run_tunes_every_method_runs_two_seeds_and_writes_pairs(tmp_path, 
     assert "qv: done earlier, kept" in capsys.readouterr().out
 
 
+def test_the_bar_line_judges_the_mean_and_the_ratio_apart_from_the_intervals_verdict():
+    pair = {"vera": "vera-r256-qv", "lora": "lora-r8-qv", "metric": "accuracy", "seeds": [0, 1, 2],
+            "diff_mean": -1.3, "ci95": [-2.5, -0.2], "verdict": "cannot tell", "param_ratio": 9.6}
+    line = reproduce.bar_line(pair)
+    assert line.startswith("vera-r256-qv − lora-r8-qv = -1.3 points [-2.5, -0.2]") and "cannot tell" in line
+    assert line.endswith("bar: mean -1.3 vs -1 point: MISSED, 9.6x vs 8x fewer parameters: met")
+    assert reproduce.bar_line({**pair, "diff_mean": -0.2, "param_ratio": 4.4}).endswith(
+        "mean -0.2 vs -1 point: met, 4.4x vs 8x fewer parameters: MISSED")
+
+
 def test_rotten_tomatoes_is_the_quality_bar_rerun_with_tuning_and_seeds():
     args = argparse.Namespace(d_init=0.1, steps=None, batch_size=None, max_length=None, quick=False, full=False)
     [group] = reproduce.plan("rotten-tomatoes", args)
