@@ -280,10 +280,12 @@ def merge_quality(results: Path, task: str, rows: list[dict], pairs: list[dict])
     write_json(path, quality)
     for name, rows_ in quality["tasks"].items():
         if any(r.get("r") for r in rows_):
+            title = f"{name}: {rows_[0]['metric_name']} against trainable parameters"
+            if any(r.get("metric_std") for r in rows_):
+                title += "\n(mean over seeds, bars ± std)"
             # One line per run family: the name without its rank ("vera-r256-qv" -> "vera-qv").
             fig = tradeoff_figure([{**r, "series": re.sub(r"-r\d+", "", r["name"]), "metric_err": r.get("metric_std")}
-                                   for r in rows_], "metric",
-                                  f"{name}: {rows_[0]['metric_name']} against trainable parameters", series="series")
+                                   for r in rows_], "metric", title, series="series")
             fig.axes[0].set_ylabel(rows_[0]["metric_name"])
             fig.savefig(results / f"quality_{name}.png", dpi=100)
     (results / "quality.md").write_text(markdown(quality))
