@@ -110,3 +110,14 @@ def test_rotten_tomatoes_is_the_quality_bar_rerun_with_tuning_and_seeds():
     assert [(c.r, c.target_modules) for c in group.vera] == [(256, None)] and group.lora[0].r == 8
     assert reproduce.budgets("rotten-tomatoes", args) == {"train": None, "val": 500, "test": None, "steps": 400,
                                                           "batch_size": 16, "max_length": 64}
+
+
+def test_each_task_tunes_on_its_own_default_grid_unless_the_flags_say_otherwise():
+    args = argparse.Namespace(quick=False, tune=None, tune_steps=None)
+    assert reproduce.tuning("sst2", args, 300) == ([0.25, 0.5, 1.0, 2.0, 4.0, 8.0], None)  # every point: full budget
+    # E2E: one more doubling (LoRA still improved at x8), grid points at half the budget, both methods alike.
+    assert reproduce.tuning("e2e", args, 300) == ([0.25, 0.5, 1.0, 2.0, 4.0, 8.0, 16.0], 150)
+    assert reproduce.tuning("e2e", args, 1000)[1] == 500
+    flags = argparse.Namespace(quick=False, tune=[1.0, 4.0], tune_steps=40)
+    assert reproduce.tuning("e2e", flags, 300) == ([1.0, 4.0], 40)
+    assert reproduce.tuning("e2e", argparse.Namespace(quick=True, tune=[1.0], tune_steps=9), 3) == ([0.5, 2.0], 2)
