@@ -81,9 +81,13 @@ def test_seeds_and_tuning_give_intervals_pairs_and_chosen_rates(tokenizer, tmp_p
 
 
 def test_one_seed_generation_bootstraps_over_test_groups(tokenizer, tmp_path):
-    compare((tiny_llama(tokenizer=tokenizer), tokenizer), colours(), methods=("vera", "lora"),
-            vera=VeraConfig(r=8), lora=LoraConfig(r=2), out_dir=tmp_path, eval_generate=2, samples=1, progress=False,
-            train=TrainConfig(steps=1, batch_size=2, max_length=24))
+    def run(**kw):
+        compare((tiny_llama(tokenizer=tokenizer), tokenizer), colours(), methods=("vera", "lora"),
+                vera=VeraConfig(r=8), lora=LoraConfig(r=2), out_dir=tmp_path, eval_generate=2, samples=1,
+                progress=False, train=TrainConfig(steps=1, batch_size=2, max_length=24), tune={"lr_scale": [1, 2]},
+                tune_steps=1, **kw)
+
+    run()
     data = json.loads((tmp_path / "report.json").read_text())
     assert [r["name"] for r in data["runs"]] == ["vera-r8", "lora-r2"] and data["seeds"] == [0]
     rows = [json.loads(line) for line in (tmp_path / "predictions" / "vera-r8.jsonl").read_text().splitlines()]
@@ -93,6 +97,10 @@ def test_one_seed_generation_bootstraps_over_test_groups(tokenizer, tmp_path):
     assert vera["ci95"][0] <= vera["mean"] <= vera["ci95"][1]
     assert data["pairs"][0]["seeds"] == [0] and data["pairs"][0]["verdict"] in (
         "matches within 1 point", "behind", "cannot tell")
+    # resumed: a causal LM's runs record no head rate, and they are kept all the same (nothing trains again)
+    again = []
+    run(exists="resume", on_event=again.append)
+    assert not [e for e in again if e["type"] == "step"] and load_run(tmp_path)[0]["runs"] == data["runs"]
 
 
 def test_bad_seeds_grids_and_too_many_runs_are_refused(tokenizer):

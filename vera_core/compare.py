@@ -255,7 +255,8 @@ def _same_rates(request: RunRequest, spec: RunSpec, run: dict, scale: float) -> 
     if spec.method == "base":
         return True
     config = request.train_config(spec, scale)
-    return (run.get("lr"), run.get("head_lr")) == (config.lr, config.head_lr)
+    head_lr = config.head_lr if run.get("head_params") else None  # runs without a head record none (see _run_one)
+    return (run.get("lr"), run.get("head_lr")) == (config.lr, head_lr)
 
 
 EXISTS = ("refuse", "resume", "overwrite")
