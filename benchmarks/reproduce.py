@@ -314,22 +314,6 @@ def bar_line(pair: dict) -> str:
             f"{TARGET_RATIO:g}x fewer parameters: {'met' if pair['param_ratio'] >= TARGET_RATIO else 'MISSED'}")
 
 
-def verdicts(rows: list[dict], pairs: list[dict]) -> list[str]:
-    """VeRA − LoRA on the same target layers against the issue's bar: with seeds and predictions, the paired
-    difference, its interval and verdict; for rows recorded before them, the bare gap (no interval)."""
-    if pairs:
-        return [bar_line(p) for p in pairs]
-    lines = []
-    for lo in (r for r in rows if r["method"] == "lora"):
-        for ve in (r for r in rows if r["method"] == "vera" and r.get("targets") == lo.get("targets")):
-            gap = ve["metric"] - lo["metric"]
-            ratio = lo["trainable_params"] / ve["trainable_params"]
-            lines.append(f"{ve['name']} vs {lo['name']}: {ve['metric_name']} {ve['metric']:.2f} vs {lo['metric']:.2f} "
-                         f"({gap:+.2f} points, one seed, no interval), {ratio:.1f}x fewer trainable parameters "
-                         "(head excluded)")
-    return lines
-
-
 def table(rows: list[dict]) -> str:
     def metric(r: dict) -> str:
         text = f"{r['metric_name']} {r['metric']:.2f}" + (f" ± {r['metric_std']:.2f}" if r.get("metric_std") else "")
@@ -358,7 +342,7 @@ def markdown(quality: dict) -> str:
         lines += [f"## {task} ({rows[0].get('model')}; {rows[0].get('subset')})", "", table(rows), ""]
         if any(r.get("r") for r in rows):
             lines += [f"![{task}](quality_{task}.png)", ""]
-        lines += [f"- {v}" for v in verdicts(rows, quality.get("pairs", {}).get(task, []))]
+        lines += [f"- {bar_line(p)}" for p in quality.get("pairs", {}).get(task, [])]
         if task in PAPER:
             lines.append(f"- paper: {PAPER[task]['lora']}; {PAPER[task]['vera']} (≈7x fewer)")
         lines.append("")
