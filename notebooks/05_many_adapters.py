@@ -101,6 +101,9 @@ for name, data in DATA.items():
     del model
 
 # %% [markdown]
+# The same 60 steps take different times because the rows differ in length: a chef row is ~60 tokens, a review ~31, a
+# question with its answer ~12 (SmolLM2's tokenizer, before the chat template), and on a CPU the step time follows.
+#
 # ## 2. Load them onto one base and serve a mixed batch
 #
 # `load_adapters` loads every directory onto the same base (checking that they share seed, r and projection shape)
