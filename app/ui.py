@@ -17,12 +17,12 @@ import gradio as gr
 import pandas as pd
 
 from vera_core import merge_adapter, unmerge_adapter
-from vera_core.calculator import KNOWN_MODELS
-from vera_core.compare import measure_step_times, run_request
-from vera_core.data import BUILTIN_DATASETS, format_preview, load_dataset
-from vera_core.many import load_many, serve_batch
-from vera_core.models import OFFLINE_MODELS, generate, predict
-from vera_core.plots import (
+from vera_core.lab.calculator import KNOWN_MODELS
+from vera_core.lab.compare import measure_step_times, run_request
+from vera_core.lab.data import BUILTIN_DATASETS, format_preview, load_dataset
+from vera_core.lab.many import load_many, serve_batch
+from vera_core.lab.models import OFFLINE_MODELS, generate, predict
+from vera_core.lab.plots import (
     breakdown_figure,
     calculator_figure,
     dinit_figure,
@@ -32,8 +32,8 @@ from vera_core.plots import (
     params_figure,
     tradeoff_figure,
 )
-from vera_core.report import load_run, memory_differences, tradeoff_rows
-from vera_core.runs import export, list_runs, load_run_model, new_run_dir, read_config
+from vera_core.lab.report import load_run, memory_differences, tradeoff_rows
+from vera_core.lab.runs import export, list_runs, load_run_model, new_run_dir, read_config
 
 from . import views
 from .jobs import JobBusy, JobManager

@@ -12,17 +12,17 @@ import pandas as pd
 import torch
 
 from vera_core import TrainConfig, lora_grid, vera_grid
-from vera_core.calculator import known_model, parameter_table
-from vera_core.checks import float_list, int_list
-from vera_core.config import ALL_LINEAR, LoraConfig, VeraConfig
-from vera_core.data import BUILTIN_DATASETS, shorten
-from vera_core.files import write_json
-from vera_core.memory import largest_batch
-from vera_core.report import metric_value, seed_summary_lines, summary_rows
-from vera_core.request import RunRequest
-from vera_core.runs import list_runs as vera_list_runs
-from vera_core.train import DEFAULT_LR
-from vera_core.tune import LR_SCALES
+from vera_core.lab.calculator import known_model, parameter_table
+from vera_core.lab.parse import float_list, int_list
+from vera_core.adapters.config import ALL_LINEAR, LoraConfig, VeraConfig
+from vera_core.lab.data import BUILTIN_DATASETS, shorten
+from vera_core.adapters.files import write_json
+from vera_core.lab.memory import largest_batch
+from vera_core.lab.report import metric_value, seed_summary_lines, summary_rows
+from vera_core.lab.request import RunRequest
+from vera_core.lab.runs import list_runs as vera_list_runs
+from vera_core.lab.train import DEFAULT_LR
+from vera_core.lab.tune import LR_SCALES
 
 UPLOAD = "uploaded file"
 UPLOAD_SUFFIXES = (".jsonl", ".csv", ".tsv")

@@ -27,7 +27,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-from vera_core.files import write_json, write_text  # noqa: E402
+from vera_core.adapters.files import write_json, write_text  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results"
 LLAMA_ALL = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -73,7 +73,7 @@ def configurations() -> list[dict]:
 def _model(cfg: dict):
     """(model, tokenizer) for a configuration; "tiny-gpt2" is a 2-layer GPT-2 (Conv1D projections), random weights,
     with SmolLM2's tokenizer."""
-    from vera_core.models import load_model
+    from vera_core.lab.models import load_model
 
     if cfg["model"] != "tiny-gpt2":
         return load_model(cfg["model"], quantization=cfg["quantization"], dtype=cfg["dtype"])
@@ -85,7 +85,7 @@ def _model(cfg: dict):
 
 
 def _adapter(cfg: dict):
-    from vera_core.config import ALL_LINEAR, LoraConfig, VeraConfig
+    from vera_core.adapters.config import ALL_LINEAR, LoraConfig, VeraConfig
 
     targets = ALL_LINEAR if cfg["targets"] == "all-linear" else cfg["targets"].split(",")
     if cfg["method"] == "vera":
@@ -107,10 +107,10 @@ def _long_rows(task: str, n: int) -> list[dict]:
 def child(cfg: dict) -> dict:
     import warnings
 
-    from vera_core.data import TextDataset
-    from vera_core.memory import estimate_memory
-    from vera_core.models import make_trainable
-    from vera_core.train import TrainConfig, train
+    from vera_core.lab.data import TextDataset
+    from vera_core.lab.memory import estimate_memory
+    from vera_core.lab.models import make_trainable
+    from vera_core.lab.train import TrainConfig, train
 
     load_1m = os.getloadavg()[0]  # the estimate's time means little without the machine's load beside it
     model, tokenizer = _model(cfg)
@@ -154,8 +154,9 @@ def child_lab(cfg: dict) -> dict:
     3 steps, in-process in the given order: each method's tracked peak."""
     import tempfile
 
-    from vera_core.compare import compare
-    from vera_core.config import ALL_LINEAR, LoraConfig, TrainConfig, VeraConfig
+    from vera_core.lab.compare import compare
+    from vera_core.lab.config import TrainConfig
+    from vera_core.adapters.config import ALL_LINEAR, LoraConfig, VeraConfig
 
     with tempfile.TemporaryDirectory() as out:
         report = compare("smollm2-135m-instruct", "synthetic-restaurants", methods=cfg["order"],

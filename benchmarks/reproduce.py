@@ -2,7 +2,7 @@
 and the lab's own Rotten Tomatoes bar (all-MiniLM-L6-v2, query + value, the built-in set).
 
 Each task is one or two comparisons (one per set of target layers, e.g. query+value and every linear layer), each a
-`vera_core.compare` call with the same verbs a user has: `tune=` gives every method (head-only included) the same
+`vera_core.lab.compare` call with the same verbs a user has: `tune=` gives every method (head-only included) the same
 learning-rate grid and step budget on the validation split (first seed), `seeds=` then runs the chosen rate once per
 seed on the test split. A comparison writes benchmarks/results/repro/<task>/<group>/ and is resumed there (finished
 runs and tuning points kept); after each one the rows are merged into benchmarks/results/quality.json and
@@ -34,17 +34,17 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import torch  # noqa: E402
 
-from vera_core.checks import float_list, seed_list  # noqa: E402
-from vera_core.compare import compare  # noqa: E402
-from vera_core.config import LoraConfig, VeraConfig  # noqa: E402
-from vera_core.data import MR_INSTRUCTION, TextDataset, load_dataset  # noqa: E402
-from vera_core.files import write_json  # noqa: E402
-from vera_core.plots import tradeoff_figure  # noqa: E402
-from vera_core.report import Report, mean_cell, pair_line  # noqa: E402
-from vera_core.runs import run_summary  # noqa: E402
-from vera_core.stats import MARGIN  # noqa: E402
-from vera_core.train import TrainConfig  # noqa: E402
-from vera_core.tune import LR_SCALES  # noqa: E402
+from vera_core.lab.parse import float_list, seed_list  # noqa: E402
+from vera_core.lab.compare import compare  # noqa: E402
+from vera_core.adapters.config import LoraConfig, VeraConfig  # noqa: E402
+from vera_core.lab.data import MR_INSTRUCTION, TextDataset, load_dataset  # noqa: E402
+from vera_core.adapters.files import write_json  # noqa: E402
+from vera_core.lab.plots import tradeoff_figure  # noqa: E402
+from vera_core.lab.report import Report, mean_cell, pair_line  # noqa: E402
+from vera_core.lab.runs import run_summary  # noqa: E402
+from vera_core.lab.stats import MARGIN  # noqa: E402
+from vera_core.lab.train import TrainConfig  # noqa: E402
+from vera_core.lab.tune import LR_SCALES  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results"

@@ -68,7 +68,7 @@ def _trim() -> None:
 def _base(cfg: dict):
     import torch
 
-    from vera_core.models import load_model
+    from vera_core.lab.models import load_model
 
     model, tokenizer = load_model(MODEL, dtype=cfg["dtype"], device=cfg["device"])
     torch.manual_seed(0)
@@ -110,7 +110,7 @@ def make_adapters(folder: Path, count: int, kinds: tuple[str, ...]) -> None:
 
 
 def _prompts(tokenizer, n: int, device: str):
-    from vera_core.chat import format_prompt
+    from vera_core.lab.chat import format_prompt
 
     topics = ["the sea", "a mountain", "coffee", "a city at night", "bread", "the moon", "a violin", "rain"]
     texts = [format_prompt(tokenizer, f"Write one sentence about {topics[i % len(topics)]} (note {i}).")
@@ -268,7 +268,7 @@ def child_bank(cfg: dict) -> None:
     """RSS held by `count` real VeRA adapter directories loaded onto one base (after malloc_trim), against the
     vectors' own size; LoRA r=8's size computed from the same shapes (what its A and B hold in fp32)."""
     import vera_core
-    from vera_core.inject import adapter_layers
+    from vera_core.adapters.inject import adapter_layers
 
     count = cfg["count"]
     per_parameter = _parameter_view_bytes()  # first, while the heap has few free holes to hide new objects in
@@ -524,7 +524,7 @@ def write_report(data: dict) -> None:
                      f"{extra['vera_vector_bytes'] / 1e6:.0f} MB; load {extra['load_s']:.1f} s), LoRA r=8 "
                      f"{bank['lora'] / 1e6:.0f} MB (computed from the shapes, fp32 A and B).")
         if "parameters" in extra:
-            from vera_core.io import BANK_EVERY
+            from vera_core.adapters.io import BANK_EVERY
 
             rest = bank["vera"] - extra["vera_vector_bytes"]
             lines.append(

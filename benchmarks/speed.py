@@ -34,7 +34,7 @@ TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down
 def _model(device: str, dtype: str):
     import torch
 
-    from vera_core.models import load_model
+    from vera_core.lab.models import load_model
 
     model, _ = load_model(MODEL, dtype=dtype, device=device)
     return model.train(), torch
@@ -69,7 +69,7 @@ def _adapt(model, method: str, impl: str, r: int):
 
 
 def child_train(cfg: dict) -> dict:
-    from vera_core.fused import fast_vera
+    from vera_core.adapters.fused import fast_vera
 
     model, torch = _model(cfg["device"], cfg["dtype"])
     model, params = _adapt(model, cfg["method"], cfg["impl"], cfg["r"])
@@ -128,7 +128,7 @@ def child_infer(cfg: dict) -> dict:
 def child_load(cfg: dict) -> dict:
     """Adapter load (regenerate A and B, check the fingerprint, copy b and d) and cached vs cold model load."""
     import vera_core
-    from vera_core.models import load_model
+    from vera_core.lab.models import load_model
 
     out = {}
     start = time.perf_counter()

@@ -145,7 +145,7 @@ print(model.proj)
 import tempfile
 from pathlib import Path
 from vera_core import save_adapter
-from vera_core.projections import fingerprint
+from vera_core.adapters.projections import fingerprint
 
 A0, B0 = generate_projections(16, 64, 48, seed=0)
 A0_again, B0_again = generate_projections(16, 64, 48, seed=0)
@@ -170,7 +170,7 @@ print(f"A and B would add {4 * (A0.numel() + B0.numel()):,} bytes if stored; b a
 # %%
 import pandas as pd
 from vera_core import LoraConfig, estimate_parameters
-from vera_core.calculator import KNOWN_MODELS, parameter_table
+from vera_core.lab.calculator import KNOWN_MODELS, parameter_table
 
 def param_row(model_name: str, r: int) -> dict:
     """Trainable parameters of VeRA and LoRA at rank r on a known model (shapes only)."""

@@ -17,7 +17,7 @@
 # # 02 · Fine-tune with VeRA and LoRA, side by side
 #
 # **What you will do:** train the same model on the same data with the same step budget three ways — no training
-# (`base`), VeRA and LoRA — with `vera_core.compare`, then read the loss curves, the results table and the model's
+# (`base`), VeRA and LoRA — with `vera_core.lab.compare`, then read the loss curves, the results table and the model's
 # outputs side by side, merge the VeRA adapter into the weights and check nothing changed, and look at the adapter
 # files on disk.
 #
@@ -43,9 +43,18 @@ import ipywidgets as widgets
 from IPython.display import display, Markdown
 from vera_core import LoraConfig, VeraConfig, load_adapter, load_model, merge_adapter, predict
 from vera_core import TrainConfig, compare, load_run
-from vera_core.report import (SETTING_COLUMNS, SUMMARY_COLUMNS, memory_differences, pair_line, parameter_ratios,
-                               seeds_note, setting_table, summary_rows, tuning_lines)
-from vera_core import plots
+from vera_core.lab.report import (
+    SETTING_COLUMNS,
+    SUMMARY_COLUMNS,
+    memory_differences,
+    pair_line,
+    parameter_ratios,
+    seeds_note,
+    setting_table,
+    summary_rows,
+    tuning_lines,
+)
+from vera_core.lab import plots
 
 # Budgets: quick (CI) vs full. Full mode is sized for a quiet 2-core CPU: 3 learning-rate scales x 2 methods tuned on
 # 20 steps each, then 3 seeds x 3 methods of 80 steps (about 20 minutes in all).
@@ -151,7 +160,7 @@ show_results(report)
 # %% [markdown]
 # ## 2. Loss curves
 #
-# `vera_core.plots` draws every figure of a run directory. Lines are training losses, markers validation losses.
+# `vera_core.lab.plots` draws every figure of a run directory. Lines are training losses, markers validation losses.
 
 # %% tags=["expect-image"]
 report_json, histories = load_run(report.run_dir)

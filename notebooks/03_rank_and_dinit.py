@@ -42,7 +42,7 @@ import ipywidgets as widgets
 import torch
 from IPython.display import display
 from vera_core import TrainConfig, compare, load_dataset, load_model, load_run, lora_grid, vera_grid
-from vera_core import plots
+from vera_core.lab import plots
 
 if QUICK:   # CI: every sweep runs for real, with a tiny budget
     SWEEP = dict(ranks=[16, 256], d_inits=[0.1, 1.0], lora_ranks=[8], max_rows=48, seeds=(0, 1), scales=[0.5, 2],
@@ -106,7 +106,7 @@ results.drop(columns=["run_dir"])
 # LoRA's adds `in + out`. Each point is the mean over seeds; its bar is ± one standard deviation.
 
 # %% tags=["expect-image"]
-# The rank sweep at d_init = 0.1 and the LoRA runs: one line per method (vera_core.plots.tradeoff_figure).
+# The rank sweep at d_init = 0.1 and the LoRA runs: one line per method (vera_core.lab.plots.tradeoff_figure).
 points = results[(results.sweep != "d_init") | (results.d_init == 0.1)].drop_duplicates(subset=["method", "r"])
 display(plots.tradeoff_figure(points.to_dict("records"), "accuracy",
                               "Rotten Tomatoes, MiniLM-L6 (query+value)" + (" — QUICK budget: noise" if QUICK else "")))
@@ -115,7 +115,7 @@ display(plots.tradeoff_figure(points.to_dict("records"), "accuracy",
 # ## 3. d_init
 #
 # Accuracy of VeRA r = 256 for each `d_init` (`plots.dinit_figure`, one line per rank; mean ± std over seeds), and
-# the loss curves of every run of the `d_init` sweep (drawn by `vera_core.plots`).
+# the loss curves of every run of the `d_init` sweep (drawn by `vera_core.lab.plots`).
 
 # %% tags=["expect-image"]
 dsweep = results[results.sweep == "d_init"]
@@ -186,7 +186,7 @@ for name in ("rank", "d_init", "lora"):
 
 # %% jupyter={"source_hidden": true} tags=["solution"]
 from vera_core import LoraConfig, VeraConfig, estimate_parameters
-from vera_core.calculator import KNOWN_MODELS
+from vera_core.lab.calculator import KNOWN_MODELS
 cfg = KNOWN_MODELS["minilm-l6"].config
 p = lambda c: estimate_parameters(cfg, c)["trainable"]
 # 1: one extra parameter per adapted layer per rank step: 12 layers * 768 = 9,216

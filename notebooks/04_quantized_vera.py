@@ -38,9 +38,16 @@ import ipywidgets as widgets
 from IPython.display import display
 from vera_core import (LoraConfig, TrainConfig, VeraConfig, add_adapter, compare, count_parameters, estimate_memory,
                        load_model, merge_adapter)
-from vera_core.report import (SETTING_COLUMNS, SUMMARY_COLUMNS, memory_differences, pair_line, setting_table,
-                               summary_rows, tuning_lines)
-from vera_core import plots
+from vera_core.lab.report import (
+    SETTING_COLUMNS,
+    SUMMARY_COLUMNS,
+    memory_differences,
+    pair_line,
+    setting_table,
+    summary_rows,
+    tuning_lines,
+)
+from vera_core.lab import plots
 
 BUDGET = (dict(max_rows=32, seeds=(0, 1), scales=[0.5, 2], tune_steps=2,
                train=TrainConfig(steps=3, batch_size=8, max_length=48, eval_batches=2, seed=0)) if QUICK

@@ -48,11 +48,11 @@ from IPython.display import display
 
 import vera_core
 from vera_core import TrainConfig, VeraConfig, add_adapter, load_adapters, load_model, set_active_adapter
-from vera_core.chat import format_prompt
-from vera_core.data import TextDataset, load_dataset
-from vera_core.fused import fast_vera
-from vera_core.models import generate
-from vera_core.train import train
+from vera_core.lab.chat import format_prompt
+from vera_core.lab.data import TextDataset, load_dataset
+from vera_core.adapters.fused import fast_vera
+from vera_core.lab.models import generate
+from vera_core.lab.train import train
 
 MODEL = "smollm2-135m-instruct"
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -240,7 +240,7 @@ with torch.inference_mode():
         plain = base(**live_enc).logits
 print("1: base rows equal the plain model:", torch.allclose(mixed[0::2], plain[0::2], atol=1e-5))
 # 2: b (out) and d (r) per adapted layer, fp32
-from vera_core.inject import adapter_layers
+from vera_core.adapters.inject import adapter_layers
 per_adapter = sum((layer.out_features + VERA.r) * 4 for _, layer in adapter_layers(base))
 files = {n: (d / "adapter.safetensors").stat().st_size for n, d in adapter_dirs.items()}
 print(f"2: {per_adapter / 1e6:.2f} MB per adapter in memory; files {files}")

@@ -13,7 +13,7 @@ import torch  # noqa: E402
 from helpers import causal_data, load_tokenizer, trainable, vera_llama  # noqa: E402
 from safetensors.torch import save_file  # noqa: E402
 
-from vera_core.train import TrainConfig, train  # noqa: E402
+from vera_core.lab.train import TrainConfig, train  # noqa: E402
 
 folder = Path(sys.argv[1])
 rank = int(os.environ["RANK"])

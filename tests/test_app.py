@@ -16,9 +16,9 @@ from helpers import TINY_LAB_RUN, free_port
 from app import build_app, launch
 from app.jobs import JobBusy, JobManager
 from app.views import UPLOAD, RunForm
-from vera_core.calculator import KNOWN_MODELS
-from vera_core.config import LoraConfig, VeraConfig
-from vera_core.memory import largest_batch
+from vera_core.lab.calculator import KNOWN_MODELS
+from vera_core.adapters.config import LoraConfig, VeraConfig
+from vera_core.lab.memory import largest_batch
 
 
 def wait_for_job(client: Client, timeout: float = 240) -> dict:

@@ -8,8 +8,8 @@ import torch
 from helpers import MINILM
 from transformers import AutoTokenizer
 
-from vera_core.batches import IGNORE_INDEX, Encoded, batches, collate, encode, pad_token_id
-from vera_core.chat import format_prompt
+from vera_core.lab.batches import IGNORE_INDEX, Encoded, batches, collate, encode, pad_token_id
+from vera_core.lab.chat import format_prompt
 
 # A tiny chat template, so the chat path is tested without the (slow to load) SmolLM2 tokenizer.
 TEMPLATE = ("{% for m in messages %}user : {{ m['content'] }} {% endfor %}"

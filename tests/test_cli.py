@@ -12,7 +12,7 @@ import pytest
 from helpers import BAD, GOOD, check_contract, tiny_bert, tiny_llama
 from transformers import LlamaForCausalLM
 
-from vera_core.cli import main
+from vera_core.lab.cli import main
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -223,7 +223,7 @@ def test_cli_export_keeps_a_directory_it_did_not_write(assets, tmp_path, capsys,
 
 
 def test_progress_shows_train_and_eval_loss_once():
-    from vera_core.cli import _Progress
+    from vera_core.lab.cli import _Progress
 
     progress = _Progress()
     progress({"type": "start", "total": 4, "run": "vera-r16"})

@@ -6,14 +6,14 @@ import warnings
 import pytest
 from helpers import check_contract, colours, sentiment, tiny_bert, tiny_llama
 
-from vera_core.compare import compare
-from vera_core.config import LoraConfig, VeraConfig
-from vera_core.count import estimate_parameters
-from vera_core.data import TextDataset
-from vera_core.memory import estimate_memory
-from vera_core.report import load_run
-from vera_core.request import RunRequest
-from vera_core.train import TrainConfig
+from vera_core.lab.compare import compare
+from vera_core.adapters.config import LoraConfig, VeraConfig
+from vera_core.adapters.count import estimate_parameters
+from vera_core.lab.data import TextDataset
+from vera_core.lab.memory import estimate_memory
+from vera_core.lab.report import load_run
+from vera_core.lab.request import RunRequest
+from vera_core.lab.train import TrainConfig
 
 
 def test_classification_comparison_writes_a_consistent_run_directory(tokenizer, tmp_path):
@@ -198,7 +198,7 @@ def test_estimate_memory_parts_are_those_of_a_fake_training_step():
 
 
 def test_estimate_memory_falls_back_to_the_formula_naming_the_reason(monkeypatch):
-    import vera_core.memory as memory
+    import vera_core.lab.memory as memory
 
     def broken(*args):
         raise RuntimeError("data-dependent shape in forward")
@@ -210,7 +210,7 @@ def test_estimate_memory_falls_back_to_the_formula_naming_the_reason(monkeypatch
 
 
 def _minilm():
-    from vera_core.calculator import known_model
+    from vera_core.lab.calculator import known_model
 
     return known_model("minilm-l6").config
 
@@ -218,7 +218,7 @@ def _minilm():
 def test_params_figure_draws_when_nothing_was_trained():
     import io
 
-    from vera_core.plots import params_figure
+    from vera_core.lab.plots import params_figure
 
     fig = params_figure([{"name": "base", "trainable_params": 0}])  # a comparison stopped after "base"
     assert fig.axes[0].get_yscale() == "linear" and len(fig.axes[0].patches) == 0
@@ -228,7 +228,7 @@ def test_params_figure_draws_when_nothing_was_trained():
 
 
 def test_tradeoff_figure_draws_one_line_per_method_sorted_by_size():
-    from vera_core.plots import tradeoff_figure
+    from vera_core.lab.plots import tradeoff_figure
 
     rows = [{"method": "vera", "r": 1024, "trainable_params": 16_896, "accuracy": 81.0},
             {"method": "lora", "r": 8, "trainable_params": 73_728, "accuracy": 80.0},

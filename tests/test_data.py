@@ -8,9 +8,24 @@ from pathlib import Path
 
 import pytest
 
-from vera_core.data import (
-    BUILTIN_DATASETS, MR_INSTRUCTION, TextDataset, format_preview, load_dataset, mr_prompt, preview,
+from vera_core.lab.data import (
+
+    BUILTIN_DATASETS,
+
+    MR_INSTRUCTION,
+
+    TextDataset,
+
+    format_preview,
+
+    load_dataset,
+
+    mr_prompt,
+
+    preview,
+
     synthetic_restaurants,
+
 )
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "data"

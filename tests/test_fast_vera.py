@@ -7,8 +7,8 @@ import torch.nn.functional as F
 from helpers import LLAMA_ALL, copy_vectors_to_peft, peft_vera, randomize_adapter, tiny_gpt2, tiny_llama
 
 from vera_core import VeraConfig, add_adapter, merge_adapter
-from vera_core.fused import fast_vera
-from vera_core.layers import VeraLayer
+from vera_core.adapters.fused import fast_vera
+from vera_core.adapters.layers import VeraLayer
 
 GPT2_ALL = ["c_attn", "c_proj", "c_fc"]
 # (batch, length): 2 x 40 tokens folds every projection of the tiny models, 1 x 3 takes the per-token path
@@ -98,7 +98,7 @@ def test_rebuild_keeps_no_folded_weight_and_auto_chooses_by_cost():
     folded = 4 * sum(m.in_features * m.out_features for m in model.modules() if isinstance(m, VeraLayer))
     assert kept - rebuilt == folded
     # auto: rebuild once the rebuild product is at most a quarter of the per-token work, 4·in·out <= N·(in + out)
-    from vera_core.fused import keep_folded
+    from vera_core.adapters.fused import keep_folded
     assert keep_folded(1_000, 576, 576) and not keep_folded(1_152, 576, 576)
     with fast_vera(True, "rebuild"):
         assert not keep_folded(10, 576, 576)

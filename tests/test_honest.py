@@ -5,13 +5,13 @@ import json
 import pytest
 from helpers import colours, sentiment, tiny_bert, tiny_llama
 
-from vera_core.compare import compare
-from vera_core.config import LoraConfig, VeraConfig
-from vera_core.report import load_run, pair_line, setting_table
-from vera_core.request import RunRequest
-from vera_core.runs import list_runs, run_summary
-from vera_core.stats import t_interval
-from vera_core.train import TrainConfig
+from vera_core.lab.compare import compare
+from vera_core.adapters.config import LoraConfig, VeraConfig
+from vera_core.lab.report import load_run, pair_line, setting_table
+from vera_core.lab.request import RunRequest
+from vera_core.lab.runs import list_runs, run_summary
+from vera_core.lab.stats import t_interval
+from vera_core.lab.train import TrainConfig
 
 TINY = TrainConfig(steps=2, batch_size=4, max_length=16)
 
@@ -151,8 +151,8 @@ def test_a_stopped_multi_seed_run_stays_readable(tokenizer, tmp_path):
 def test_figures_draw_the_spread_over_seeds():
     from matplotlib.container import BarContainer
 
-    from vera_core.plots import metric_figure
-    from vera_core.report import tradeoff_rows
+    from vera_core.lab.plots import metric_figure
+    from vera_core.lab.report import tradeoff_rows
 
     runs = [{"name": f"vera-r16-s{s}", "setting": "vera-r16", "seed": s, "method": "vera", "r": 16,
              "trainable_params": 192, "eval": {"loss": 0.5, "accuracy": acc}} for s, acc in ((0, 70.0), (1, 74.0))]
@@ -169,7 +169,7 @@ def test_figures_draw_the_spread_over_seeds():
 
 
 def test_a_rate_chosen_at_an_end_of_the_grid_says_so():
-    from vera_core.report import tuning_lines
+    from vera_core.lab.report import tuning_lines
 
     def entry(scale):
         grid = [{"scale": s, "val_loss": 0.7 - 0.01 * s} for s in (0.5, 1.0, 2.0)]

@@ -11,7 +11,7 @@ import torch
 from helpers import LLAMA_ALL, randomize_adapter, tiny_bert, tiny_gpt2, tiny_llama
 from safetensors.torch import load_file, save_file
 
-import vera_core.io as vio
+import vera_core.adapters.io as vio
 from vera_core import (
     LoraConfig,
     VeraConfig,
@@ -21,7 +21,7 @@ from vera_core import (
     load_adapter,
     save_adapter,
 )
-from vera_core.layers import AdapterLayer
+from vera_core.adapters.layers import AdapterLayer
 
 
 def trained(build=tiny_llama, config=None, seed=0):

@@ -13,7 +13,7 @@ from helpers import free_port
 
 import vera_core
 from app import build_app, launch
-from vera_core.models import load_model
+from vera_core.lab.models import load_model
 
 TARGETS = ["query", "value"]
 

@@ -7,13 +7,14 @@ import torch
 from helpers import LLAMA_ALL, causal_data, tiny_bert, tiny_llama
 from torch import nn
 
-from vera_core.compare import compare
-from vera_core.config import LoraConfig, TrainConfig, VeraConfig
-from vera_core.inject import add_adapter
-from vera_core.memory import estimate_memory, largest_batch
-from vera_core.memtrack import MemoryTracker
-from vera_core.report import memory_differences
-from vera_core.train import train
+from vera_core.lab.compare import compare
+from vera_core.lab.config import TrainConfig
+from vera_core.adapters.config import LoraConfig, VeraConfig
+from vera_core.adapters.inject import add_adapter
+from vera_core.lab.memory import estimate_memory, largest_batch
+from vera_core.lab.memtrack import MemoryTracker
+from vera_core.lab.report import memory_differences
+from vera_core.lab.train import train
 
 
 def _step(model, optimizer, batch) -> torch.Tensor:
@@ -151,7 +152,7 @@ def _profiled_peak(prof) -> int:
 
 @pytest.mark.integration
 def test_tracker_agrees_with_the_profiler_on_a_smollm2_step():
-    from vera_core.models import load_model
+    from vera_core.lab.models import load_model
 
     model, _ = load_model("smollm2-135m-instruct")
     model = add_adapter(model, VeraConfig(r=256, target_modules=LLAMA_ALL))

@@ -2,7 +2,7 @@
 import pytest
 import sacrebleu
 
-from vera_core.metrics import accuracy, bleu, generation_scores, group_references, rouge_l
+from vera_core.lab.metrics import accuracy, bleu, generation_scores, group_references, rouge_l
 
 
 def test_accuracy_is_a_percentage_and_checks_lengths():

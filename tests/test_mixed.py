@@ -21,9 +21,9 @@ from vera_core import (
     save_adapter,
     set_active_adapter,
 )
-from vera_core.fused import FoldedVera
-from vera_core.layers import VeraLayer
-from vera_core.models import generate
+from vera_core.adapters.fused import FoldedVera
+from vera_core.adapters.layers import VeraLayer
+from vera_core.lab.models import generate
 
 ROWS = ["b", "__base__", "a", "b", "c"]
 BUILDS = {

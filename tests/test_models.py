@@ -1,4 +1,4 @@
-"""Tests for vera_core.models: loading the offline models (and their cache), generate, predict, and bad input."""
+"""Tests for vera_core.lab.models: loading the offline models (and their cache), generate, predict, and bad input."""
 from __future__ import annotations
 
 import shutil
@@ -10,8 +10,8 @@ import torch
 from torch import nn
 from transformers import BertConfig, BertForSequenceClassification
 
-from vera_core import models
-from vera_core.models import OFFLINE_MODELS, generate, load_model, model_summary, predict
+from vera_core.lab import models
+from vera_core.lab.models import OFFLINE_MODELS, generate, load_model, model_summary, predict
 
 SMOLLM2_PARAMETERS = 134_515_008
 MINILM_PARAMETERS = 22_713_216  # encoder + pooler, without the classification head

@@ -5,9 +5,18 @@ import math
 import numpy as np
 import pytest
 
-from vera_core.metrics import bleu, bleu_from_statistics, bleu_statistics
-from vera_core.stats import (PERCENT, accuracy_statistic, bootstrap_interval, mean_std, paired_difference,
-                             resample_counts, t_interval, t_quantile, verdict)
+from vera_core.lab.metrics import bleu, bleu_from_statistics, bleu_statistics
+from vera_core.lab.stats import (
+    PERCENT,
+    accuracy_statistic,
+    bootstrap_interval,
+    mean_std,
+    paired_difference,
+    resample_counts,
+    t_interval,
+    t_quantile,
+    verdict,
+)
 
 
 def test_t_interval_is_mean_plus_minus_table_quantile_times_standard_error():

@@ -8,9 +8,9 @@ import pytest
 from helpers import sentiment, tiny_bert
 
 from vera_core import LoraConfig, TrainConfig, VeraConfig, list_runs, lora_grid, vera_grid
-from vera_core.checks import float_list, int_list
-from vera_core.cli import build_parser
-from vera_core.request import RunRequest
+from vera_core.lab.parse import float_list, int_list
+from vera_core.lab.cli import build_parser
+from vera_core.lab.request import RunRequest
 
 
 @pytest.fixture(scope="module")
@@ -100,7 +100,7 @@ def test_time_estimate_uses_measured_step_times_and_interpolates_by_size(pair):
 
 
 def test_tradeoff_figure_draws_error_bars_only_when_rows_carry_them():
-    from vera_core.plots import dinit_figure, tradeoff_figure
+    from vera_core.lab.plots import dinit_figure, tradeoff_figure
 
     rows = [{"method": "vera", "r": 16, "d_init": 0.1, "trainable_params": 200, "accuracy": 70.0, "accuracy_err": 2.0},
             {"method": "vera", "r": 256, "d_init": 0.1, "trainable_params": 3000, "accuracy": 75.0,

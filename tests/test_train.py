@@ -11,12 +11,12 @@ import pytest
 import torch
 from helpers import BAD, GOOD, LLAMA_ALL, causal_data, tiny_bert, tiny_llama, trainable, vera_llama
 
-from vera_core.config import LoraConfig, VeraConfig
-from vera_core.data import TextDataset
-from vera_core.inject import add_adapter
-from vera_core.io import load_adapter
-from vera_core.evaluate import evaluate
-from vera_core.train import TrainConfig, default_lr, detect_method, train
+from vera_core.adapters.config import LoraConfig, VeraConfig
+from vera_core.lab.data import TextDataset
+from vera_core.adapters.inject import add_adapter
+from vera_core.adapters.io import load_adapter
+from vera_core.lab.evaluate import evaluate
+from vera_core.lab.train import TrainConfig, default_lr, detect_method, train
 
 
 def classification_data() -> TextDataset:
@@ -268,8 +268,8 @@ def test_ddp_two_processes_end_with_identical_vectors(tokenizer, tmp_path):
 
 @pytest.mark.integration
 def test_smollm2_vera_all_projections_lowers_eval_loss():
-    from vera_core.data import load_dataset
-    from vera_core.models import load_model
+    from vera_core.lab.data import load_dataset
+    from vera_core.lab.models import load_model
 
     model, tok = load_model("smollm2-135m-instruct")
     add_adapter(model, VeraConfig(r=256, target_modules=LLAMA_ALL))

@@ -12,55 +12,47 @@ The adapter API is a handful of verbs:
 Importing the package loads the adapter API only (torch and transformers); training, comparing, models, data and
 metrics load on first use of their names.
 """
-import sys
-import types
 from importlib import import_module
 
-from .config import LoraConfig, TrainConfig, VeraConfig, lora_grid, vera_grid
-from .count import count_parameters, estimate_parameters
-from .inject import (
+from .adapters import (
+    LoraConfig,
+    VeraConfig,
     active_adapter,
     adapter_configs,
     add_adapter,
+    count_parameters,
     disabled_adapter,
+    estimate_parameters,
+    export_peft,
+    generate_projections,
+    load_adapter,
+    load_adapters,
+    lora_grid,
     merge_adapter,
+    mixed_adapters,
     remove_adapter,
+    save_adapter,
     set_active_adapter,
     unmerge_adapter,
+    vera_grid,
 )
-from .io import export_peft, load_adapter, load_adapters, save_adapter
-from .mixed import mixed_adapters
-from .projections import generate_projections
+from .lab.config import TrainConfig
 
 # Public names whose modules are imported on first access (they pull in sacrebleu, psutil, datasets, ...).
 _LAZY = {
-    "compare": "compare", "run_request": "compare",
-    "RunRequest": "request",
-    "Report": "report", "load_run": "report",
-    "list_runs": "runs", "load_run_model": "runs", "export": "runs",
-    "TrainResult": "train", "train": "train",
-    "evaluate": "evaluate",
-    "load_model": "models", "generate": "models", "predict": "models", "model_summary": "models",
-    "OFFLINE_MODELS": "models",
-    "TextDataset": "data", "load_dataset": "data", "preview": "data", "format_preview": "data",
-    "BUILTIN_DATASETS": "data",
-    "estimate_memory": "memory", "largest_batch": "memory", "MemoryTracker": "memtrack",
-    "bleu": "metrics", "rouge_l": "metrics", "generation_scores": "metrics",
+    "compare": "lab.compare", "run_request": "lab.compare",
+    "RunRequest": "lab.request",
+    "Report": "lab.report", "load_run": "lab.report",
+    "list_runs": "lab.runs", "load_run_model": "lab.runs", "export": "lab.runs",
+    "TrainResult": "lab.train", "train": "lab.train",
+    "evaluate": "lab.evaluate",
+    "load_model": "lab.models", "generate": "lab.models", "predict": "lab.models", "model_summary": "lab.models",
+    "OFFLINE_MODELS": "lab.models",
+    "TextDataset": "lab.data", "load_dataset": "lab.data", "preview": "lab.data", "format_preview": "lab.data",
+    "BUILTIN_DATASETS": "lab.data",
+    "estimate_memory": "lab.memory", "largest_batch": "lab.memory", "MemoryTracker": "lab.memtrack",
+    "bleu": "lab.metrics", "rouge_l": "lab.metrics", "generation_scores": "lab.metrics",
 }
-
-
-# Functions named like their module (train, compare, evaluate): importing the submodule sets the package attribute to
-# the module, which would hide the function. The package's class drops that one assignment; sys.modules keeps the module.
-_SHADOWED = {name for name, module in _LAZY.items() if name == module}
-
-
-class _Package(types.ModuleType):
-    def __setattr__(self, name, value):
-        if not (name in _SHADOWED and isinstance(value, types.ModuleType)):
-            super().__setattr__(name, value)
-
-
-sys.modules[__name__].__class__ = _Package
 
 
 def __getattr__(name: str):

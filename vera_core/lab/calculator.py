@@ -5,8 +5,8 @@ from dataclasses import dataclass
 
 from transformers import BertConfig, LlamaConfig, PretrainedConfig, RobertaConfig
 
-from .config import LoraConfig, VeraConfig
-from .count import estimate_parameters
+from ..adapters.config import LoraConfig, VeraConfig
+from ..adapters.count import estimate_parameters
 
 LLAMA_PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 

@@ -28,11 +28,11 @@ from transformers import (
 )
 
 from .calculator import KNOWN_MODELS, known_model
-from .config import AdapterConfig
+from ..adapters.config import AdapterConfig
 from .chat import format_prompt
-from .inject import add_adapter
-from .layers import keep_portable_4bit
-from .mixed import mixed_adapters
+from ..adapters.inject import add_adapter
+from ..adapters.layers import keep_portable_4bit
+from ..adapters.mixed import mixed_adapters
 from .data import TASKS
 QUANTIZATIONS = (None, "4bit", "8bit")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}

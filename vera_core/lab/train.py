@@ -33,9 +33,9 @@ from .config import TrainConfig
 from .data import TextDataset
 from .device import autocast, resolve_device, to_device, use_bf16
 from .evaluate import evaluate_encoded
-from .files import atomic_directory, write_json
-from .inject import active_adapter, adapter_configs, adapter_parameters
-from .io import save_adapter
+from ..adapters.files import atomic_directory, write_json
+from ..adapters.inject import active_adapter, adapter_configs, adapter_parameters
+from ..adapters.io import save_adapter
 from .memtrack import MemoryTracker
 from .models import enable_grad_checkpointing
 from .progress import with_bar

@@ -8,7 +8,7 @@ from typing import Iterator
 import numpy as np
 import torch
 
-from vera_core.chat import format_prompt
+from vera_core.lab.chat import format_prompt
 
 IGNORE_INDEX = -100  # label value that torch's cross-entropy (and transformers' models) skip
 

@@ -12,8 +12,16 @@ from torch import nn
 
 from .config import ALL_LINEAR, DEFAULT_TARGETS, AdapterConfig, LoraConfig, VeraConfig
 from . import mixed
-from .layers import (AdapterLayer, LoraLayer, ModulesToSave, VeraLayer, is_supported, keep_portable_4bit, layer_shape,
-                     walk)
+from .layers import (
+    AdapterLayer,
+    LoraLayer,
+    ModulesToSave,
+    VeraLayer,
+    is_supported,
+    keep_portable_4bit,
+    layer_shape,
+    walk,
+)
 from .projections import VeraProjections
 
 # Plain attributes set on the adapted model (not modules, so they never enter its state dict).

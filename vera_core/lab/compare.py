@@ -2,7 +2,7 @@
 
     report = compare("minilm-l6", "rotten-tomatoes", methods=("base", "vera", "lora"), train=TrainConfig(steps=200))
 
-`compare` builds a `RunRequest` (vera_core.request) and `run_request` runs it: the run directory holds config.json,
+`compare` builds a `RunRequest` (vera_core.lab.request) and `run_request` runs it: the run directory holds config.json,
 metrics.jsonl (every event, one per line), adapters/<run>/, report.json, report.md, samples.jsonl and the figures.
 It is consistent after every run, so a stop leaves a readable directory.
 """
@@ -25,15 +25,16 @@ from typing import Callable, Sequence
 
 from torch import nn
 
-from .checks import positive_int
-from .config import AdapterConfig, LoraConfig, TrainConfig, VeraConfig
-from .count import count_parameters
+from ..adapters.checks import positive_int
+from .config import TrainConfig
+from ..adapters.config import AdapterConfig, LoraConfig, VeraConfig
+from ..adapters.count import count_parameters
 from .data import TextDataset
 from .device import resolve_device
 from .evaluate import score_split
-from .files import write_json, write_jsonl
-from .inject import adapter_layers
-from .io import save_adapter
+from ..adapters.files import write_json, write_jsonl
+from ..adapters.inject import adapter_layers
+from ..adapters.io import save_adapter
 from .memory import DTYPE_BYTES, estimate_memory
 from .metrics import group_references
 from .models import head_names, make_trainable

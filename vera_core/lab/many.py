@@ -13,11 +13,11 @@ from typing import Sequence
 
 import torch
 
-from .config import LoraConfig, VeraConfig
-from .inject import active_adapter, adapter_configs, adapter_layers, adapter_parameters, set_active_adapter
-from .io import _read, load_adapters
-from .layers import VeraLayer
-from .mixed import BASE, mixed_adapters
+from ..adapters.config import LoraConfig, VeraConfig
+from ..adapters.inject import active_adapter, adapter_configs, adapter_layers, adapter_parameters, set_active_adapter
+from ..adapters.io import _read, load_adapters
+from ..adapters.layers import VeraLayer
+from ..adapters.mixed import BASE, mixed_adapters
 from .models import generate
 from .runs import load_base
 

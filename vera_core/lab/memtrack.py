@@ -26,8 +26,8 @@ from torch import nn
 from torch.utils import _pytree as pytree
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from .inject import adapter_parameters
-from .projections import VeraProjections
+from ..adapters.inject import adapter_parameters
+from ..adapters.projections import VeraProjections
 
 CATEGORIES = ("weights", "adapter", "gradients", "optimizer", "activations", "temporaries")
 

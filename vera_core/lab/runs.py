@@ -14,9 +14,9 @@ from pathlib import Path
 
 import torch
 
-from .files import atomic_directory
-from .inject import remove_adapter
-from .io import export_peft, load_adapter, save_adapter
+from ..adapters.files import atomic_directory
+from ..adapters.inject import remove_adapter
+from ..adapters.io import export_peft, load_adapter, save_adapter
 from .models import load_model
 from .report import metric_value
 

@@ -17,7 +17,7 @@ from contextlib import contextmanager
 from typing import Iterator
 
 from .calculator import KNOWN_MODELS, known_model, parameter_table
-from .checks import float_list, int_list, seed_list
+from .parse import float_list, int_list, seed_list
 from .report import format_table
 from .progress import ProgressBar
 from .runs import EXPORT_FORMATS
@@ -61,7 +61,7 @@ def cmd_params(args) -> int:
 
 def _request(args, methods: list[str]):
     """The RunRequest of a compare / train command line (checked before anything runs)."""
-    from .config import lora_grid, vera_grid
+    from ..adapters.config import lora_grid, vera_grid
     from .request import RunRequest
 
     return RunRequest(
@@ -159,7 +159,7 @@ def cmd_train(args) -> int:
 
 
 def _load_with_adapter(model_name: str, adapter: str | None, task: str | None, num_labels: int = 2):
-    from .io import load_adapter
+    from ..adapters.io import load_adapter
     from .models import load_model
 
     model, tokenizer = load_model(model_name, task=task, num_labels=num_labels)
@@ -194,7 +194,7 @@ def cmd_evaluate(args) -> int:
 
 
 def cmd_export(args) -> int:
-    from .files import check_target
+    from ..adapters.files import check_target
     from .runs import export
 
     check_target(args.out, args.overwrite)  # before the model load, which can take long

@@ -12,7 +12,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Sequence
 
-from .files import write_json, write_jsonl, write_text
+from ..adapters.files import write_json, write_jsonl, write_text
 
 MEMORY_MODES = {
     "isolated": "each method ran in its own process (multiprocessing spawn)",

@@ -20,11 +20,11 @@ import torch
 from torch import nn
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, PretrainedConfig
 
-from .checks import positive_int
-from .config import AdapterConfig, LoraConfig, VeraConfig
-from .count import estimate_parameters, meta_model
-from .inject import resolve_targets
-from .layers import layer_shape
+from ..adapters.checks import positive_int
+from ..adapters.config import AdapterConfig, LoraConfig, VeraConfig
+from ..adapters.count import estimate_parameters, meta_model
+from ..adapters.inject import resolve_targets
+from ..adapters.layers import layer_shape
 from .memtrack import MemoryTracker, extent_bytes
 from .models import enable_grad_checkpointing, is_causal_lm, make_trainable, model_config as config_of
 

@@ -25,8 +25,16 @@ from transformers.pytorch_utils import Conv1D
 
 from .config import AdapterConfig, LoraConfig, VeraConfig, config_from_dict
 from .files import atomic_directory
-from .inject import (active_adapter, adapter_configs, adapter_layers, add_adapter, check_shared_pair, head_wrappers,
-                     matches_suffix, set_active_adapter)
+from .inject import (
+    active_adapter,
+    adapter_configs,
+    adapter_layers,
+    add_adapter,
+    check_shared_pair,
+    head_wrappers,
+    matches_suffix,
+    set_active_adapter,
+)
 from .layers import LoraLayer, ModulesToSave, VeraLayer, layer_shape, walk
 from .projections import VeraProjections, fingerprint
 

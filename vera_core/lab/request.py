@@ -16,9 +16,10 @@ from typing import Sequence
 import psutil
 import torch
 
-from .checks import positive_int
-from .config import AdapterConfig, LoraConfig, TrainConfig, VeraConfig, config_from_dict
-from .count import count_parameters, estimate_parameters, meta_model
+from ..adapters.checks import positive_int
+from .config import TrainConfig
+from ..adapters.config import AdapterConfig, LoraConfig, VeraConfig, config_from_dict
+from ..adapters.count import count_parameters, estimate_parameters, meta_model
 from .data import TASKS, TextDataset, load_dataset
 from .device import resolve_device
 from .memory import estimate_memory

@@ -29,7 +29,7 @@ CAUSAL_COLUMNS = (
 )
 CLASSIFICATION_COLUMNS = (("text", "label"), ("sentence", "label"), ("content", "label"))
 MR_INSTRUCTION = "Write a one-sentence restaurant description from this meaning representation: "
-SYNTHETIC_SOURCE = "synthetic, made by VeRA Lab templates (vera_core/data.py)"
+SYNTHETIC_SOURCE = "synthetic, made by VeRA Lab templates (vera_core/lab/data.py)"
 
 
 @dataclass

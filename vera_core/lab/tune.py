@@ -14,7 +14,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Callable
 
-from .files import write_json
+from ..adapters.files import write_json
 from .request import RunRequest, RunSpec
 from .train import train as train_model
 
