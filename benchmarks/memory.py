@@ -14,23 +14,15 @@ from it. "lab-order" rows check the lab's default comparison: each method's peak
 """
 from __future__ import annotations
 
-import argparse
 import datetime
 import json
 import os
-import platform
-import resource
-import subprocess
-import sys
 import time
-from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-from vera_core.adapters.files import write_json, write_text  # noqa: E402
+from harness import (RESULTS, SMOLLM2, ChildFailed, command_line, machine, parse_or_serve, peak_rss_bytes,
+                     run_child)
 
-RESULTS = ROOT / "benchmarks" / "results"
-LLAMA_ALL = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+from vera_core.adapters.files import write_json, write_text
 STEPS = 3  # the steps the trainer tracks (train.TRACKED_STEPS)
 RUN_STEPS = 6  # three more, untracked, time the tracker's overhead
 TARGET = 0.05  # |predicted / measured - 1|
@@ -53,12 +45,12 @@ def configurations() -> list[dict]:
     for batch, seq in ((2, 64), (4, 128)):
         for targets in ("all-linear", "q_proj,v_proj"):
             for method, r in (("vera", 256), ("vera", 1024), ("lora", 8)):
-                rows.append(dict(model="smollm2-135m-instruct", method=method, r=r, targets=targets, batch_size=batch,
+                rows.append(dict(model=SMOLLM2, method=method, r=r, targets=targets, batch_size=batch,
                                  seq_len=seq))
     for method, r in (("vera", 256), ("lora", 8)):
-        rows.append(dict(model="smollm2-135m-instruct", method=method, r=r, targets="all-linear", batch_size=4,
+        rows.append(dict(model=SMOLLM2, method=method, r=r, targets="all-linear", batch_size=4,
                          seq_len=128, grad_checkpointing=True))
-        rows.append(dict(model="smollm2-135m-instruct", method=method, r=r, targets="all-linear", batch_size=4,
+        rows.append(dict(model=SMOLLM2, method=method, r=r, targets="all-linear", batch_size=4,
                          seq_len=128, dtype="bfloat16"))
     for row in rows:
         row.setdefault("dtype", "float32")
@@ -79,7 +71,7 @@ def _model(cfg: dict):
         return load_model(cfg["model"], quantization=cfg["quantization"], dtype=cfg["dtype"])
     from transformers import GPT2Config, GPT2LMHeadModel
 
-    _, tokenizer = load_model("smollm2-135m-instruct")
+    _, tokenizer = load_model(SMOLLM2)
     config = GPT2Config(n_layer=2, n_embd=128, n_head=4, vocab_size=len(tokenizer), n_positions=256)
     return GPT2LMHeadModel(config).to(getattr(__import__("torch"), cfg["dtype"])), tokenizer
 
@@ -132,7 +124,7 @@ def child(cfg: dict) -> dict:
         grad_checkpointing=cfg["grad_checkpointing"], device="cpu"), progress=False)
     return {**{k: v for k, v in cfg.items() if k != "key"}, "key": cfg["key"],
             "predicted_peak_bytes": predicted["total"], "measured_peak_bytes": result.peak_memory_bytes,
-            "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+            "peak_rss_bytes": peak_rss_bytes(),
             "breakdown": result.memory_breakdown, "predicted_breakdown": predicted, "estimate_s": round(estimate_s, 2),
             "load_1m": round(load_1m, 1),
             "estimate_kind": "formula" if fallback else "fake step, bnb weights" if cfg["quantization"] else "fake step",
@@ -159,7 +151,7 @@ def child_lab(cfg: dict) -> dict:
     from vera_core.adapters.config import ALL_LINEAR, LoraConfig, VeraConfig
 
     with tempfile.TemporaryDirectory() as out:
-        report = compare("smollm2-135m-instruct", "synthetic-restaurants", methods=cfg["order"],
+        report = compare(SMOLLM2, "synthetic-restaurants", methods=cfg["order"],
                          vera=VeraConfig(r=256, target_modules=ALL_LINEAR), lora=LoraConfig(r=8, target_modules=ALL_LINEAR),
                          train=TrainConfig(steps=STEPS, batch_size=4, max_length=128, eval_batches=1, device="cpu"),
                          out_dir=out, max_rows=96, eval_generate=0, samples=0, progress=False)
@@ -169,16 +161,6 @@ def child_lab(cfg: dict) -> dict:
 
 
 # ---------------------------------------------------------------------------------------------- parent
-def run_child(cfg: dict) -> dict | str:
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
-    proc = subprocess.run([sys.executable, __file__, "--child", json.dumps(cfg)], capture_output=True, text=True,
-                          cwd=ROOT, env=env)
-    lines = [line for line in proc.stdout.splitlines() if line.startswith("{")]
-    if proc.returncode or not lines:
-        return (proc.stderr.strip().splitlines() or [f"exit {proc.returncode}"])[-1]
-    return json.loads(lines[-1])
-
-
 def lab_configurations() -> list[dict]:
     return [{"key": f"lab-order/{'-'.join(order)}", "order": list(order)}
             for order in (("vera", "lora"), ("lora", "vera"), ("vera",), ("lora",))]
@@ -280,23 +262,19 @@ def plot(data: dict) -> None:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--fresh", action="store_true", help="discard memory.json and start over")
+    parser = command_line(__doc__, "memory.json")
     parser.add_argument("--only", default="", help="run only configurations whose key contains this text")
     parser.add_argument("--redo", action="store_true",
                         help="measure the --only configurations again, replacing their recorded rows (e.g. times "
                              "taken on a loaded machine)")
-    parser.add_argument("--child", help=argparse.SUPPRESS)
-    args = parser.parse_args()
-    if args.child:
-        cfg = json.loads(args.child)
-        print(json.dumps(child_lab(cfg) if cfg["key"].startswith("lab-order") else child(cfg)), flush=True)
+    args = parse_or_serve(parser, lambda cfg: child_lab(cfg) if cfg["key"].startswith("lab-order") else child(cfg))
+    if args is None:
         return
     path = RESULTS / "memory.json"
     data = {"rows": [], "lab": {}} if args.fresh or not path.exists() else json.loads(path.read_text())
     import torch
 
-    data.update(device=f"CPU {platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}",
+    data.update(device=machine(torch, "cpu"),
                 date=datetime.date.today().isoformat(), load_avg=[round(x, 1) for x in os.getloadavg()])
     for row in data["rows"]:  # early rows also carried per-token times, dropped as they read like step times
         row.pop("step_s", None), row.pop("tracked_step_s", None)
@@ -305,9 +283,10 @@ def main() -> None:
         if args.only not in cfg["key"] or (cfg["key"] in done and not args.redo):
             continue
         t0 = time.perf_counter()
-        result = run_child(cfg)
-        if isinstance(result, str):
-            print(f"{cfg['key']}: FAILED: {result}", flush=True)
+        try:
+            result = run_child(__file__, cfg)[-1]
+        except ChildFailed as err:
+            print(f"{cfg['key']}: FAILED: {err}", flush=True)
             continue
         if cfg["key"].startswith("lab-order"):
             data["lab"][cfg["key"]] = result

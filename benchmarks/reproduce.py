@@ -33,6 +33,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import torch  # noqa: E402
+from harness import RESULTS, ROOT, SMOLLM2  # noqa: E402
 
 from vera_core.lab.parse import float_list, seed_list  # noqa: E402
 from vera_core.lab.compare import compare  # noqa: E402
@@ -46,11 +47,9 @@ from vera_core.lab.stats import MARGIN  # noqa: E402
 from vera_core.lab.train import TrainConfig  # noqa: E402
 from vera_core.lab.tune import LR_SCALES  # noqa: E402
 
-ROOT = Path(__file__).resolve().parent.parent
-RESULTS = ROOT / "benchmarks" / "results"
 DEFAULT_DATA = ROOT.parent / "shared" / "data"
 TASKS = ("sst2", "e2e", "rotten-tomatoes")
-MODELS = {"sst2": "minilm-l6", "e2e": "smollm2-135m-instruct", "rotten-tomatoes": "minilm-l6"}
+MODELS = {"sst2": "minilm-l6", "e2e": SMOLLM2, "rotten-tomatoes": "minilm-l6"}
 METRICS = {"sst2": "accuracy", "e2e": "bleu", "rotten-tomatoes": "accuracy"}
 # What the paper reports (VeRA, ICLR 2024; ../shared/docs/vera-method.md): RoBERTa-base GLUE SST-2 accuracy.
 PAPER = {"sst2": {"lora": "LoRA 95.1 (RoBERTa-base, 0.3M params)", "vera": "VeRA 94.6 (RoBERTa-base, 0.043M params)"}}

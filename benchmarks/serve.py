@@ -21,24 +21,18 @@ Adapters are real directories with random non-zero vectors, written to a tempora
 """
 from __future__ import annotations
 
-import argparse
 import ctypes
 import datetime
 import gc
 import json
 import os
-import platform
-import resource
-import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-RESULTS = ROOT / "benchmarks" / "results"
-MODEL = "smollm2-135m-instruct"
-TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+from harness import (RESULTS, SMOLLM2, TARGETS, ChildFailed, command_line, machine, parse_or_serve, peak_rss_bytes,
+                     run_child, smollm2_shapes)
+
 KS = [1, 4, 16, 64]
 # In the order they run: the headline comparisons first, so an interrupted run has recorded those.
 IMPLS = ["base", "ours-vera-single", "ours-vera", "peft-lora", "peft-vera-grouped", "merged-grouped", "ours-lora"]
@@ -50,10 +44,6 @@ TARGET_FLAT, TARGET_PEFT_LORA, TARGET_PEFT_VERA, TARGET_BANK = 0.9, 3.0, 5.0, 1e
 def _rss_now() -> int:
     with open("/proc/self/statm") as f:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-
-
-def _peak_rss() -> int:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
 def _trim() -> None:
@@ -70,7 +60,7 @@ def _base(cfg: dict):
 
     from vera_core.lab.models import load_model
 
-    model, tokenizer = load_model(MODEL, dtype=cfg["dtype"], device=cfg["device"])
+    model, tokenizer = load_model(SMOLLM2, dtype=cfg["dtype"], device=cfg["device"])
     torch.manual_seed(0)
     return model.eval(), tokenizer
 
@@ -161,8 +151,8 @@ class PhaseTimer:
         return out
 
 
-def child_gen(cfg: dict) -> None:
-    """One implementation, every pending K in ascending order; prints one JSON line per finished row."""
+def child_gen(cfg: dict):
+    """One implementation, every pending K in ascending order; yields each row as it finishes."""
     import peft
     import torch
 
@@ -234,14 +224,14 @@ def child_gen(cfg: dict) -> None:
         run(k)
         elapsed = time.perf_counter() - start
         row = {"impl": impl, "K": k, "tokens_per_s": n_prompts * n_tokens / elapsed,
-               "peak_rss_bytes": _peak_rss(), "seconds": elapsed, "load_s": load_s, **timer.take(),
+               "peak_rss_bytes": peak_rss_bytes(), "seconds": elapsed, "load_s": load_s, **timer.take(),
                "threads": torch.get_num_threads()}
         if cfg["device"] == "cuda":
             row["peak_cuda_bytes"] = torch.cuda.max_memory_allocated()
         if impl == "ours-vera":
             row["same_process"] = _against_plain_path(model, enc, n_tokens, pad, names[0], lambda: run(k), elapsed,
                                                       timer)
-        print(json.dumps(row), flush=True)
+        yield row
 
 
 def _against_plain_path(model, enc, n_tokens: int, pad: int, name: str, mixed, mixed_s: float, timer) -> dict:
@@ -264,7 +254,7 @@ def _against_plain_path(model, enc, n_tokens: int, pad: int, name: str, mixed, m
     return {"mixed_s": mixed_s, "plain_s": plain, "ratio": sum(plain) / sum(mixed_s), **phases}
 
 
-def child_bank(cfg: dict) -> None:
+def child_bank(cfg: dict) -> dict:
     """RSS held by `count` real VeRA adapter directories loaded onto one base (after malloc_trim), against the
     vectors' own size; LoRA r=8's size computed from the same shapes (what its A and B hold in fp32)."""
     import vera_core
@@ -287,10 +277,9 @@ def child_bank(cfg: dict) -> None:
     layers = [layer for _, layer in adapter_layers(model)]
     vera_bytes = count * sum((layer.out_features + VERA_R) * 4 for layer in layers)
     lora_bytes = count * sum(LORA_R * (layer.in_features + layer.out_features) * 4 for layer in layers)
-    print(json.dumps({"count": count, "vera_rss_bytes": after - before, "vera_vector_bytes": vera_bytes,
-                      "lora_computed_bytes": lora_bytes, "make_s": make_s, "load_s": load_s,
-                      "parameters": count * 2 * len(layers), "bytes_per_parameter_view": per_parameter}),
-          flush=True)
+    return {"count": count, "vera_rss_bytes": after - before, "vera_vector_bytes": vera_bytes,
+            "lora_computed_bytes": lora_bytes, "make_s": make_s, "load_s": load_s,
+            "parameters": count * 2 * len(layers), "bytes_per_parameter_view": per_parameter}
 
 
 def _parameter_view_bytes(n: int = 100_000) -> float:
@@ -307,28 +296,15 @@ def _parameter_view_bytes(n: int = 100_000) -> float:
     return (_rss_now() - before) / n
 
 
-def child_make(cfg: dict) -> None:
+def child_make(cfg: dict) -> dict:
     make_adapters(Path(cfg["folder"]), cfg["count"], tuple(cfg["kinds"]))
-    print(json.dumps({"ok": True}), flush=True)
+    return {"made": cfg["count"]}
 
 
 CHILDREN = {"gen": child_gen, "bank": child_bank, "make": child_make}
 
 
 # ---------------------------------------------------------------------------------------------- parent
-def run_child(cfg: dict, on_line) -> str | None:
-    """Run a child, calling on_line(dict) for each JSON line it prints as it prints it; the error text or None."""
-    proc = subprocess.Popen([sys.executable, __file__, "--child", json.dumps(cfg)], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, cwd=ROOT,
-                            env={**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"})
-    for line in proc.stdout:
-        line = line.strip()
-        if line.startswith("{"):
-            on_line(json.loads(line))
-    err = proc.stderr.read()
-    return None if proc.wait() == 0 else err[-2000:]
-
-
 def _row(data: dict, impl: str, k: int) -> dict | None:
     return next((r for r in data["rows"] if r["impl"] == impl and r["K"] == k), None)
 
@@ -387,19 +363,15 @@ def crossover(data: dict) -> str:
             f"({', '.join(f'K={k}: {r:.2f}x' for k, r in pts)})")
 
 
-# SmolLM2-135M's seven projections per block, (in, out): k and v are 3 heads of 64 (grouped-query attention).
-SMOLLM2_SHAPES = {"q": (576, 576), "k": (576, 192), "v": (576, 192), "o": (576, 576), "gate": (576, 1536),
-                  "up": (576, 1536), "down": (1536, 576)}
-
-
 def adapter_macs() -> tuple[float, float]:
     """Multiply-adds per token an adapter adds to a block, as a fraction of the base's seven projections: VeRA r
     computes A x once per distinct input (q/k/v share the attention input, gate/up the MLP input; o and down have
     their own) and one B product per layer; LoRA r one (r, in) and one (out, r) product per layer."""
-    base = sum(i * o for i, o in SMOLLM2_SHAPES.values())
-    inputs = [SMOLLM2_SHAPES[n][0] for n in ("q", "o", "gate", "down")]  # the distinct inputs A x is computed on
-    vera = VERA_R * (sum(inputs) + sum(o for _, o in SMOLLM2_SHAPES.values()))
-    lora = LORA_R * sum(i + o for i, o in SMOLLM2_SHAPES.values())
+    shapes = smollm2_shapes()
+    base = sum(i * o for i, o in shapes.values())
+    inputs = [shapes[n][0] for n in ("q", "o", "gate", "down")]  # the distinct inputs A x is computed on
+    vera = VERA_R * (sum(inputs) + sum(o for _, o in shapes.values()))
+    lora = LORA_R * sum(i + o for i, o in shapes.values())
     return vera / base, lora / base
 
 
@@ -502,7 +474,7 @@ def write_report(data: dict) -> None:
              "set_adapter / merge / unmerge). Peak RSS: the process's ru_maxrss up to that row.", "",
              "Prefill / decode: seconds inside the model's forward calls on the prompt / on one new token per row "
              "(the rest of a row's seconds is generate's own work between calls).", "",
-             "| impl | K | tokens/s | peak RSS (MB) | seconds | prefill s | decode s |", "|---|---|---|---|---|---|---|"]
+             "| impl | K | tokens/s | peak RSS (MiB) | seconds | prefill s | decode s |", "|---|---|---|---|---|---|---|"]
     for impl in IMPLS:
         for k in KS:
             r = _row(data, impl, k)
@@ -586,15 +558,11 @@ def plot(data: dict) -> None:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = command_line(__doc__, "serve.json")
     parser.add_argument("--quick", action="store_true", help="8 new tokens per prompt instead of 32")
-    parser.add_argument("--fresh", action="store_true", help="ignore rows already in serve.json")
     parser.add_argument("--only", nargs="*", choices=IMPLS + ["bank"], help="run only these configurations")
-    parser.add_argument("--child", help=argparse.SUPPRESS)
-    args = parser.parse_args()
-    if args.child:
-        cfg = json.loads(args.child)
-        CHILDREN[cfg["kind"]](cfg)
+    args = parse_or_serve(parser, lambda cfg: CHILDREN[cfg["kind"]](cfg))
+    if args is None:
         return
     import torch
 
@@ -602,8 +570,6 @@ def main() -> None:
     device = "cuda" if gpu else "cpu"
     mode = "quick" if args.quick else "full"
     settings = {"prompts": 64, "tokens": 8 if args.quick else 32, "dtype": "bfloat16" if gpu else "float32"}
-    machine = (torch.cuda.get_device_name() if gpu
-               else f"CPU {platform.processor() or platform.machine()}, {os.cpu_count()} cores")
     RESULTS.mkdir(parents=True, exist_ok=True)
     path = RESULTS / "serve.json"
     data = json.loads(path.read_text()) if path.exists() and not args.fresh else {}
@@ -612,7 +578,7 @@ def main() -> None:
     data.setdefault("rows", [])
     data.setdefault("bank_1000_bytes", {})
     data.setdefault("load_64_s", {})
-    data.update(device=f"{machine}, torch {torch.__version__}", mode=mode, settings=settings,
+    data.update(device=machine(torch, device), mode=mode, settings=settings,
                 date=datetime.date.today().isoformat(),
                 full_command="HF_HUB_OFFLINE=1 python benchmarks/serve.py")
     data.setdefault("errors", {})
@@ -633,9 +599,10 @@ def main() -> None:
                     "peft-lora": "peft-lora"}.get(impl)
             if kind and kind not in made:
                 print(f"writing 64 {kind} adapter directories", flush=True)
-                err = run_child({"kind": "make", "folder": folder, "count": max(KS), "kinds": [kind]}, lambda _: None)
-                if err:
-                    raise SystemExit(f"making adapters failed:\n{err}")
+                try:
+                    run_child(__file__, {"kind": "make", "folder": folder, "count": max(KS), "kinds": [kind]})
+                except ChildFailed as err:
+                    raise SystemExit(f"making adapters failed:\n{err.tail}") from None
                 made.add(kind)
             print(f"running {impl} K={pending}", flush=True)
 
@@ -649,12 +616,13 @@ def main() -> None:
                 save()
 
             # The load time of 64 is measured when the child loads all 64 (it loads max(pending) adapters).
-            err = run_child({"kind": "gen", "impl": impl, "folder": folder, "ks": pending, "device": device,
-                             "dtype": settings["dtype"], "prompts": settings["prompts"],
-                             "tokens": settings["tokens"]}, record)
-            if err:
-                data["errors"][impl] = err
-                print(f"  {impl} failed:\n{err}", flush=True)
+            try:
+                run_child(__file__, {"kind": "gen", "impl": impl, "folder": folder, "ks": pending, "device": device,
+                                     "dtype": settings["dtype"], "prompts": settings["prompts"],
+                                     "tokens": settings["tokens"]}, record)
+            except ChildFailed as err:
+                data["errors"][impl] = err.tail
+                print(f"  {impl} failed:\n{err.tail}", flush=True)
                 save()
         if "bank" in wanted and "vera" not in data["bank_1000_bytes"]:
             print("loading 1,000 VeRA adapter directories", flush=True)
@@ -664,14 +632,14 @@ def main() -> None:
                 data["bank_1000_detail"] = res
                 save()
 
-            err = run_child({"kind": "bank", "folder": folder, "count": 1000, "device": "cpu", "dtype": "float32"},
-                            bank)
-            if err:
-                data["errors"]["bank"] = err
+            try:
+                run_child(__file__, {"kind": "bank", "folder": folder, "count": 1000, "device": "cpu",
+                                     "dtype": "float32"}, bank)
+            except ChildFailed as err:
+                data["errors"]["bank"] = err.tail
     save()
     print((RESULTS / "serve.md").read_text())
 
 
 if __name__ == "__main__":
-    sys.path.insert(0, str(ROOT))
     main()

@@ -11,23 +11,15 @@ on a shared machine hits every configuration alike; medians, min–max spread an
 """
 from __future__ import annotations
 
-import argparse
 import datetime
 import json
 import os
-import platform
-import resource
 import statistics
-import subprocess
-import sys
 import tempfile
 import time
-from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-RESULTS = ROOT / "benchmarks" / "results"
-MODEL = "smollm2-135m-instruct"
-TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+from harness import (RESULTS, SMOLLM2, TARGETS, ChildFailed, command_line, machine, parse_or_serve, peak_rss_bytes,
+                     run_child, smollm2_layers, smollm2_shapes)
 
 
 # ---------------------------------------------------------------------------------------------- child process
@@ -36,7 +28,7 @@ def _model(device: str, dtype: str):
 
     from vera_core.lab.models import load_model
 
-    model, _ = load_model(MODEL, dtype=dtype, device=device)
+    model, _ = load_model(SMOLLM2, dtype=dtype, device=device)
     return model.train(), torch
 
 
@@ -93,7 +85,7 @@ def _train_loop(model, params, cfg: dict, torch) -> dict:
             torch.cuda.synchronize()
         if step >= cfg["warmup"]:
             times.append(time.perf_counter() - start)
-    out = {"step_s": times, "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+    out = {"step_s": times, "peak_rss_mb": peak_rss_bytes() / 2**20}  # MiB; the key keeps its name so records stay comparable
     if cfg["device"] == "cuda":
         out["peak_cuda_mb"] = torch.cuda.max_memory_allocated() / 2**20
     return out
@@ -132,7 +124,7 @@ def child_load(cfg: dict) -> dict:
 
     out = {}
     start = time.perf_counter()
-    model, _ = load_model(MODEL)
+    model, _ = load_model(SMOLLM2)
     out["model_load_cached_s"] = time.perf_counter() - start
     vera_core.add_adapter(model, vera_core.VeraConfig(r=cfg["r"], target_modules=TARGETS))
     with tempfile.TemporaryDirectory() as tmp:
@@ -149,7 +141,7 @@ def child_load(cfg: dict) -> dict:
         with tempfile.TemporaryDirectory() as cache:
             os.environ["VERA_LAB_CACHE"] = cache  # an empty cache: the GGUF is converted again
             start = time.perf_counter()
-            load_model(MODEL)
+            load_model(SMOLLM2)
             out["model_load_cold_s"] = time.perf_counter() - start
     return out
 
@@ -192,19 +184,18 @@ def configs(quick: bool, device: str, sweep_only: bool = False) -> list[dict]:
     return out if quick else out + sweep
 
 
-def run_child(cfg: dict) -> dict:
-    proc = subprocess.run([sys.executable, __file__, "--child", json.dumps(cfg)], capture_output=True, text=True,
-                          cwd=ROOT, env={**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"})
-    if proc.returncode != 0:
-        return {"error": proc.stderr[-2000:]}
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+def measure(cfg: dict) -> dict:
+    """One configuration's result in its own process; a failure is recorded (and retried on the next run)."""
+    try:
+        return run_child(__file__, cfg)[-1]
+    except ChildFailed as err:
+        return {"error": err.tail}
 
 
 def adapter_flops(r: int, tokens: int, method: str) -> float:
     """Forward + backward FLOPs of the adapter path of PEFT's formula, summed over SmolLM2's adapted layers."""
-    shapes = [(576, 576), (576, 192), (576, 192), (576, 576), (576, 1536), (576, 1536), (1536, 576)]
-    per_layer = sum(4 * tokens * r * (i + o) for i, o in shapes)
-    return 30 * per_layer if method != "frozen" else 0.0
+    per_layer = sum(4 * tokens * r * (i + o) for i, o in smollm2_shapes().values())
+    return smollm2_layers() * per_layer if method != "frozen" else 0.0
 
 
 def summarise(results: dict) -> dict:
@@ -259,7 +250,7 @@ def write_report(data: dict) -> None:
     lines = ["# Speed and memory: our VeRA vs PEFT (SmolLM2-135M, all 7 projections)", "",
              f"Machine: {data['machine']}. Date: {data['date']}. Mode: {data['mode']}. "
              "Peak memory: child-process `ru_maxrss` (peak RSS, model load included).", "",
-             "| method | impl | r | seq | median step (s) | min–max (s) | steps | peak RSS (MB) |",
+             "| method | impl | r | seq | median step (s) | min–max (s) | steps | peak RSS (MiB) |",
              "|---|---|---|---|---|---|---|---|"]
     for row in sorted(summary["table"].values(), key=lambda t: (t["seq"], t["method"], t["r"], t["impl"])):
         lines.append(f"| {row['method']} | {row['impl']} | {row['r']} | {row['seq']} | {row['median_step_s']:.2f} | "
@@ -285,7 +276,7 @@ def plot(summary: dict) -> None:
                        [t["max_step_s"] - t["median_step_s"] for t in rows]])
     axes[0].set_xlabel("training step (s), median and min–max")
     axes[1].barh(labels, [t["peak_rss_mb"] for t in rows])
-    axes[1].set_xlabel("peak RSS (MB)")
+    axes[1].set_xlabel("peak RSS (MiB)")
     fig.tight_layout()
     fig.savefig(RESULTS / "speed_step_memory.png", dpi=100)
     plt.close(fig)
@@ -314,16 +305,12 @@ def plot(summary: dict) -> None:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = command_line(__doc__, "speed.json")
     parser.add_argument("--quick", action="store_true", help="headline ratios only (≤ 15 min on CPU)")
-    parser.add_argument("--fresh", action="store_true", help="ignore results already in speed.json")
     parser.add_argument("--sweep", action="store_true",
                         help="only the r (16 ... 2048) and sequence-length sweep, added to the results already there")
-    parser.add_argument("--child", help=argparse.SUPPRESS)
-    args = parser.parse_args()
-    if args.child:
-        cfg = json.loads(args.child)
-        print(json.dumps(CHILDREN[cfg["kind"]](cfg)))
+    args = parse_or_serve(parser, lambda cfg: CHILDREN[cfg["kind"]](cfg))
+    if args is None:
         return
     import torch
 
@@ -331,23 +318,20 @@ def main() -> None:
     RESULTS.mkdir(parents=True, exist_ok=True)
     path = RESULTS / "speed.json"
     data = json.loads(path.read_text()) if path.exists() and not args.fresh else {"results": {}}
-    machine = (torch.cuda.get_device_name() if device == "cuda"
-               else f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPU cores")
     mode = "quick" if args.quick else "full"
     if args.sweep:
         mode = data.get("mode", "none").removesuffix(" + r/seq sweep") + " + r/seq sweep"
-    data.update(machine=f"{machine}, torch {torch.__version__}", mode=mode, date=datetime.date.today().isoformat())
+    data.update(machine=machine(torch, device), mode=mode, date=datetime.date.today().isoformat())
     for cfg in configs(args.quick, device, sweep_only=args.sweep):
         k = key(cfg)
         if k in data["results"] and "error" not in data["results"][k]:
             continue  # resumable
         print(f"running {k}", flush=True)
-        data["results"][k] = {"config": cfg, **run_child(cfg)}
+        data["results"][k] = {"config": cfg, **measure(cfg)}
         write_report(data)
     write_report(data)
     print((RESULTS / "speed.md").read_text())
 
 
 if __name__ == "__main__":
-    sys.path.insert(0, str(ROOT))
     main()

@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "benchmarks"))  # the scripts import their shared harness as a sibling
 _spec = importlib.util.spec_from_file_location("reproduce", ROOT / "benchmarks" / "reproduce.py")
 reproduce = importlib.util.module_from_spec(_spec)
 sys.modules["reproduce"] = reproduce  # dataclasses look their module up while the file executes

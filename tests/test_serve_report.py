@@ -1,11 +1,13 @@
 """benchmarks/serve.py's report: the targets judged on the right ratios, and every missed target explained from the
 record's own rows (a made-up record, numbers checked by hand)."""
 import importlib.util
+import sys
 from pathlib import Path
 
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "benchmarks"))  # the scripts import their shared harness as a sibling
 _spec = importlib.util.spec_from_file_location("serve", ROOT / "benchmarks" / "serve.py")
 serve = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(serve)

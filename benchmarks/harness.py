@@ -1,0 +1,109 @@
+"""What the benchmark scripts share: where results go, the model and targets they measure, and the one way they run
+a configuration in a child process (the only place in benchmarks/ that starts processes).
+
+A script hands `run_child` a JSON-able configuration; the child is the same script started with `--child <json>`,
+which calls `parse_or_serve`: the script's work function returns one dict or yields several, and each goes back as one
+JSON line, read by the parent as it is printed. A child that exits non-zero, or prints no result, raises ChildFailed.
+Each configuration runs in its own process so that peak memory and timings are that configuration's alone.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import subprocess
+import sys
+import tempfile
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:  # the scripts run as files (`python benchmarks/speed.py`) and import vera_core
+    sys.path.insert(0, str(ROOT))
+
+from vera_core.lab.calculator import KNOWN_MODELS, LLAMA_PROJECTIONS  # noqa: E402
+
+RESULTS = ROOT / "benchmarks" / "results"
+SMOLLM2 = "smollm2-135m-instruct"
+TARGETS = LLAMA_PROJECTIONS  # SmolLM2's seven projections per block: every benchmark adapts all of them
+CHILD_ENV = {"HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+ERROR_TAIL = 2000  # characters of a failed child's stderr kept in the record
+
+
+class ChildFailed(RuntimeError):
+    """A child process exited non-zero or printed no result; `tail` is the end of its stderr."""
+
+    def __init__(self, cfg: dict, returncode: int, tail: str):
+        last = (tail.strip().splitlines() or [f"exit code {returncode}, no output"])[-1]
+        super().__init__(last)
+        self.cfg, self.returncode, self.tail = cfg, returncode, tail
+
+
+def run_child(script: str | Path, cfg: dict, on_result: Callable[[dict], None] | None = None) -> list[dict]:
+    """Run `python <script> --child <cfg as JSON>` and return the dicts it printed, in order; `on_result` is called
+    with each one as it arrives, so a long child's finished rows are recorded even if a later one fails."""
+    # stderr goes to a file, not a pipe: a child's warnings could fill a pipe nobody reads while stdout is read.
+    with tempfile.TemporaryFile("w+") as stderr:
+        command = [sys.executable, str(Path(script).resolve()), "--child", json.dumps(cfg)]
+        proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=stderr, text=True, cwd=ROOT,
+                                env={**os.environ, **CHILD_ENV})
+        results = []
+        for line in proc.stdout:
+            if line.startswith("{"):
+                results.append(json.loads(line))
+                if on_result is not None:
+                    on_result(results[-1])
+        if proc.wait() != 0 or not results:
+            stderr.seek(0)
+            raise ChildFailed(cfg, proc.returncode, stderr.read()[-ERROR_TAIL:])
+    return results
+
+
+def command_line(doc: str, record: str) -> argparse.ArgumentParser:
+    """A script's parser with what every benchmark has: --fresh (ignore the record, `record`, and start over) and the
+    hidden --child flag that `run_child` starts the script with."""
+    parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--fresh", action="store_true", help=f"ignore what {record} holds and start over")
+    parser.add_argument("--child", help=argparse.SUPPRESS)
+    return parser
+
+
+def parse_or_serve(parser: argparse.ArgumentParser,
+                   work: Callable[[dict], dict | Iterator[dict]]) -> argparse.Namespace | None:
+    """The parsed command line; or, started by `run_child`, the child's side: run `work(cfg)`, print its result (or
+    each result it yields) as one JSON line and return None."""
+    args = parser.parse_args()
+    if not args.child:
+        return args
+    result = work(json.loads(args.child))
+    for row in [result] if isinstance(result, dict) else result:
+        print(json.dumps(row), flush=True)
+    return None
+
+
+def peak_rss_bytes() -> int:
+    """This process's peak resident memory so far (Linux reports ru_maxrss in KiB), model loading included."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def machine(torch, device: str) -> str:
+    """The device ("cuda" or "cpu") a record was measured on, in words, with torch's version."""
+    where = (torch.cuda.get_device_name() if device == "cuda"
+             else f"CPU {platform.processor() or platform.machine()}, {os.cpu_count()} cores")
+    return f"{where}, torch {torch.__version__}"
+
+
+def smollm2_shapes() -> dict[str, tuple[int, int]]:
+    """(in, out) of SmolLM2-135M's seven projections per block, from its config: k and v are its key/value heads
+    (grouped-query attention), gate and up widen to the MLP's size, down comes back."""
+    config = KNOWN_MODELS[SMOLLM2].config
+    hidden, mlp = config.hidden_size, config.intermediate_size
+    kv = config.num_key_value_heads * hidden // config.num_attention_heads
+    return {"q": (hidden, hidden), "k": (hidden, kv), "v": (hidden, kv), "o": (hidden, hidden), "gate": (hidden, mlp),
+            "up": (hidden, mlp), "down": (mlp, hidden)}
+
+
+def smollm2_layers() -> int:
+    return KNOWN_MODELS[SMOLLM2].config.num_hidden_layers
