@@ -23,6 +23,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:  # the scripts run as files (`python benchmarks/speed.py`) and import vera_core
     sys.path.insert(0, str(ROOT))
 
+from vera_core.adapters.files import write_text  # noqa: E402
 from vera_core.lab.calculator import KNOWN_MODELS, LLAMA_PROJECTIONS  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results"
@@ -30,6 +31,9 @@ SMOLLM2 = "smollm2-135m-instruct"
 TARGETS = LLAMA_PROJECTIONS  # SmolLM2's seven projections per block: every benchmark adapts all of them
 CHILD_ENV = {"HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
 ERROR_TAIL = 2000  # characters of a failed child's stderr kept in the record
+# Below this line a results page holds what was written by hand about its record (how to read it, what it meant on
+# the day); the script that writes the page above it keeps it.
+NOTES_MARKER = "<!-- Written by hand below this line; the benchmark script keeps it when it rewrites the record. -->"
 
 
 class ChildFailed(RuntimeError):
@@ -107,3 +111,10 @@ def smollm2_shapes() -> dict[str, tuple[int, int]]:
 
 def smollm2_layers() -> int:
     return KNOWN_MODELS[SMOLLM2].config.num_hidden_layers
+
+
+def write_page(path: Path, record: str) -> None:
+    """Write a results page: the script's `record`, then the hand-written notes the page already holds (kept)."""
+    old = path.read_text() if path.is_file() else ""
+    notes = old[old.index(NOTES_MARKER):] if NOTES_MARKER in old else ""
+    write_text(path, record.rstrip("\n") + "\n\n" + notes if notes else record)

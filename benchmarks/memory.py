@@ -20,9 +20,9 @@ import os
 import time
 
 from harness import (RESULTS, SMOLLM2, ChildFailed, command_line, machine, parse_or_serve, peak_rss_bytes,
-                     run_child)
+                     run_child, write_page)
 
-from vera_core.adapters.files import write_json, write_text
+from vera_core.adapters.files import write_json
 STEPS = 3  # the steps the trainer tracks (train.TRACKED_STEPS)
 RUN_STEPS = 6  # three more, untracked, time the tracker's overhead
 TARGET = 0.05  # |predicted / measured - 1|
@@ -235,7 +235,7 @@ def write_report(data: dict) -> None:
                      for m in ("vera", "lora")]
             lines.append(f"| {order.replace('-', ' then ')} | " + " | ".join(cells) + " |")
     lines += ["", "![predicted vs measured](memory.png)"]
-    write_text(RESULTS / "memory.md", "\n".join(lines) + "\n")
+    write_page(RESULTS / "memory.md", "\n".join(lines) + "\n")
 
 
 def plot(data: dict) -> None:

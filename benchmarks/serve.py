@@ -31,7 +31,7 @@ import time
 from pathlib import Path
 
 from harness import (RESULTS, SMOLLM2, TARGETS, ChildFailed, command_line, machine, parse_or_serve, peak_rss_bytes,
-                     run_child, smollm2_shapes)
+                     run_child, smollm2_shapes, write_page)
 
 KS = [1, 4, 16, 64]
 # In the order they run: the headline comparisons first, so an interrupted run has recorded those.
@@ -526,7 +526,7 @@ def write_report(data: dict) -> None:
     errors = data.get("errors", {})
     if errors:
         lines += ["", "Failed configurations (rerun to retry): " + ", ".join(sorted(errors))]
-    (RESULTS / "serve.md").write_text("\n".join(lines) + "\n")
+    write_page(RESULTS / "serve.md", "\n".join(lines) + "\n")
     plot(data)
 
 

@@ -19,7 +19,7 @@ import tempfile
 import time
 
 from harness import (RESULTS, SMOLLM2, TARGETS, ChildFailed, command_line, machine, parse_or_serve, peak_rss_bytes,
-                     run_child, smollm2_layers, smollm2_shapes)
+                     run_child, smollm2_layers, smollm2_shapes, write_page)
 
 
 # ---------------------------------------------------------------------------------------------- child process
@@ -257,7 +257,7 @@ def write_report(data: dict) -> None:
                      f"{row['min_step_s']:.2f}–{row['max_step_s']:.2f} | {row['n']} | {row['peak_rss_mb']:.0f} |")
     lines += ["", "| ratio | value |", "|---|---|"]
     lines += [f"| {k} | {v:.3f} |" for k, v in summary["ratios"].items()]
-    (RESULTS / "speed.md").write_text("\n".join(lines) + "\n")
+    write_page(RESULTS / "speed.md", "\n".join(lines) + "\n")
     plot(summary)
 
 

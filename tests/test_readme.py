@@ -1,4 +1,5 @@
-"""The README tells the truth: its test command is what CI runs, and its Python quick-start works as printed."""
+"""The README tells the truth: its test command is what CI runs, it stays a short guide whose links all lead somewhere,
+and its Python quick-start works as printed."""
 import re
 from pathlib import Path
 
@@ -13,6 +14,18 @@ def test_ci_runs_exactly_the_readme_test_command():
     test_command = next(c for c in commands if "pytest" in c).split("#")[0].strip()
     ci_lines = [line.strip() for line in (ROOT / ".ci" / "run").read_text().splitlines()]
     assert test_command in ci_lines
+
+
+def test_the_readme_is_a_short_guide_and_its_pages_link_to_files_that_exist():
+    assert len(README.splitlines()) <= 250
+    pages = [ROOT / "README.md", *(ROOT / "docs").glob("*.md"), *(ROOT / "benchmarks" / "results").glob("*.md")]
+    broken = [f"{page.relative_to(ROOT)} -> {target}" for page in pages
+              for target in re.findall(r"\]\(([^)#\s]+)(?:#[^)]*)?\)", page.read_text())
+              if "://" not in target and not (page.parent / target).exists()]
+    assert not broken, broken
+    for section in ("## Results at a glance", "## The library", "## The lab", "## Compare VeRA and LoRA",
+                    "## Notebooks", "## Layout"):
+        assert section in README
 
 
 @pytest.mark.integration

@@ -1,0 +1,167 @@
+"""The README's "Results at a glance": one row per headline number, each read from a benchmark's record and linked to
+its page, written between two markers in README.md. No number in that table is typed by hand.
+
+    python benchmarks/summary.py            # rewrite the table from the records
+    python benchmarks/summary.py --check    # exit 1, showing the difference, when the README's table is out of date
+
+Reads benchmarks/results/{quality,speed,memory,serve}.json. Units: memory in MiB (2**20 bytes) as the tracker
+reports it, adapters held in GB (10**9 bytes), times as ratios of medians measured side by side in one run.
+"""
+from __future__ import annotations
+
+import argparse
+import difflib
+import json
+import sys
+from pathlib import Path
+
+from harness import RESULTS, ROOT, SMOLLM2, TARGETS
+
+from vera_core.adapters.files import write_text
+from vera_core.lab.report import pair_line
+
+START, END = "<!-- summary:start -->", "<!-- summary:end -->"
+RECORDS = ("quality", "speed", "memory", "serve")
+TASKS = {"sst2": "SST-2", "rotten-tomatoes": "Rotten Tomatoes", "e2e": "E2E NLG"}
+MODELS = {"minilm-l6": "all-MiniLM-L6-v2", SMOLLM2: "SmolLM2-135M-Instruct"}
+GROUPS = {"qv": "query+value", "all": "every linear layer"}  # reproduce.py's target groups, the pairs' suffixes
+PAGES = "benchmarks/results"  # links are relative to the README
+
+
+def _link(page: str, date: str | None = None) -> str:
+    return f"[{page}]({PAGES}/{page})" + (f", {date}" if date else "")
+
+
+def _targets(targets) -> str:
+    return "all 7 projections" if sorted(targets) == sorted(TARGETS) else ", ".join(targets)
+
+
+def _x(value: float | None) -> str:
+    return "not measured" if value is None else f"{value:.2f}x"
+
+
+def quality_rows(quality: dict) -> list[tuple[str, str, str]]:
+    """Trainable parameters on SmolLM2 (E2E's runs), then every VeRA - LoRA pair as recorded, with its interval and
+    verdict."""
+    rows = []
+    e2e = {r["name"]: r for r in quality["tasks"].get("e2e", [])}
+    for pair in quality.get("pairs", {}).get("e2e", [])[:1]:
+        vera, lora = e2e[pair["vera"]], e2e[pair["lora"]]
+        rows.append((f"Trainable parameters, {MODELS.get(vera['model'], vera['model'])}, {_targets(vera['targets'])}",
+                     f"{pair['vera']} {vera['trainable_params']:,} vs {pair['lora']} {lora['trainable_params']:,}: "
+                     f"{lora['trainable_params'] / vera['trainable_params']:.1f}x fewer", _link("reproduction.md")))
+    for task, pairs in quality.get("pairs", {}).items():
+        model = next((r["model"] for r in quality["tasks"].get(task, [])), None)
+        for pair in pairs:
+            group = GROUPS.get(pair["vera"].rsplit("-", 1)[-1], "")
+            rows.append((f"Quality, {TASKS.get(task, task)} ({MODELS.get(model, model)}, {group}): VeRA − LoRA, "
+                         "paired over the test rows", pair_line(pair), _link("quality.md")))
+    return rows
+
+
+def speed_rows(speed: dict) -> list[tuple[str, str, str]]:
+    ratios, link = speed["summary"]["ratios"], _link("speed.md", speed.get("date"))
+    step = "; ".join(f"{tokens}: r=256 {_x(ratios.get(f'vera_r256{suffix}_step_ours_over_peft'))}, r=1024 "
+                     f"{_x(ratios.get(f'vera_r1024{suffix}_step_ours_over_peft'))}"
+                     for tokens, suffix in (("4 x 128 tokens", ""), ("4 x 512", "_seq512")))
+    return [("Training step time, our VeRA ÷ PEFT's VeRA (SmolLM2, all 7 projections, medians)", step, link),
+            ("Inference latency ÷ the base model (SmolLM2, VeRA r=256)",
+             f"merged {_x(ratios.get('merged_over_base_latency'))}; unmerged: ours "
+             f"{_x(ratios.get('ours_unmerged_over_base_latency'))}, PEFT "
+             f"{_x(ratios.get('peft_unmerged_over_base_latency'))}", link)]
+
+
+def _memory_row(rows: list[dict], method: str, r: int) -> dict | None:
+    """The SmolLM2 all-linear 4 x 128 fp32 row (no checkpointing, no quantization) of one method and rank."""
+    return next((row for row in rows if row["model"] == SMOLLM2 and row["method"] == method and row["r"] == r
+                 and row["targets"] == "all-linear" and (row["batch_size"], row["seq_len"]) == (4, 128)
+                 and row["dtype"] == "float32" and not row["grad_checkpointing"] and not row["quantization"]), None)
+
+
+def memory_rows(memory: dict) -> list[tuple[str, str, str]]:
+    link, out = _link("memory.md", memory.get("date")), []
+    vera, lora = _memory_row(memory["rows"], "vera", 256), _memory_row(memory["rows"], "lora", 8)
+    if vera and lora:
+        v, lo = vera["measured_peak_bytes"], lora["measured_peak_bytes"]
+        out.append(("Training peak memory, measured (tensor tracker; SmolLM2, all linear layers, 4 x 128, fp32)",
+                    f"VeRA r=256 {v / 2**20:,.1f} MiB, LoRA r=8 {lo / 2**20:,.1f} MiB: VeRA {v / lo:.2f}x LoRA's",
+                    link))
+    faked = [row for row in memory["rows"] if row["estimate_kind"] == "fake step"]
+    if faked:
+        errors = [row["predicted_peak_bytes"] / row["measured_peak_bytes"] - 1 for row in faked]
+        worst = max(errors, key=abs)
+        out.append(("Memory estimate (one step on fake tensors) against the measured peak",
+                    f"largest error {100 * worst:+.2f}% over {len(faked)} configurations", link))
+    return out
+
+
+def serve_rows(serve: dict) -> list[tuple[str, str, str]]:
+    tps = {(row["impl"], row["K"]): row["tokens_per_s"] for row in serve["rows"]}
+    ours = tps.get(("ours-vera", 64))
+    link = _link("serve.md", serve.get("date"))
+
+    def over(impl: str) -> str:
+        theirs = tps.get((impl, 64))
+        return _x(ours / theirs if ours and theirs else None)
+
+    out = [(f"Serving 64 adapters in one batch (SmolLM2, {serve['settings']['prompts']} prompts x "
+            f"{serve['settings']['tokens']} new tokens, {serve['mode']} mode): our VeRA's tokens/s ÷",
+            f"PEFT LoRA's mixed batch {over('peft-lora')}; PEFT VeRA, grouped by adapter {over('peft-vera-grouped')}",
+            link)]
+    bank = serve.get("bank_1000_bytes", {})
+    if "vera" in bank:
+        out.append(("Memory held by 1,000 adapters on one base (SmolLM2, all 7 projections)",
+                    f"VeRA r=256 {bank['vera'] / 1e9:.2f} GB measured (RSS); LoRA r=8 {bank['lora'] / 1e9:.2f} GB "
+                    "computed from its shapes", link))
+    return out
+
+
+def table(records: dict[str, dict]) -> str:
+    rows = (quality_rows(records["quality"]) + speed_rows(records["speed"]) + memory_rows(records["memory"])
+            + serve_rows(records["serve"]))
+    devices = [f"{name}: {records[name].get(key)}" for name, key in (("speed", "machine"), ("memory", "device"),
+                                                                      ("serve", "device"))]
+    devices.append("quality: " + ", ".join(sorted({row.get("device") or "?" for rows_ in
+                                                   records["quality"]["tasks"].values() for row in rows_})))
+    lines = ["| what | headline (from the record) | record |", "|---|---|---|"]
+    lines += [f"| {what} | {headline} | {link} |" for what, headline, link in rows]
+    lines += ["", "Measured on " + "; ".join(devices) + ". Written by `python benchmarks/summary.py` from the "
+              "records; intervals are 95%, verdicts as the records state them."]
+    return "\n".join(lines)
+
+
+def load_records(results: Path) -> dict[str, dict]:
+    return {name: json.loads((results / f"{name}.json").read_text()) for name in RECORDS}
+
+
+def with_table(readme: str, text: str) -> str:
+    """The README with `text` between the markers; a README without both markers is refused."""
+    if readme.count(START) != 1 or readme.count(END) != 1 or readme.index(START) > readme.index(END):
+        raise SystemExit(f"error: the README needs one {START} line followed by one {END} line around the table")
+    head, rest = readme.split(START)
+    return f"{head}{START}\n{text}\n{END}{rest.split(END, 1)[1]}"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--check", action="store_true", help="change nothing; exit 1 when the README's table differs")
+    parser.add_argument("--readme", type=Path, default=ROOT / "README.md")
+    parser.add_argument("--results", type=Path, default=RESULTS, help="the folder holding the four records")
+    args = parser.parse_args(argv)
+    old = args.readme.read_text()
+    new = with_table(old, table(load_records(args.results)))
+    if not args.check:
+        if new != old:
+            write_text(args.readme, new)
+        print(f"{args.readme}: results table {'rewritten' if new != old else 'already up to date'}")
+        return 0
+    if new == old:
+        return 0
+    diff = difflib.unified_diff(old.splitlines(), new.splitlines(), "README.md", "from the records", lineterm="", n=0)
+    print(f"{args.readme}: the results table differs from the records; run python benchmarks/summary.py\n"
+          + "\n".join(diff))
+    return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
