@@ -268,9 +268,9 @@ def setting_rows(report: Report | dict, run_dir: str | os.PathLike | None = None
 
 def pair_rows(report: Report | dict, run_dir: str | os.PathLike | None) -> list[dict]:
     """Every VeRA setting against every LoRA setting on the runs of their common seeds: {"vera", "lora",
-    "metric", "seeds", "diff_mean" (VeRA − LoRA, points), "ci95" (paired bootstrap over test examples, pooled
-    over seeds), "verdict" (stats.verdict), "param_ratio" (LoRA ÷ VeRA trainable parameters)}. Pairs whose runs
-    lack predictions are left out."""
+    "metric", "seeds", "diff_mean" (VeRA − LoRA, points), "ci95" (two-level paired bootstrap: seeds and test
+    examples, `stats.paired_difference`), "ci_method", "verdict" (stats.verdict), "param_ratio" (LoRA ÷ VeRA
+    trainable parameters)}. Pairs whose runs lack predictions are left out."""
     from .stats import paired_difference, verdict
 
     groups = _by_setting(_as_dict(report))
@@ -338,7 +338,8 @@ def seeds_note(report: Report | dict) -> str:
     report = _as_dict(report)
     return (f"Training seeds {', '.join(map(str, report['seeds']))} (data order, head init, dropout); the data split "
             f"(seed {report['seed']}) and VeRA's projection seed stay fixed, so every run is scored on the same test "
-            "rows and pairs up.")
+            "rows and pairs up. A setting's 95% interval is a t-interval over its seeds (the seed spread only); a "
+            "VeRA − LoRA interval resamples both the seeds and the test rows.")
 
 
 def seed_summary_lines(report: Report | dict) -> list[str]:
