@@ -327,6 +327,13 @@ def tuning_lines(tuning: dict | None) -> list[str]:
         edge = ("" if len(scales) < 2 else
                 " — at the top of the grid: a higher rate may do better" if entry["scale"] == max(scales) else
                 " — at the bottom of the grid: a lower rate may do better" if entry["scale"] == min(scales) else "")
+        tie = entry.get("tie") or {}
+        if tie.get("near"):  # chosen on two seeds: the first seed's losses alone would point elsewhere or nowhere
+            again = ", ".join(f"x{p['scale']:g} {p['val_loss']:.4f}" if p["val_loss"] is not None
+                              else f"x{p['scale']:g} diverged" for p in tie["val_loss_second_seed"])
+            edge += (f" — a near-tie with {', '.join(f'x{x:g}' for x in tie['near'])} (within the seed spread"
+                     + (f" {tie['spread']:.4f}" if tie["spread"] is not None else "")
+                     + f"), chosen on the mean of two seeds (seed {tie['seed']}: {again})")
         lines.append(f"{setting}: lr {entry['lr']:.2g} (x{entry['scale']:g}); validation loss by scale: "
                      + ", ".join(f"x{p['scale']:g} {p['val_loss']:.4f}" if p["val_loss"] is not None
                                  else f"x{p['scale']:g} diverged" for p in entry["grid"]) + edge)
