@@ -135,7 +135,8 @@ def test_the_committed_records_are_the_two_level_intervals_of_the_saved_predicti
         assert pairs == quality["pairs"][task]
         assert all(p["ci_method"] == "bootstrap over seeds and test examples" and len(p["seeds"]) == 3 for p in pairs)
         assert all(p["verdict"] == verdict(*p["ci95"]) for p in pairs)
-        assert all(r["ci_kind"].startswith("t over seeds (seed-to-seed spread only") for r in rows if len(r["seeds"]) > 1)
+        assert all(r["ci_kind"].startswith("t over seeds (seed-to-seed spread only")
+                   for r in rows if len(r["seeds"]) > 1)
     rt = quality["pairs"]["rotten-tomatoes"][0]  # wider than the examples-only [-2.26, +1.16] it replaced
     assert rt["ci95"][0] < -2.5 and rt["ci95"][1] > 1.5 and rt["verdict"] == "cannot tell"
 

@@ -309,7 +309,8 @@ def test_evaluate_scores_the_whole_split_whatever_eval_batches_says(tokenizer):
 def test_the_default_rates_are_the_tuned_records_geometric_mean():
     """DEFAULT_LR's VeRA and LoRA rates: the geometric mean of quality.json's tuned rates within each task, then
     across tasks, to one significant figure (the comment in lab/train.py says so)."""
-    quality = json.loads((Path(__file__).resolve().parent.parent / "benchmarks" / "results" / "quality.json").read_text())
+    results = Path(__file__).resolve().parent.parent / "benchmarks" / "results"
+    quality = json.loads((results / "quality.json").read_text())
 
     def geometric_mean(values):
         return math.exp(sum(map(math.log, values)) / len(values))
