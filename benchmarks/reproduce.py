@@ -6,14 +6,16 @@ Each task is one or two comparisons (one per set of target layers, e.g. query+va
 learning-rate grid and step budget on the validation split (first seed), `seeds=` then runs the chosen rate once per
 seed on the test split. A comparison writes benchmarks/results/repro/<task>/<group>/ and is resumed there (finished
 runs and tuning points kept); after each one the rows are merged into benchmarks/results/quality.json and
-quality.md is rewritten, with per setting mean ± std, a 95% interval and the tuned rate, and per VeRA/LoRA pair the
-paired difference with its interval.
+quality.md is rewritten, with per setting mean ± std, a 95% interval over seeds and the tuned rate, per VeRA/LoRA
+pair the paired difference with its interval over seeds and test examples (recomputed from predictions/*.jsonl),
+and which tuning choices were near-ties.
 
     .venv/bin/python benchmarks/reproduce.py --task sst2              # CPU subset, 3 seeds, 6-point grid (x0.25..x8)
     .venv/bin/python benchmarks/reproduce.py --task e2e               # CPU subset, grid x0.25..x16 at 150 steps
     .venv/bin/python benchmarks/reproduce.py --task rotten-tomatoes   # whole built-in set, 400 steps x 16
     .venv/bin/python benchmarks/reproduce.py --task all --full        # full sets (a GPU)
     .venv/bin/python benchmarks/reproduce.py --task all --quick --out /tmp/q   # smoke: 2 seeds, 2-point grid, 3 steps
+    .venv/bin/python benchmarks/reproduce.py --records-only           # no training: every record from predictions/
 
 Data: ../shared/data/{sst2/train.tsv, sst2/dev.tsv, e2e/devset.csv} (or --data-dir / $VERA_REPRO_DATA); elsewhere,
 export the Hub sets glue/sst2 and e2e_nlg to those files (see the README's "Paper reproduction").
@@ -39,11 +41,11 @@ from vera_core.lab.parse import float_list, seed_list  # noqa: E402
 from vera_core.lab.compare import compare  # noqa: E402
 from vera_core.adapters.config import LoraConfig, VeraConfig  # noqa: E402
 from vera_core.lab.data import MR_INSTRUCTION, TextDataset, load_dataset  # noqa: E402
-from vera_core.adapters.files import write_json  # noqa: E402
+from vera_core.adapters.files import write_json, write_text  # noqa: E402
 from vera_core.lab.plots import tradeoff_figure  # noqa: E402
-from vera_core.lab.report import Report, mean_cell, pair_line  # noqa: E402
+from vera_core.lab.report import Report, load_run, mean_cell, pair_line, pair_rows, seeds_note  # noqa: E402
 from vera_core.lab.runs import run_summary  # noqa: E402
-from vera_core.lab.stats import MARGIN  # noqa: E402
+from vera_core.lab.stats import CI_SEEDS, MARGIN, mean_std  # noqa: E402
 from vera_core.lab.train import TrainConfig  # noqa: E402
 from vera_core.lab.tune import LR_SCALES  # noqa: E402
 
@@ -252,8 +254,9 @@ def write_outputs(run_dir: Path, report: Report) -> None:
 
 def task_rows(task: str, task_dir: Path, groups: list[Group]) -> tuple[list[dict], list[dict]]:
     """(quality.json rows, pairs) of every comparison of a task that has a report: one row per setting (its first
-    seed's report.json run, plus the seeds' mean, std, 95% interval, tuned rate and the grid's validation losses)
-    and one pair per VeRA/LoRA pair of a comparison, named as the rows are."""
+    seed's report.json run, plus the seeds' mean, std, 95% interval, tuned rate, the grid's validation losses and
+    each seed run's last validation loss) and one pair per VeRA/LoRA pair of a comparison, named as the rows are,
+    recomputed from the runs' predictions/*.jsonl."""
     rows, pairs = [], []
     for group in groups:
         path = task_dir / group.name / "report.json"
@@ -263,18 +266,57 @@ def task_rows(task: str, task_dir: Path, groups: list[Group]) -> tuple[list[dict
         subset = json.loads((task_dir / group.name / "subset.json").read_text())["subset"] \
             if (task_dir / group.name / "subset.json").is_file() else None
         runs = {r["name"]: r for r in report["runs"]}
+        histories = load_run(task_dir / group.name)[1]
         named = {s["setting"]: s["setting"] + (f"-{group.name}" if s["method"] in ("vera", "lora") else "")
                  for s in report.get("settings", [])}
         for s in report.get("settings", []):
             tuned = (report.get("tuning") or {}).get(s["setting"])
             row = quality_row(task, runs[s["runs"][0]], report, named[s["setting"]], subset)
             grid = [{k: p[k] for k in ("scale", "lr", "val_loss")} for p in tuned["grid"]] if tuned else None
-            row.update(metric=s["mean"], metric_mean=s["mean"], metric_std=s["std"], ci95=s["ci95"], seeds=s["seeds"],
+            row.update(metric=s["mean"], metric_mean=s["mean"], metric_std=s["std"], ci95=s["ci95"],
+                       ci_kind=CI_SEEDS if s.get("ci_kind") == "t over seeds" else s.get("ci_kind"), seeds=s["seeds"],
                        tuned_lr=tuned["lr"] if tuned else None, lr_grid=grid,
+                       val_loss_seeds=[last_val_loss(histories.get(name, [])) for name in s["runs"]],
                        wall_s=sum(runs[name]["wall_s"] or 0.0 for name in s["runs"]))
             rows.append(row)
-        pairs += [{**p, "vera": named[p["vera"]], "lora": named[p["lora"]]} for p in report.get("pairs", [])]
+        pairs += [{**p, "vera": named[p["vera"]], "lora": named[p["lora"]]}
+                  for p in pair_rows(report, task_dir / group.name)]
     return rows, pairs
+
+
+def last_val_loss(history: list[dict]) -> float | None:
+    """A run's validation loss at its last evaluation (None when it never evaluated)."""
+    evals = [e["eval_loss"] for e in history if e.get("type") == "eval" and e.get("eval_loss") is not None]
+    return evals[-1] if evals else None
+
+
+def refresh_run_pairs(run_dir: Path) -> None:
+    """Recompute a finished comparison's pairs from its predictions: report.json's "pairs", and in report.md the
+    seeds note and each pair's line (the rest of report.md is what the runs measured, unchanged)."""
+    report = json.loads((run_dir / "report.json").read_text())
+    old, new = report.get("pairs") or [], pair_rows(report, run_dir)
+    if [(p["vera"], p["lora"]) for p in old] != [(p["vera"], p["lora"]) for p in new]:
+        raise ValueError(f"{run_dir}: the recomputed pairs are not the recorded ones; rerun the comparison.")
+    text = (run_dir / "report.md").read_text()
+    note = text.split("Training seeds ", 1)[1].split("\n", 1)[0]
+    text = text.replace("Training seeds " + note, seeds_note(report))
+    for before, after in zip(old, new):
+        text = text.replace(f"- {pair_line(before)}\n", f"- {pair_line(after)}\n")
+    write_json(run_dir / "report.json", {**report, "pairs": new})
+    write_text(run_dir / "report.md", text)
+
+
+def refresh_records(results: Path, args: argparse.Namespace) -> None:
+    """Rewrite every record (the run folders' pairs, quality.json, quality.md, the figures) from the saved runs and
+    predictions; nothing trains."""
+    for task in TASKS:
+        task_dir = results / "repro" / task
+        groups = [g for g in plan(task, args) if (task_dir / g.name / "report.json").is_file()]
+        if not groups:
+            continue
+        for group in groups:
+            refresh_run_pairs(task_dir / group.name)
+        merge_quality(results, task, *task_rows(task, task_dir, groups))
 
 
 def quality_row(task: str, run: dict, report: dict, name: str, subset: str | None) -> dict:
@@ -321,10 +363,10 @@ def table(rows: list[dict]) -> str:
     cells = [{"run": r["name"], "trainable": f"{r['trainable_params']:,}",
               "head": f"{r['head_params']:,}" if r.get("head_params") else "-",
               "lr": f"{r['lr']:.2g}" + (" (tuned)" if r.get("tuned_lr") else "") if r.get("lr") else "-",
-              "seeds": len(r["seeds"]) if r.get("seeds") else 1, "metric (mean ± std [95% CI])": metric(r),
+              "seeds": len(r["seeds"]) if r.get("seeds") else 1, "metric (mean ± std [95% CI over seeds])": metric(r),
               "wall_s": f"{r['wall_s']:.0f}" if r.get("wall_s") is not None else "-",
               "device": r.get("device") or "-"} for r in rows]
-    columns = ["run", "trainable", "head", "lr", "seeds", "metric (mean ± std [95% CI])", "wall_s", "device"]
+    columns = ["run", "trainable", "head", "lr", "seeds", "metric (mean ± std [95% CI over seeds])", "wall_s", "device"]
     head = "| " + " | ".join(columns) + " |\n|" + "---|" * len(columns)
     return head + "\n" + "\n".join("| " + " | ".join(str(c[k]) for k in columns) + " |" for c in cells)
 
@@ -333,8 +375,11 @@ def markdown(quality: dict) -> str:
     lines = ["# Paper reproduction: VeRA vs LoRA on real data", "",
              "Written by `benchmarks/reproduce.py`. Trainable parameters exclude the classifier head. Rows with seeds: "
              "every method tuned on the same learning-rate grid and step budget (validation loss, first seed), then "
-             "run once per seed on the same test rows; intervals are t-intervals over seeds, pairs a paired "
-             "bootstrap over test examples pooled over seeds.", ""]
+             "run once per seed on the same test rows. A row's 95% interval is a t-interval over its seeds: it holds "
+             "the seed-to-seed spread only, not the test set's sampling error. A VeRA − LoRA pair's interval is a "
+             "two-level paired bootstrap (each replicate draws the seeds with replacement and one resample of the "
+             "test examples shared by every drawn seed of both methods), so it holds both; its verdict reads that "
+             "interval.", ""]
     for task, rows in quality["tasks"].items():
         if not rows:
             continue
@@ -345,7 +390,30 @@ def markdown(quality: dict) -> str:
         if task in PAPER:
             lines.append(f"- paper: {PAPER[task]['lora']}; {PAPER[task]['vera']} (≈7x fewer)")
         lines.append("")
+    ties = [line for rows in quality["tasks"].values() for r in rows if (line := tie_line(r))]
+    if ties:
+        lines += ["## Tuning: which choices were near-ties", "",
+                  "A choice is a near-tie when the runner-up's validation loss is closer to the chosen point's than "
+                  "the seed-to-seed spread (the std of the last validation loss of the setting's seed runs at the "
+                  "chosen rate; those runs evaluate on the first 8 validation batches and train the full step budget, "
+                  "the grid points the whole validation split at the tuning budget). The grid ran on one seed, so "
+                  "a near-tie's choice could go either way on another seed. `tune=` (lab/tune.py) breaks such ties "
+                  "with a second seed; these records were tuned before it did.", "", *ties, ""]
     return "\n".join(lines)
+
+
+def tie_line(row: dict) -> str | None:
+    """"- sst2 vera-r256-all: x2 0.2816 chosen over x4 0.2832 (gap 0.0016 < seed spread 0.0107): near-tie", or None
+    for a row without a grid of two finite points or without two seed losses."""
+    grid = sorted((p for p in row.get("lr_grid") or [] if p["val_loss"] is not None), key=lambda p: p["val_loss"])
+    seeds = [v for v in row.get("val_loss_seeds") or [] if v is not None]
+    if len(grid) < 2 or len(seeds) < 2:
+        return None
+    (best, second), spread = grid[:2], mean_std(seeds)[1]
+    gap = second["val_loss"] - best["val_loss"]
+    return (f"- {row['task']} {row['name']}: x{best['scale']:g} {best['val_loss']:.4f} chosen over x{second['scale']:g} "
+            f"{second['val_loss']:.4f} (gap {gap:.4f} {'<' if gap < spread else '>='} seed spread {spread:.4f}): "
+            + ("near-tie" if gap < spread else "clear"))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -376,11 +444,18 @@ def main(argv: list[str] | None = None) -> int:
                         help="steps per tuning run (default: the task's --steps; e2e: half of them)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", default="auto")
+    parser.add_argument("--records-only", action="store_true",
+                        help="train nothing: rewrite every record in --out from its saved runs and predictions")
     args = parser.parse_args(argv)
     if args.quick and args.full:
         parser.error("--quick and --full exclude each other")
 
     results = Path(args.out)
+    if args.records_only:
+        refresh_records(results, args)
+        print((results / "quality.md").read_text() if (results / "quality.md").is_file() else
+              f"no runs under {results / 'repro'}: nothing to rewrite")
+        return 0
     for task in TASKS if args.task == "all" else (args.task,):
         run_task(task, args)
     path = results / "quality.json"

@@ -13,7 +13,7 @@ from vera_core.lab.data import TextDataset
 from vera_core.lab.memory import estimate_memory
 from vera_core.lab.report import load_run
 from vera_core.lab.request import RunRequest
-from vera_core.lab.train import TrainConfig
+from vera_core.lab.train import DEFAULT_LR, TrainConfig
 
 
 def test_classification_comparison_writes_a_consistent_run_directory(tokenizer, tmp_path):
@@ -35,7 +35,7 @@ def test_classification_comparison_writes_a_consistent_run_directory(tokenizer, 
     assert runs["vera-r16"]["memory_breakdown"]["total"] == runs["vera-r16"]["peak_memory_bytes"]
     assert runs["vera-r16"]["targets"] == ["query", "value"] and runs["vera-r16"]["d_init"] == 0.1
     assert runs["lora-r4"]["alpha"] == 16 and runs["lora-r4"]["d_init"] is None
-    assert runs["vera-r16"]["lr"] == 1e-2 and runs["lora-r4"]["lr"] == 2e-4
+    assert runs["vera-r16"]["lr"] == DEFAULT_LR["vera"][0] and runs["lora-r4"]["lr"] == DEFAULT_LR["lora"][0]
     assert all(0 <= r["eval"]["accuracy"] <= 100 for r in runs.values())
     samples = [json.loads(line) for line in (tmp_path / "samples.jsonl").read_text().splitlines()]
     assert len(samples) == 2 and all(sum(s["vera-r16"]) == pytest.approx(1, abs=1e-3) for s in samples)

@@ -7,11 +7,12 @@ from helpers import colours, sentiment, tiny_bert, tiny_llama
 
 from vera_core.lab.compare import compare
 from vera_core.adapters.config import LoraConfig, VeraConfig
-from vera_core.lab.report import load_run, pair_line, setting_table
+from vera_core.lab.report import load_run, pair_line, setting_table, tuning_lines
 from vera_core.lab.request import RunRequest
 from vera_core.lab.runs import list_runs, run_summary
 from vera_core.lab.stats import t_interval
-from vera_core.lab.train import TrainConfig
+from vera_core.lab import tune
+from vera_core.lab.train import DEFAULT_LR, TrainConfig
 
 TINY = TrainConfig(steps=2, batch_size=4, max_length=16)
 
@@ -30,24 +31,35 @@ def test_seeds_and_tuning_give_intervals_pairs_and_chosen_rates(tokenizer, tmp_p
     assert list(runs) == ["base", "head-s0", "head-s1", "vera-r16-s0", "vera-r16-s1", "lora-r4-s0", "lora-r4-s1"]
     assert [runs[n]["seed"] for n in ("vera-r16-s0", "vera-r16-s1")] == [0, 1] and data["seeds"] == [0, 1]
     assert data["seed"] == 0 and runs["lora-r4-s1"]["setting"] == "lora-r4"
-    # tuning: the same grid and steps for every trained setting; the lowest validation loss wins
+    # tuning: the same grid and steps for every trained setting; the lowest validation loss wins unless a
+    # second seed (the request's seed 1) finds a near-tie and the mean over both seeds decides
     tuning = data["tuning"]
     assert set(tuning) == {"head", "vera-r16", "lora-r4"}
-    defaults = {"head": (1e-3, 1e-3), "vera-r16": (1e-2, 1e-3), "lora-r4": (2e-4, 1e-3)}
+    defaults = {"head": DEFAULT_LR["head"], "vera-r16": DEFAULT_LR["vera"], "lora-r4": DEFAULT_LR["lora"]}
+    second_points = set()
     for setting, entry in tuning.items():
         assert [p["scale"] for p in entry["grid"]] == [0.5, 2.0] and all(p["steps"] == 2 for p in entry["grid"])
         assert [p["lr"] for p in entry["grid"]] == pytest.approx([defaults[setting][0] * s for s in (0.5, 2)])
-        best = min(entry["grid"], key=lambda p: p["val_loss"])
-        assert entry["scale"] == best["scale"] and entry["lr"] == best["lr"]
+        best, other = sorted(entry["grid"], key=lambda p: p["val_loss"])
+        tie = entry["tie"]
+        again = {p["scale"]: p["val_loss"] for p in tie["val_loss_second_seed"]}
+        assert tie["seed"] == 1
+        assert tie["spread"] == pytest.approx(abs(best["val_loss"] - again[best["scale"]]) / 2 ** 0.5)
+        assert tie["near"] == ([other["scale"]] if other["val_loss"] - best["val_loss"] < tie["spread"] else [])
+        assert set(again) == {best["scale"], *tie["near"]}
+        mean = {x: (next(p["val_loss"] for p in entry["grid"] if p["scale"] == x) + again[x]) / 2 for x in again}
+        assert entry["scale"] == (min(mean, key=mean.get) if tie["near"] else best["scale"])
+        assert entry["lr"] == next(p["lr"] for p in entry["grid"] if p["scale"] == entry["scale"])
         assert runs[f"{setting}-s1"]["lr"] == pytest.approx(entry["lr"])
         assert runs[f"{setting}-s1"]["head_lr"] == pytest.approx(1e-3 * entry["scale"])  # one head rate for all
+        second_points |= {f"{setting}-x{x:g}-s1" for x in again}
     assert json.loads((tmp_path / "tuning.json").read_text()) == tuning
     points = sorted(p.name for p in (tmp_path / "tune").iterdir())
-    assert points == sorted(f"{s}-x{x:g}" for s in tuning for x in (0.5, 2))
+    assert points == sorted({f"{s}-x{x:g}" for s in tuning for x in (0.5, 2)} | second_points)
     assert all([f.name for f in (tmp_path / "tune" / p).iterdir()] == ["tune.json"] for p in points)  # no adapter
     assert not any(n.startswith("tune/") for n in histories)  # tuning curves stay out of the runs' histories
     assert {e["run"] for e in events if e.get("phase") == "tune" and e["type"] == "step"} == {
-        f"tune/{s}-x{x:g}" for s in tuning for x in (0.5, 2)}
+        f"tune/{p}" for p in points}
     # every run's predictions: one row per test example, their scores giving its accuracy
     for name, run in runs.items():
         rows = [json.loads(line) for line in (tmp_path / "predictions" / f"{name}.jsonl").read_text().splitlines()]
@@ -101,6 +113,41 @@ def test_one_seed_generation_bootstraps_over_test_groups(tokenizer, tmp_path):
     again = []
     run(exists="resume", on_event=again.append)
     assert not [e for e in again if e["type"] == "step"] and load_run(tmp_path)[0]["runs"] == data["runs"]
+
+
+def _scripted_tuning(tokenizer, tmp_path, monkeypatch, losses: dict) -> dict:
+    """tune_rates on a tiny BERT whose grid points return `losses[(seed, scale)]` instead of training."""
+    trained = []
+
+    def point(request, spec, scale, prepare, work, emit, stop):
+        trained.append((spec.seed, scale, work.name))
+        return {"scale": scale, "lr": 1e-2 * scale, "head_lr": 1e-3 * scale, "val_loss": losses[spec.seed, scale],
+                "steps": 2, "wall_s": 0.0}
+
+    monkeypatch.setattr(tune, "_point", point)
+    request = RunRequest((tiny_bert(tokenizer=tokenizer, num_labels=2), tokenizer), sentiment(), methods=("vera",),
+                         vera=VeraConfig(r=16), train=TINY, seeds=[3], tune={"lr_scale": [1, 2, 4]})
+    chosen = tune.tune_rates(request, tmp_path, prepare=None, emit=lambda e: None)["vera-r16"]
+    return {**chosen, "trained": trained}
+
+
+def test_a_near_tie_is_broken_by_a_second_seed(tokenizer, tmp_path, monkeypatch):
+    # Seed 3: x2 0.40 beats x4 0.41 by 0.01. Seed 4 (the first seed plus one): x2 0.44, so the spread is
+    # 0.04 / sqrt(2) = 0.028 > 0.01: x4 (0.40 on seed 4) is a near-tie, x1 (0.10 behind) is not. Means: x2 0.42,
+    # x4 0.405, so x4 is chosen.
+    losses = {(3, 1.0): 0.50, (3, 2.0): 0.40, (3, 4.0): 0.41, (4, 2.0): 0.44, (4, 4.0): 0.40}
+    tied = _scripted_tuning(tokenizer, tmp_path, monkeypatch, losses)
+    assert (tied["scale"], tied["lr"], tied["head_lr"]) == (4.0, 4e-2, 4e-3)
+    assert tied["tie"]["seed"] == 4 and tied["tie"]["near"] == [4.0]
+    assert tied["tie"]["spread"] == pytest.approx(0.04 / 2 ** 0.5)
+    assert tied["trained"][3:] == [(4, 2.0, "vera-r16-x2-s4"), (4, 4.0, "vera-r16-x4-s4")]
+    line = tuning_lines({"vera-r16": tied})[0]
+    assert line.endswith("a near-tie with x4 (within the seed spread 0.0283), chosen on the mean of two seeds "
+                         "(seed 4: x2 0.4400, x4 0.4000)")
+    # The same grid with seeds that agree (x2 0.401 on seed 4): spread 0.0007 < 0.01, one extra run, x2 stays.
+    clear = _scripted_tuning(tokenizer, tmp_path, monkeypatch, {**losses, (4, 2.0): 0.401})
+    assert clear["scale"] == 2.0 and clear["tie"]["near"] == [] and len(clear["trained"]) == 4
+    assert "near-tie" not in tuning_lines({"vera-r16": clear})[0]
 
 
 def test_bad_seeds_grids_and_too_many_runs_are_refused(tokenizer):
@@ -201,7 +248,9 @@ def test_a_resume_with_another_grid_retrains_only_the_runs_whose_rate_changed(to
         return done, {r["name"]: r["lr"] for r in load_run(tmp_path / "run")[0]["runs"]}
 
     first, rates = run([0.5])
-    assert first == ["base", "head", "vera-r16", "lora-r4"] and rates["vera-r16"] == pytest.approx(5e-3)
+    assert first == ["base", "head", "vera-r16", "lora-r4"]
+    assert rates["vera-r16"] == pytest.approx(DEFAULT_LR["vera"][0] / 2)
     assert run([0.5])[0] == []  # the same grid: every finished run is kept
     again, rates = run([2.0])  # another grid chooses another rate: the trained runs run again at it
-    assert again == ["head", "vera-r16", "lora-r4"] and rates["vera-r16"] == pytest.approx(2e-2)
+    assert again == ["head", "vera-r16", "lora-r4"]
+    assert rates["vera-r16"] == pytest.approx(DEFAULT_LR["vera"][0] * 2)

@@ -8,6 +8,8 @@ from pathlib import Path
 
 import pytest
 
+from vera_core.lab.stats import verdict
+
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "benchmarks"))  # the scripts import their shared harness as a sibling
 _spec = importlib.util.spec_from_file_location("reproduce", ROOT / "benchmarks" / "reproduce.py")
@@ -122,3 +124,30 @@ def test_each_task_tunes_on_its_own_default_grid_unless_the_flags_say_otherwise(
     flags = argparse.Namespace(quick=False, tune=[1.0, 4.0], tune_steps=40)
     assert reproduce.tuning("e2e", flags, 300) == ([1.0, 4.0], 40)
     assert reproduce.tuning("e2e", argparse.Namespace(quick=True, tune=[1.0], tune_steps=9), 3) == ([0.5, 2.0], 2)
+
+
+def test_the_committed_records_are_the_two_level_intervals_of_the_saved_predictions():
+    """quality.json's pairs recompute from repro/*/*/predictions (seeds and test examples resampled) and say so;
+    each row says its interval covers the seeds only."""
+    quality = json.loads((reproduce.RESULTS / "quality.json").read_text())
+    args = argparse.Namespace(d_init=0.1)
+    for task in ("sst2", "rotten-tomatoes", "e2e"):
+        rows, pairs = reproduce.task_rows(task, reproduce.RESULTS / "repro" / task, reproduce.plan(task, args))
+        assert pairs == quality["pairs"][task]
+        assert all(p["ci_method"] == "bootstrap over seeds and test examples" and len(p["seeds"]) == 3 for p in pairs)
+        assert all(p["verdict"] == verdict(*p["ci95"]) for p in pairs)
+        assert all(r["ci_kind"].startswith("t over seeds (seed-to-seed spread only")
+                   for r in rows if len(r["seeds"]) > 1)
+    rt = quality["pairs"]["rotten-tomatoes"][0]  # wider than the examples-only [-2.26, +1.16] it replaced
+    assert rt["ci95"][0] < -2.5 and rt["ci95"][1] > 1.5 and rt["verdict"] == "cannot tell"
+
+
+def test_a_tie_line_compares_the_grid_gap_with_the_seed_spread():
+    row = {"task": "sst2", "name": "vera-r256-all", "val_loss_seeds": [0.30, 0.32, 0.31],  # std 0.01
+           "lr_grid": [{"scale": 1.0, "val_loss": 0.40}, {"scale": 2.0, "val_loss": 0.350},
+                       {"scale": 4.0, "val_loss": 0.355}, {"scale": 8.0, "val_loss": None}]}
+    assert reproduce.tie_line(row) == ("- sst2 vera-r256-all: x2 0.3500 chosen over x4 0.3550 (gap 0.0050 < seed "
+                                       "spread 0.0100): near-tie")
+    clear = {**row, "lr_grid": [{"scale": 2.0, "val_loss": 0.35}, {"scale": 4.0, "val_loss": 0.37}]}
+    assert reproduce.tie_line(clear).endswith("(gap 0.0200 >= seed spread 0.0100): clear")
+    assert reproduce.tie_line({**row, "val_loss_seeds": [0.3]}) is None  # one seed: no spread to compare with

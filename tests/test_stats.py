@@ -62,9 +62,45 @@ def test_paired_difference_cancels_what_both_methods_share():
     low, high = diff["ci95"]
     assert low <= expected <= high and high - low <= 4.0 + 1e-9  # at most the 4 differing rows can move it
     same = paired_difference([a, a], [a, a], accuracy_statistic, n_boot=100)
-    assert same == {"diff_mean": 0.0, "ci95": [0.0, 0.0]}  # pooled over two seeds, identical runs
+    assert same == {"diff_mean": 0.0, "ci95": [0.0, 0.0], "ci_method": "bootstrap over seeds and test examples"}
     with pytest.raises(ValueError, match="different test rows"):
         paired_difference([a], [b[:10]], accuracy_statistic)
+    with pytest.raises(ValueError, match="pair them by seed"):
+        paired_difference([a, a], [b], accuracy_statistic)
+
+
+def _correct(n_right: int, n: int, shift: int = 0) -> np.ndarray:
+    """An (n, 1) 0/1 "correct" column with n_right ones, rolled by `shift` (a different run, same accuracy)."""
+    return np.roll(np.array([[1.0]] * n_right + [[0.0]] * (n - n_right)), shift, axis=0)
+
+
+def test_the_pair_interval_widens_when_the_seeds_disagree():
+    # LoRA 70% on every seed; VeRA's seeds 60%, 70%, 80% on 400 rows: the seed spread (std 10 points) dominates
+    # the test-sampling error of the mean over seeds.
+    lora = [_correct(280, 400, shift) for shift in (0, 5, 9)]
+    vera = [_correct(240, 400), _correct(280, 400, 3), _correct(320, 400, 7)]
+    two_level = paired_difference(vera, lora, accuracy_statistic, n_boot=2000, seed=0)
+    examples = paired_difference(vera, lora, accuracy_statistic, n_boot=2000, seed=0, over_seeds=False)
+    assert two_level["diff_mean"] == examples["diff_mean"] == pytest.approx(0.0)
+    assert two_level["ci_method"] == "bootstrap over seeds and test examples"
+    assert examples["ci_method"] == "bootstrap over test examples"
+    wide, narrow = (d["ci95"][1] - d["ci95"][0] for d in (two_level, examples))
+    # Drawing 3 of the seeds {-10, 0, +10} with replacement gives a mean spread of std 10·sqrt(2/3)/sqrt(3) = 4.7
+    # points, so about ±9 points; the examples-only interval stays within a few points.
+    assert narrow < 8.0 and 14.0 < wide < 24.0
+    assert two_level["ci95"][0] < -5.0 < 5.0 < two_level["ci95"][1]
+
+
+def test_the_pair_interval_is_the_examples_only_one_when_the_seeds_agree():
+    rng = np.random.default_rng(3)
+    vera_run, lora_run = (rng.integers(0, 2, (300, 1)).astype(float) for _ in range(2))
+    two_level = paired_difference([vera_run] * 3, [lora_run] * 3, accuracy_statistic, n_boot=500, seed=4)
+    examples = paired_difference([vera_run] * 3, [lora_run] * 3, accuracy_statistic, n_boot=500, seed=4,
+                                 over_seeds=False)
+    one_seed = paired_difference([vera_run], [lora_run], accuracy_statistic, n_boot=500, seed=4)
+    assert two_level["ci95"] == examples["ci95"] == one_seed["ci95"]
+    assert two_level["ci95"][1] - two_level["ci95"][0] > 5.0  # a real interval, not a degenerate one
+    assert one_seed["ci_method"] == "bootstrap over test examples"  # one seed: nothing to resample there
 
 
 def test_verdict_reads_the_interval_against_minus_one_point():

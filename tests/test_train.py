@@ -1,5 +1,6 @@
 """The training loop on tiny random models: learning, repeatability, exact resume, stop, errors, events, DDP."""
 import json
+import math
 import os
 import signal
 import subprocess
@@ -16,7 +17,7 @@ from vera_core.lab.data import TextDataset
 from vera_core.adapters.inject import add_adapter
 from vera_core.adapters.io import load_adapter
 from vera_core.lab.evaluate import evaluate
-from vera_core.lab.train import TrainConfig, default_lr, detect_method, train
+from vera_core.lab.train import DEFAULT_LR, TrainConfig, default_lr, detect_method, train
 
 
 def classification_data() -> TextDataset:
@@ -189,7 +190,7 @@ def test_events_classification_with_head(tokenizer):
     steps = [e for e in events if e["type"] == "step"]
     for e in steps:
         assert {"loss", "lr", "head_lr", "tokens_per_s", "eta_s", "elapsed_s", "epoch", "grad_norm"} <= set(e)
-        assert (e["lr"], e["head_lr"]) == default_lr("vera") == (1e-2, 1e-3)  # two groups, each its own rate
+        assert (e["lr"], e["head_lr"]) == default_lr("vera") == (4e-2, 1e-3)  # two groups, each its own rate
     assert steps[-1]["eta_s"] == 0 and steps[0]["epoch"] == 0.5  # 8 rows / batch 4: two steps per epoch
     evals = [e for e in events if e["type"] == "eval"]
     assert [e["step"] for e in evals] == [2, 4]
@@ -303,3 +304,21 @@ def test_evaluate_scores_the_whole_split_whatever_eval_batches_says(tokenizer):
     first = evaluate(model, tokenizer, TextDataset(data.name, data.task, train=rows, validation=rows, test=rows[:2],
                                                    labels=data.labels, source="test"), split="test")
     assert first != whole  # (the first batch alone scores differently: the cap would have changed the result)
+
+
+def test_the_default_rates_are_the_tuned_records_geometric_mean():
+    """DEFAULT_LR's VeRA and LoRA rates: the geometric mean of quality.json's tuned rates within each task, then
+    across tasks, to one significant figure (the comment in lab/train.py says so)."""
+    results = Path(__file__).resolve().parent.parent / "benchmarks" / "results"
+    quality = json.loads((results / "quality.json").read_text())
+
+    def geometric_mean(values):
+        return math.exp(sum(map(math.log, values)) / len(values))
+
+    for method in ("vera", "lora"):
+        per_task = [geometric_mean([r["tuned_lr"] for r in rows if r["method"] == method and r.get("tuned_lr")])
+                    for rows in quality["tasks"].values()]
+        assert len(per_task) == 3
+        mean = geometric_mean(per_task)
+        assert DEFAULT_LR[method][0] == float(f"{mean:.0e}"), (method, mean)
+        assert DEFAULT_LR[method][1] == 1e-3  # one head rate for every method

@@ -238,8 +238,10 @@ def _compare_args(p: argparse.ArgumentParser) -> None:
                    help="one alpha per LoRA rank, e.g. 8,16,32, or one for all (default: 2 * r each)")
     p.add_argument("--targets", type=lambda t: t if t == "all-linear" else t.split(","), default=None,
                    help="comma-separated module names or all-linear (default: the architecture's query,value)")
-    p.add_argument("--vera-lr", type=float, default=None, help="default 1e-2 (the VeRA paper's range)")
-    p.add_argument("--lora-lr", type=float, default=None, help="default 2e-4")
+    p.add_argument("--vera-lr", type=float, default=None,
+                   help="default: DEFAULT_LR['vera'] in lab/train.py (from the tuned records)")
+    p.add_argument("--lora-lr", type=float, default=None,
+                   help="default: DEFAULT_LR['lora'] in lab/train.py (from the tuned records)")
     p.add_argument("--samples", type=int, default=8, help="test inputs written to samples.jsonl")
     p.add_argument("--seeds", type=_seeds, default=None,
                    help="training seeds, e.g. 0,1,2: every setting once per seed on the same split (default: --seed)")

@@ -268,9 +268,9 @@ def setting_rows(report: Report | dict, run_dir: str | os.PathLike | None = None
 
 def pair_rows(report: Report | dict, run_dir: str | os.PathLike | None) -> list[dict]:
     """Every VeRA setting against every LoRA setting on the runs of their common seeds: {"vera", "lora",
-    "metric", "seeds", "diff_mean" (VeRA − LoRA, points), "ci95" (paired bootstrap over test examples, pooled
-    over seeds), "verdict" (stats.verdict), "param_ratio" (LoRA ÷ VeRA trainable parameters)}. Pairs whose runs
-    lack predictions are left out."""
+    "metric", "seeds", "diff_mean" (VeRA − LoRA, points), "ci95" (two-level paired bootstrap: seeds and test
+    examples, `stats.paired_difference`), "ci_method", "verdict" (stats.verdict), "param_ratio" (LoRA ÷ VeRA
+    trainable parameters)}. Pairs whose runs lack predictions are left out."""
     from .stats import paired_difference, verdict
 
     groups = _by_setting(_as_dict(report))
@@ -327,6 +327,13 @@ def tuning_lines(tuning: dict | None) -> list[str]:
         edge = ("" if len(scales) < 2 else
                 " — at the top of the grid: a higher rate may do better" if entry["scale"] == max(scales) else
                 " — at the bottom of the grid: a lower rate may do better" if entry["scale"] == min(scales) else "")
+        tie = entry.get("tie") or {}
+        if tie.get("near"):  # chosen on two seeds: the first seed's losses alone would point elsewhere or nowhere
+            again = ", ".join(f"x{p['scale']:g} {p['val_loss']:.4f}" if p["val_loss"] is not None
+                              else f"x{p['scale']:g} diverged" for p in tie["val_loss_second_seed"])
+            edge += (f" — a near-tie with {', '.join(f'x{x:g}' for x in tie['near'])} (within the seed spread"
+                     + (f" {tie['spread']:.4f}" if tie["spread"] is not None else "")
+                     + f"), chosen on the mean of two seeds (seed {tie['seed']}: {again})")
         lines.append(f"{setting}: lr {entry['lr']:.2g} (x{entry['scale']:g}); validation loss by scale: "
                      + ", ".join(f"x{p['scale']:g} {p['val_loss']:.4f}" if p["val_loss"] is not None
                                  else f"x{p['scale']:g} diverged" for p in entry["grid"]) + edge)
@@ -338,7 +345,8 @@ def seeds_note(report: Report | dict) -> str:
     report = _as_dict(report)
     return (f"Training seeds {', '.join(map(str, report['seeds']))} (data order, head init, dropout); the data split "
             f"(seed {report['seed']}) and VeRA's projection seed stay fixed, so every run is scored on the same test "
-            "rows and pairs up.")
+            "rows and pairs up. A setting's 95% interval is a t-interval over its seeds (the seed spread only); a "
+            "VeRA − LoRA interval resamples both the seeds and the test rows.")
 
 
 def seed_summary_lines(report: Report | dict) -> list[str]:

@@ -1,11 +1,12 @@
 """How sure a comparison is: mean ± std over seeds, 95% intervals (t over seeds, bootstrap over test examples),
-the paired difference of two methods on the same test rows, and its verdict against a margin.
+the paired difference of two methods on the same test rows (bootstrap over seeds and test examples), and its
+verdict against a margin.
 
 A run's test examples are rows of numbers whose column sums give its metric (`statistic(sums, n)`): a 0/1
 "correct" column for accuracy, BLEU's n-gram counts for BLEU. Resampling examples then only re-weights rows.
 
     lo, hi = t_interval([79.1, 80.3, 78.8])
-    paired_difference([vera_rows], [lora_rows], accuracy_statistic)   # {"diff_mean", "ci95"}
+    paired_difference([vera_rows], [lora_rows], accuracy_statistic)   # {"diff_mean", "ci95", "ci_method"}
 """
 from __future__ import annotations
 
@@ -22,6 +23,11 @@ T975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8
 MARGIN = 1.0  # points: "matches" means the difference is not below -1 point (the project's bar)
 VERDICTS = ("matches within 1 point", "behind", "cannot tell")
 PERCENT = (0.0, 100.0)  # the range of every headline metric (accuracy, BLEU)
+# What an interval covers, recorded beside it: a t-interval over seeds leaves the test set's sampling error out, a
+# bootstrap over one run's examples leaves the seed spread out, the two-level pair bootstrap holds both.
+CI_SEEDS = "t over seeds (seed-to-seed spread only; test-set sampling error not included)"
+CI_EXAMPLES = "bootstrap over test examples"
+CI_SEEDS_AND_EXAMPLES = "bootstrap over seeds and test examples"
 
 Statistic = Callable[[np.ndarray, int], float]  # (column sums of the chosen examples, their count) -> metric
 
@@ -65,10 +71,15 @@ def resample_counts(n: int, n_boot: int, seed: int) -> np.ndarray:
     return np.stack([np.bincount(rng.integers(0, n, n), minlength=n) for _ in range(n_boot)])
 
 
+def _per_run(runs: Sequence[np.ndarray], statistic: Statistic, counts: np.ndarray) -> np.ndarray:
+    """(runs, n_boot) the metric of every run (seed) on every resample of the examples they share."""
+    n = counts.shape[1]
+    return np.array([[statistic(row, n) for row in counts @ rows] for rows in runs])
+
+
 def _resampled(runs: Sequence[np.ndarray], statistic: Statistic, counts: np.ndarray) -> np.ndarray:
     """(n_boot,) the metric of every resample, averaged over the runs (seeds) sharing those examples."""
-    n = counts.shape[1]
-    return np.mean([[statistic(row, n) for row in counts @ rows] for rows in runs], axis=0)
+    return _per_run(runs, statistic, counts).mean(axis=0)
 
 
 def _check_runs(runs: Sequence[np.ndarray]) -> None:
@@ -87,17 +98,34 @@ def bootstrap_interval(runs: Sequence[np.ndarray], statistic: Statistic, n_boot:
 
 
 def paired_difference(a: Sequence[np.ndarray], b: Sequence[np.ndarray], statistic: Statistic, n_boot: int = 2000,
-                      seed: int = 0) -> dict:
-    """A − B on the same test examples: {"diff_mean" (mean over seeds of A's metric minus B's), "ci95" [low, high]}
-    from a paired bootstrap: each resample draws the same examples for every run of both methods."""
+                      seed: int = 0, over_seeds: bool = True) -> dict:
+    """A − B on the same test examples, a[i] and b[i] trained with the same seed: {"diff_mean" (mean over seeds of
+    A's metric minus B's), "ci95" [low, high], "ci_method"}.
+
+    Two-level paired bootstrap: each replicate draws the seeds with replacement and one resample of the test
+    examples (the same examples for every drawn seed of both methods), and takes the difference of the two methods'
+    means over exactly those draws, so the interval holds both the seed-to-seed spread and the test set's sampling
+    error. over_seeds=False keeps every seed in every replicate (test examples only), which leaves the seed spread
+    out; with one seed, or seeds that agree exactly, the two intervals are the same."""
     _check_runs([*a, *b])
+    if len(a) != len(b):
+        raise ValueError(f"{len(a)} runs of A against {len(b)} of B; pair them by seed (one run per seed each).")
     a, b = [np.asarray(r, float) for r in a], [np.asarray(r, float) for r in b]
-    n = len(a[0])
+    n, k = len(a[0]), len(a)
     counts = resample_counts(n, n_boot, seed)
-    diffs = _resampled(a, statistic, counts) - _resampled(b, statistic, counts)
+    per_a, per_b = _per_run(a, statistic, counts), _per_run(b, statistic, counts)  # (k, n_boot)
+    if over_seeds:
+        # Its own stream, so the examples drawn are those of the examples-only interval.
+        picks = np.random.default_rng([seed, 1]).integers(0, k, (n_boot, k))  # (n_boot, k) seed indices
+        replicate = np.arange(n_boot)[:, None]
+        diffs = (per_a[picks, replicate] - per_b[picks, replicate]).mean(axis=1)
+    else:
+        diffs = per_a.mean(axis=0) - per_b.mean(axis=0)
     full = np.ones((1, n))
     diff = float(_resampled(a, statistic, full)[0] - _resampled(b, statistic, full)[0])
-    return {"diff_mean": diff, "ci95": [float(np.percentile(diffs, 2.5)), float(np.percentile(diffs, 97.5))]}
+    method = CI_SEEDS_AND_EXAMPLES if over_seeds and k > 1 else CI_EXAMPLES
+    return {"diff_mean": diff, "ci95": [float(np.percentile(diffs, 2.5)), float(np.percentile(diffs, 97.5))],
+            "ci_method": method}
 
 
 def verdict(low: float, high: float) -> str:

@@ -1,8 +1,14 @@
 """Equal tuning for every method: each setting's learning rates × every scale of the grid, trained for the same
 number of steps on the first seed and scored by validation loss; the lowest wins. The test split is never read.
 
-Each grid point trains into run_dir/tune/<setting>-x<scale>/ and records tune.json there when it finishes, so a
-resumed comparison reuses finished points and continues a stopped one from its checkpoint.
+One seed's validation loss moves with the seed, so a lowest loss can win by chance. The winner is therefore trained
+again on a second seed: half the gap between its two losses, times sqrt(2), is the seed-to-seed spread (the sample
+std of the two). Every other point whose first-seed loss is within that spread of the winner's is a near-tie, and is
+trained on the second seed too; the lowest mean over the two seeds then wins. A clear winner costs one run more.
+
+Each grid point trains into run_dir/tune/<setting>-x<scale>/ (the second seed's: <setting>-x<scale>-s<seed>/) and
+records tune.json there when it finishes, so a resumed comparison reuses finished points and continues a stopped
+one from its checkpoint.
 """
 from __future__ import annotations
 
@@ -49,26 +55,73 @@ def _point(request: RunRequest, spec: RunSpec, scale: float, prepare: Callable[[
     return point
 
 
+def second_seed(request: RunRequest) -> int:
+    """The seed that breaks near-ties: the request's second seed, else the first plus one."""
+    return request.seeds[1] if len(request.seeds) > 1 else request.seeds[0] + 1
+
+
+def _break_tie(request: RunRequest, spec: RunSpec, entry: dict, prepare: Callable[[RunSpec], tuple], run_dir: Path,
+               emit: Callable[[dict], None], stop: threading.Event | None) -> dict | None:
+    """The setting's choice after the second-seed check (module docstring): {"scale", "lr", "head_lr", "tie"}, where
+    "tie" records the seed, the spread, the near-tied scales and every second-seed loss; None when stopped."""
+    scored = sorted((p for p in entry["grid"] if p["val_loss"] is not None), key=lambda p: p["val_loss"])
+    if not scored:
+        raise ValueError(f"every tuning run of {spec.setting} diverged (no finite validation loss); try smaller scales.")
+    seed, best = second_seed(request), scored[0]
+    again: dict[float, float | None] = {}
+
+    def run_again(point: dict) -> bool:
+        emit({"type": "tune_start", "run": spec.setting, "scale": point["scale"], "seed": seed})
+        work = run_dir / "tune" / f"{spec.setting}-x{point['scale']:g}-s{seed}"
+        result = _point(request, replace(spec, seed=seed), point["scale"], prepare, work, emit, stop)
+        if result is not None:
+            again[point["scale"]] = result["val_loss"]
+            emit({"type": "tune_done", "run": spec.setting, "seed": seed, **result})
+        return result is not None
+
+    if len(scored) > 1 and not run_again(best):
+        return None
+    second = again.get(best["scale"])
+    # A winner that diverges on the second seed has no spread to measure: every other point is then in question.
+    spread = abs(best["val_loss"] - second) / math.sqrt(2) if second is not None else math.inf
+    near = [p for p in scored[1:] if p["val_loss"] - best["val_loss"] < spread]
+    for point in near:
+        if not run_again(point):
+            return None
+
+    def two_seed_mean(point: dict) -> float:
+        later = again.get(point["scale"])
+        return math.inf if later is None else (point["val_loss"] + later) / 2
+
+    # Ties among equal means go to the first seed's order (the earlier scale among equal losses).
+    winner = min([best, *near], key=two_seed_mean) if near else best
+    tie = {"seed": seed, "spread": spread if math.isfinite(spread) else None, "near": [p["scale"] for p in near],
+           "val_loss_second_seed": [{"scale": k, "val_loss": v} for k, v in again.items()]} if again else None
+    return {"scale": winner["scale"], "lr": winner["lr"], "head_lr": winner["head_lr"], "tie": tie}
+
+
 def tune_rates(request: RunRequest, run_dir: Path, prepare: Callable[[RunSpec], tuple],
                emit: Callable[[dict], None], stop: threading.Event | None = None) -> dict | None:
-    """{setting: {"scale", "lr", "head_lr" (the chosen ones), "grid": [every point, in grid order]}} for every
-    trained setting of `request` (`request.tuning_plan()`); None when `stop` ended it (finished points are kept).
-    prepare(spec) gives the fresh, trainable (model, tokenizer) of a run. A point whose loss is not finite
-    (diverged) is never chosen; ties go to the earlier scale."""
+    """{setting: {"scale", "lr", "head_lr" (the chosen ones), "grid": [every point, in grid order], "tie" (the
+    second-seed check, `_break_tie`; None for a one-point grid)}} for every trained setting of `request`
+    (`request.tuning_plan()`); None when `stop` ended it (finished points are kept). prepare(spec) gives the fresh,
+    trainable (model, tokenizer) of a run. A point whose loss is not finite (diverged) is never chosen; ties go to
+    the earlier scale."""
     chosen: dict[str, dict] = {}
+    specs: dict[str, RunSpec] = {}
     for spec, scale in request.tuning_plan():
         emit({"type": "tune_start", "run": spec.setting, "scale": scale})
         point = _point(request, spec, scale, prepare, run_dir / "tune" / f"{spec.setting}-x{scale:g}", emit, stop)
         if point is None:
             return None
+        specs[spec.setting] = spec
         entry = chosen.setdefault(spec.setting, {"grid": []})
         entry["grid"].append(point)
         emit({"type": "tune_done", "run": spec.setting, **point})
     for setting, entry in chosen.items():
-        scored = [p for p in entry["grid"] if p["val_loss"] is not None]
-        if not scored:
-            raise ValueError(f"every tuning run of {setting} diverged (no finite validation loss); try smaller scales.")
-        best = min(scored, key=lambda p: p["val_loss"])
-        entry.update(scale=best["scale"], lr=best["lr"], head_lr=best["head_lr"])
+        choice = _break_tie(request, specs[setting], entry, prepare, run_dir, emit, stop)
+        if choice is None:
+            return None
+        entry.update(choice)
     write_json(run_dir / "tuning.json", chosen)
     return chosen
