@@ -19,7 +19,9 @@ from vera_core import (
     set_active_adapter,
     unmerge_adapter,
 )
+from vera_core.adapters.inject import shared_projections
 from vera_core.adapters.layers import LoraLayer, VeraLayer, keep_portable_4bit
+from vera_core.adapters.projections import VeraProjections
 
 
 @pytest.mark.parametrize("seed", [0, 1234])
@@ -66,6 +68,20 @@ def test_init_leaves_model_unchanged_and_counts(tokens):
         n for n, _ in model.named_parameters() if "vera_lambda" in n}
     # One storage for A and B, not one copy per layer.
     assert len({m.projections.A.data_ptr() for m in layers}) == 1
+
+
+def test_one_shared_pair_is_found_or_made_and_sliced_per_layer():
+    model = tiny_llama()
+    assert shared_projections(model) is None
+    made = shared_projections(model, lambda: VeraProjections(8, 72, 72, 3))  # a pair for a model with none
+    assert (made.max_in, made.max_out, made.seed) == (72, 72, 3)
+    add_adapter(model, VeraConfig(r=8, target_modules=LLAMA_ALL))
+    pair = shared_projections(model, lambda: pytest.fail("a model with a pair must not make another"))
+    assert pair is shared_projections(model) is model.model.layers[1].mlp.down_proj.projections
+    k = model.model.layers[1].self_attn.k_proj  # in 32, out 16 (GQA)
+    A_s, B_s = k.slices
+    assert torch.equal(A_s, pair.A[:, :32]) and torch.equal(B_s, pair.B[:16]) and A_s.shape == (8, 32)
+    assert A_s.data_ptr() == pair.A.data_ptr() and B_s.data_ptr() == pair.B.data_ptr()  # views, not copies
 
 
 @pytest.mark.parametrize("build,targets", [(tiny_llama, LLAMA_ALL), (tiny_gpt2, ["c_attn", "c_proj", "c_fc"])])

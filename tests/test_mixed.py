@@ -184,7 +184,7 @@ def test_load_adapters_share_one_pair_and_one_copy_of_the_vectors(tmp_path):
     layers = [m for m in model.modules() if isinstance(m, VeraLayer)]
     assert len({id(m.projections) for m in layers}) == 1
     for layer in layers:  # every adapter's vectors are rows of the stacked bank, not copies of it
-        b_bank, d_bank = layer._bank
+        b_bank, d_bank = layer.bank.b, layer.bank.d
         assert [layer.vera_lambda_b[n].data_ptr() for n in dirs] == [b_bank[i].data_ptr() for i in range(3)]
         assert [layer.vera_lambda_d[n].data_ptr() for n in dirs] == [d_bank[i].data_ptr() for i in range(3)]
         assert not b_bank[3].any()  # the row for "no adapter here"
@@ -202,7 +202,7 @@ def test_loading_in_several_calls_keeps_one_exact_stack_per_layer(tmp_path):
     dirs = {"a": _saved(tmp_path, "a"), "n": _saved(tmp_path, "n", target_modules=narrow), "b": _saved(tmp_path, "b")}
     model = load_adapters(load_adapters(tiny_llama(), dirs), {"c": _saved(tmp_path, "c")})
     for path, layer in ((p, m) for p, m in model.named_modules() if isinstance(m, VeraLayer)):
-        b_bank, d_bank = layer._bank
+        b_bank, d_bank = layer.bank.b, layer.bank.d
         assert layer.adapter_names == (["a", "n", "b", "c"] if path.endswith(tuple(narrow)) else ["a", "b", "c"])
         assert len(b_bank) == len(d_bank) == len(layer.adapter_names) + 1
         for i, name in enumerate(layer.adapter_names):

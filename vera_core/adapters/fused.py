@@ -1,6 +1,6 @@
 """The fast VeRA path: shared input projections and the folded update. Exact: same formula, less arithmetic.
 
-Two savings, both chosen per call by `VeraLayer` (layers.py):
+Two savings, both chosen per call for each `VeraLayer` (layers.py) forward:
 
 1. Shared input projection. q, k, v (and gate, up) read the same tensor x and, having the same in_features, the
    same slice A_s = A[:, :in]. u = x A_sᵀ is computed once per input and reused; because u is then one autograd
@@ -24,6 +24,8 @@ from typing import Iterator
 
 import torch
 import torch.nn.functional as F
+from torch import nn
+from transformers.pytorch_utils import Conv1D
 
 FOLDED_BACKWARD = ("auto", "keep", "rebuild")
 _fast_path = True
@@ -64,7 +66,7 @@ class InputProjectionCache:
     version counter (no in-place edit since), the same slice, cast dtype, projection tensor and grad mode. The slot
     is dropped as soon as x is freed. Inference tensors (generate runs under inference_mode) carry no version
     counter, so the slot keeps a copy of x and a hit also needs torch.equal with it: reading x twice costs 1/r of the
-    product it saves (measured on SmolLM2 decode: without it q, k, v and gate, up each recomputed x A_sᵀ).
+    product it saves, which q, k, v (and gate, up) would otherwise each recompute at every decode step.
     """
 
     def __init__(self):
@@ -88,6 +90,38 @@ class InputProjectionCache:
         self._ref, self._key, self._A, self._u = weakref.ref(x, self._clear), key, A, u
         self._copy = x.clone() if inference else None
         return u
+
+
+def foldable(layer: nn.Module, x: torch.Tensor, name: str | None) -> bool:
+    """Whether a VeraLayer's forward folds adapter `name` into its frozen weight: only where that is exact (fp32
+    without autocast, a frozen plain Linear / Conv1D, no active dropout, no hooks on the base, not merged) and
+    cheaper: N·(in + out) > in·out for N tokens. Under bf16 autocast a folded W' would round the small update into
+    W0's bf16 values."""
+    if name is None or layer.merged_adapter is not None:
+        return False
+    base, in_f, out_f = layer.base_layer, layer.in_features, layer.out_features
+    frozen = not base.weight.requires_grad and (base.bias is None or not base.bias.requires_grad)
+    fp32 = base.weight.dtype == x.dtype == layer.vera_lambda_b[name].dtype == layer.projections.A.dtype == torch.float32
+    tokens = x.numel() // in_f
+    return (fast_path_enabled() and type(base) in (nn.Linear, Conv1D) and frozen and fp32
+            and not torch.is_autocast_enabled(x.device.type)
+            and not (base._forward_hooks or base._forward_pre_hooks)
+            and (name not in layer.dropout or not layer.dropout[name].training)
+            and tokens * (in_f + out_f) > in_f * out_f)
+
+
+def folded_forward(layer: nn.Module, x: torch.Tensor, name: str) -> torch.Tensor:
+    """A VeraLayer's h = x W'ᵀ + bias with W' = W0 + Λ_b B_s Λ_d A_s (when `foldable`): (..., in) -> (..., out)."""
+    b, d = layer.vera_lambda_b[name], layer.vera_lambda_d[name]
+    weight, bias = layer.base_layer.weight, layer.base_layer.bias
+    if isinstance(layer.base_layer, Conv1D):
+        weight = weight.T  # Conv1D stores (in, out)
+    A_s, B_s = layer.slices
+    u = None
+    if torch.is_grad_enabled() and (b.requires_grad or d.requires_grad):
+        u = layer.projections.project_input(x, layer.in_features, b.dtype).detach()  # (..., r), shared
+    keep = keep_folded(x.numel() // layer.in_features, layer.in_features, layer.out_features)
+    return FoldedVera.apply(x, weight, bias, b, d, A_s, B_s, u, keep)
 
 
 def fold(weight: torch.Tensor, b: torch.Tensor, d: torch.Tensor, A_s: torch.Tensor, B_s: torch.Tensor) -> torch.Tensor:

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import re
 from contextlib import contextmanager
-from typing import Iterator
+from typing import Callable, Iterator
 
 from torch import nn
 
@@ -86,7 +86,7 @@ def _matches(path: str, targets) -> bool:
     if isinstance(targets, str):
         return re.fullmatch(targets, path) is not None
     # matches_suffix against every target, as set lookups of the path's dot-suffixes: a loaded adapter lists every
-    # module path, and a pairwise test (paths x targets) made loading many adapters slow.
+    # module path, so a pairwise test (paths x targets) would grow with their product.
     parts = path.split(".")
     return not targets.isdisjoint(".".join(parts[i:]) for i in range(len(parts)))
 
@@ -178,23 +178,28 @@ def _get_parent(model: nn.Module, path: str) -> tuple[nn.Module, str]:
     return (model.get_submodule(parent_path) if parent_path else model), child
 
 
-def _shared_projections(model: nn.Module, config: VeraConfig, targets: list[nn.Module]) -> VeraProjections:
-    """The model's (A, B) pair, made at the largest (in, out) among the targets; reused by later adapters."""
+def shared_projections(model: nn.Module,
+                       make: Callable[[], VeraProjections] | None = None) -> VeraProjections | None:
+    """The one (A, B) pair every VeRA layer of `model` shares; when it has none yet, make()'s new pair on the model's
+    device (None without `make`). Callers check that a found pair suits their adapter."""
+    found = next((layer.projections for _, layer in adapter_layers(model) if isinstance(layer, VeraLayer)), None)
+    if found is not None or make is None:
+        return found
+    return make().to(next(model.parameters()).device)
+
+
+def _projections_for(model: nn.Module, config: VeraConfig, targets: list[nn.Module]) -> VeraProjections:
+    """The model's pair, made at the largest (in, out) among the targets by the first VeRA adapter."""
     shapes = [layer_shape(_unwrapped(m)) for m in targets]
     max_in, max_out = max(s[0] for s in shapes), max(s[1] for s in shapes)
-    for _, layer in adapter_layers(model):
-        if isinstance(layer, VeraLayer):
-            proj = layer.projections
-            if max_in > proj.max_in or max_out > proj.max_out:
-                raise ValueError(
-                    f"the new adapter's targets need projections of at least (in={max_in}, out={max_out}) but the "
-                    f"model's shared pair is (in={proj.max_in}, out={proj.max_out}); target the same layers as the "
-                    "first adapter, or use another model copy."
-                )
-            return proj
-    return VeraProjections(config.r, max_in, max_out, config.projection_seed).to(
-        next(model.parameters()).device
-    )
+    proj = shared_projections(model, lambda: VeraProjections(config.r, max_in, max_out, config.projection_seed))
+    if max_in > proj.max_in or max_out > proj.max_out:
+        raise ValueError(
+            f"the new adapter's targets need projections of at least (in={max_in}, out={max_out}) but the "
+            f"model's shared pair is (in={proj.max_in}, out={proj.max_out}); target the same layers as the "
+            "first adapter, or use another model copy."
+        )
+    return proj
 
 
 def _unwrapped(module: nn.Module) -> nn.Module:
@@ -219,7 +224,7 @@ def add_adapter(model: nn.Module, config: AdapterConfig, name: str = "default", 
             raise ValueError(f"modules_to_save names {wanted!r} but the model has no such module.")
         head_paths += hits
     modules = dict(walk(model))
-    projections = (_shared_projections(model, config, [modules[p] for p in paths])
+    projections = (_projections_for(model, config, [modules[p] for p in paths])
                    if isinstance(config, VeraConfig) else None)
 
     # All checks passed: from here on the model is changed.

@@ -24,6 +24,7 @@ from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 from .config import AdapterConfig, LoraConfig, VeraConfig, config_from_dict
+from . import mixed
 from .files import atomic_directory
 from .inject import (
     active_adapter,
@@ -34,6 +35,7 @@ from .inject import (
     head_wrappers,
     matches_suffix,
     set_active_adapter,
+    shared_projections,
 )
 from .layers import LoraLayer, ModulesToSave, VeraLayer, layer_shape, walk
 from .projections import VeraProjections, fingerprint
@@ -44,8 +46,8 @@ PEFT_CONFIG = "adapter_config.json"
 PEFT_WEIGHTS = "adapter_model.safetensors"
 FORMAT = "vera-lab-adapter"
 _PEFT_PREFIX = "base_model.model."
-# load_adapters stacks VeRA vectors every this many adapters: their files' tensors wait at most that long (13 MB for
-# SmolLM2 at r=256), and a stack per adapter cost 6 ms of Python per adapter (0.4 s on 64).
+# load_adapters stacks VeRA vectors every this many adapters: often enough that few files' tensors wait to be freed,
+# rarely enough that the per-stack Python cost stays small beside loading.
 BANK_EVERY = 16
 _ADAPTER_SUFFIXES = (".vera_lambda_b", ".vera_lambda_d", ".lora_A.weight", ".lora_B.weight")
 
@@ -60,10 +62,6 @@ def _resolve_name(model: nn.Module, name: str | None) -> str:
     return name
 
 
-def _projections(model: nn.Module) -> VeraProjections:
-    return next(layer.projections for _, layer in adapter_layers(model) if isinstance(layer, VeraLayer))
-
-
 def adapter_tensors(model: nn.Module, name: str, as_lora: bool = False) -> dict[str, torch.Tensor]:
     """The adapter `name` (and its head copies) as {key: fp32 CPU tensor} in the layout above.
 
@@ -76,10 +74,9 @@ def adapter_tensors(model: nn.Module, name: str, as_lora: bool = False) -> dict[
         if isinstance(layer, VeraLayer):
             b, d = layer.vera_lambda_b[name].detach().float(), layer.vera_lambda_d[name].detach().float()
             if as_lora:
-                A = layer.projections.A[:, : layer.in_features].float()
-                B = layer.projections.B[: layer.out_features, :].float()
-                out[f"{path}.lora_A.weight"] = d[:, None] * A  # (r, in)
-                out[f"{path}.lora_B.weight"] = b[:, None] * B  # (out, r)
+                A_s, B_s = (t.float() for t in layer.slices)
+                out[f"{path}.lora_A.weight"] = d[:, None] * A_s  # (r, in)
+                out[f"{path}.lora_B.weight"] = b[:, None] * B_s  # (out, r)
             else:
                 out[f"{path}.vera_lambda_b"] = b
                 out[f"{path}.vera_lambda_d"] = d
@@ -94,7 +91,7 @@ def adapter_tensors(model: nn.Module, name: str, as_lora: bool = False) -> dict[
 
 
 def _vera_meta(model: nn.Module) -> dict:
-    proj = _projections(model)
+    proj = shared_projections(model)
     return {"seed": proj.seed, "r": proj.r, "max_in": proj.max_in, "max_out": proj.max_out,
             "fingerprint": proj.fingerprint()}
 
@@ -119,7 +116,7 @@ def save_adapter(model: nn.Module, directory: str | os.PathLike, name: str | Non
     if isinstance(config, VeraConfig):
         meta["projection"] = _vera_meta(model)
         if config.save_projection:
-            proj = _projections(model)
+            proj = shared_projections(model)
             tensors["vera_A"], tensors["vera_B"] = proj.A.cpu().contiguous(), proj.B.cpu().contiguous()
     with atomic_directory(directory, overwrite) as tmp:
         save_file(tensors, str(tmp / NATIVE_WEIGHTS), metadata={"format": FORMAT})
@@ -149,7 +146,7 @@ def export_peft(model: nn.Module, directory: str | os.PathLike, as_lora: bool = 
                        "save_projection": config.save_projection, "d_initial": config.d_init,
                        "vera_dropout": config.dropout, "init_weights": True}
         if config.save_projection:
-            proj = _projections(model)
+            proj = shared_projections(model)
             tensors["base_model.vera_A"], tensors["base_model.vera_B"] = proj.A.cpu().contiguous(), proj.B.cpu().contiguous()
     else:
         alpha = config.r if isinstance(config, VeraConfig) else config.alpha
@@ -182,7 +179,7 @@ def _read(directory: Path) -> tuple[AdapterConfig, dict, dict[str, torch.Tensor]
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise ValueError(f"{config_file} is not valid JSON ({err}); the adapter directory is corrupt.") from err
     expected = meta.get("sha256", {}).get(weights.name) if native.exists() else None
-    data = weights.read_bytes()  # read once, hashed and parsed from memory (a second read was a third of _read)
+    data = weights.read_bytes()  # read once, hashed and parsed from memory: a second read would cost as much again
     if expected is not None and _sha256(data) != expected:
         raise ValueError(f"{weights} is corrupt or was changed after saving: its SHA-256 differs from the one in "
                          f"{config_file.name}; save the adapter again or restore the directory from a copy.")
@@ -194,10 +191,10 @@ def _read(directory: Path) -> tuple[AdapterConfig, dict, dict[str, torch.Tensor]
         warnings.warn(f"{config_file} stores no SHA-256 of {weights.name} (saved by an older VeRA Lab), so only "
                       "NaN / inf values can be detected; save the adapter again to add one.", stacklevel=3)
     floats = {key: value for key, value in tensors.items() if value.is_floating_point()}
-    # A hash vouches for the bytes, not for what training wrote into them. One reduction for the whole file (one
-    # check per tensor was a fifth of the time to load an adapter): a finite sum proves every value finite; a
-    # non-finite one (a NaN or inf, or an overflow of finite values) runs the per-tensor pass, which names a culprit
-    # or finds none.
+    # A hash vouches for the bytes, not for what training wrote into them. One reduction for the whole file, as a check
+    # per tensor would weigh on loading many small adapters: a finite sum proves every value finite; a non-finite
+    # one (a NaN or inf, or an overflow of finite values) runs the per-tensor pass, which names a culprit or finds
+    # none.
     if floats and not torch.cat([v.view(-1).float() for v in floats.values()]).sum().isfinite():
         _name_non_finite(floats, weights)
     if native.exists():
@@ -306,8 +303,6 @@ def load_adapter(base_model: nn.Module, directory: str | os.PathLike, name: str 
     load_config = dataclasses.replace(config, target_modules=list(shapes))
     add_adapter(base_model, load_config, name=name, activate=activate)
     adapter_configs(base_model)[name] = config
-    if projections is not None:
-        projections = projections.to(next(base_model.parameters()).device)
     _copy_into(base_model, name, tensors, projections, bool(config.modules_to_save))
     return base_model
 
@@ -321,12 +316,12 @@ def load_adapters(base_model: nn.Module, directories: dict[str, str | os.PathLik
         if i % BANK_EVERY == 0 or i == len(directories):
             for _, layer in adapter_layers(base_model):
                 if isinstance(layer, VeraLayer):
-                    layer.add_to_bank(room=len(directories) - i)
+                    mixed.add_to_bank(layer, room=len(directories) - i)
     if directories:
         set_active_adapter(base_model, name)  # once: it walks every parameter
     for _, layer in adapter_layers(base_model):
         if isinstance(layer, VeraLayer):
-            layer.vector_bank()  # checks every row, gives back free rows (layers some adapters did not adapt)
+            mixed.vector_bank(layer)  # checks every row, gives back free rows (layers some adapters did not adapt)
     return base_model
 
 
@@ -342,19 +337,17 @@ def _load_projections(model: nn.Module, config: VeraConfig, meta: dict, tensors:
         max_in, max_out = A.shape[1], B.shape[0]
     else:
         A = B = None
-    existing = next((layer.projections for _, layer in adapter_layers(model) if isinstance(layer, VeraLayer)), None)
-    if existing is not None:
-        # A pair of another shape is not a slice of this one (the generator draws A row by row, then B).
-        check_shared_pair(name, {"r": config.r, "projection_seed": config.projection_seed, "max_in": max_in,
-                                 "max_out": max_out}, next(iter(adapter_configs(model))),
-                          {"r": existing.r, "projection_seed": existing.seed, "max_in": existing.max_in,
-                           "max_out": existing.max_out})
-        if A is not None and fingerprint(A, B) != existing.fingerprint():
-            raise ValueError(f"adapter {str(directory)!r} carries its own A and B, and they differ from the pair the "
-                             "model's VeRA adapters share; load it onto another copy of the base model.")
-        projections = existing
-    else:
-        projections = VeraProjections(config.r, max_in, max_out, config.projection_seed, A, B)
+    projections = shared_projections(
+        model, lambda: VeraProjections(config.r, max_in, max_out, config.projection_seed, A, B))
+    # A found pair must be the one this adapter needs (a new one is by construction): a pair of another shape is not
+    # a slice of this one (the generator draws A row by row, then B).
+    check_shared_pair(name, {"r": config.r, "projection_seed": config.projection_seed, "max_in": max_in,
+                             "max_out": max_out}, next(iter(adapter_configs(model)), name),
+                      {"r": projections.r, "projection_seed": projections.seed, "max_in": projections.max_in,
+                       "max_out": projections.max_out})
+    if A is not None and fingerprint(A, B) != projections.fingerprint():
+        raise ValueError(f"adapter {str(directory)!r} carries its own A and B, and they differ from the pair the "
+                         "model's VeRA adapters share; load it onto another copy of the base model.")
     if "fingerprint" in saved and projections.fingerprint() != saved["fingerprint"]:
         seed = config.projection_seed
         if saved.get("seed", seed) != seed or meta.get("torch_version") == torch.__version__:

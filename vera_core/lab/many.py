@@ -14,9 +14,9 @@ from typing import Sequence
 import torch
 
 from ..adapters.config import LoraConfig, VeraConfig
-from ..adapters.inject import active_adapter, adapter_configs, adapter_layers, adapter_parameters, set_active_adapter
+from ..adapters.inject import (active_adapter, adapter_configs, adapter_parameters, set_active_adapter,
+                               shared_projections)
 from ..adapters.io import _read, load_adapters
-from ..adapters.layers import VeraLayer
 from ..adapters.mixed import BASE, mixed_adapters
 from .models import generate
 from .runs import load_base
@@ -55,8 +55,8 @@ def adapter_memory(model: torch.nn.Module) -> dict:
     per = {name: sum(p.numel() * p.element_size() for params in adapter_parameters(model, name).values()
                      for p in params)  # its layers' tensors and its head copies (modules_to_save)
            for name in adapter_configs(model)}
-    vera = next((layer for _, layer in adapter_layers(model) if isinstance(layer, VeraLayer)), None)
-    shared = 0 if vera is None else sum(t.numel() * t.element_size() for t in (vera.projections.A, vera.projections.B))
+    proj = shared_projections(model)
+    shared = 0 if proj is None else sum(t.numel() * t.element_size() for t in (proj.A, proj.B))
     return {"per_adapter": per, "adapters_total": sum(per.values()), "shared": shared}
 
 
