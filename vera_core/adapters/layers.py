@@ -204,7 +204,7 @@ class VeraLayer(AdapterLayer):
         u = None
         if torch.is_grad_enabled() and (b.requires_grad or d.requires_grad):
             u = self.projections.project_input(x, self.in_features, b.dtype).detach()  # (..., r), shared
-        keep = fused.keep_folded(x.numel() // self.in_features, self.in_features, self.out_features)
+        keep = fused.keep_folded(x.numel() // self.in_features, self.in_features, self.out_features, A_s.shape[0])
         return fused.FoldedVera.apply(x, weight, bias, b, d, A_s, B_s, u, keep)
 
     def _foldable(self, x: torch.Tensor, name: str) -> bool:
