@@ -92,7 +92,8 @@ class _Progress(ProgressBar):
 
             est = event.get("memory_estimate")
             note = ", ".join(f"{k} {v / 2**20:,.1f}" for k, v in est.items()) + " MiB" if est else "no estimate"
-            tqdm.write(f"{event['run']}: {event['trainable_params']:,} trainable (head excluded); estimated memory: {note}")
+            tqdm.write(f"{event['run']}: {event['trainable_params']:,} trainable (head excluded); estimated memory "
+                       f"(upper bound: every row at max_length): {note}")
         super().__call__(event)
 
 
