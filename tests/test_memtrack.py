@@ -1,5 +1,6 @@
 """The tensor memory tracker, checked against hand counts and torch's profiler; the trainer's peaks do not depend
 on run order or learning rate; the fake-step estimate predicts a real step."""
+import json
 import time
 
 import pytest
@@ -13,7 +14,7 @@ from vera_core.adapters.config import LoraConfig, VeraConfig
 from vera_core.adapters.inject import add_adapter
 from vera_core.lab.memory import estimate_memory, largest_batch
 from vera_core.lab.memtrack import MemoryTracker
-from vera_core.lab.report import memory_differences
+from vera_core.lab.report import fold_policy_line, memory_differences, padding_note
 from vera_core.lab.train import train
 
 
@@ -130,6 +131,28 @@ def test_peaks_do_not_depend_on_run_order(tokenizer, tmp_path):
             assert value == pytest.approx(second.memory_breakdown[key], rel=0.01, abs=64), (name, key)
 
 
+def test_prefer_is_validated_applied_and_recorded(tokenizer, tmp_path):
+    with pytest.raises(ValueError, match="prefer must be 'memory' .* or 'speed' .*got 'fast'"):
+        TrainConfig(prefer="fast")
+    runs = {}
+    for prefer in ("memory", "speed"):
+        config = TrainConfig(steps=2, batch_size=4, max_length=32, prefer=prefer)
+        compare(_tiny_pair(tokenizer), causal_data(), methods=("vera",), vera=VeraConfig(r=16), train=config,
+                out_dir=tmp_path / prefer, eval_generate=0, samples=0, progress=False)
+        runs[prefer] = json.loads((tmp_path / prefer / "report.json").read_text())["runs"][0]
+    memory, speed = runs["memory"], runs["speed"]
+    assert (memory["prefer"], speed["prefer"]) == ("memory", "speed")
+    folds = memory["fold_estimates"]
+    assert folds == {**speed["fold_estimates"], "keep_saving": pytest.approx(speed["fold_estimates"]["keep_saving"])}
+    # r=16 is far below the rank where keeping pays, so "memory" rebuilds; "speed" keeps W' in every folded layer
+    assert memory["memory_estimate"]["total"] == folds["rebuild"] < folds["keep"] == speed["memory_estimate"]["total"]
+    # the measured peaks differ by the kept W' as predicted (the data's rows are shorter than max_length, so both
+    # peaks are below the predictions, which are upper bounds)
+    assert speed["peak_memory_bytes"] - memory["peak_memory_bytes"] == folds["keep"] - folds["rebuild"] > 0
+    assert memory["peak_memory_bytes"] < folds["rebuild"]
+    assert "rebuilt its folded weights in backward to save memory" in (tmp_path / "memory" / "report.md").read_text()
+
+
 def test_peak_does_not_depend_on_learning_rate(tokenizer):
     peaks = []
     for lr in (1e-2, 1e-3):
@@ -178,6 +201,21 @@ def test_tracker_agrees_with_the_profiler_on_a_smollm2_step():
     assert tracked == pytest.approx(profiled, rel=0.05)
 
 
+@pytest.mark.parametrize("quantization", ["8bit", "4bit"])
+def test_quantized_estimates_match_the_recorded_measurements(quantization):
+    """bitsandbytes' 8-bit matmul keeps each layer's input for backward and its layers never fold: the fake step
+    models both, so the estimate meets benchmarks/results/memory.json's measured peaks (it missed 8-bit by 16-18%)."""
+    from pathlib import Path
+
+    record = json.loads((Path(__file__).parents[1] / "benchmarks" / "results" / "memory.json").read_text())
+    rows = [r for r in record["rows"] if r.get("quantization") == quantization]
+    assert {r["method"] for r in rows} == {"vera", "lora"}
+    for row in rows:
+        adapter = (VeraConfig if row["method"] == "vera" else LoraConfig)(r=row["r"], target_modules=["query", "value"])
+        predicted = estimate_memory(row["model"], adapter, row["batch_size"], row["seq_len"], quantization=quantization)
+        assert predicted["total"] == pytest.approx(row["measured_peak_bytes"], rel=0.01), row["key"]
+
+
 def test_largest_batch_is_the_largest_that_the_estimate_fits():
     lora = LoraConfig(r=8)
     budget = 512 * 2**20
@@ -207,5 +245,32 @@ def test_memory_differences_say_what_the_breakdowns_differ_in():
     assert memory_differences(report) == [
         "vera-r256 vs lora-r8: peak 100.0 vs 125.0 MiB (0.80x). Gradients and optimizer state 0.75 vs 3.00 MiB "
         "(VeRA trains fewer parameters); activations saved for backward 30.0 vs 40.0 MiB (fewer for VeRA: its "
-        "backward keeps r=256-wide A x per adapted input, and the folded W' of each layer the fast path folds with "
-        "folded_backward 'keep'; LoRA's keeps each adapted layer's full-width input for A's gradient)."]
+        "backward keeps r=256-wide A x per adapted input, plus each folded weight it keeps rather than rebuilds; "
+        "LoRA's keeps each adapted layer's full-width input for A's gradient)."]
+
+
+def test_fold_policy_line_says_which_way_ran_and_what_the_other_costs():
+    mib = 2**20
+    folds = {"keep": 1698 * mib, "rebuild": 1295 * mib, "keep_saving": 0.0175}
+    run = {"name": "vera-r256", "method": "vera", "prefer": "memory", "fold_estimates": folds,
+           "memory_estimate": {"total": 1295 * mib}}
+    assert fold_policy_line(run) == (
+        "vera-r256 rebuilt its folded weights in backward to save memory: 1,295 MiB predicted (keeping them: "
+        "1,698 MiB, about 1.8% faster by the cost model in adapters/fused.py; choose that with prefer='speed').")
+    speed = {**run, "prefer": "speed", "memory_estimate": {"total": 1698 * mib}}
+    assert fold_policy_line(speed) == ("vera-r256 kept its folded weights for backward for speed, as asked "
+                                       "(prefer='speed'): 1,698 MiB predicted (rebuilding them: 1,295 MiB, about "
+                                       "1.8% slower).")
+    kept = {**run, "fold_estimates": {**folds, "keep_saving": 0.175}, "memory_estimate": {"total": 1698 * mib}}
+    assert "because keeping them saves about 18% of the adapted layers' time here" in fold_policy_line(kept)
+    assert "changes nothing: 1,295 MiB" in fold_policy_line({**run, "fold_estimates": {**folds, "keep": 1295 * mib}})
+    assert fold_policy_line({"name": "lora-r8", "method": "lora", "memory_estimate": {"total": mib}}) is None
+    lines = memory_differences({"seeds": [0], "runs": [{**run, "seed": 0}]})
+    assert lines == [fold_policy_line(run)] and "folded_backward" not in lines[0]
+
+
+def test_padding_note_gives_the_gap_and_its_reason():
+    note = padding_note([0.18, 0.09, -0.001])
+    assert note.endswith("Here the predictions were 9.0–18.0% above the measured peaks.")
+    assert "pads each batch only to its longest row" in note
+    assert padding_note([0.001]).endswith("no prediction was more than 0.5% above its measured peak.")

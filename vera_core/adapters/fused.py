@@ -11,10 +11,16 @@ Two savings, both chosen per call for each `VeraLayer` (layers.py) forward:
    the forward and the input gradient are the frozen layer's own products; b's and d's gradients come from one
    (out, r) product P = gᵀu. It wins when N·(in + out) > in·out (for SmolLM2 at 512 tokens: every projection).
 
-   Backward needs W' for the input gradient. Keeping it costs an (out, in) tensor per layer until backward (as much
-   memory as a copy of the adapted weights); rebuilding it costs the 2·out·r·in product once more and keeps only u.
-   "auto" rebuilds when that product is at most a quarter of the layer's per-token work, 4·in·out <= N·(in + out):
-   long batches (SmolLM2: from ~1,700 tokens) get the memory for almost nothing, short ones keep the speed.
+   Backward needs W' for the input gradient. Keeping it holds an (out, in) tensor per layer until backward (as much
+   memory as a copy of the adapted weights) and costs writing and reading that weight-sized tensor; rebuilding it
+   keeps only u and costs the 2·out·r·in product once more. "auto" (the default) keeps W' only where that saves at
+   least KEEP_MIN_SHARE of the layer's step, by a cost model counting in FLOPs of the fold: rebuilding costs
+   2·out·r·in, keeping out·in·KEEP_COST, against a step of 4·N·in·out (forward and input gradient) + 4·out·r·in (two
+   folds) + 2·N·r·(in + out) (u and P). KEEP_COST = 445 fits the recorded SmolLM2-135M steps (all 7 projections,
+   4 × 128 on 2 CPU cores, benchmarks/results/speed.md): keep vs rebuild 2.97 vs 3.00 s at r=256 and 5.33 vs
+   6.05 s at r=1024, two points for two unknowns (the fold's FLOP rate and KEEP_COST). So at 512 tokens r=256
+   rebuilds (keeping would save ~2% of the step, for ~400 MiB) and r=1024 keeps (~17%); longer batches rebuild
+   sooner. "keep" and "rebuild" force one side (the lab's prefer="speed" is "keep").
 """
 from __future__ import annotations
 
@@ -36,18 +42,31 @@ def fast_path_enabled() -> bool:
     return _fast_path
 
 
-def keep_folded(tokens: int, in_features: int, out_features: int) -> bool:
+KEEP_COST = 445  # keeping W' costs as much time per weight element as this many FLOPs of the fold (fitted, above)
+KEEP_MIN_SHARE = 0.10  # "auto" keeps W' only where that saves at least this share of the layer's step
+
+
+def keep_saving(tokens: int, in_features: int, out_features: int, r: int) -> tuple[int, int]:
+    """(FLOPs that keeping W' saves over rebuilding it, FLOPs of the layer's step when rebuilding), by the cost model
+    of the module docstring; the first is negative where keeping is the slower."""
+    saved = (2 * r - KEEP_COST) * in_features * out_features  # rebuild's extra product minus keep's traffic
+    step = 4 * (tokens + r) * in_features * out_features + 2 * tokens * r * (in_features + out_features)
+    return saved, step
+
+
+def keep_folded(tokens: int, in_features: int, out_features: int, r: int) -> bool:
     """Whether a folded layer keeps W' for backward (True) or rebuilds it there (False); see the module docstring."""
-    if _folded_backward == "auto":
-        return 4 * in_features * out_features > tokens * (in_features + out_features)
-    return _folded_backward == "keep"
+    if _folded_backward != "auto":
+        return _folded_backward == "keep"
+    saved, step = keep_saving(tokens, in_features, out_features, r)
+    return saved >= KEEP_MIN_SHARE * step
 
 
 @contextmanager
 def fast_vera(enabled: bool = True, folded_backward: str = "auto") -> Iterator[None]:
     """Inside the block: the fast path on or off (off: the plain formula, for references and benchmarks), and
-    whether folded layers keep W' for backward ("keep": fastest), rebuild it ("rebuild": least memory) or choose by
-    cost ("auto", the default)."""
+    whether folded layers keep W' for backward ("keep": fastest), rebuild it ("rebuild": least memory) or keep it
+    only where that saves a real share of the step ("auto", the default; see the module docstring)."""
     global _fast_path, _folded_backward
     if folded_backward not in FOLDED_BACKWARD:
         raise ValueError(f"folded_backward={folded_backward!r}: use one of {', '.join(FOLDED_BACKWARD)}.")
@@ -120,7 +139,7 @@ def folded_forward(layer: nn.Module, x: torch.Tensor, name: str) -> torch.Tensor
     u = None
     if torch.is_grad_enabled() and (b.requires_grad or d.requires_grad):
         u = layer.projections.project_input(x, layer.in_features, b.dtype).detach()  # (..., r), shared
-    keep = keep_folded(x.numel() // layer.in_features, layer.in_features, layer.out_features)
+    keep = keep_folded(x.numel() // layer.in_features, layer.in_features, layer.out_features, A_s.shape[0])
     return FoldedVera.apply(x, weight, bias, b, d, A_s, B_s, u, keep)
 
 

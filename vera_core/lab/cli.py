@@ -79,7 +79,8 @@ def _train_config(args):
     from .config import TrainConfig
 
     return TrainConfig(steps=args.steps, batch_size=args.batch_size, max_length=args.max_length, seed=args.seed,
-                       eval_every=args.eval_every, eval_batches=args.eval_batches, device=args.device)
+                       eval_every=args.eval_every, eval_batches=args.eval_batches, device=args.device,
+                       prefer=args.prefer)
 
 
 class _Progress(ProgressBar):
@@ -91,7 +92,8 @@ class _Progress(ProgressBar):
 
             est = event.get("memory_estimate")
             note = ", ".join(f"{k} {v / 2**20:,.1f}" for k, v in est.items()) + " MiB" if est else "no estimate"
-            tqdm.write(f"{event['run']}: {event['trainable_params']:,} trainable (head excluded); estimated memory: {note}")
+            tqdm.write(f"{event['run']}: {event['trainable_params']:,} trainable (head excluded); estimated memory "
+                       f"(upper bound: every row at max_length): {note}")
         super().__call__(event)
 
 
@@ -221,6 +223,9 @@ def _train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--eval-every", type=int, default=None, help="validation every N steps (default: ~5 per run)")
     p.add_argument("--eval-batches", type=int, default=None, help="cap each validation at N batches")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, ...")
+    p.add_argument("--prefer", choices=("memory", "speed"), default="memory",
+                   help="VeRA's folded weights: rebuild them in backward unless keeping saves >= 10%% of the step "
+                        "(memory, the default) or always keep them (speed: faster, more memory)")
     p.add_argument("--eval-generate", type=int, default=32, help="test inputs scored with BLEU / ROUGE-L (causal LM)")
 
 

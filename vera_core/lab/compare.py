@@ -35,7 +35,7 @@ from .evaluate import score_split
 from ..adapters.files import write_json, write_jsonl
 from ..adapters.inject import adapter_layers
 from ..adapters.io import save_adapter
-from .memory import DTYPE_BYTES, estimate_memory
+from .memory import DTYPE_BYTES, estimate_memory, fold_estimates
 from .metrics import group_references
 from .models import head_names, make_trainable
 from .progress import with_bar
@@ -91,16 +91,18 @@ def _run_one(request: RunRequest, spec: RunSpec, load: Callable[[int], tuple], r
     dtype = str(next(model.parameters()).dtype).removeprefix("torch.")
     adapter = _adapter_config(model, spec, dataset.task)
     try:  # from the shapes, before the adapter exists; "full" / "head" / None (base) describe the other methods
-        estimate = estimate_memory(model, adapter or (None if spec.method == "base" else spec.method),
-                                   config.batch_size, config.max_length,
-                                   dtype if dtype in DTYPE_BYTES else "float32", request.quantization,
-                                   grad_checkpointing=config.grad_checkpointing, max_grad_norm=config.max_grad_norm)
+        shape = (model, adapter or (None if spec.method == "base" else spec.method), config.batch_size,
+                 config.max_length, dtype if dtype in DTYPE_BYTES else "float32", request.quantization)
+        options = {"grad_checkpointing": config.grad_checkpointing, "max_grad_norm": config.max_grad_norm}
+        estimate = estimate_memory(*shape, **options, prefer=config.prefer)
+        folds = fold_estimates(*shape, **options)  # VeRA: what keeping / rebuilding its folded weights costs
     except (ValueError, AttributeError):
-        estimate = None  # an architecture the estimator cannot read: the run goes on without it
+        estimate = folds = None  # an architecture the estimator cannot read: the run goes on without it
     model = make_trainable(model, spec.method, adapter)
     trainable, head = _counts(model, spec)
     report = RunReport(name=spec.name, method=spec.method, setting=spec.setting, seed=spec.seed,
-                       trainable_params=trainable, head_params=head, memory_estimate=estimate)
+                       trainable_params=trainable, head_params=head, memory_estimate=estimate,
+                       prefer=config.prefer if spec.method != "base" else None, fold_estimates=folds)
     if adapter is not None:
         report.r = adapter.r
         report.alpha = adapter.alpha if isinstance(adapter, LoraConfig) else None

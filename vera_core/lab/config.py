@@ -2,14 +2,26 @@
 from __future__ import annotations
 
 import math
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 
 import torch
 
 from ..adapters.checks import positive_float, positive_int
+from ..adapters.fused import fast_path_enabled, fast_vera
 
 
 SCHEDULES = ("linear", "cosine", "constant")
+# What VeRA's folded layers do with W' between forward and backward, per `prefer` (adapters/fused.py): "memory"
+# keeps it only where that saves a real share of the step, "speed" keeps it wherever a layer folds.
+PREFER = {"memory": "auto", "speed": "keep"}
+
+
+def fold_policy(prefer: str) -> AbstractContextManager:
+    """The block runs VeRA's folded layers as `prefer` says ("memory" or "speed"); the fast path stays as it is."""
+    if prefer not in PREFER:
+        raise ValueError(f"prefer must be 'memory' or 'speed', got {prefer!r}.")
+    return fast_vera(fast_path_enabled(), PREFER[prefer])
 
 
 @dataclass
@@ -34,6 +46,8 @@ class TrainConfig:
     seed: int = 0  # seeds torch, random and numpy and orders the batches: a CPU run is exactly repeatable
     device: str = "auto"  # "auto" (cuda if available, else cpu), "cpu", "cuda", "cuda:1", ...
     bf16: bool | str = "auto"  # bf16 autocast on CUDA: "auto" (when supported), True, False; never on CPU
+    prefer: str = "memory"  # VeRA's folded weights: "memory" rebuilds them in backward unless keeping saves >= 10%
+    # of the step; "speed" keeps them (faster, more memory; adapters/fused.py)
 
     def __post_init__(self):
         if (self.steps is None) == (self.epochs is None):
@@ -71,3 +85,6 @@ class TrainConfig:
                 ) from None
         if self.bf16 not in ("auto", True, False):
             raise ValueError(f"bf16 must be 'auto', True or False, got {self.bf16!r}.")
+        if self.prefer not in PREFER:
+            raise ValueError(f"prefer must be 'memory' (least memory) or 'speed' (VeRA keeps its folded weights), "
+                             f"got {self.prefer!r}.")

@@ -23,8 +23,10 @@ from transformers import AutoModelForCausalLM, AutoModelForSequenceClassificatio
 from ..adapters.checks import positive_int
 from ..adapters.config import AdapterConfig, LoraConfig, VeraConfig
 from ..adapters.count import estimate_parameters, meta_model
+from ..adapters.fused import fast_path_enabled, fast_vera, keep_saving
 from ..adapters.inject import resolve_targets
 from ..adapters.layers import layer_shape
+from .config import fold_policy
 from .memtrack import MemoryTracker, extent_bytes
 from .models import enable_grad_checkpointing, is_causal_lm, make_trainable, model_config as config_of
 
@@ -92,9 +94,37 @@ def _tracked_step(model: nn.Module, batch: dict, max_grad_norm: float | None) ->
     return tracker
 
 
+class _KeepInput(torch.autograd.Function):
+    """Identity on a layer's output that holds the layer's input until backward, outside save_for_backward, as
+    bitsandbytes' 8-bit matmul does (`ctx.A = A` on CPU, `ctx.tensors` on CUDA): the tracker counts it as a
+    temporary, as it does for the real layer, and only while the output is part of the graph."""
+
+    @staticmethod
+    def forward(ctx, out, x):
+        ctx.x = x
+        return out.view_as(out)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad, None
+
+
+def _as_quantized(model: nn.Module, quantization: str) -> None:
+    """Make the unquantized fake model's frozen Linears (the ones bitsandbytes replaces; the output embedding stays)
+    behave as bitsandbytes' do for memory: never folded by VeRA (a bitsandbytes layer is not a plain Linear; any
+    forward hook keeps VeraLayer from folding too), and at 8 bits holding their input for backward."""
+    head = model.get_output_embeddings()
+    for module in model.modules():
+        if type(module) is nn.Linear and module is not head and not module.weight.requires_grad:
+            if quantization == "8bit":
+                module.register_forward_hook(lambda _, inputs, out: _KeepInput.apply(out, inputs[0]))
+            else:
+                module.register_forward_hook(lambda *_: None)
+
+
 def fake_step_estimate(model: nn.Module | None, config: PretrainedConfig, adapter_config: AdapterConfig | str | None,
                        batch_size: int, seq_len: int, dtype: str = "float32", grad_checkpointing: bool = False,
-                       max_grad_norm: float | None = 1.0) -> dict[str, int]:
+                       max_grad_norm: float | None = 1.0, quantization: str | None = None) -> dict[str, int]:
     """The tracker's breakdown of one training step on fake tensors (see estimate_memory)."""
     from torch._subclasses.fake_tensor import FakeTensorMode  # private to torch, so imported where it is used
 
@@ -105,6 +135,8 @@ def fake_step_estimate(model: nn.Module | None, config: PretrainedConfig, adapte
         # clones it; ModulesToSave.add keeps the copy in this one mode
         warnings.filterwarnings("ignore", message="Accessing the data pointer of FakeTensor")
         fake = make_trainable(_fake_model(model, config, dtype), method or "base", adapter)
+        if quantization is not None:
+            _as_quantized(fake, quantization)
         if grad_checkpointing:
             enable_grad_checkpointing(fake)
         batch = _fake_batch(fake, batch_size, seq_len)
@@ -115,12 +147,13 @@ def _quantized_estimate(model: nn.Module | None, config: PretrainedConfig, adapt
                         seq_len: int, dtype: str, quantization: str, grad_checkpointing: bool,
                         max_grad_norm: float | None) -> dict[str, int]:
     """A 4-bit / 8-bit base: bitsandbytes weights cannot run on fake tensors, so the fake step runs the same
-    architecture unquantized at the compute dtype, and its weights are then counted as bitsandbytes stores them: the
-    loaded model's own parameter and buffer bytes, else 4 or 8 bits per Linear weight inside the layers."""
+    architecture unquantized at the compute dtype, its Linears made to keep what bitsandbytes' keep (`_as_quantized`),
+    and its weights are then counted as bitsandbytes stores them: the loaded model's own parameter and buffer bytes,
+    else 4 or 8 bits per Linear weight inside the layers."""
     plain = copy.deepcopy(config)
     plain.__dict__.pop("quantization_config", None)
     parts = fake_step_estimate(model, plain, adapter_config, batch_size, seq_len, dtype, grad_checkpointing,
-                               max_grad_norm)
+                               max_grad_norm, quantization)
     if model is not None:
         storages = {torch._C._storage_id(t): extent_bytes(t) for t in (*model.parameters(), *model.buffers())}
         weights = sum(storages.values())
@@ -133,7 +166,7 @@ def _quantized_estimate(model: nn.Module | None, config: PretrainedConfig, adapt
 
 def estimate_memory(model_config, adapter_config: AdapterConfig | str | None, batch_size: int, seq_len: int,
                     dtype: str = "float32", quantization: str | None = None, *, grad_checkpointing: bool = False,
-                    max_grad_norm: float | None = 1.0) -> dict[str, int]:
+                    max_grad_norm: float | None = 1.0, prefer: str | None = None) -> dict[str, int]:
     """Bytes at the peak of one training step: {"weights", "adapter", "gradients", "optimizer", "activations",
     "temporaries", "total"}, the trainer's `memory_breakdown` categories, on fixed-length (B, T) batches.
 
@@ -141,8 +174,14 @@ def estimate_memory(model_config, adapter_config: AdapterConfig | str | None, ba
     adapter_config: a VeraConfig / LoraConfig, "full" (every weight trains), "head" (the classifier only), or None
     (inference: one forward without gradients). Quantized bases (bitsandbytes cannot run on fake tensors) run the
     fake step unquantized and count their weights as bitsandbytes stores them; a model whose forward fails on fake
-    tensors falls back to the closed-form formula, with a warning naming the reason.
+    tensors falls back to the closed-form formula, with a warning naming the reason. prefer: "memory" or "speed",
+    what VeRA does with its folded weights (TrainConfig.prefer); None: the library's current policy (`fast_vera`).
+    The batch is an upper bound on real ones: every row at `seq_len` (real batches pad to their longest row).
     """
+    if prefer is not None:
+        with fold_policy(prefer):
+            return estimate_memory(model_config, adapter_config, batch_size, seq_len, dtype, quantization,
+                                   grad_checkpointing=grad_checkpointing, max_grad_norm=max_grad_norm)
     if dtype not in DTYPE_BYTES:
         raise ValueError(f"dtype must be one of {list(DTYPE_BYTES)}, got {dtype!r}.")
     if quantization not in (None, *QUANTIZED_BYTES):
@@ -162,6 +201,32 @@ def estimate_memory(model_config, adapter_config: AdapterConfig | str | None, ba
                   "its error is larger (see benchmarks/results/memory.md).", stacklevel=2)
     return formula_estimate(model if model is not None else meta_model(config), config, adapter_config, batch_size,
                             seq_len, dtype, quantization)
+
+
+def fold_estimates(model_config, adapter_config: AdapterConfig | str | None, batch_size: int, seq_len: int,
+                   dtype: str = "float32", quantization: str | None = None, *, grad_checkpointing: bool = False,
+                   max_grad_norm: float | None = 1.0) -> dict | None:
+    """What VeRA's two ways with its folded weights W' cost: {"keep": peak bytes keeping them for backward,
+    "rebuild": peak bytes rebuilding them there (one fake step each), "keep_saving": the share of the adapted layers'
+    step time keeping saves, by the cost model in adapters/fused.py (negative: keeping is slower)}. None when the
+    adapter is not VeRA."""
+    if not isinstance(adapter_config, VeraConfig):
+        return None
+    out = {}
+    for policy in ("keep", "rebuild"):
+        with fast_vera(fast_path_enabled(), policy):
+            out[policy] = estimate_memory(model_config, adapter_config, batch_size, seq_len, dtype, quantization,
+                                          grad_checkpointing=grad_checkpointing, max_grad_norm=max_grad_norm)["total"]
+    model, config = _model_and_config(model_config)
+    model = model if model is not None else meta_model(config)
+    tokens, saved, step = batch_size * seq_len, 0, 0
+    for path in resolve_targets(model, adapter_config):
+        n_in, n_out = layer_shape(model.get_submodule(path))
+        if tokens * (n_in + n_out) > n_in * n_out:  # the layers that fold (VeraLayer._foldable)
+            layer_saved, layer_step = keep_saving(tokens, n_in, n_out, adapter_config.r)
+            saved, step = saved + layer_saved, step + layer_step
+    out["keep_saving"] = saved / step if step else 0.0
+    return out
 
 
 def _weight_bytes(model: nn.Module, config: PretrainedConfig, dtype: str, quantization: str | None) -> int:
@@ -250,7 +315,7 @@ def _size(nbytes: int) -> str:
 
 def largest_batch(model_config, adapter_config: AdapterConfig | str | None, budget_bytes: int, seq_len: int,
                   dtype: str = "float32", quantization: str | None = None, *, grad_checkpointing: bool = False,
-                  max_batch: int = 65536) -> Fit:
+                  max_batch: int = 65536, prefer: str | None = None) -> Fit:
     """The largest training batch of `seq_len`-token sequences whose predicted peak (`estimate_memory`) is within
     `budget_bytes`. The peak is close to linear in the batch: fake steps at 1 and 8 rows give the line, a third
     checks its answer, and while the check is over budget the line is redrawn through it (a secant step)."""
@@ -260,7 +325,7 @@ def largest_batch(model_config, adapter_config: AdapterConfig | str | None, budg
 
     def estimate(batch: int) -> dict[str, int]:
         return estimate_memory(model_config, adapter_config, batch, seq_len, dtype, quantization,
-                               grad_checkpointing=grad_checkpointing)
+                               grad_checkpointing=grad_checkpointing, prefer=prefer)
 
     points = {1: estimate(1)}
     if points[1]["total"] > budget_bytes:

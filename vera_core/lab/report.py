@@ -51,6 +51,8 @@ class RunReport:
     stopped: bool = False  # the stop flag ended this run early (its eval is then None)
     wall_s: float | None = None
     memory_estimate: dict | None = None  # estimate_memory(...) made before the run started, same categories
+    prefer: str | None = None  # TrainConfig.prefer: "memory" or "speed" (what VeRA does with its folded weights)
+    fold_estimates: dict | None = None  # VeRA: memory.fold_estimates, {"keep", "rebuild" (peak bytes), "keep_saving"}
     history: list[dict] = field(default_factory=list, repr=False)  # step/eval events (metrics.jsonl has them too)
 
     def to_dict(self) -> dict:
@@ -188,13 +190,44 @@ def parameter_ratios(report: Report | dict) -> list[str]:
             for lo in loras for ve in veras]
 
 
+def _percent(share: float) -> str:
+    return f"{100 * abs(share):.0f}%" if abs(share) >= 0.1 else f"{100 * abs(share):.1f}%"
+
+
+def fold_policy_line(run: dict) -> str | None:
+    """What a VeRA run did with its folded weights (W0 plus its update, formed once per step by the fast path, and
+    needed again in backward) and what the other way would have cost, in plain words; None for other runs."""
+    folds, ran = run.get("fold_estimates"), (run.get("memory_estimate") or {}).get("total")
+    if not folds or ran is None:
+        return None
+    keep, rebuild, saving = folds["keep"], folds["rebuild"], folds["keep_saving"]
+    mib = lambda nbytes: f"{nbytes / 2**20:,.0f} MiB"  # noqa: E731
+    speed = f"about {_percent(saving)} {'faster' if saving >= 0 else 'slower'} by the cost model in adapters/fused.py"
+    name = run["name"]
+    if keep == rebuild:
+        return (f"{name} folded no weights at these settings (VeRA folds only full-precision, unquantized layers, "
+                f"on batches long enough to gain), so preferring memory or speed changes nothing: {mib(ran)} predicted.")
+    if ran == rebuild:
+        return (f"{name} rebuilt its folded weights in backward to save memory: {mib(rebuild)} predicted (keeping "
+                f"them: {mib(keep)}, {speed}; choose that with prefer='speed').")
+    if ran == keep:
+        why = ("for speed, as asked (prefer='speed')" if run.get("prefer") == "speed" else
+               f"because keeping them saves about {_percent(saving)} of the adapted layers' time here")
+        return (f"{name} kept its folded weights for backward {why}: {mib(keep)} predicted (rebuilding them: "
+                f"{mib(rebuild)}, about {_percent(saving)} slower).")
+    return (f"{name} rebuilt the folded weights of the layers where keeping them saved little time and kept the "
+            f"rest: {mib(ran)} predicted (keeping all: {mib(keep)}; rebuilding all: {mib(rebuild)}).")
+
+
 def memory_differences(report: Report | dict) -> list[str]:
-    """One plain sentence per LoRA-VeRA pair with measured breakdowns (the first seed's runs: memory does not
-    depend on the seed): what their peak tensor memory differs in."""
+    """Plain sentences about the peaks (the first seed's runs: memory does not depend on the seed): per VeRA run,
+    what it did with its folded weights and what the other way would have cost (`fold_policy_line`); per LoRA-VeRA
+    pair with measured breakdowns, what their peak tensor memory differs in."""
     report = _as_dict(report)
     first = (report.get("seeds") or [None])[0]
-    runs = [r for r in report["runs"] if r.get("memory_breakdown") and r.get("seed", first) in (None, first)]
-    lines = []
+    runs = [r for r in report["runs"] if r.get("seed", first) in (None, first)]
+    lines = [line for line in map(fold_policy_line, runs) if line]
+    runs = [r for r in runs if r.get("memory_breakdown")]
     for ve in (r for r in runs if r["method"] == "vera"):
         for lo in (r for r in runs if r["method"] == "lora"):
             v, lo_parts = ve["memory_breakdown"], lo["memory_breakdown"]
@@ -205,9 +238,9 @@ def memory_differences(report: Report | dict) -> list[str]:
                 f"({v['total'] / lo_parts['total']:.2f}x). Gradients and optimizer state {state_v / 2**20:,.2f} vs "
                 f"{state_l / 2**20:,.2f} MiB ({'VeRA trains fewer parameters' if state_v < state_l else 'VeRA trains more parameters here'}); "
                 f"activations saved for backward {v['activations'] / 2**20:,.1f} vs {lo_parts['activations'] / 2**20:,.1f} MiB "
-                f"({more_acts} for VeRA: its backward keeps r={ve['r']}-wide A x per adapted input, and the folded W' "
-                f"of each layer the fast path folds with folded_backward 'keep'; LoRA's keeps each adapted layer's "
-                f"full-width input for A's gradient).")
+                f"({more_acts} for VeRA: its backward keeps r={ve['r']}-wide A x per adapted input, plus each folded "
+                f"weight it keeps rather than rebuilds; LoRA's keeps each adapted layer's full-width input for A's "
+                f"gradient).")
     return lines
 
 
@@ -382,7 +415,8 @@ def report_markdown(report: Report, figures: Sequence[str] = ()) -> str:
     checks = [(r, comparable_estimate(r.memory_estimate, r.peak_memory_kind)) for r in report.runs if r.memory_estimate]
     checks = [(r, est) for r, est in checks if est and r.peak_memory_bytes]
     if checks:
-        lines += ["", "Peak tensor memory, predicted (one fake step) vs measured (the tracked steps), MiB:", "",
+        lines += ["", "Peak tensor memory, predicted (one fake step; an upper bound: every row at max_length) vs "
+                  "measured (the tracked steps), MiB:", "",
                   "| run | " + " | ".join(CATEGORIES) + " | total | error |",
                   "|---|" + "---|" * (len(CATEGORIES) + 2)]
         for r, est in checks:
@@ -390,8 +424,19 @@ def report_markdown(report: Report, figures: Sequence[str] = ()) -> str:
                 cells = [f"{parts[k] / 2**20:.1f}" if parts.get(k) is not None else "-" for k in (*CATEGORIES, "total")]
                 error = f"{100 * (est - r.peak_memory_bytes) / r.peak_memory_bytes:+.1f}%" if label == "predicted" else ""
                 lines.append(f"| {r.name} {label} | " + " | ".join(cells) + f" | {error} |")
+        lines += ["", padding_note([est / r.peak_memory_bytes - 1 for r, est in checks])]
     lines += [""] + [f"![{Path(name).stem}]({name})" for name in figures]
     return "\n".join(lines) + "\n"
+
+
+def padding_note(errors: Sequence[float]) -> str:
+    """Why a prediction can sit above the measured peak, with the gap the runs showed (errors: predicted ÷ measured
+    − 1 per run)."""
+    over = [e for e in errors if e > 0.005]
+    gap = (f" Here the predictions were {100 * min(over):.1f}–{100 * max(over):.1f}% above the measured peaks."
+           if over else " Here no prediction was more than 0.5% above its measured peak.")
+    return ("The prediction pads every row to max_length; the trainer pads each batch only to its longest row, so "
+            "data with shorter rows needs less than predicted." + gap)
 
 
 def write_reports(run_dir: Path, report: Report, figures: bool = False) -> None:

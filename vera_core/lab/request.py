@@ -275,7 +275,7 @@ class RunRequest:
             memory = estimate_memory(config, spec.adapter or (None if spec.method == "base" else spec.method),
                                      self.train.batch_size, self.train.max_length, quantization=self.quantization,
                                      grad_checkpointing=self.train.grad_checkpointing,
-                                     max_grad_norm=self.train.max_grad_norm)
+                                     max_grad_norm=self.train.max_grad_norm, prefer=self.train.prefer)
             over = memory["total"] > available
             rows.append({"run": spec.name, "method": spec.method, "trainable": trainable,
                          "% of model": round(100 * trainable / total, 4), "stored_bytes": stored,

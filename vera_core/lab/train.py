@@ -29,7 +29,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from .batches import Encoded, batches, encode
-from .config import TrainConfig
+from .config import TrainConfig, fold_policy
 from .data import TextDataset
 from .device import autocast, resolve_device, to_device, use_bf16
 from .evaluate import evaluate_encoded
@@ -562,7 +562,7 @@ def train(
     stopped, adapter_dir = False, None
     s.model.train()
     try:
-        with memory:
+        with memory, fold_policy(config.prefer):  # VeRA keeps or rebuilds its folded weights as asked
             s.emit("start", method=s.method, device=str(s.device), trainable_params=s.run_config["trainable_params"],
                    truncated=s.train_set.truncated, world_size=s.world, lr=s.lr, head_lr=s.head_lr)
             while s.step < s.total:
