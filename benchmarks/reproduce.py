@@ -18,7 +18,7 @@ and which tuning choices were near-ties.
     .venv/bin/python benchmarks/reproduce.py --records-only           # no training: every record from predictions/
 
 Data: ../shared/data/{sst2/train.tsv, sst2/dev.tsv, e2e/devset.csv} (or --data-dir / $VERA_REPRO_DATA); elsewhere,
-export the Hub sets glue/sst2 and e2e_nlg to those files (see the README's "Paper reproduction").
+export the Hub sets glue/sst2 and e2e_nlg to those files (see benchmarks/results/reproduction.md).
 """
 from __future__ import annotations
 

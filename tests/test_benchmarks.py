@@ -71,9 +71,20 @@ def test_rows_read_the_records_in_the_stated_units():
     assert "VeRA r=256 3,072.0 MiB, LoRA r=8 2,048.0 MiB: VeRA 1.50x LoRA's" in text
     assert "largest error +2.00% over 2 configurations" in text
     assert "PEFT LoRA's mixed batch 3.00x; PEFT VeRA, grouped by adapter not measured" in text
-    # bytes -> GB is 10**9
-    assert "VeRA r=256 1.25 GB measured (RSS); LoRA r=8 9.00 GB computed from its shapes" in text
+    # adapters held: MB is 10**6 bytes, MiB 2**20; the target is serve.py's 1 GB (10**9 bytes)
+    assert ("VeRA r=256 1,250.0 MB (10^6 bytes) = 1,192 MiB, measured (RSS); target 1 GB (10^9 bytes): missed by "
+            "25.0%. LoRA r=8 9,000.0 MB (10^6 bytes) = 8,583 MiB, computed from its shapes") in text
     assert len([line for line in text.splitlines() if line.startswith("| ")]) == 1 + 8
+
+
+def test_adapters_held_just_over_or_under_the_target_say_so_instead_of_rounding_to_it():
+    records = made_up_records()
+    records["serve"]["bank_1000_bytes"]["vera"] = 1_001_721_856  # the 2026-11-30 record: "1.00 GB" when rounded
+    assert "1,001.7 MB (10^6 bytes) = 955 MiB, measured (RSS); target 1 GB (10^9 bytes): missed by 0.2%." in \
+        summary.table(records)
+    records["serve"]["bank_1000_bytes"]["vera"] = 950_000_000
+    assert "950.0 MB (10^6 bytes) = 906 MiB, measured (RSS); target 1 GB (10^9 bytes): met, 5.0% under." in \
+        summary.table(records)
 
 
 def test_a_rewritten_results_page_keeps_its_hand_written_notes(tmp_path):

@@ -401,7 +401,7 @@ def compare(
 
     model: a `load_model` name or path (a fresh copy is loaded per method), or a loaded (model, tokenizer) pair
     (deep-copied per method). vera, lora: one config or several (a sweep: `vera_grid`, `lora_grid`), one run each. dataset: a TextDataset or a `load_dataset` name (split with `train.seed`,
-    `max_rows` per split). lrs: per-method learning rates, e.g. {"vera": 1e-2, "lora": 2e-4} (else `train.lr`,
+    `max_rows` per split). lrs: per-method learning rates, e.g. {"vera": 4e-2, "lora": 1e-3} (else `train.lr`,
     else each method's default). isolate: each method in its own process, so CPU peak memory is its own.
     eval_generate: test groups scored with BLEU / ROUGE-L (causal LM); samples: test inputs in samples.jsonl.
     seeds: training seeds, e.g. (0, 1, 2): every setting runs once per seed on the same split; report.json then holds

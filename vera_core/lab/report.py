@@ -23,7 +23,7 @@ MEMORY_MODES = {
 
 @dataclass
 class RunReport:
-    """One method's numbers; fields that do not apply are None (see the report.json contract in the README)."""
+    """One method's numbers; fields that do not apply are None (see the report.json contract in docs/report-json.md)."""
 
     name: str  # "base", "head", "vera-r256", "vera-r256-d0.1", "lora-r8", "full"; "-s1" added with several seeds
     method: str
