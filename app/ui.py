@@ -162,7 +162,6 @@ class Lab:
         """Validate everything, then start the comparison in the worker thread (one job at a time)."""
         try:
             request = views.run_request(form, upload)
-            views.check_sweep_size(request, form.confirm_runs)
             warnings = [row["warning"] for row in request.estimate() if row["warning"]]
         except ValueError as err:
             raise gr.Error(str(err)) from None

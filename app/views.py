@@ -19,7 +19,7 @@ from vera_core.lab.data import BUILTIN_DATASETS, shorten
 from vera_core.adapters.files import write_json
 from vera_core.lab.memory import largest_batch
 from vera_core.lab.report import metric_value, seed_summary_lines, summary_rows
-from vera_core.lab.request import RunRequest
+from vera_core.lab.request import RunRequest, TooManyRuns
 from vera_core.lab.runs import list_runs as vera_list_runs
 from vera_core.lab.train import DEFAULT_LR
 from vera_core.lab.tune import LR_SCALES
@@ -123,7 +123,8 @@ def dataset_source(form: RunForm, upload: str | None) -> str:
 
 
 def run_request(form: RunForm, upload: str | None) -> RunRequest:
-    """The form as one validated RunRequest (vera_core checks every value; the data set is loaded here)."""
+    """The form as one prepared RunRequest (vera_core checks every value and loads the data set). Its run cap is
+    CONFIRM_ABOVE until the form's confirm_runs is ticked: the lab's words for the library's TooManyRuns."""
     unknown = [m for m in form.methods if m not in METHOD_CHOICES]
     if unknown or not any(m != "base" for m in form.methods):
         raise ValueError(f"choose at least one method to train among vera, lora, full (got {form.methods}).")
@@ -131,6 +132,15 @@ def run_request(form: RunForm, upload: str | None) -> RunRequest:
     seed, seeds = number("seed", form.seed, True), number("seeds", form.seeds, True)
     if isinstance(seeds, bool) or not isinstance(seeds, int) or seeds < 1:
         raise ValueError(f"seeds is how many training seeds to run, a whole number >= 1; got {form.seeds!r}.")
+    try:
+        request = _request(form, upload, targets, seed, seeds)
+    except TooManyRuns as err:  # a typo can make a 200-run grid: the user says yes with the tick box
+        raise ValueError(f"this sweep makes {err.runs} runs, more than {err.limit}; tick \"I know this sweep has "
+                         f"more than {CONFIRM_ABOVE} runs\" (API: confirm_runs=True) to start it.") from None
+    return request.prepare()
+
+
+def _request(form: RunForm, upload: str | None, targets, seed: int, seeds: int) -> RunRequest:
     return RunRequest(
         model=form.model, dataset=dataset_source(form, upload), methods=form.methods,
         vera=vera_grid(r=int_list(form.vera_r, "VeRA r"), d_init=float_list(form.vera_d_init, "VeRA d_init"),
@@ -148,7 +158,7 @@ def run_request(form: RunForm, upload: str | None) -> RunRequest:
         quantization="4bit" if form.quantize_4bit else None, trust_remote_code=form.trust_remote_code,
         eval_generate=number("test generations scored", form.eval_generate, True), samples=SAMPLES,
         seeds=list(range(seed, seed + seeds)), tune={"lr_scale": list(LR_SCALES)} if form.tune_lr else None,
-        max_runs=10**6)  # the lab's own limit is CONFIRM_ABOVE, with a confirmation (check_sweep_size)
+        max_runs=None if form.confirm_runs else CONFIRM_ABOVE)
 
 
 def keep_upload(source: str, run_dir: Path) -> str:
@@ -254,30 +264,16 @@ def filter_runs(runs: list[dict], model: str | None, dataset: str | None) -> lis
     return [run for run in runs if model in (None, ALL, run["model"]) and dataset in (None, ALL, run["dataset"])]
 
 
-def run_count(request: RunRequest) -> int:
-    """Every run a request makes: each setting once per seed, plus the tuning runs."""
-    return len(request.plan()) + len(request.tuning_plan())
-
-
-def check_sweep_size(request: RunRequest, confirmed: bool) -> None:
-    """A plan above CONFIRM_ABOVE runs starts only after an explicit yes (a typo can make a 200-run grid)."""
-    runs = run_count(request)
-    if runs > CONFIRM_ABOVE and not confirmed:
-        raise ValueError(f"this sweep makes {runs} runs, more than {CONFIRM_ABOVE}; tick \"I know this sweep has "
-                         f"more than {CONFIRM_ABOVE} runs\" (API: confirm_runs=True) to start it.")
-
-
 def plan_text(request: RunRequest, time_estimate: dict | None = None) -> str:
     """The planned runs (settings, seeds, tuning runs) and, once step times were measured, the time estimate with
     what it is based on."""
     names, seeds, tuning = [spec.name for spec in request.settings()], request.seeds, len(request.tuning_plan())
-    line = f"**{run_count(request)} run{'s' * (run_count(request) != 1)}**: {', '.join(names)}"
+    count = request.run_count()
+    line = f"**{count} run{'s' * (count != 1)}**: {', '.join(names)}"
     if len(seeds) > 1:
         line += f", each trained with seeds {', '.join(map(str, seeds))}"
     if tuning:
         line += f", after {tuning} tuning runs (learning rate x {', '.join(f'{x:g}' for x in LR_SCALES)})"
-    if run_count(request) > CONFIRM_ABOVE:
-        line += f" — more than {CONFIRM_ABOVE}: tick the confirmation to start"
     if time_estimate is None:
         return line + ". Time: press *Measure time* (it trains 2-3 steps of the smallest and largest run)."
     return (line + f". **Estimated training time ≈ {time_estimate['total_s'] / 60:.1f} min** "

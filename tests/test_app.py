@@ -361,10 +361,14 @@ def test_the_form_plans_seeds_and_tuning_and_asks_before_too_many_runs():
     estimate = request.time_estimate({"vera-r16": 1.0, "lora-r2": 2.0})
     assert estimate["total_s"] == 2 * (2 * 1.0 + 2 * 2.0) + 2 * 5 * (1.0 + 2.0)  # 2 steps a run, tuning included
     assert "Estimated training time ≈ 0.7 min" in views.plan_text(request, estimate)  # 42 s
-    big = views.run_request(RunForm(**TINY_LAB_RUN, seeds=8, tune_lr=True), None)
+    # The lab's tick is the library's run cap at CONFIRM_ABOVE: 24 runs need no tick, 27 do.
+    assert views.run_request(RunForm(**{**TINY_LAB_RUN, "methods": ["base", "vera"]}, seeds=8, tune_lr=True),
+                             None).run_count() == 1 + 8 + 5 <= views.CONFIRM_ABOVE
+    assert views.run_request(RunForm(**{**TINY_LAB_RUN, "methods": ["vera", "lora"]}, seeds=12), None).run_count() == 24
     with pytest.raises(ValueError, match="this sweep makes 27 runs, more than 24; tick"):
-        views.check_sweep_size(big, confirmed=False)
-    views.check_sweep_size(big, confirmed=True)
+        views.run_request(RunForm(**TINY_LAB_RUN, seeds=8, tune_lr=True), None)
+    big = views.run_request(RunForm(**TINY_LAB_RUN, seeds=8, tune_lr=True, confirm_runs=True), None)
+    assert big.run_count() == 27 and big.max_runs is None
     with pytest.raises(ValueError, match="seeds is how many training seeds to run, a whole number >= 1; got 0"):
         views.run_request(RunForm(**TINY_LAB_RUN, seeds=0), None)
 
