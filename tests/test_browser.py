@@ -8,7 +8,7 @@ from helpers import TINY_LAB_RUN, free_port
 from playwright.sync_api import expect
 
 from app import build_app, launch
-from app.views import RunForm
+from app.form import RunForm
 
 CHROMIUM = Path("/usr/bin/chromium")
 ARTIFACTS = Path(__file__).resolve().parent.parent / "test-artifacts"
