@@ -238,7 +238,9 @@ class TrainTab:
         """The page polls the job every `poll_s` seconds and on load; `ended` changes when a job has ended.
         (Outside the tabs: the timer and the API endpoint are no tab's content.)"""
         seen = gr.State(None)
-        self.ended = gr.State(None)  # "<job>: <final status>" once a job has ended: the run lists refresh on it
+        # "<job>: <final status>" once a job has ended: the run lists refresh on its change. A hidden field, not a
+        # gr.State: the poll is not queued, and only a component's change reaches the page from such an event.
+        self.ended = gr.Textbox(visible="hidden", elem_id="job-ended")
         poll_outputs = [*self._job_outputs, seen, self.ended]
         gr.Timer(poll_s).tick(self.poll, seen, poll_outputs, api_visibility="private", show_progress="hidden",
                               queue=False)
