@@ -5,7 +5,7 @@ import argparse
 import ipaddress
 import sys
 
-from .ui import build_app, launch
+from .layout import build_app, launch
 
 
 def is_loopback(host: str) -> bool:

@@ -15,7 +15,7 @@ from helpers import TINY_LAB_RUN, free_port
 
 from app import build_app, launch
 from app.jobs import JobBusy, JobManager
-from app.views import UPLOAD, RunForm
+from app.form import CONFIRM_ABOVE, UPLOAD, RunForm, run_request
 from vera_core.lab.calculator import KNOWN_MODELS
 from vera_core.adapters.config import LoraConfig, VeraConfig
 from vera_core.lab.memory import largest_batch
@@ -351,22 +351,26 @@ def test_stop_sets_the_flag_and_the_job_reports_stopped():
 
 
 def test_the_form_plans_seeds_and_tuning_and_asks_before_too_many_runs():
-    from app import views
+    from app.train_tab import plan_text
 
     form = RunForm(**{**TINY_LAB_RUN, "seed": 3}, seeds=2, tune_lr=True)
-    request = views.run_request(form, None)
+    request = run_request(form, None)
     assert request.seeds == [3, 4] and request.tune == {"lr_scale": [0.25, 0.5, 1.0, 2.0, 4.0]}
-    assert views.plan_text(request).startswith("**15 runs**: base, vera-r16, lora-r2, each trained with seeds 3, 4, "
+    assert plan_text(request).startswith("**15 runs**: base, vera-r16, lora-r2, each trained with seeds 3, 4, "
                                                "after 10 tuning runs (learning rate x 0.25, 0.5, 1, 2, 4)")
     estimate = request.time_estimate({"vera-r16": 1.0, "lora-r2": 2.0})
     assert estimate["total_s"] == 2 * (2 * 1.0 + 2 * 2.0) + 2 * 5 * (1.0 + 2.0)  # 2 steps a run, tuning included
-    assert "Estimated training time ≈ 0.7 min" in views.plan_text(request, estimate)  # 42 s
-    big = views.run_request(RunForm(**TINY_LAB_RUN, seeds=8, tune_lr=True), None)
+    assert "Estimated training time ≈ 0.7 min" in plan_text(request, estimate)  # 42 s
+    # The lab's tick is the library's run cap at CONFIRM_ABOVE: 24 runs need no tick, 27 do.
+    assert run_request(RunForm(**{**TINY_LAB_RUN, "methods": ["base", "vera"]}, seeds=8, tune_lr=True),
+                       None).run_count() == 1 + 8 + 5 <= CONFIRM_ABOVE
+    assert run_request(RunForm(**{**TINY_LAB_RUN, "methods": ["vera", "lora"]}, seeds=12), None).run_count() == 24
     with pytest.raises(ValueError, match="this sweep makes 27 runs, more than 24; tick"):
-        views.check_sweep_size(big, confirmed=False)
-    views.check_sweep_size(big, confirmed=True)
+        run_request(RunForm(**TINY_LAB_RUN, seeds=8, tune_lr=True), None)
+    big = run_request(RunForm(**TINY_LAB_RUN, seeds=8, tune_lr=True, confirm_runs=True), None)
+    assert big.run_count() == 27 and big.max_runs is None
     with pytest.raises(ValueError, match="seeds is how many training seeds to run, a whole number >= 1; got 0"):
-        views.run_request(RunForm(**TINY_LAB_RUN, seeds=0), None)
+        run_request(RunForm(**TINY_LAB_RUN, seeds=0), None)
 
 
 @pytest.mark.integration

@@ -8,7 +8,7 @@ from helpers import TINY_LAB_RUN, free_port
 from playwright.sync_api import expect
 
 from app import build_app, launch
-from app.views import RunForm
+from app.form import RunForm
 
 CHROMIUM = Path("/usr/bin/chromium")
 ARTIFACTS = Path(__file__).resolve().parent.parent / "test-artifacts"
@@ -54,6 +54,27 @@ def test_a_tiny_run_shows_its_curves_and_results(page):
     for name in ("base", "vera-r16", "lora-r2"):
         expect(page.locator("#job-results")).to_contain_text(name, timeout=10_000)
     page.screenshot(path=ARTIFACTS / "02-train-done.png", full_page=True)
+
+
+def test_many_adapters_lists_a_new_run_when_it_ends_and_when_the_tab_opens(page):
+    """Lists of runs follow the runs directory without a click on Refresh: the Many adapters tab, opened while a
+    run trains, lists its adapters once it ends; opened again later, it lists them too."""
+    page.reload()
+    page.locator("#start").wait_for()
+    page.locator("#start").click()
+    expect(page.locator("#notice")).to_contain_text("started ", timeout=30_000)
+    run = re.search(r"started (\S+)", page.locator("#notice").inner_text()).group(1)
+    page.get_by_role("tab", name="Many adapters").click()
+    # The status line (in the hidden Train tab) names the job: wait for this run's "done", not the last one's.
+    page.wait_for_function("([run]) => { const s = document.querySelector('#job-status[data-status=\"done\"]'); "
+                           "return s !== null && s.textContent.includes(run); }", arg=[run], timeout=240_000)
+    pick = page.locator("#many-pick")
+    pick.locator("input").click()
+    expect(page.get_by_role("option", name=f"{run}/vera-r16")).to_be_visible(timeout=10_000)
+    expect(page.get_by_role("option", name=f"{run}/lora-r2")).to_be_visible()
+    page.keyboard.press("Escape")
+    page.screenshot(path=ARTIFACTS / "02b-many-adapters-listed.png", full_page=True)
+    page.get_by_role("tab", name="Train & compare").click()
 
 
 def test_reload_reattaches_and_stop_stops_a_second_run(page):

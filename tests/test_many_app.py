@@ -2,7 +2,9 @@
 batch on the offline MiniLM, beside one adapter at a time; every bad input is a clear message and the lab keeps
 serving."""
 import json
+import os
 import shutil
+import zipfile
 from pathlib import Path
 
 import pytest
@@ -120,7 +122,7 @@ def test_a_bad_zip_is_refused(many, tmp_path):
 
 
 def test_rows_from_prompts_and_assignment():
-    from app.views import assign_rows
+    from app.many_tab import assign_rows
 
     adapters = ["run1/vera-a", "run2/vera-b"]
     assert assign_rows(["p", "q", "r"], adapters, "", False, 8) == [("p", adapters[0]), ("q", adapters[1]),
@@ -132,14 +134,86 @@ def test_rows_from_prompts_and_assignment():
 
 
 def test_a_zip_entry_outside_the_folder_is_refused(tmp_path):
-    import zipfile
-
-    from app.views import unzip_adapter
+    from app.many_tab import unzip_adapter
 
     archive = tmp_path / "evil.zip"
     with zipfile.ZipFile(archive, "w") as zf:
         zf.writestr("../outside.txt", "x")
-    (tmp_path / "into").mkdir()
     with pytest.raises(ValueError, match="points outside the folder"):
-        unzip_adapter(archive, tmp_path / "into")
-    assert not (tmp_path / "outside.txt").exists()
+        unzip_adapter(archive, tmp_path / "into" / "evil")
+    assert not (tmp_path / "outside.txt").exists() and not (tmp_path / "into").exists()
+
+
+def _refused(archive: Path, target: Path, message: str) -> None:
+    """unzip_adapter refuses `archive` with one line matching `message` and leaves nothing on disk."""
+    from app.many_tab import unzip_adapter
+
+    with pytest.raises(ValueError, match=message) as err:
+        unzip_adapter(archive, target)
+    assert "\n" not in str(err.value)
+    assert not target.parent.exists() or list(target.parent.iterdir()) == [], "a refusal must leave nothing behind"
+
+
+def _adapter_zip(path: Path, extra: dict[str, bytes] | None = None, compression=zipfile.ZIP_STORED) -> Path:
+    with zipfile.ZipFile(path, "w", compression) as zf:
+        zf.writestr("adapter/vera_lab_adapter.json", "{}")
+        for name, data in (extra or {}).items():
+            zf.writestr(name, data)
+    return path
+
+
+def test_an_adapter_zip_within_the_limits_unpacks_complete(tmp_path):
+    from app.many_tab import unzip_adapter
+
+    weights = os.urandom(5000)
+    archive = _adapter_zip(tmp_path / "ok.zip", {"adapter/weights.bin": weights}, zipfile.ZIP_DEFLATED)
+    found = unzip_adapter(archive, tmp_path / "uploads" / "ok")
+    assert found == tmp_path / "uploads" / "ok" / "adapter" and (found / "weights.bin").read_bytes() == weights
+    assert sorted(p.name for p in (tmp_path / "uploads").iterdir()) == ["ok"]  # no partial folder beside it
+
+
+def test_a_zip_with_too_many_entries_is_refused_before_writing(tmp_path, monkeypatch):
+    from app import many_tab
+
+    monkeypatch.setattr(many_tab, "MAX_ZIP_ENTRIES", 4)
+    archive = _adapter_zip(tmp_path / "many.zip", {f"adapter/{i}.txt": b"x" for i in range(5)})
+    _refused(archive, tmp_path / "uploads" / "many", r"many\.zip has 6 entries, more than the limit of 4;")
+
+
+def test_a_zip_that_unpacks_past_the_size_limit_is_refused(tmp_path, monkeypatch):
+    from app import many_tab
+
+    monkeypatch.setattr(many_tab, "MAX_UNZIPPED_BYTES", 4000)
+    archive = _adapter_zip(tmp_path / "big.zip", {"adapter/weights.bin": os.urandom(4001)})
+    _refused(archive, tmp_path / "uploads" / "big",
+             r"big\.zip unpacks to 4,003 bytes, more than the limit of 4,000 bytes\.")
+
+
+def test_a_zip_bomb_is_refused_by_its_compression_ratio(tmp_path):
+    archive = _adapter_zip(tmp_path / "bomb.zip", {"adapter/zeros.bin": bytes(8 * 2**20)}, zipfile.ZIP_DEFLATED)
+    ratio = 8 * 2**20 / archive.stat().st_size
+    assert ratio > 500  # zeros deflate about 1000x
+    _refused(archive, tmp_path / "uploads" / "bomb",
+             rf"bomb\.zip is compressed {ratio:,.0f}x \({archive.stat().st_size:,} bytes unpacking to 8\.0 MiB\), "
+             r"more than the limit of 100x")
+
+
+def test_a_zip_whose_header_understates_a_size_is_cut_at_the_declared_size_and_refused(tmp_path):
+    """The central directory says 100 bytes; the entry holds 64 KiB. Nothing beyond the declared size is written
+    and the upload is refused, leaving nothing."""
+    data = os.urandom(64 * 1024)
+    archive = _adapter_zip(tmp_path / "liar.zip", {"adapter/weights.bin": data})
+    raw = bytearray(archive.read_bytes())
+    central = raw.rindex(b"PK\x01\x02")  # the last central-directory entry: weights.bin
+    assert raw[central + 46:central + 46 + 19] == b"adapter/weights.bin"
+    raw[central + 24:central + 28] = (100).to_bytes(4, "little")  # its uncompressed size
+    archive.write_bytes(bytes(raw))
+    assert zipfile.ZipFile(archive).getinfo("adapter/weights.bin").file_size == 100  # the lie is what is read
+    _refused(archive, tmp_path / "uploads" / "liar", r"liar\.zip is not a readable zip file \(Bad CRC-32")
+
+
+def test_a_zip_without_an_adapter_leaves_nothing(tmp_path):
+    archive = tmp_path / "notes.zip"
+    with zipfile.ZipFile(archive, "w") as zf:
+        zf.writestr("notes.txt", "hello")
+    _refused(archive, tmp_path / "uploads" / "notes", "notes.zip holds no adapter")

@@ -49,6 +49,37 @@ def test_run_names_show_only_what_varies(pair):
     assert names(methods=["lora"], lora=lora_grid(r=[4, 8], alpha=16)) == ["lora-r4-a16", "lora-r8-a16"]
 
 
+def test_a_request_reads_no_file_until_prepare_and_plans_once(tmp_path, monkeypatch):
+    from vera_core.lab import request as request_module
+
+    path = tmp_path / "reviews.csv"
+    path.write_bytes(b"text,label\ncaf\xe9,0\n")  # Latin-1, not UTF-8
+    loads = []
+    monkeypatch.setattr(request_module, "load_dataset", lambda *a, **kw: loads.append(a) or sentiment())
+    request = RunRequest("minilm-l6", str(path), ["vera", "lora"], seeds=[0, 1],
+                         train=TrainConfig(steps=None, epochs=1))
+    assert loads == [] and [s.name for s in request.plan()] == ["vera-r256-s0", "vera-r256-s1", "lora-r8-s0",
+                                                                  "lora-r8-s1"]
+    with pytest.raises(RuntimeError, match=r"reviews\.csv' is not loaded yet; call request.prepare\(\) first"):
+        request.steps_per_run()
+    monkeypatch.setattr(RunRequest, "_make_plan", lambda self: pytest.fail("the plan is made once, in the constructor"))
+    assert request.prepare() is request and request.prepare() is request and len(loads) == 1
+    assert request.run_count() == 4 and request.dataset.name == sentiment().name
+    monkeypatch.undo()
+    with pytest.raises(ValueError, match=r"reviews\.csv is not UTF-8 text \(byte 0xe9") as err:
+        RunRequest("minilm-l6", str(path), ["vera"]).prepare()
+    assert "\n" not in str(err.value)
+
+
+def test_the_run_cap_is_one_check_and_none_lifts_it(pair):
+    from vera_core.lab.request import TooManyRuns
+
+    with pytest.raises(TooManyRuns, match=r"makes 6 runs \(6 final, 0 tuning\), more than the limit of 5") as err:
+        RunRequest(pair, sentiment(), ["vera", "lora"], seeds=[0, 1, 2], max_runs=5)
+    assert (err.value.runs, err.value.limit) == (6, 5)
+    assert RunRequest(pair, sentiment(), ["vera", "lora"], seeds=range(40), max_runs=None).run_count() == 80
+
+
 def test_duplicate_settings_are_refused_with_a_clear_message(pair):
     with pytest.raises(ValueError, match=r"duplicate settings: LoraConfig\(r=8, alpha=16.*listed twice"):
         RunRequest(pair, sentiment(), ["lora"], lora=[LoraConfig(r=8), LoraConfig(r=8, alpha=16)])

@@ -213,7 +213,7 @@ def measure_step_times(request: RunRequest, steps: int = 3, stop: threading.Even
     of each trained method for `steps` steps (the first, warm-up step is not counted) and throwing them away;
     `RunRequest.time_estimate` turns them into the sweep's time. {run name: seconds}."""
     positive_int("steps", steps)
-    sizes = {row["run"]: row["trainable"] for row in request.estimate()}
+    sizes = {row["run"]: row["trainable"] for row in request.prepare().estimate()}
     by_method: dict[str, list[RunSpec]] = {}
     for spec in request.settings():
         if spec.method != "base":
@@ -300,6 +300,7 @@ def run_request(request: RunRequest, out_dir: str | os.PathLike | None = None,
     rest; the directory stays consistent. exists: what to do when out_dir already holds a run: "refuse" (an error),
     "resume" (keep the finished runs, continue a stopped one from its checkpoint, run the rest) or "overwrite".
     progress: tqdm bars (None: when no `on_event` is given and a terminal or notebook shows the output)."""
+    request.prepare()  # the data loads and is checked before a run directory exists
     on_event = with_bar(progress, on_event)
     specs = request.plan()
     run_dir = Path(out_dir) if out_dir is not None else new_run_dir("runs", request.model_name)
@@ -395,7 +396,7 @@ def compare(
     seeds: Sequence[int] | None = None,
     tune: dict | None = None,
     tune_steps: int | None = None,
-    max_runs: int = MAX_RUNS,
+    max_runs: int | None = MAX_RUNS,
 ) -> Report:
     """Run every method on the same model, data, seed and step budget; write and return the Report.
 
@@ -407,7 +408,7 @@ def compare(
     seeds: training seeds, e.g. (0, 1, 2): every setting runs once per seed on the same split; report.json then holds
     mean, std and a 95% interval per setting and the paired VeRA − LoRA differences. tune: {"lr_scale": [...]}:
     every method's rates × each scale, `tune_steps` steps on the first seed, lowest validation loss wins.
-    max_runs: more runs than this (seeds × settings + tuning) is refused.
+    max_runs: more runs than this (seeds × settings + tuning) is refused (None: no limit).
     The arguments are those of `RunRequest`; see `run_request` for out_dir, on_event, stop, progress and exists.
     """
     request = RunRequest(model, dataset, methods, vera, lora, train, lrs=dict(lrs or {}), max_rows=max_rows,

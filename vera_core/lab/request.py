@@ -1,10 +1,12 @@
 """What a comparison is asked to do, checked before anything runs: `RunRequest`, its planned runs and its estimate.
 
-The CLI and the app turn their input into one RunRequest; `compare.run_request` runs it. Every check a run needs
-happens here, so bad input fails before a run directory exists.
+The CLI and the app turn their input into one RunRequest; `compare.run_request` runs it. Constructing one checks
+every value without touching a file; `prepare()` then loads the data set named by a string and checks what needs
+the data and the model's config. `run_request` prepares first, so bad input fails before a run directory exists.
 
     request = RunRequest("minilm-l6", "rotten-tomatoes", methods=("base", "vera", "lora"), max_rows=64)
-    [spec.name for spec in request.plan()]      # ['base', 'vera-r256', 'lora-r8']
+    [spec.name for spec in request.plan()]      # ['base', 'vera-r256', 'lora-r8']  (no file read yet)
+    request.prepare().estimate()                # loads the data set and the model's config, once
 """
 from __future__ import annotations
 
@@ -29,6 +31,16 @@ METHODS = ("base", "head", "vera", "lora", "full")
 MAX_RUNS = 60  # runs (seeds × settings, plus tuning runs) one request may make unless max_runs is raised
 
 
+class TooManyRuns(ValueError):
+    """The request makes more runs than its `max_runs`: a typo in a grid can make hundreds. Callers that ask for
+    the user's yes in their own words (the lab's tick box) catch it and read `runs` and `limit`."""
+
+    def __init__(self, runs: int, final: int, tuning: int, limit: int):
+        super().__init__(f"this request makes {runs} runs ({final} final, {tuning} tuning), more than the limit of "
+                         f"{limit}; pass max_runs={runs} to run them all.")
+        self.runs, self.limit = runs, limit
+
+
 @dataclass(frozen=True)
 class RunSpec:
     """One run of a comparison: its report name, its method, its adapter config (None for base/head/full), its
@@ -43,7 +55,8 @@ class RunSpec:
 
 @dataclass
 class RunRequest:
-    """Everything one comparison needs, validated on construction (a string data set is loaded then)."""
+    """Everything one comparison needs, validated on construction without reading a file; `prepare()` loads a data
+    set given by name and runs the checks that need data or the model's config."""
 
     model: object  # a `load_model` name or path, or a loaded (model, tokenizer) pair (deep-copied per method)
     dataset: TextDataset | str  # a TextDataset, or a `load_dataset` name / file (split with train.seed, max_rows)
@@ -62,7 +75,7 @@ class RunRequest:
     seeds: Sequence[int] | None = None  # training seeds, one run per setting each (None: train.seed); the split stays
     tune: dict | None = None  # {"lr_scale": [0.25, 0.5, 1, 2, 4]}: each method's rates × each scale, on validation
     tune_steps: int | None = None  # steps of each tuning run (None: the runs' own budget)
-    max_runs: int = MAX_RUNS  # more runs than this (tuning included) is refused: raise it to mean it
+    max_runs: int | None = MAX_RUNS  # more runs than this (tuning included) raise TooManyRuns; None: no limit
     dataset_source: str | None = field(default=None, init=False)  # the name or file the data set was loaded from
 
     def __post_init__(self):
@@ -97,21 +110,46 @@ class RunRequest:
                 raise ValueError("the model name is empty; give an offline name, a Hub id or a local folder.")
         elif self.isolate:
             raise ValueError("isolate=True loads the model in each process: pass its name or path, not a loaded model.")
+        # The plan depends on the fields alone: made once here (unknown methods and clashing names fail now).
+        self._settings = self._make_settings()
+        self._plan = self._make_plan()
+        self._tuning_plan = self._make_tuning_plan()
+        total = len(self._plan) + len(self._tuning_plan)
+        if self.max_runs is not None and total > self.max_runs:
+            raise TooManyRuns(total, len(self._plan), len(self._tuning_plan), self.max_runs)
+        resolve_device(self.train.device)  # "cuda" on a machine without one
+        self._prepared = False
         if isinstance(self.dataset, (str, os.PathLike)):
             self.dataset_source = str(self.dataset)
+        else:
+            self._check_data()
+
+    def prepare(self) -> "RunRequest":
+        """Load a data set given by name (split with train.seed, max_rows per split) and check what needs the data
+        and the model's config: one-line errors for unreadable files, missing columns, one-label data, "head" on a
+        causal LM, tuning without validation, max_length beyond the model. Runs once; returns the request."""
+        if self._prepared:
+            return self
+        if not isinstance(self.dataset, TextDataset):
             self.dataset = load_dataset(self.dataset, self.task, seed=self.train.seed, max_rows=self.max_rows)
-        self.plan()  # unknown methods and clashing run names fail here
-        if self.tune and not self.dataset.validation:
-            raise ValueError("tuning chooses learning rates on the validation split, and this data set has none.")
-        total = len(self.plan()) + len(self.tuning_plan())
-        if total > self.max_runs:
-            raise ValueError(f"this request makes {total} runs ({len(self.plan())} final, {len(self.tuning_plan())} "
-                             f"tuning), more than the limit of {self.max_runs}; pass max_runs={total} to run them all.")
-        resolve_device(self.train.device)  # "cuda" on a machine without one
+            self._check_data()
         limit = getattr(self.model_config(), "max_position_embeddings", None)  # (a model name that resolves to nothing)
         if limit and self.train.max_length > limit:
             raise ValueError(f"max_length {self.train.max_length} is longer than the model takes "
                              f"(max_position_embeddings = {limit}); choose max_length <= {limit}.")
+        self._prepared = True
+        return self
+
+    def _check_data(self) -> None:
+        if "head" in self.methods and self.dataset.task != "classification":
+            raise ValueError("method 'head' trains a classifier head only: it needs a classification data set.")
+        if self.tune and not self.dataset.validation:
+            raise ValueError("tuning chooses learning rates on the validation split, and this data set has none.")
+
+    def _data(self) -> TextDataset:
+        if not isinstance(self.dataset, TextDataset):
+            raise RuntimeError(f"the data set {self.dataset_source!r} is not loaded yet; call request.prepare() first.")
+        return self.dataset
 
     def to_dict(self) -> dict | None:
         """What `from_dict` needs to make this request again (None when the model or data were passed as objects)."""
@@ -137,7 +175,7 @@ class RunRequest:
         if len(set(self.seeds)) != len(self.seeds):
             raise ValueError(f"seeds {self.seeds} repeat a seed; each seed runs once, so list it once.")
         positive_int("tune_steps", self.tune_steps, optional=True)
-        positive_int("max_runs", self.max_runs)
+        positive_int("max_runs", self.max_runs, optional=True)
         if self.tune is None:
             return
         if not isinstance(self.tune, dict) or set(self.tune) != {"lr_scale"}:
@@ -168,27 +206,38 @@ class RunRequest:
         """The runs this request makes, in order: every setting once per seed ("base" trains nothing: once).
         Names are unique and readable: "vera-r256", with "-d0.1" only when d_init varies; "lora-r8", with "-a16"
         only when alpha / r varies; "-s1" (the seed) only when there are several seeds."""
+        return list(self._plan)
+
+    def tuning_plan(self) -> list[tuple[RunSpec, float]]:
+        """(setting at the first seed, learning-rate scale) of every tuning run; [] without `tune`."""
+        return list(self._tuning_plan)
+
+    def settings(self) -> list[RunSpec]:
+        """The request's settings (one per method and adapter config), each named as its single-seed run."""
+        return list(self._settings)
+
+    def run_count(self) -> int:
+        """Every run the request makes: each setting once per seed, plus the tuning runs."""
+        return len(self._plan) + len(self._tuning_plan)
+
+    def _make_plan(self) -> list[RunSpec]:
         runs = []
-        for setting in self.settings():
+        for setting in self._settings:
             for seed in self.seeds[:1] if setting.method == "base" else self.seeds:
                 name = setting.name + (f"-s{seed}" if len(self.seeds) > 1 and setting.method != "base" else "")
                 runs.append(replace(setting, name=name, seed=seed))
         return runs
 
-    def tuning_plan(self) -> list[tuple[RunSpec, float]]:
-        """(setting at the first seed, learning-rate scale) of every tuning run; [] without `tune`."""
+    def _make_tuning_plan(self) -> list[tuple[RunSpec, float]]:
         if not self.tune:
             return []
-        return [(replace(s, seed=self.seeds[0]), scale) for s in self.settings() if s.method != "base"
+        return [(replace(s, seed=self.seeds[0]), scale) for s in self._settings if s.method != "base"
                 for scale in self.tune["lr_scale"]]
 
-    def settings(self) -> list[RunSpec]:
-        """The request's settings (one per method and adapter config), each named as its single-seed run."""
+    def _make_settings(self) -> list[RunSpec]:
         unknown = [m for m in self.methods if m not in METHODS]
         if unknown or not self.methods:
             raise ValueError(f"unknown methods {unknown or self.methods!r}; choose from {', '.join(METHODS)}.")
-        if "head" in self.methods and self.dataset.task != "classification":
-            raise ValueError("method 'head' trains a classifier head only: it needs a classification data set.")
         specs = []
         for method in self.methods:
             if method == "vera":
@@ -209,7 +258,7 @@ class RunRequest:
         if self.train.steps is not None:
             return self.train.steps
         per_step = self.train.batch_size * self.train.grad_accum
-        return max(1, math.ceil(self.train.epochs * len(self.dataset.train) / per_step))
+        return max(1, math.ceil(self.train.epochs * len(self._data().train) / per_step))
 
     def time_estimate(self, step_s: dict[str, float]) -> dict:
         """Training time of every planned run, tuning runs included, from measured seconds per step
