@@ -57,6 +57,7 @@ class RunForm:
     tune_lr: bool = False  # every method's learning rates x LR_SCALES on validation first, the best kept
     eval_batches: int = 2  # validation batches per evaluation during training (0: the whole split)
     eval_generate: int = 4  # test inputs generated and scored with BLEU / ROUGE-L after training (causal LM)
+    prefer: str = "memory"  # VeRA's folded weights: "memory" rebuilds them in backward, "speed" keeps them
     confirm_runs: bool = False  # the user's yes to a plan of more than CONFIRM_ABOVE runs (tuning included)
 
     @classmethod
@@ -140,7 +141,7 @@ def _request(form: RunForm, upload: str | None, targets, seed: int, seeds: int) 
                        else number("LoRA alpha", form.lora_alpha)),
         train=TrainConfig(steps=number("steps", form.steps, True), batch_size=number("batch", form.batch_size, True),
                           max_length=number("sequence length", form.max_length, True),
-                          seed=seed,
+                          seed=seed, prefer=form.prefer,
                           eval_batches=number("eval batches", form.eval_batches, True) or None),
         lrs={m: number(f"{m} learning rate", rate) for m, rate in
              (("vera", form.vera_lr), ("lora", form.lora_lr), ("full", form.full_lr))},

@@ -13,6 +13,7 @@ import gradio as gr
 import pandas as pd
 
 from vera_core.lab.compare import measure_step_times, run_request as run_comparison
+from vera_core.lab.config import PREFER
 from vera_core.lab.data import BUILTIN_DATASETS, format_preview, load_dataset
 from vera_core.lab.models import OFFLINE_MODELS
 from vera_core.lab.plots import loss_figure
@@ -33,7 +34,7 @@ def estimate_table(request: RunRequest) -> pd.DataFrame:
         "method": row["method"], "run": row["run"], "trainable params": row["trainable"],
         "% of model": row["% of model"],
         "stored adapter (KiB)": round(row["stored_bytes"] / 1024, 1) if row["stored_bytes"] is not None else None,
-        "est. memory (MiB)": round(row["memory_estimate"]["total"] / 2**20, 1),
+        "est. memory (MiB, upper bound: every row at max_length)": round(row["memory_estimate"]["total"] / 2**20, 1),
         "warning": row["warning"] or "",
     } for row in request.estimate()])
 
@@ -324,7 +325,9 @@ def _methods_and_training(defaults: RunForm) -> dict[str, gr.components.Componen
         with gr.Row():
             eval_batches = gr.Number(defaults.eval_batches, precision=0, label="Eval batches (0 = whole split)")
             eval_generate = gr.Number(defaults.eval_generate, precision=0, label="Test generations scored (BLEU)")
+        prefer = gr.Radio(list(PREFER), value=defaults.prefer, label="VeRA's folded weights in backward",
+                          info="memory: rebuild them (least memory, usually a few % slower); speed: keep them")
     return dict(methods=methods, vera_r=vera_r, vera_d_init=vera_d_init, lora_r=lora_r, lora_alpha=lora_alpha,
                 targets=targets, custom_targets=custom_targets, vera_lr=vera_lr, lora_lr=lora_lr, full_lr=full_lr,
                 steps=steps, batch_size=batch_size, max_length=max_length, seed=seed, seeds=seeds, tune_lr=tune_lr,
-                eval_batches=eval_batches, eval_generate=eval_generate)
+                eval_batches=eval_batches, eval_generate=eval_generate, prefer=prefer)
