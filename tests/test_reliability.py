@@ -218,3 +218,77 @@ def test_a_killed_training_process_fails_the_comparison_in_one_line(assets, tmp_
     assert files["report"]["error"] == line and [r["name"] for r in files["report"]["runs"]] == ["base"]
     assert files["events"][-1] == {"type": "error", "message": line, "run_dir": str(out), "runs": ["base"]}
     assert _left_behind(family) == []
+
+
+# ---------------------------------------------------------------------------------------------- the lab
+
+@pytest.fixture(scope="module")
+def lab(tmp_path_factory):
+    from gradio_client import Client
+    from helpers import TINY_LAB_RUN, free_port
+
+    from app import build_app, launch
+    from app.views import RunForm
+
+    demo = build_app(tmp_path_factory.mktemp("runs"), defaults=RunForm(**TINY_LAB_RUN))
+    launch(demo, port=free_port(), prevent_thread_lock=True, quiet=True)
+    yield demo, Client(demo.local_url, verbose=False, download_files=str(tmp_path_factory.mktemp("downloads")))
+    demo.lab.manager.stop()
+    demo.lab.manager.wait(60)
+    demo.close()
+
+
+def _still_serves(client, run_dir: str, runs: list[str]) -> None:
+    """The lab answers after the failed job and shows the runs it kept."""
+    from test_app import wait_for_job
+
+    assert wait_for_job(client, 5)["run_dir"] == run_dir
+    summary, table, *_ = client.predict(run_dir, api_name="/show_run")
+    assert [row[0] for row in table["data"]] == runs
+
+
+@pytest.mark.integration  # the real offline MiniLM, a child process per method
+def test_a_killed_training_process_fails_the_lab_job_and_the_lab_keeps_serving(lab):
+    from helpers import TINY_LAB_RUN
+    from test_app import wait_for_job
+
+    demo, client = lab
+    assert client.predict(**{**TINY_LAB_RUN, "methods": ["base", "vera"], "steps": 3000},
+                          api_name="/start_run").startswith("started ")
+    deadline = time.monotonic() + 180
+    while not (client.predict(api_name="/job_state")["progress"] or {}).get("step"):
+        assert time.monotonic() < deadline, "no training step within the time limit"
+        time.sleep(0.2)
+    [child] = [p for p in psutil.Process().children() if "spawn_main" in " ".join(p.cmdline())]
+    child.send_signal(signal.SIGKILL)
+    state = wait_for_job(client, 120)
+    run_dir = state["run_dir"]
+    assert state["status"] == ("failed: the process of vera-r16 ended by signal 9 (SIGKILL: memory may have run "
+                               f"out); the finished runs (base) are in {Path(run_dir) / 'report.json'}")
+    assert _left_behind([child.pid]) == []
+    _still_serves(client, run_dir, ["base"])
+
+
+@pytest.mark.integration  # the real offline MiniLM, a child process per method
+def test_a_full_disk_fails_the_lab_job_in_one_line_and_the_lab_keeps_serving(lab, monkeypatch):
+    from helpers import TINY_LAB_RUN
+    from test_app import wait_for_job
+
+    real = Figure.savefig
+
+    def savefig(self, target, *args, **kwargs):  # a file fails (the disk is full); the page's images still draw
+        if isinstance(target, (str, Path)):
+            _no_space()
+        return real(self, target, *args, **kwargs)
+
+    demo, client = lab
+    monkeypatch.setattr(Figure, "savefig", savefig)
+    assert client.predict(**TINY_LAB_RUN, api_name="/start_run").startswith("started ")
+    state = wait_for_job(client, 240)
+    run_dir = Path(state["run_dir"])
+    assert state["status"] == (f"failed: no space left on device writing {run_dir / 'loss.png'}; the finished runs "
+                               f"(base, vera-r16, lora-r2) are in {run_dir / 'report.json'}")
+    assert json.loads((run_dir / "report.json").read_text())["error"] == (
+        f"no space left on device writing {run_dir / 'loss.png'}")
+    monkeypatch.undo()
+    _still_serves(client, str(run_dir), ["base", "vera-r16", "lora-r2"])
