@@ -174,3 +174,14 @@ def wait_for_first_step(run_dir: Path, proc=None, timeout: float = 180) -> None:
         assert proc is None or proc.poll() is None, f"the CLI ended before its first step: {proc.communicate()[1][-2000:]}"
         time.sleep(0.05)
     raise AssertionError("no training step within the time limit")
+
+
+def wait_for_job(client, timeout: float = 240) -> dict:
+    """The lab's job state (a gradio_client Client's /job_state) once the job has ended."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        state = client.predict(api_name="/job_state")
+        if state["status"] not in ("running", "stopping"):
+            return state
+        time.sleep(0.5)
+    raise AssertionError(f"the job did not finish within {timeout} s: {state}")

@@ -13,10 +13,13 @@ from pathlib import Path
 import psutil
 import pytest
 import torch
-from helpers import sentiment, tiny_bert, wait_for_first_step
+from gradio_client import Client
+from helpers import TINY_LAB_RUN, free_port, sentiment, tiny_bert, wait_for_first_step, wait_for_job
 from matplotlib.figure import Figure
 from safetensors import SafetensorError
 
+from app import build_app, launch
+from app.views import RunForm
 from vera_core.adapters.config import LoraConfig, VeraConfig
 from vera_core.adapters.files import WriteError, write_json
 from vera_core.lab.cli import main
@@ -224,12 +227,6 @@ def test_a_killed_training_process_fails_the_comparison_in_one_line(assets, tmp_
 
 @pytest.fixture(scope="module")
 def lab(tmp_path_factory):
-    from gradio_client import Client
-    from helpers import TINY_LAB_RUN, free_port
-
-    from app import build_app, launch
-    from app.views import RunForm
-
     demo = build_app(tmp_path_factory.mktemp("runs"), defaults=RunForm(**TINY_LAB_RUN))
     launch(demo, port=free_port(), prevent_thread_lock=True, quiet=True)
     yield demo, Client(demo.local_url, verbose=False, download_files=str(tmp_path_factory.mktemp("downloads")))
@@ -240,8 +237,6 @@ def lab(tmp_path_factory):
 
 def _still_serves(client, run_dir: str, runs: list[str]) -> None:
     """The lab answers after the failed job and shows the runs it kept."""
-    from test_app import wait_for_job
-
     assert wait_for_job(client, 5)["run_dir"] == run_dir
     summary, table, *_ = client.predict(run_dir, api_name="/show_run")
     assert [row[0] for row in table["data"]] == runs
@@ -249,9 +244,6 @@ def _still_serves(client, run_dir: str, runs: list[str]) -> None:
 
 @pytest.mark.integration  # the real offline MiniLM, a child process per method
 def test_a_killed_training_process_fails_the_lab_job_and_the_lab_keeps_serving(lab):
-    from helpers import TINY_LAB_RUN
-    from test_app import wait_for_job
-
     demo, client = lab
     assert client.predict(**{**TINY_LAB_RUN, "methods": ["base", "vera"], "steps": 3000},
                           api_name="/start_run").startswith("started ")
@@ -271,9 +263,6 @@ def test_a_killed_training_process_fails_the_lab_job_and_the_lab_keeps_serving(l
 
 @pytest.mark.integration  # the real offline MiniLM, a child process per method
 def test_a_full_disk_fails_the_lab_job_in_one_line_and_the_lab_keeps_serving(lab, monkeypatch):
-    from helpers import TINY_LAB_RUN
-    from test_app import wait_for_job
-
     real = Figure.savefig
 
     def savefig(self, target, *args, **kwargs):  # a file fails (the disk is full); the page's images still draw
