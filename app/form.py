@@ -149,6 +149,7 @@ def _request(form: RunForm, upload: str | None, targets, seed: int, seeds: int) 
         quantization="4bit" if form.quantize_4bit else None, trust_remote_code=form.trust_remote_code,
         eval_generate=number("test generations scored", form.eval_generate, True), samples=SAMPLES,
         seeds=list(range(seed, seed + seeds)), tune={"lr_scale": list(LR_SCALES)} if form.tune_lr else None,
+        isolate=True,  # each method in its own process: one the OOM killer ends takes only its run, not the lab
         max_runs=None if form.confirm_runs else CONFIRM_ABOVE)
 
 

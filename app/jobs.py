@@ -16,6 +16,8 @@ from typing import Any, Callable
 
 import torch
 
+from vera_core.lab.compare import RunDied
+
 # The worker's function: runs the job, reporting through `on_event(dict)` and watching `stop`; returns the result.
 JobFunction = Callable[[Callable[[dict], None], threading.Event], Any]
 
@@ -135,7 +137,8 @@ class JobManager:
             with job.lock:
                 job.error = message
             job.add_log("failed: " + message)
-            job.add_log(traceback.format_exc(limit=3).strip())
+            if not isinstance(err, (ValueError, OSError, RunDied)):  # those say all in their one line
+                job.add_log(traceback.format_exc(limit=3).strip())
         finally:
             # The model and optimizer die with the function's frame; collect them now so a stop frees memory.
             gc.collect()

@@ -4,6 +4,7 @@ import copy
 import importlib.util
 import json
 import socket
+import time
 from pathlib import Path
 
 import peft
@@ -160,3 +161,27 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def wait_for_first_step(run_dir: Path, proc=None, timeout: float = 180) -> None:
+    """Block until run_dir/metrics.jsonl holds a training step (the run is inside its training loop); `proc` (a
+    Popen running it) must not end first."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        log = run_dir / "metrics.jsonl"
+        if log.is_file() and any(json.loads(line)["type"] == "step" for line in log.read_text().splitlines()):
+            return
+        assert proc is None or proc.poll() is None, f"the CLI ended before its first step: {proc.communicate()[1][-2000:]}"
+        time.sleep(0.05)
+    raise AssertionError("no training step within the time limit")
+
+
+def wait_for_job(client, timeout: float = 240) -> dict:
+    """The lab's job state (a gradio_client Client's /job_state) once the job has ended."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        state = client.predict(api_name="/job_state")
+        if state["status"] not in ("running", "stopping"):
+            return state
+        time.sleep(0.5)
+    raise AssertionError(f"the job did not finish within {timeout} s: {state}")

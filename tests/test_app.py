@@ -11,7 +11,7 @@ import httpx
 import pytest
 from gradio_client import Client, handle_file
 from gradio_client.exceptions import AppError
-from helpers import TINY_LAB_RUN, free_port
+from helpers import TINY_LAB_RUN, free_port, wait_for_job
 
 from app import build_app, launch
 from app.jobs import JobBusy, JobManager
@@ -19,16 +19,6 @@ from app.form import CONFIRM_ABOVE, UPLOAD, RunForm, run_request
 from vera_core.lab.calculator import KNOWN_MODELS
 from vera_core.adapters.config import LoraConfig, VeraConfig
 from vera_core.lab.memory import largest_batch
-
-
-def wait_for_job(client: Client, timeout: float = 240) -> dict:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        state = client.predict(api_name="/job_state")
-        if state["status"] not in ("running", "stopping"):
-            return state
-        time.sleep(0.5)
-    raise AssertionError(f"the job did not finish within {timeout} s: {state}")
 
 
 @pytest.fixture(scope="module")

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import psutil
 import pytest
-from helpers import BAD, GOOD, check_contract, tiny_bert, tiny_llama
+from helpers import check_contract, wait_for_first_step
 from transformers import LlamaForCausalLM
 
 from vera_core.lab.cli import main
@@ -17,33 +17,8 @@ from vera_core.lab.cli import main
 ROOT = Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture(scope="module")
-def assets(tmp_path_factory, tokenizer):
-    """A tiny BERT classifier folder, a tiny Llama folder and a sentiment .jsonl file."""
-    root = tmp_path_factory.mktemp("cli")
-    tiny_bert(tokenizer=tokenizer, num_labels=2).save_pretrained(root / "bert")
-    tokenizer.save_pretrained(root / "bert")
-    tiny_llama(tokenizer=tokenizer).save_pretrained(root / "llama")
-    tokenizer.save_pretrained(root / "llama")
-    rows = [{"text": t, "label": 1} for t in GOOD * 2] + [{"text": t, "label": 0} for t in BAD * 2]
-    (root / "sentiment.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return root
-
-
 def _cli(*args: str) -> list[str]:
     return [sys.executable, "-m", "vera_core", *args]
-
-
-def _wait_for_first_step(run_dir: Path, proc: subprocess.Popen, timeout: float = 180) -> None:
-    """Block until metrics.jsonl holds a training step (the run is inside its training loop)."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        log = run_dir / "metrics.jsonl"
-        if log.is_file() and any(json.loads(line)["type"] == "step" for line in log.read_text().splitlines()):
-            return
-        assert proc.poll() is None, f"the CLI ended before its first step: {proc.communicate()[1][-2000:]}"
-        time.sleep(0.05)
-    raise AssertionError("no training step within the time limit")
 
 
 @pytest.mark.integration  # subprocesses and signals
@@ -58,7 +33,7 @@ def test_a_signal_stops_the_cli_within_a_step_and_it_resumes(assets, tmp_path, t
                "--vera-r", "16", "--lora-r", "4", "--eval-every", "3000", "--out", str(out))
     proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             start_new_session=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
-    _wait_for_first_step(out, proc)
+    wait_for_first_step(out, proc)
     family = [proc.pid] + [child.pid for child in psutil.Process(proc.pid).children(recursive=True)]
     assert len(family) >= 2, "the run should be in its own (isolated) process"
     if target == "parent":

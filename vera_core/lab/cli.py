@@ -307,9 +307,20 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run a command; bad input, a failed write (a full disk) and a method's process that died end as one
+    `error:` line and exit code 2."""
+    from ..adapters.files import WriteError
+
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except ValueError as err:
+    except (ValueError, WriteError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    except RuntimeError as err:
+        from .compare import RunDied  # the comparison machinery loads only for the commands that use it
+
+        if not isinstance(err, RunDied):
+            raise
         print(f"error: {err}", file=sys.stderr)
         return 2

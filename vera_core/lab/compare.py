@@ -8,7 +8,9 @@ It is consistent after every run, so a stop leaves a readable directory.
 """
 from __future__ import annotations
 
+import contextlib
 import copy
+import errno
 import gc
 import json
 import multiprocessing
@@ -32,7 +34,7 @@ from ..adapters.count import count_parameters
 from .data import TextDataset
 from .device import resolve_device
 from .evaluate import score_split
-from ..adapters.files import write_json, write_jsonl
+from ..adapters.files import WriteError, as_write_error, write_json, write_jsonl
 from ..adapters.inject import adapter_layers
 from ..adapters.io import save_adapter
 from .memory import DTYPE_BYTES, estimate_memory, fold_estimates
@@ -156,13 +158,39 @@ def _trainable_model(request: RunRequest, spec: RunSpec, load: Callable[[int], t
     return make_trainable(model, spec.method, _adapter_config(model, spec, request.dataset.task)), tokenizer
 
 
+class RunDied(RuntimeError):
+    """A method's process ended without a result: killed by a signal (the OOM killer's SIGKILL) or crashed."""
+
+
+# Why a signal may have ended a method's process, as the user can act on it.
+_SIGNAL_CAUSES = {signal.SIGKILL: "memory may have run out", signal.SIGSEGV: "a crash in native code",
+                  signal.SIGBUS: "a crash, or a full /dev/shm", signal.SIGABRT: "aborted by a library"}
+
+
+def _ended(name: str, exitcode: int | None) -> str:
+    """"the process of vera-r256 ended by signal 9 (SIGKILL: memory may have run out)"."""
+    if exitcode is not None and exitcode < 0:
+        try:
+            sig = signal.Signals(-exitcode)
+        except ValueError:
+            return f"the process of {name} ended by signal {-exitcode}"
+        cause = _SIGNAL_CAUSES.get(sig)
+        return f"the process of {name} ended by signal {-exitcode} ({sig.name}{': ' + cause if cause else ''})"
+    return f"the process of {name} exited with code {exitcode} without a result"
+
+
 def _child(request, spec, run_dir, messages, stop, scale) -> None:
     """Body of an isolated run: same as in-process, with events and the result sent back through a queue.
 
     Ctrl-C and SIGTERM reach the whole process group; only the parent acts on them (it sets `stop`), so the child
     ends its step and saves. If the parent dies, the child stops the same way instead of running on as an orphan."""
+    from tqdm import tqdm
+
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    # tqdm's default lock is a multiprocessing semaphore, registered with the parent's resource tracker: a child the
+    # OOM killer ends could not release it, and the tracker would warn about it when the parent exits.
+    tqdm.set_lock(threading.RLock())
     parent = multiprocessing.parent_process()
     threading.Thread(target=lambda: (parent.join(), stop.set()), daemon=True).start()
     try:
@@ -171,8 +199,12 @@ def _child(request, spec, run_dir, messages, stop, scale) -> None:
         messages.put(("result", out))
     except ValueError as err:  # bad input: the same one-line message as in-process
         messages.put(("invalid", str(err)))
-    except BaseException:  # the parent re-raises it with the child's traceback
-        messages.put(("error", traceback.format_exc()))
+    except BaseException as err:
+        failure = _disk_failure(err, Path(run_dir))
+        if isinstance(failure, WriteError):  # a failed write: the same one-line message as in-process
+            messages.put(("write", failure))
+        else:  # the parent re-raises it with the child's traceback
+            messages.put(("error", traceback.format_exc()))
 
 
 def _run_isolated(request: RunRequest, spec: RunSpec, run_dir: Path, emit, stop, scale: float):
@@ -189,13 +221,15 @@ def _run_isolated(request: RunRequest, spec: RunSpec, run_dir: Path, emit, stop,
                 kind, payload = messages.get(timeout=0.1)
             except queue_module.Empty:
                 if not proc.is_alive() and messages.empty():
-                    raise RuntimeError(f"run {spec.name!r} ended without a result (exit code {proc.exitcode}); "
-                                       "it may have run out of memory.") from None
+                    proc.join()
+                    raise RunDied(_ended(spec.name, proc.exitcode)) from None
                 continue
             if kind == "event":
                 emit(payload)
             elif kind == "invalid":
                 raise ValueError(payload)
+            elif kind == "write":
+                raise payload
             elif kind == "error":
                 raise RuntimeError(f"run {spec.name!r} failed in its process:\n{payload}")
             else:
@@ -292,6 +326,102 @@ def _open_run_dir(run_dir: Path, exists: str) -> tuple[dict | None, dict]:
     return load_run(run_dir)
 
 
+class _EventLog:
+    """metrics.jsonl, one whole line per event, and the caller's on_event. A line that cannot be written (a full
+    disk) is cut off again, so the file stays whole lines, and raised once as a WriteError; later events skip the
+    file (the comparison is ending) but still reach on_event."""
+
+    def __init__(self, path: Path, on_event: Callable[[dict], None] | None):
+        self.path, self.on_event, self.broken = path, on_event, False
+        try:
+            self.file = open(path, "ab", buffering=0)
+        except OSError as err:
+            raise as_write_error(err, path) from err
+
+    def __call__(self, event: dict) -> None:
+        if not self.broken:
+            end = self.file.seek(0, os.SEEK_END)
+            try:
+                line = memoryview((json.dumps(event) + "\n").encode())
+                while line:
+                    line = line[self.file.write(line):]
+            except OSError as err:
+                self.broken = True
+                with contextlib.suppress(OSError):
+                    self.file.truncate(end)
+                raise as_write_error(err, self.path) from err
+        if self.on_event is not None:
+            self.on_event(event)
+
+    def close(self) -> None:
+        self.file.close()
+
+
+# A failed write anywhere (a figure library, a mkdir) that the writers did not name: these errors are the disk's.
+_DISK_FULL = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS)
+
+
+def _disk_failure(err: BaseException, run_dir: Path) -> BaseException:
+    """`err`, or a WriteError for an OSError of a full or read-only disk (named by its file, else the run dir)."""
+    if isinstance(err, OSError) and not isinstance(err, WriteError) and err.errno in _DISK_FULL:
+        return as_write_error(err, err.filename or run_dir)
+    return err
+
+
+def _kept(run_dir: Path) -> str:
+    """What a failed comparison left readable: the runs in report.json as last written, which a failed write of a
+    newer one leaves in place."""
+    try:
+        names = [r["name"] for r in json.loads((run_dir / "report.json").read_text())["runs"]]
+    except (OSError, ValueError, KeyError, TypeError):
+        names = []
+    if not names:
+        return f"no run had finished, so {run_dir} holds no results"
+    shown = ", ".join(names[:4]) + (f" and {len(names) - 4} more" if len(names) > 4 else "")
+    return f"the finished runs ({shown}) are in {run_dir / 'report.json'}"
+
+
+def _run_specs(request: RunRequest, specs: list[RunSpec], run_dir: Path, report: Report, finished: dict,
+               histories: dict, emit: Callable[[dict], None], stop: threading.Event | None) -> None:
+    """Tune (if asked), then train, evaluate and report every planned run into `report`, writing the reports
+    after each; finished runs of a resumed directory are kept as they are."""
+    load = None if request.isolate else _loader(request)
+    scales: dict[str, float] = {}
+    if request.tune:  # tuning runs in this process: its memory numbers are not reported
+        prepare = lambda spec: _trainable_model(request, spec, _loader(request))  # noqa: E731
+        report.tuning = tune_rates(request, run_dir, prepare, emit, stop)
+        scales = {setting: entry["scale"] for setting, entry in (report.tuning or {}).items()}
+    for spec in specs:
+        if spec.name in finished and _same_rates(request, spec, finished[spec.name],
+                                                 scales.get(spec.setting, 1.0)):  # resumed: finished before
+            kept = {k: v for k, v in finished[spec.name].items() if k in RunReport.__dataclass_fields__}
+            report.runs.append(RunReport(**kept, history=histories.get(spec.name, [])))
+            continue
+        if stop is not None and stop.is_set():
+            report.stopped = True
+            return
+
+        def emit_run(event: dict, method=spec.method) -> None:  # trainer events, tagged with their method
+            emit({**event, "method": method})
+
+        if request.isolate:
+            run, outputs, device, dtype = _run_isolated(request, spec, run_dir, emit_run, stop,
+                                                        scales.get(spec.setting, 1.0))
+        else:
+            run, outputs, device, dtype = _run_one(request, spec, load, run_dir, emit_run, stop,
+                                                   scales.get(spec.setting, 1.0))
+            gc.collect()  # drop this method's model before the next one measures its memory
+        report.runs.append(run)
+        report.device, report.dtype = device, dtype
+        for row, output in zip(report.samples, outputs):
+            row[run.name] = output
+        emit({"type": "run_done", "run": run.name, "method": run.method, **run.to_dict()})
+        write_reports(run_dir, report)
+        if run.stopped:
+            report.stopped = True
+            return
+
+
 def run_request(request: RunRequest, out_dir: str | os.PathLike | None = None,
                 on_event: Callable[[dict], None] | None = None, stop: threading.Event | None = None,
                 progress: bool | None = None, exists: str = "refuse") -> Report:
@@ -299,12 +429,17 @@ def run_request(request: RunRequest, out_dir: str | os.PathLike | None = None,
     the Report. `stop` ends the current method within a step (saving its adapter and a checkpoint) and skips the
     rest; the directory stays consistent. exists: what to do when out_dir already holds a run: "refuse" (an error),
     "resume" (keep the finished runs, continue a stopped one from its checkpoint, run the rest) or "overwrite".
-    progress: tqdm bars (None: when no `on_event` is given and a terminal or notebook shows the output)."""
+    progress: tqdm bars (None: when no `on_event` is given and a terminal or notebook shows the output).
+    A write that fails (a full disk) raises one WriteError, and a method's process that dies (the OOM killer) one
+    RunDied; both say what was kept, report.json records the error and the finished runs stay readable."""
     request.prepare()  # the data loads and is checked before a run directory exists
     on_event = with_bar(progress, on_event)
     specs = request.plan()
     run_dir = Path(out_dir) if out_dir is not None else new_run_dir("runs", request.model_name)
-    run_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise as_write_error(err, run_dir, "nothing was written") from err
     earlier, histories = _open_run_dir(run_dir, exists)
     finished = {r["name"]: r for r in (earlier or {}).get("runs", []) if not r.get("stopped")}
     _write_config(run_dir, request, specs)
@@ -317,60 +452,31 @@ def run_request(request: RunRequest, out_dir: str | os.PathLike | None = None,
         saved = [json.loads(line) for line in (run_dir / "samples.jsonl").read_text().splitlines()]
         for row, old in zip(report.samples, saved):
             row.update({name: old[name] for name in finished if name in old})
-    load = None if request.isolate else _loader(request)
-    failure: BaseException | None = None
-
-    with open(run_dir / "metrics.jsonl", "a", buffering=1) as log:
-        def emit(event: dict) -> None:
-            log.write(json.dumps(event) + "\n")
-            if on_event is not None:
-                on_event(event)
-
-        try:
-            scales: dict[str, float] = {}
-            if request.tune:  # tuning runs in this process: its memory numbers are not reported
-                prepare = lambda spec: _trainable_model(request, spec, _loader(request))  # noqa: E731
-                report.tuning = tune_rates(request, run_dir, prepare, emit, stop)
-                scales = {setting: entry["scale"] for setting, entry in (report.tuning or {}).items()}
-            for spec in specs:
-                if spec.name in finished and _same_rates(request, spec, finished[spec.name],
-                                                         scales.get(spec.setting, 1.0)):  # resumed: finished before
-                    kept = {k: v for k, v in finished[spec.name].items() if k in RunReport.__dataclass_fields__}
-                    report.runs.append(RunReport(**kept, history=histories.get(spec.name, [])))
-                    continue
-                if stop is not None and stop.is_set():
-                    report.stopped = True
-                    break
-
-                def emit_run(event: dict, method=spec.method) -> None:  # trainer events, tagged with their method
-                    emit({**event, "method": method})
-
-                if request.isolate:
-                    run, outputs, device, dtype = _run_isolated(request, spec, run_dir, emit_run, stop,
-                                                                scales.get(spec.setting, 1.0))
-                else:
-                    run, outputs, device, dtype = _run_one(request, spec, load, run_dir, emit_run, stop,
-                                                           scales.get(spec.setting, 1.0))
-                    gc.collect()  # drop this method's model before the next one measures its memory
-                report.runs.append(run)
-                report.device, report.dtype = device, dtype
-                for row, output in zip(report.samples, outputs):
-                    row[run.name] = output
-                emit({"type": "run_done", "run": run.name, "method": run.method, **run.to_dict()})
-                write_reports(run_dir, report)
-                if run.stopped:
-                    report.stopped = True
-                    break
-        except BaseException as err:
-            failure = err
-            report.error = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-            raise
-        finally:
-            write_reports(run_dir, report, figures=True)
-            end = {"type": "error", "message": report.error} if failure is not None else {
-                "type": "stopped" if report.stopped else "compare_done"}
-            emit({**end, "run_dir": str(run_dir), "runs": [r.name for r in report.runs]})
-    return report
+    emit = _EventLog(run_dir / "metrics.jsonl", on_event)
+    try:
+        _run_specs(request, specs, run_dir, report, finished, histories, emit, stop)
+        write_reports(run_dir, report, figures=True)
+        emit({"type": "stopped" if report.stopped else "compare_done", "run_dir": str(run_dir),
+              "runs": [r.name for r in report.runs]})
+        return report
+    except BaseException as err:
+        failure = _disk_failure(err, run_dir)
+        if isinstance(failure, WriteError):  # what was kept is said once, below, from what is on disk then
+            failure = failure.keeping("")
+        report.error = str(failure).strip().splitlines()[0] if str(failure).strip() else type(failure).__name__
+        # After an error, every file is best-effort: one that cannot be written keeps its last good version and
+        # never hides the error that ended the comparison.
+        write_reports(run_dir, report, figures=True, best_effort=True)
+        with contextlib.suppress(OSError):
+            emit({"type": "error", "message": report.error, "run_dir": str(run_dir),
+                  "runs": [r.name for r in report.runs]})
+        if isinstance(failure, (WriteError, RunDied)):
+            kept = _kept(run_dir)
+            raise (failure.keeping(kept) if isinstance(failure, WriteError)
+                   else RunDied(f"{failure}; {kept}")) from err
+        raise
+    finally:
+        emit.close()
 
 
 def compare(

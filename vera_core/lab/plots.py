@@ -10,6 +10,8 @@ from pathlib import Path
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
+from ..adapters.files import atomic_file
+
 
 def _figure(width: float = 7.0, height: float = 4.0) -> tuple[Figure, object]:
     fig = Figure(figsize=(width, height), layout="constrained")
@@ -170,15 +172,26 @@ def _line(ax, xs: list, ys: list, errors: list, colour: str, label: str) -> None
 FIGURES = ("loss.png", "params.png", "memory.png", "metric.png")  # what save_figures writes into a run directory
 
 
-def save_figures(report: dict, histories: dict[str, list[dict]], directory: str | Path) -> list[Path]:
-    """Write FIGURES for a report.json dict; return their paths."""
+def save_figures(report: dict, histories: dict[str, list[dict]], directory: str | Path,
+                 best_effort: bool = False) -> list[Path]:
+    """Write FIGURES for a report.json dict, each atomically; return the paths written. A figure that cannot be
+    drawn or written raises (a WriteError when the write failed), unless best_effort (after an earlier error, which
+    a figure must not hide): then it is skipped and any earlier version of it kept."""
     directory = Path(directory)
-    drawn = (loss_figure(histories), params_figure(report["runs"]), memory_figure(report["runs"]),
-             metric_figure(report["runs"], report["task"], report.get("settings")))
-    figures = dict(zip(FIGURES, drawn))
-    for name, fig in figures.items():
-        fig.savefig(directory / name, dpi=110)
-    return [directory / name for name in figures]
+    draw = dict(zip(FIGURES, (lambda: loss_figure(histories), lambda: params_figure(report["runs"]),
+                              lambda: memory_figure(report["runs"]),
+                              lambda: metric_figure(report["runs"], report["task"], report.get("settings")))))
+    written = []
+    for name, figure in draw.items():
+        try:
+            with atomic_file(directory / name) as tmp:
+                figure().savefig(tmp, format="png", dpi=110)
+        except Exception:
+            if not best_effort:
+                raise
+            continue
+        written.append(directory / name)
+    return written
 
 
 def calculator_figure(rows: list[dict]) -> Figure:

@@ -439,18 +439,29 @@ def padding_note(errors: Sequence[float]) -> str:
             "data with shorter rows needs less than predicted." + gap)
 
 
-def write_reports(run_dir: Path, report: Report, figures: bool = False) -> None:
-    """report.json, report.md and samples.jsonl (and the figures) for what has finished so far, each atomically."""
+def write_reports(run_dir: Path, report: Report, figures: bool = False, best_effort: bool = False) -> None:
+    """report.json, report.md and samples.jsonl (and the figures) for what has finished so far, each atomically: a
+    write that fails raises a WriteError and leaves the file's last good version. best_effort (after an error has
+    ended the comparison): a file that fails is skipped instead, so that error stays the one reported."""
     report.settings = setting_rows(report, run_dir)
     report.pairs = pair_rows(report, run_dir)
-    write_json(run_dir / "report.json", report.to_dict())
-    write_jsonl(run_dir / "samples.jsonl", report.samples)
+    skip = (OSError,) if best_effort else ()
+    for write, path, content in ((write_json, "report.json", report.to_dict()),
+                                 (write_jsonl, "samples.jsonl", report.samples)):
+        try:
+            write(run_dir / path, content)
+        except skip:
+            pass
     names = []
     if figures and report.runs:
         from .plots import save_figures  # matplotlib is imported only when figures are drawn
 
-        names = [p.name for p in save_figures(report.to_dict(), {r.name: r.history for r in report.runs}, run_dir)]
-    write_text(run_dir / "report.md", report_markdown(report, names))
+        names = [p.name for p in save_figures(report.to_dict(), {r.name: r.history for r in report.runs}, run_dir,
+                                              best_effort)]
+    try:
+        write_text(run_dir / "report.md", report_markdown(report, names))
+    except skip:
+        pass
 
 
 def load_run(run_dir: str | os.PathLike) -> tuple[dict, dict[str, list[dict]]]:

@@ -10,6 +10,7 @@ a UI, and peak-memory measurement. Under `accelerate launch` (DDP) the same loop
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import math
 import os
@@ -33,7 +34,7 @@ from .config import TrainConfig, fold_policy
 from .data import TextDataset
 from .device import autocast, resolve_device, to_device, use_bf16
 from .evaluate import evaluate_encoded
-from ..adapters.files import atomic_directory, write_json
+from ..adapters.files import WriteError, atomic_directory, write_json
 from ..adapters.inject import active_adapter, adapter_configs, adapter_parameters
 from ..adapters.io import save_adapter
 from .memtrack import MemoryTracker
@@ -223,6 +224,8 @@ def _check_writable(out_dir: Path) -> None:
         probe.write_text("ok")
         probe.unlink()
     except OSError as e:
+        if e.errno in (errno.ENOSPC, errno.EDQUOT):  # a good directory on a full disk: the usual write failure
+            raise WriteError(out_dir, e.strerror.lower(), "nothing was trained") from None
         raise ValueError(
             f"out_dir {str(out_dir)!r} is not a writable directory ({e}); choose another out_dir."
         ) from None
@@ -252,6 +255,35 @@ def _find_checkpoint(path: Path) -> Path:
     raise ValueError(f"resume_from={str(path)!r} is not a checkpoint (no {_CHECKPOINT_STATE}) and holds none.")
 
 
+class _WriteRecorder:
+    """A file for torch.save that keeps the OSError of a failed write: torch reports it as "unexpected pos" only."""
+
+    def __init__(self, file):
+        self.file, self.error = file, None
+
+    def write(self, data) -> int:
+        try:
+            return self.file.write(data)
+        except OSError as err:
+            self.error = err
+            raise
+
+    def flush(self) -> None:
+        self.file.flush()
+
+
+def _save_state(obj, path: Path) -> None:
+    """torch.save(obj, path); a failed write raises its own OSError (a full disk says so)."""
+    with open(path, "wb") as f:
+        recorder = _WriteRecorder(f)
+        try:
+            torch.save(obj, recorder)
+        except RuntimeError:
+            if recorder.error is None:
+                raise
+            raise recorder.error from None
+
+
 def _save_checkpoint(out_dir: Path, model: nn.Module, method: str, optimizer, scheduler, step: int,
                      history: list[dict], run_config: dict, rng: dict) -> Path:
     """Write out_dir/checkpoints/step-XXXXXX atomically: trainable tensors, the adapter, optimizer/scheduler/RNG."""
@@ -266,8 +298,8 @@ def _save_checkpoint(out_dir: Path, model: nn.Module, method: str, optimizer, sc
             for f in scratch.iterdir():
                 os.replace(f, tmp / f.name)
             scratch.rmdir()
-        torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "rng": rng},
-                   tmp / _CHECKPOINT_STATE)
+        _save_state({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "rng": rng},
+                    tmp / _CHECKPOINT_STATE)
         write_json(tmp / "train_config.json", run_config)
         write_json(tmp / "progress.json", {"step": step, "history": history})
     return directory
@@ -585,7 +617,8 @@ def train(
             "a shorter max_length, grad_checkpointing=True, or a 4-bit base model (quantization='4bit')."
         ) from e
     except Exception as e:
-        s.emit("error", message=f"{type(e).__name__}: {e}")
+        with contextlib.suppress(OSError):  # a log that cannot be written (a full disk) must not hide `e`
+            s.emit("error", message=f"{type(e).__name__}: {e}")
         raise
     finally:
         s.model.eval()
