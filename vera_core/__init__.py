@@ -36,11 +36,12 @@ from .adapters import (
     unmerge_adapter,
     vera_grid,
 )
+from .adapters.files import WriteError
 from .lab.config import TrainConfig
 
 # Public names whose modules are imported on first access (they pull in sacrebleu, psutil, datasets, ...).
 _LAZY = {
-    "compare": "lab.compare", "run_request": "lab.compare",
+    "compare": "lab.compare", "run_request": "lab.compare", "RunDied": "lab.compare",
     "RunRequest": "lab.request",
     "Report": "lab.report", "load_run": "lab.report",
     "list_runs": "lab.runs", "load_run_model": "lab.runs", "export": "lab.runs",
@@ -67,5 +68,5 @@ __all__ = [
     "VeraConfig", "LoraConfig", "add_adapter", "set_active_adapter", "active_adapter", "adapter_configs",
     "disabled_adapter", "merge_adapter", "unmerge_adapter", "remove_adapter", "save_adapter", "load_adapter",
     "load_adapters", "mixed_adapters", "export_peft", "count_parameters", "estimate_parameters",
-    "generate_projections", "TrainConfig", "vera_grid", "lora_grid", *_LAZY,
+    "generate_projections", "WriteError", "TrainConfig", "vera_grid", "lora_grid", *_LAZY,
 ]

@@ -8,6 +8,7 @@ It needs torch and transformers only, and imports nothing from the lab (`vera_co
 """
 from .config import ALL_LINEAR, LoraConfig, VeraConfig, config_from_dict, lora_grid, vera_grid
 from .count import count_parameters, estimate_parameters
+from .files import WriteError
 from .inject import (
     active_adapter,
     adapter_configs,
@@ -26,5 +27,5 @@ __all__ = [
     "VeraConfig", "LoraConfig", "ALL_LINEAR", "config_from_dict", "vera_grid", "lora_grid", "add_adapter",
     "set_active_adapter", "active_adapter", "adapter_configs", "disabled_adapter", "merge_adapter",
     "unmerge_adapter", "remove_adapter", "save_adapter", "load_adapter", "load_adapters", "mixed_adapters",
-    "export_peft", "count_parameters", "estimate_parameters", "generate_projections",
+    "export_peft", "count_parameters", "estimate_parameters", "generate_projections", "WriteError",
 ]
