@@ -4,6 +4,9 @@
                                               A_s = A[:, :in], B_s = B[:out, :] slices of one shared, frozen pair
     LoRA:  h = W0 x + (alpha / r) B A x       A, B trained per layer
 
+The paper's ablations (VeraConfig) keep this formula: an omitted b or d is a frozen constant, and with
+projections="unique" A_s, B_s are the layer's own pair.
+
 Several named adapters can live on one layer; exactly one (or none) is active, or, for a mixed batch, each row
 names its own (`rows`, set by mixed.py, which also computes those rows). The folded VeRA path is in fused.py.
 """
