@@ -201,8 +201,9 @@ class VeraLayer(AdapterLayer):
         return (b[:, None] * B_s) @ (d[:, None] * A_s)  # (out, in)
 
     def adapter_parameters(self, name: str) -> list[nn.Parameter]:
-        trains = self.trains[name]
-        return [v[name] for v, kind in ((self.vera_lambda_b, "b"), (self.vera_lambda_d, "d")) if trains in ("both", kind)]
+        trains = self.trains[name]  # an omitted vector is a frozen constant, not the adapter's
+        return [v[name] for v, kind in ((self.vera_lambda_b, "b"), (self.vera_lambda_d, "d"))
+                if trains in ("both", kind)]
 
 
 class LoraLayer(AdapterLayer):
