@@ -58,9 +58,26 @@ def _normalise_names(value) -> tuple[str, ...]:
     raise ValueError(f"modules_to_save must be a list of module names such as ['classifier'], got {value!r}.")
 
 
+# The paper's ablations (VeRA, Tables 6-7), as VeraConfig switches; the first value of each is VeRA itself.
+TRAIN_VECTORS = ("both", "d", "b")  # which scaling vectors train: "d" omits b, "b" omits d
+PROJECTIONS = ("shared", "unique")  # one (A, B) for every layer, or a pair of its own per layer
+PROJECTION_INITS = ("kaiming_uniform", "kaiming_normal", "uniform")  # uniform: U[0, 0.1]
+# d's starting value where train_vectors omits a vector: "d" starts d at 0 (b is omitted, so d = 0 keeps the model
+# unchanged), "b" holds d at a constant 1 (d is omitted).
+_FIXED_D_INIT = {"d": 0.0, "b": 1.0}
+_D_INIT_DEFAULT = 0.1
+
+
 @dataclass
 class VeraConfig:
-    """VeRA: h = W0 x + b * (B (d * (A x))) with A, B random, frozen and shared; b, d trained per layer."""
+    """VeRA: h = W0 x + b * (B (d * (A x))) with A, B random, frozen and shared; b, d trained per layer.
+
+    The paper's ablations are switches: train_vectors="d" (no b: h = W0 x + B (d * (A x)), d starts at 0) or "b"
+    (no d: h = W0 x + b * (B (A x))); projections="unique" (each layer's own pair, drawn from a seed derived from
+    projection_seed and the layer's module path); projection_init="kaiming_normal" or "uniform" (U[0, 0.1]).
+    With "d" or "b", d's start is fixed (0, resp. 1): d_init must be left out (0.1, the default, reads as left out)
+    or give that value.
+    """
 
     r: int = 256  # rank of the shared projections; raising it adds one trainable parameter per layer
     d_init: float = 0.1  # initial value of every d (paper: small values such as 0.1 beat 1.0)
@@ -69,25 +86,61 @@ class VeraConfig:
     dropout: float = 0.0  # dropout on the adapter's input
     save_projection: bool = False  # also store A and B in the adapter file (else regenerated from the seed)
     modules_to_save: tuple[str, ...] = ()  # extra modules trained as full copies, e.g. a classifier head
+    train_vectors: str = "both"  # which vectors train: "both" (VeRA), "d" (b omitted) or "b" (d omitted)
+    projections: str = "shared"  # "shared" (VeRA: one pair for all layers) or "unique" (one pair per layer)
+    projection_init: str = "kaiming_uniform"  # A and B's draw: "kaiming_uniform" (PEFT's), "kaiming_normal", "uniform"
 
     method = "vera"
 
     def __post_init__(self):
         positive_int("r", self.r)
+        for field, allowed in (("train_vectors", TRAIN_VECTORS), ("projections", PROJECTIONS),
+                               ("projection_init", PROJECTION_INITS)):
+            if getattr(self, field) not in allowed:
+                raise ValueError(f"{field} must be one of {', '.join(map(repr, allowed))}, got "
+                                 f"{getattr(self, field)!r}.")
         finite("d_init", self.d_init)
-        if self.d_init == 0:
-            raise ValueError("d_init must not be 0: b starts at 0 too, so neither b nor d would ever get a gradient "
-                             "and the adapter would stay a no-op. Use for example d_init=0.1.")
+        self._check_d_init()
         _check_dropout(self.dropout)
         if isinstance(self.projection_seed, bool) or not isinstance(self.projection_seed, int) or self.projection_seed < 0:
             raise ValueError(f"projection_seed must be a non-negative integer, got {self.projection_seed!r}.")
         if not isinstance(self.save_projection, bool):
             raise ValueError(f"save_projection must be True or False, got {self.save_projection!r}.")
+        if self.save_projection and self.projections == "unique":
+            raise ValueError("save_projection=True stores the one shared (A, B); with projections='unique' every "
+                             "layer's pair is regenerated from the seed, so leave save_projection False.")
         self.target_modules = _normalise_targets(self.target_modules)
         self.modules_to_save = _normalise_names(self.modules_to_save)
 
+    def _check_d_init(self) -> None:
+        fixed = _FIXED_D_INIT.get(self.train_vectors)
+        if fixed is None:
+            if self.d_init == 0:
+                raise ValueError("d_init must not be 0: b starts at 0 too, so neither b nor d would ever get a "
+                                 "gradient and the adapter would stay a no-op. Use for example d_init=0.1.")
+            return
+        if self.d_init == _D_INIT_DEFAULT:
+            self.d_init = fixed  # left out: the config (and its file) states the d the layers really start with
+        elif self.d_init != fixed:
+            why = ("omits b, so d starts at 0 and the model starts unchanged" if self.train_vectors == "d"
+                   else "omits d, which stays a constant 1")
+            raise ValueError(f"d_init={self.d_init!r} has no effect with train_vectors={self.train_vectors!r}: it "
+                             f"{why}. Leave d_init out (or give {fixed}).")
+
+    @property
+    def is_default_variant(self) -> bool:
+        """Both vectors, one shared pair, Kaiming uniform: VeRA as the paper and PEFT define it."""
+        return all(getattr(self, f) == default for f, default in _VARIANT_DEFAULTS.items())
+
     def to_dict(self) -> dict:
-        return {"method": self.method, **asdict(self), "modules_to_save": list(self.modules_to_save)}
+        # The variant fields are written only where they differ from VeRA's, so a default adapter's file stays the
+        # bytes every earlier version wrote (and read); config_from_dict fills them back in.
+        data = {"method": self.method, **asdict(self), "modules_to_save": list(self.modules_to_save)}
+        return {k: v for k, v in data.items() if k not in _VARIANT_DEFAULTS or v != _VARIANT_DEFAULTS[k]}
+
+
+_VARIANT_DEFAULTS = {"train_vectors": TRAIN_VECTORS[0], "projections": PROJECTIONS[0],
+                     "projection_init": PROJECTION_INITS[0]}
 
 
 @dataclass

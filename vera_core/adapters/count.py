@@ -44,14 +44,17 @@ def meta_model(model_config) -> nn.Module:
 def estimate_parameters(model_config, adapter_config: AdapterConfig) -> dict[str, int]:
     """{"trainable", "stored_bytes"} for an adapter on a model config (or an nn.Module), computed from shapes alone.
 
-    VeRA: sum over targets of (out + r); LoRA: sum of r * (in + out). stored_bytes is the fp32 payload
-    (plus A and B when VeRA saves its projections); head copies in modules_to_save are included.
+    VeRA: sum over targets of (out + r), of r alone with train_vectors="d", of out alone with "b"; LoRA: sum of
+    r * (in + out). stored_bytes is the fp32 payload (plus A and B when VeRA saves its projections); head copies in
+    modules_to_save are included. Unique projections are frozen and regenerated from the seed: they add memory, not
+    trainable parameters or stored bytes.
     """
     model = model_config if isinstance(model_config, nn.Module) else meta_model(model_config)
     shapes = [layer_shape(model.get_submodule(p)) for p in resolve_targets(model, adapter_config)]
     r = adapter_config.r
     if isinstance(adapter_config, VeraConfig):
-        trainable = sum(out + r for _, out in shapes)
+        trains = adapter_config.train_vectors
+        trainable = sum(out * (trains != "d") + r * (trains != "b") for _, out in shapes)  # b is (out,), d is (r,)
         extra = r * (max(i for i, _ in shapes) + max(o for _, o in shapes)) if adapter_config.save_projection else 0
     else:
         trainable = sum(r * (i + out) for i, out in shapes)

@@ -5,6 +5,7 @@ Two savings, both chosen per call for each `VeraLayer` (layers.py) forward:
 1. Shared input projection. q, k, v (and gate, up) read the same tensor x and, having the same in_features, the
    same slice A_s = A[:, :in]. u = x A_sᵀ is computed once per input and reused; because u is then one autograd
    node feeding several layers, autograd sums their gradients first and does a single g_u A_s in backward.
+   With VeraConfig(projections="unique") every layer holds its own pair and cache: nothing is shared across layers.
 
 2. Folded update. With N tokens, the per-token path costs 4·N·r·(in + out) FLOPs (forward + backward) and keeps an
    (N, out) activation for b's gradient. Forming W' = W0 + (b ⊙ B_s)(d ⊙ A_s) once costs 2·out·r·in, after which

@@ -22,7 +22,7 @@ from .layers import (
     layer_shape,
     walk,
 )
-from .projections import VeraProjections
+from .projections import VeraProjections, layer_seed
 
 # Plain attributes set on the adapted model (not modules, so they never enter its state dict).
 _CONFIGS = "_adapter_configs"  # {name: AdapterConfig}
@@ -156,10 +156,15 @@ def _check_compatible(model: nn.Module, config: AdapterConfig, name: str) -> Non
                 f"method. Use a fresh copy of the base model for {config.method}."
             )
         if isinstance(config, VeraConfig):
-            check_shared_pair(name, {"r": config.r, "projection_seed": config.projection_seed},
-                              other_name, {"r": other.r, "projection_seed": other.projection_seed})
+            check_shared_pair(name, pair_fields(config), other_name, pair_fields(other))
     if any(isinstance(m, AdapterLayer) and m.merged_adapter for _, m in adapter_layers(model)):
         raise ValueError("the model has a merged adapter; call unmerge_adapter(model) before adding another.")
+
+
+def pair_fields(config: VeraConfig) -> dict:
+    """The config fields that decide a model's (A, B): VeRA adapters on one model must agree on all of them."""
+    return {"r": config.r, "projection_seed": config.projection_seed, "projections": config.projections,
+            "projection_init": config.projection_init}
 
 
 def check_shared_pair(name: str, wanted: dict, other_name: str, has: dict) -> None:
@@ -169,7 +174,7 @@ def check_shared_pair(name: str, wanted: dict, other_name: str, has: dict) -> No
             raise ValueError(
                 f"VeRA adapters on one model share one (A, B) pair, and {name!r} differs from {other_name!r} first in "
                 f"{field}: {value} vs {has[field]} (compared: {', '.join(wanted)}). Use adapters trained with the "
-                "same r, seed and targets, or another copy of the base model."
+                "same r, seed, projections, projection_init and targets, or another copy of the base model."
             )
 
 
@@ -181,18 +186,24 @@ def _get_parent(model: nn.Module, path: str) -> tuple[nn.Module, str]:
 def shared_projections(model: nn.Module,
                        make: Callable[[], VeraProjections] | None = None) -> VeraProjections | None:
     """The one (A, B) pair every VeRA layer of `model` shares; when it has none yet, make()'s new pair on the model's
-    device (None without `make`). Callers check that a found pair suits their adapter."""
+    device (None without `make`). Callers check that a found pair suits their adapter. (With projections="unique"
+    each layer holds its own: this is the first layer's.)"""
     found = next((layer.projections for _, layer in adapter_layers(model) if isinstance(layer, VeraLayer)), None)
     if found is not None or make is None:
         return found
     return make().to(next(model.parameters()).device)
 
 
-def _projections_for(model: nn.Module, config: VeraConfig, targets: list[nn.Module]) -> VeraProjections:
-    """The model's pair, made at the largest (in, out) among the targets by the first VeRA adapter."""
-    shapes = [layer_shape(_unwrapped(m)) for m in targets]
+def _projections_for(model: nn.Module, config: VeraConfig,
+                     targets: dict[str, nn.Module]) -> VeraProjections | dict[str, VeraProjections]:
+    """The model's pair, made at the largest (in, out) among the targets by the first VeRA adapter; with
+    projections="unique", {path: the layer's own pair}, kept where the layer has one, else drawn from its seed."""
+    if config.projections == "unique":
+        return {path: layer_pair(model, config, path, module) for path, module in targets.items()}
+    shapes = [layer_shape(_unwrapped(m)) for m in targets.values()]
     max_in, max_out = max(s[0] for s in shapes), max(s[1] for s in shapes)
-    proj = shared_projections(model, lambda: VeraProjections(config.r, max_in, max_out, config.projection_seed))
+    proj = shared_projections(model, lambda: VeraProjections(config.r, max_in, max_out, config.projection_seed,
+                                                             init=config.projection_init))
     if max_in > proj.max_in or max_out > proj.max_out:
         raise ValueError(
             f"the new adapter's targets need projections of at least (in={max_in}, out={max_out}) but the "
@@ -200,6 +211,16 @@ def _projections_for(model: nn.Module, config: VeraConfig, targets: list[nn.Modu
             "first adapter, or use another model copy."
         )
     return proj
+
+
+def layer_pair(model: nn.Module, config: VeraConfig, path: str, module: nn.Module) -> VeraProjections:
+    """Layer `path`'s own (A, B) (projections="unique"): the one it holds, or (r, in) and (out, r) drawn from
+    layer_seed(projection_seed, path) on the model's device."""
+    if isinstance(module, VeraLayer):
+        return module.projections
+    in_f, out_f = layer_shape(module)
+    pair = VeraProjections(config.r, in_f, out_f, layer_seed(config.projection_seed, path), init=config.projection_init)
+    return pair.to(next(model.parameters()).device)
 
 
 def _unwrapped(module: nn.Module) -> nn.Module:
@@ -224,7 +245,7 @@ def add_adapter(model: nn.Module, config: AdapterConfig, name: str = "default", 
             raise ValueError(f"modules_to_save names {wanted!r} but the model has no such module.")
         head_paths += hits
     modules = dict(walk(model))
-    projections = (_projections_for(model, config, [modules[p] for p in paths])
+    projections = (_projections_for(model, config, {p: modules[p] for p in paths})
                    if isinstance(config, VeraConfig) else None)
 
     # All checks passed: from here on the model is changed.
@@ -236,7 +257,8 @@ def add_adapter(model: nn.Module, config: AdapterConfig, name: str = "default", 
     for path in paths:
         module = modules[path]
         if not isinstance(module, AdapterLayer):
-            module = VeraLayer(module, projections) if projections is not None else LoraLayer(module)
+            pair = projections.get(path) if isinstance(projections, dict) else projections
+            module = VeraLayer(module, pair) if projections is not None else LoraLayer(module)
             parent, child = _get_parent(model, path)
             setattr(parent, child, module)
         module.add(name, config)

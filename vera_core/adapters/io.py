@@ -7,6 +7,8 @@ Both formats use one tensor layout, PEFT's, keyed by module path:
     vera_A (r, max_in), vera_B (max_out, r)                     only when the projections are saved
 PEFT files prefix every key with "base_model.model." (projections with "base_model.").
 A native VeRA file stores b, d, the seed and a fingerprint of (A, B) instead of A and B: loading regenerates them.
+Variants (VeraConfig.train_vectors "d" / "b") store only the vector they train; with projections="unique" the
+fingerprint covers every layer's own pair.
 """
 from __future__ import annotations
 
@@ -33,12 +35,14 @@ from .inject import (
     add_adapter,
     check_shared_pair,
     head_wrappers,
+    layer_pair,
     matches_suffix,
+    pair_fields,
     set_active_adapter,
     shared_projections,
 )
 from .layers import LoraLayer, ModulesToSave, VeraLayer, layer_shape, walk
-from .projections import VeraProjections, fingerprint
+from .projections import VeraProjections, fingerprint, layers_fingerprint
 
 NATIVE_CONFIG = "vera_lab_adapter.json"
 NATIVE_WEIGHTS = "adapter.safetensors"
@@ -77,9 +81,12 @@ def adapter_tensors(model: nn.Module, name: str, as_lora: bool = False) -> dict[
                 A_s, B_s = (t.float() for t in layer.slices)
                 out[f"{path}.lora_A.weight"] = d[:, None] * A_s  # (r, in)
                 out[f"{path}.lora_B.weight"] = b[:, None] * B_s  # (out, r)
-            else:
-                out[f"{path}.vera_lambda_b"] = b
-                out[f"{path}.vera_lambda_d"] = d
+            else:  # only what the adapter trains: an omitted vector is a constant its config restores
+                trains = layer.trains[name]
+                if trains != "d":
+                    out[f"{path}.vera_lambda_b"] = b
+                if trains != "b":
+                    out[f"{path}.vera_lambda_d"] = d
         elif isinstance(layer, LoraLayer):
             out[f"{path}.lora_A.weight"] = layer.lora_A[name].detach().float()
             out[f"{path}.lora_B.weight"] = layer.lora_B[name].detach().float()
@@ -90,7 +97,11 @@ def adapter_tensors(model: nn.Module, name: str, as_lora: bool = False) -> dict[
     return {k: v.to("cpu").contiguous().clone() for k, v in out.items()}
 
 
-def _vera_meta(model: nn.Module) -> dict:
+def _vera_meta(model: nn.Module, name: str, config: VeraConfig) -> dict:
+    if config.projections == "unique":
+        pairs = {path: layer.projections for path, layer in adapter_layers(model) if name in layer.adapter_names}
+        return {"seed": config.projection_seed, "r": config.r, "projections": "unique",
+                "fingerprint": layers_fingerprint(pairs)}
     proj = shared_projections(model)
     return {"seed": proj.seed, "r": proj.r, "max_in": proj.max_in, "max_out": proj.max_out,
             "fingerprint": proj.fingerprint()}
@@ -114,7 +125,7 @@ def save_adapter(model: nn.Module, directory: str | os.PathLike, name: str | Non
             "base_model": getattr(getattr(model, "config", None), "_name_or_path", None),
             "torch_version": torch.__version__}
     if isinstance(config, VeraConfig):
-        meta["projection"] = _vera_meta(model)
+        meta["projection"] = _vera_meta(model, name, config)
         if config.save_projection:
             proj = shared_projections(model)
             tensors["vera_A"], tensors["vera_B"] = proj.A.cpu().contiguous(), proj.B.cpu().contiguous()
@@ -134,6 +145,10 @@ def export_peft(model: nn.Module, directory: str | os.PathLike, as_lora: bool = 
     """
     name = _resolve_name(model, name)
     config = adapter_configs(model)[name]
+    if isinstance(config, VeraConfig) and not as_lora and not config.is_default_variant:
+        raise ValueError(f"PEFT's VeRA has both vectors, shared projections and Kaiming-uniform init; adapter {name!r} "
+                         f"is a variant (train_vectors={config.train_vectors!r}, projections={config.projections!r}, "
+                         f"projection_init={config.projection_init!r}). Export it with as_lora=True (exact).")
     paths = [p for p, layer in adapter_layers(model) if name in layer.adapter_names]
     conv1d = any(isinstance(model.get_submodule(p).base_layer, Conv1D) for p in paths)
     common = {"base_model_name_or_path": getattr(getattr(model, "config", None), "_name_or_path", None) or None,
@@ -274,7 +289,11 @@ def _check_against_model(model: nn.Module, config: AdapterConfig, tensors: dict,
         paths[path] = (in_f, out_f)
     if not paths:
         raise ValueError(f"adapter {str(where)!r} holds no VeRA or LoRA tensors; the file is empty or not an adapter.")
-    needed = [s for s in _ADAPTER_SUFFIXES if ("vera" in s) == isinstance(config, VeraConfig)]
+    needed = _needed_suffixes(config)
+    extra = next((path + suffix for path, suffix, _ in entries if suffix not in needed), None)
+    if extra is not None:
+        raise ValueError(f"adapter {str(where)!r} holds {extra}, which its config does not train "
+                         f"({_trains(config)}); the config was edited or the files come from two adapters.")
     needed = [f"{p}{s}" for p in paths for s in needed]
     for wanted in config.modules_to_save:
         for path, module in modules.items():
@@ -285,6 +304,17 @@ def _check_against_model(model: nn.Module, config: AdapterConfig, tensors: dict,
     if missing:
         raise ValueError(f"adapter {str(where)!r} lacks {len(missing)} tensors its config needs, first: {missing[0]}.")
     return paths
+
+
+def _needed_suffixes(config: AdapterConfig) -> list[str]:
+    """The per-layer tensor suffixes an adapter's file holds: LoRA's two matrices, or the VeRA vectors it trains."""
+    if isinstance(config, LoraConfig):
+        return [".lora_A.weight", ".lora_B.weight"]
+    return [f".vera_lambda_{v}" for v in "bd" if config.train_vectors in ("both", v)]
+
+
+def _trains(config: AdapterConfig) -> str:
+    return f"train_vectors={config.train_vectors!r}" if isinstance(config, VeraConfig) else "LoRA"
 
 
 def load_adapter(base_model: nn.Module, directory: str | os.PathLike, name: str = "default", *,
@@ -326,10 +356,20 @@ def load_adapters(base_model: nn.Module, directories: dict[str, str | os.PathLik
 
 
 def _load_projections(model: nn.Module, config: VeraConfig, meta: dict, tensors: dict,
-                      shapes: dict[str, tuple[int, int]], directory: Path, name: str) -> VeraProjections:
+                      shapes: dict[str, tuple[int, int]], directory: Path,
+                      name: str) -> VeraProjections | dict[str, VeraProjections]:
     """The (A, B) the adapter was trained with: the model's own pair when it has one (checked, never regenerated),
-    else regenerated from the seed or taken from the file; either way proven by the saved fingerprint."""
+    else regenerated from the seed or taken from the file; either way proven by the saved fingerprint. With
+    projections="unique", {path: that layer's pair}, proven together."""
     saved = meta.get("projection", {})
+    other_name, other = next(iter(adapter_configs(model).items()), (name, config))
+    if isinstance(other, VeraConfig) and "unique" in (config.projections, other.projections):  # no one shared pair
+        check_shared_pair(name, pair_fields(config), other_name, pair_fields(other))
+    if config.projections == "unique":
+        modules = dict(walk(model))
+        pairs = {path: layer_pair(model, config, path, modules[path]) for path in shapes}
+        _check_fingerprint(layers_fingerprint(pairs), saved, meta, config, directory)
+        return pairs
     max_in = saved.get("max_in", max(s[0] for s in shapes.values()))
     max_out = saved.get("max_out", max(s[1] for s in shapes.values()))
     if "vera_A" in tensors and "vera_B" in tensors:
@@ -338,17 +378,24 @@ def _load_projections(model: nn.Module, config: VeraConfig, meta: dict, tensors:
     else:
         A = B = None
     projections = shared_projections(
-        model, lambda: VeraProjections(config.r, max_in, max_out, config.projection_seed, A, B))
+        model, lambda: VeraProjections(config.r, max_in, max_out, config.projection_seed, A, B,
+                                       init=config.projection_init))
     # A found pair must be the one this adapter needs (a new one is by construction): a pair of another shape is not
     # a slice of this one (the generator draws A row by row, then B).
     check_shared_pair(name, {"r": config.r, "projection_seed": config.projection_seed, "max_in": max_in,
-                             "max_out": max_out}, next(iter(adapter_configs(model)), name),
+                             "max_out": max_out, "projection_init": config.projection_init}, other_name,
                       {"r": projections.r, "projection_seed": projections.seed, "max_in": projections.max_in,
-                       "max_out": projections.max_out})
+                       "max_out": projections.max_out, "projection_init": projections.init})
     if A is not None and fingerprint(A, B) != projections.fingerprint():
         raise ValueError(f"adapter {str(directory)!r} carries its own A and B, and they differ from the pair the "
                          "model's VeRA adapters share; load it onto another copy of the base model.")
-    if "fingerprint" in saved and projections.fingerprint() != saved["fingerprint"]:
+    _check_fingerprint(projections.fingerprint(), saved, meta, config, directory)
+    return projections
+
+
+def _check_fingerprint(found: str, saved: dict, meta: dict, config: VeraConfig, directory: Path) -> None:
+    """Refuse projections that differ from the ones the adapter was saved with, saying which side changed."""
+    if "fingerprint" in saved and found != saved["fingerprint"]:
         seed = config.projection_seed
         if saved.get("seed", seed) != seed or meta.get("torch_version") == torch.__version__:
             # Same torch, same generator: the seed (or the fingerprint) in the file is not the one trained with.
@@ -363,10 +410,10 @@ def _load_projections(model: nn.Module, config: VeraConfig, meta: dict, tensors:
             "random generator changed; save the adapter with VeraConfig(save_projection=True) so A and B travel "
             "with it."
         )
-    return projections
 
 
-def _copy_into(model: nn.Module, name: str, tensors: dict[str, torch.Tensor], projections: VeraProjections | None,
+def _copy_into(model: nn.Module, name: str, tensors: dict[str, torch.Tensor],
+               projections: VeraProjections | dict[str, VeraProjections] | None,
                heads: bool) -> None:
     """The file's tensors become adapter `name`'s parameters (their storage, not a copy: the file was read into
     fresh memory), VeRA layers get the proven pair, and head copies are filled; one walk over the model."""
@@ -376,11 +423,13 @@ def _copy_into(model: nn.Module, name: str, tensors: dict[str, torch.Tensor], pr
     with torch.no_grad():
         for path, layer in adapter_layers(model):
             if isinstance(layer, VeraLayer):
-                if projections is not None and layer.projections is not projections:
-                    layer.projections = projections
-                if name in layer.adapter_names:
-                    put(layer.vera_lambda_b[name], f"{path}.vera_lambda_b")
-                    put(layer.vera_lambda_d[name], f"{path}.vera_lambda_d")
+                pair = projections.get(path) if isinstance(projections, dict) else projections
+                if pair is not None and layer.projections is not pair:
+                    layer.projections = pair
+                if name in layer.adapter_names:  # the vectors it trains (an omitted one keeps its constant)
+                    for v in "bd":
+                        if layer.trains[name] in ("both", v):
+                            put(getattr(layer, f"vera_lambda_{v}")[name], f"{path}.vera_lambda_{v}")
             elif isinstance(layer, LoraLayer) and name in layer.adapter_names:
                 put(layer.lora_A[name], f"{path}.lora_A.weight")
                 put(layer.lora_B[name], f"{path}.lora_B.weight")

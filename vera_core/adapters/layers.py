@@ -4,6 +4,9 @@
                                               A_s = A[:, :in], B_s = B[:out, :] slices of one shared, frozen pair
     LoRA:  h = W0 x + (alpha / r) B A x       A, B trained per layer
 
+The paper's ablations (VeraConfig) keep this formula: an omitted b or d is a frozen constant, and with
+projections="unique" A_s, B_s are the layer's own pair.
+
 Several named adapters can live on one layer; exactly one (or none) is active, or, for a mixed batch, each row
 names its own (`rows`, set by mixed.py, which also computes those rows). The folded VeRA path is in fused.py.
 """
@@ -138,7 +141,8 @@ class AdapterLayer(nn.Module):
 
 
 class VeraLayer(AdapterLayer):
-    """VeRA on one layer: trainable b (out) and d (r) around the model's shared frozen (A, B)."""
+    """VeRA on one layer: trainable b (out) and d (r) around the model's shared frozen (A, B) (or, with
+    projections="unique", a pair of its own)."""
 
     def __init__(self, base_layer: nn.Module, projections: VeraProjections):
         super().__init__(base_layer)
@@ -146,14 +150,20 @@ class VeraLayer(AdapterLayer):
         self.vera_lambda_b = nn.ParameterDict()
         self.vera_lambda_d = nn.ParameterDict()
         self.bank = None  # mixed.VectorBank: every adapter's b and d stacked for mixed batches (not in state dict)
+        self.trains: dict[str, str] = {}  # adapter name -> its config's train_vectors ("both", "d" or "b")
 
     def add(self, name: str, config: VeraConfig) -> None:
         device = self._param_device()
         # b = 0 keeps the model unchanged at step 0; d = d_init (a small constant, per the paper's ablation).
         # Frozen until set_active_adapter trains them (as for LoRA below): adding many needs no second pass.
-        self.vera_lambda_b[name] = nn.Parameter(torch.zeros(self.out_features, device=device), requires_grad=False)
+        # A vector the config omits (train_vectors "d" or "b") is held as a frozen constant — b = 1, or d = 1 by
+        # d_init — never trained, counted or saved, so every path (fold, mixed rows, merge) reads one formula.
+        b_init = 0.0 if config.train_vectors in ("both", "b") else 1.0
+        self.vera_lambda_b[name] = nn.Parameter(torch.full((self.out_features,), b_init, device=device),
+                                                requires_grad=False)
         self.vera_lambda_d[name] = nn.Parameter(torch.full((config.r,), float(config.d_init), device=device),
                                                 requires_grad=False)
+        self.trains[name] = config.train_vectors
         self._register(name, config.dropout)
 
     @property
@@ -191,7 +201,9 @@ class VeraLayer(AdapterLayer):
         return (b[:, None] * B_s) @ (d[:, None] * A_s)  # (out, in)
 
     def adapter_parameters(self, name: str) -> list[nn.Parameter]:
-        return [self.vera_lambda_b[name], self.vera_lambda_d[name]]
+        trains = self.trains[name]  # an omitted vector is a frozen constant, not the adapter's
+        return [v[name] for v, kind in ((self.vera_lambda_b, "b"), (self.vera_lambda_d, "d"))
+                if trains in ("both", kind)]
 
 
 class LoraLayer(AdapterLayer):

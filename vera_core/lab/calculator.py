@@ -40,13 +40,14 @@ KNOWN_MODELS: dict[str, KnownModel] = {
 
 
 def parameter_table(model_config: PretrainedConfig, targets=None, vera_ranks=(256, 1024), lora_ranks=(8, 64),
-                    save_projection: bool = False) -> list[dict]:
-    """One row per (method, r): trainable parameters, fp32 bytes stored, and the ratio to the first LoRA row."""
+                    save_projection: bool = False, train_vectors: str = "both") -> list[dict]:
+    """One row per (method, r): trainable parameters, fp32 bytes stored, and the ratio to the first LoRA row.
+    train_vectors: VeRA's "both", or the ablations' "d" / "b" (one vector per layer)."""
     rows = []
     for r in lora_ranks:
         rows.append({"method": "lora", "r": r, **estimate_parameters(model_config, LoraConfig(r=r, target_modules=targets))})
     for r in vera_ranks:
-        vera = VeraConfig(r=r, target_modules=targets, save_projection=save_projection)
+        vera = VeraConfig(r=r, target_modules=targets, save_projection=save_projection, train_vectors=train_vectors)
         rows.append({"method": "vera", "r": r, **estimate_parameters(model_config, vera)})
     reference = rows[0]["trainable"] if lora_ranks else None
     for row in rows:
