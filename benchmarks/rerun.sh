@@ -25,8 +25,9 @@ for need in sst2/train.tsv sst2/dev.tsv e2e/devset.csv; do
   [ -f "$VERA_REPRO_DATA/$need" ] || { echo "rerun: $VERA_REPRO_DATA/$need not found; set VERA_REPRO_DATA." >&2; exit 1; }
 done
 
-# What ran beside the rerun: every 5 minutes, the load and each other process over 20% of a core (this script's own
-# process group left out), written into the comparison's folder and summed up in its commit message.
+# What ran beside the rerun: every 5 minutes, the 1-minute load and each other process whose ps %CPU (its average
+# since it started) is over 20 (this script's own process group left out), written into the comparison's folder and
+# summed up in its commit message.
 sample_beside() {
   local log=$1 own
   own=$(ps -o pgid= $$ | tr -d ' ')
@@ -52,7 +53,7 @@ run_group() {
   git diff --cached --quiet || git commit -q -m "head-rate rerun: $task/$group (one head rate, seeds $(
     "$PY" -c "import json,sys; print(','.join(map(str, json.load(open(sys.argv[1]))['seeds'])))" "$dir/report.json"))" \
     -m "Ran at OMP_NUM_THREADS=1 on the shared 2-core machine; beside it, $busy of $samples five-minute samples saw other
-processes over 20% of a core (other engineers' tests; $dir/beside.log lists them)."
+processes over 20% CPU (other engineers' tests; $dir/beside.log lists them)."
 }
 
 run_group rotten-tomatoes qv
