@@ -2,17 +2,19 @@
 and the lab's own Rotten Tomatoes bar (all-MiniLM-L6-v2, query + value, the built-in set).
 
 Each task is one or two comparisons (one per set of target layers, e.g. query+value and every linear layer), each a
-`vera_core.lab.compare` call with the same verbs a user has: `tune=` gives every method (head-only included) the same
-learning-rate grid and step budget on the validation split (first seed), `seeds=` then runs the chosen rate once per
-seed on the test split. A comparison writes benchmarks/results/repro/<task>/<group>/ and is resumed there (finished
-runs and tuning points kept); after each one the rows are merged into benchmarks/results/quality.json and
+`vera_core.lab.compare` call with the same verbs a user has: `tune=` tunes head-only first on its own grid, and its
+chosen rate is the one head rate of every method of the comparison; then every adapter gets the same learning-rate
+grid and step budget on the validation split (first seed); `seeds=` then runs the chosen rate once per seed on the
+test split. A comparison writes <out>/repro/<task>/<group>/ and is resumed there (finished runs and tuning points
+kept); after each one the rows are merged into <out>/quality.json and
 quality.md is rewritten, with per setting mean ± std, a 95% interval over seeds and the tuned rate, per VeRA/LoRA
 pair the paired difference with its interval over seeds and test examples (recomputed from predictions/*.jsonl),
 and which tuning choices were near-ties.
 
-    .venv/bin/python benchmarks/reproduce.py --task sst2              # CPU subset, 3 seeds, 6-point grid (x0.25..x8)
-    .venv/bin/python benchmarks/reproduce.py --task e2e               # CPU subset, grid x0.25..x16 at 150 steps
+    .venv/bin/python benchmarks/reproduce.py --task sst2              # CPU subset, 5 seeds, 6-point grid (x0.25..x8)
+    .venv/bin/python benchmarks/reproduce.py --task e2e               # CPU subset, 3 seeds, grid x2..x16, 300 steps
     .venv/bin/python benchmarks/reproduce.py --task rotten-tomatoes   # whole built-in set, 400 steps x 16
+    .venv/bin/python benchmarks/reproduce.py --task sst2 --group all  # one comparison of a task
     .venv/bin/python benchmarks/reproduce.py --task all --full        # full sets (a GPU)
     .venv/bin/python benchmarks/reproduce.py --task all --quick --out /tmp/q   # smoke: 2 seeds, 2-point grid, 3 steps
     .venv/bin/python benchmarks/reproduce.py --records-only           # no training: every record from predictions/
@@ -43,7 +45,8 @@ from vera_core.adapters.config import LoraConfig, VeraConfig  # noqa: E402
 from vera_core.lab.data import MR_INSTRUCTION, TextDataset, load_dataset  # noqa: E402
 from vera_core.adapters.files import write_json, write_text  # noqa: E402
 from vera_core.lab.plots import tradeoff_figure  # noqa: E402
-from vera_core.lab.report import Report, load_run, mean_cell, pair_line, pair_rows, seeds_note  # noqa: E402
+from vera_core.lab.report import (Report, load_run, mean_cell, pair_line, pair_rows, seeds_note,  # noqa: E402
+                                  tuning_lines)
 from vera_core.lab.runs import run_summary  # noqa: E402
 from vera_core.lab.stats import CI_SEEDS, MARGIN, mean_std  # noqa: E402
 from vera_core.lab.train import TrainConfig  # noqa: E402
@@ -57,12 +60,16 @@ METRICS = {"sst2": "accuracy", "e2e": "bleu", "rotten-tomatoes": "accuracy"}
 PAPER = {"sst2": {"lora": "LoRA 95.1 (RoBERTa-base, 0.3M params)", "vera": "VeRA 94.6 (RoBERTa-base, 0.043M params)"}}
 # The library's grid plus x8: on SST-2 VeRA and head-only chose x4, the library grid's top, so the record widened it.
 SCALES = (*LR_SCALES, 8.0)
-# Per-task tuning defaults (flags override them). E2E adds x16 for both methods: LoRA's validation loss was still
-# falling at x8 (x4 1.208, x8 1.196), and a rate chosen at the grid's end is not tuned. Its grid points train half the
-# step budget (CPU time), the same for both methods.
-TUNING = {"e2e": {"scales": (*SCALES, 16.0), "step_share": 0.5}}
+# Head-only's own grid (x 1e-3, the default head rate): it chose x8, the top of SCALES, on both MiniLM tasks, so it
+# reaches x64. Its choice is the one head rate of every method of the comparison.
+HEAD_SCALES = (*SCALES, 16.0, 32.0, 64.0)
+# Per-task tuning defaults (flags override them). E2E: every grid point trains the full step budget (at half of it,
+# VeRA chose x8, past a cliff that the full budget exposes on unseen MRs), on x2..x16 of the centre rates: both
+# methods chose x8 at the half budget, and x16 keeps that choice off the grid's top.
+TUNING = {"e2e": {"scales": (2.0, 4.0, 8.0, 16.0)}}
+SEEDS = {"sst2": [0, 1, 2, 3, 4], "rotten-tomatoes": [0, 1, 2, 3, 4], "e2e": [0, 1, 2]}  # the final runs' seeds
 TARGET_RATIO = 8.0  # the bar: VeRA within 1 point of LoRA (stats.verdict) with >= 8x fewer parameters
-QUICK = {"seeds": [0, 1], "scales": [0.5, 2.0], "tune_steps": 2}  # --quick: the smoke run's seeds and grid
+QUICK = {"seeds": [0, 1], "scales": [0.5, 2.0], "head_scales": [1.0, 8.0], "tune_steps": 2}  # --quick's smoke run
 
 
 @dataclass(frozen=True)
@@ -173,14 +180,22 @@ def budgets(task: str, args: argparse.Namespace) -> dict:
 
 
 def tuning(task: str, args: argparse.Namespace, steps: int) -> tuple[list[float], int | None]:
-    """(the learning-rate scales, steps per grid point; None: the full budget): --quick's, else the flags, else the
-    task's defaults (`TUNING`)."""
+    """(the adapters' learning-rate scales, steps per grid point; None: the full budget): --quick's, else the flags,
+    else the task's defaults (`TUNING`)."""
     if args.quick:
         return QUICK["scales"], QUICK["tune_steps"]
     own = TUNING.get(task, {})
     share = own.get("step_share")
     return (args.tune or list(own.get("scales", SCALES)),
             args.tune_steps or (max(1, round(steps * share)) if share else None))
+
+
+def tune_grids(group: Group, scales: list[float], args: argparse.Namespace) -> dict | None:
+    """compare's `tune` for a comparison: the adapters' grid, and head-only's own when the comparison has one."""
+    if args.no_tune:
+        return None
+    head = QUICK["head_scales"] if args.quick else args.head_tune or list(HEAD_SCALES)
+    return {"lr_scale": scales, **({"head_lr_scale": head} if "head" in group.methods else {})}
 
 
 def subset_note(task: str, ds: TextDataset, b: dict) -> str:
@@ -210,17 +225,18 @@ def run_task(task: str, args: argparse.Namespace) -> list[dict]:
     else:
         ds = e2e_dataset(root, args.seed, b["train"], b["val"], b["test"])
     note = subset_note(task, ds, b)
-    seeds = QUICK["seeds"] if args.quick else args.seeds
+    seeds = QUICK["seeds"] if args.quick else args.seeds or SEEDS[task]
     scales, tune_steps = tuning(task, args, b["steps"])
-    tune = None if args.no_tune else {"lr_scale": scales}
     print(f"== {task}: {MODELS[task]}; {note}; seeds {seeds}; "
-          + (f"lr scales {tune['lr_scale']} ({tune_steps or b['steps']} steps)" if tune else "not tuned"))
+          + ("not tuned" if args.no_tune else f"lr scales {scales} ({tune_steps or b['steps']} steps)"))
     train = TrainConfig(steps=b["steps"], batch_size=b["batch_size"], max_length=b["max_length"], seed=args.seed,
                         eval_every=max(1, b["steps"] // 4) if not args.quick else b["steps"], eval_batches=8,
                         device=args.device)
     task_dir = Path(args.out) / "repro" / task
     n_test_groups = len({r["group"] for r in ds.test}) if task == "e2e" else 0
     for group in plan(task, args):
+        if args.group and group.name != args.group:
+            continue
         run_dir = task_dir / group.name
         if (run_dir / "report.json").is_file() and run_summary(run_dir)["status"] == "finished":
             print(f"   {group.name}: done earlier, kept ({run_dir})")
@@ -228,7 +244,8 @@ def run_task(task: str, args: argparse.Namespace) -> list[dict]:
         print(f"   {group.name}: training {', '.join(group.methods)} (resumable) ...", flush=True)
         report = compare(MODELS[task], ds, methods=group.methods, vera=list(group.vera), lora=list(group.lora),
                          train=train, out_dir=run_dir, lrs={"vera": args.vera_lr, "lora": args.lora_lr},
-                         eval_generate=n_test_groups, samples=n_test_groups, seeds=seeds, tune=tune,
+                         eval_generate=n_test_groups, samples=n_test_groups, seeds=seeds,
+                         tune=tune_grids(group, scales, args),
                          tune_steps=tune_steps, exists="resume" if (run_dir / "config.json").is_file() else "refuse")
         if task == "e2e":
             write_outputs(run_dir, report)
@@ -236,6 +253,9 @@ def run_task(task: str, args: argparse.Namespace) -> list[dict]:
                                              "quick": bool(args.quick)})
         for row in report.settings:
             print(f"   {row['setting']}: {row['metric']} {mean_cell(row)} over seeds {row['seeds']}", flush=True)
+        for line in tuning_lines(report.tuning):  # a choice at a grid's end: widen that grid for every setting alike
+            if " of the grid" in line:
+                print(f"   GRID EDGE: {line}", flush=True)
         merge_quality(Path(args.out), task, *task_rows(task, task_dir, plan(task, args)))
     rows, pairs = task_rows(task, task_dir, plan(task, args))
     merge_quality(Path(args.out), task, rows, pairs)
@@ -263,6 +283,11 @@ def task_rows(task: str, task_dir: Path, groups: list[Group]) -> tuple[list[dict
         if not path.is_file():
             continue
         report = json.loads(path.read_text())
+        # Which record a row comes from: its folder, and the head-rate rule it trained under (reports written before
+        # the one-head-rate rule have no top-level "head_lr": their heads trained at 1e-3 x each adapter's scale).
+        source = {"run_dir": _shown(task_dir / group.name), "comparison_head_lr": report.get("head_lr"),
+                  "head_rule": "one rate per comparison" if "head_lr" in report else "scaled with each adapter",
+                  "head_lr_tuned": "head" in (report.get("tuning") or {})}
         subset = json.loads((task_dir / group.name / "subset.json").read_text())["subset"] \
             if (task_dir / group.name / "subset.json").is_file() else None
         runs = {r["name"]: r for r in report["runs"]}
@@ -271,7 +296,7 @@ def task_rows(task: str, task_dir: Path, groups: list[Group]) -> tuple[list[dict
                  for s in report.get("settings", [])}
         for s in report.get("settings", []):
             tuned = (report.get("tuning") or {}).get(s["setting"])
-            row = quality_row(task, runs[s["runs"][0]], report, named[s["setting"]], subset)
+            row = {**quality_row(task, runs[s["runs"][0]], report, named[s["setting"]], subset), **source}
             grid = [{k: p[k] for k in ("scale", "lr", "val_loss")} for p in tuned["grid"]] if tuned else None
             row.update(metric=s["mean"], metric_mean=s["mean"], metric_std=s["std"], ci95=s["ci95"],
                        ci_kind=CI_SEEDS if s.get("ci_kind") == "t over seeds" else s.get("ci_kind"), seeds=s["seeds"],
@@ -282,6 +307,12 @@ def task_rows(task: str, task_dir: Path, groups: list[Group]) -> tuple[list[dict
         pairs += [{**p, "vera": named[p["vera"]], "lora": named[p["lora"]]}
                   for p in pair_rows(report, task_dir / group.name)]
     return rows, pairs
+
+
+def _shown(path: Path) -> str:
+    """A run folder as the records show it: relative to the repository when inside it."""
+    path = path.resolve()
+    return str(path.relative_to(ROOT)) if path.is_relative_to(ROOT) else str(path)
 
 
 def last_val_loss(history: list[dict]) -> float | None:
@@ -332,6 +363,8 @@ def merge_quality(results: Path, task: str, rows: list[dict], pairs: list[dict])
     quality = json.loads(path.read_text()) if path.is_file() else {"tasks": {}}
     quality["tasks"][task] = rows
     quality.setdefault("pairs", {})[task] = pairs
+    # The one classifier-head rate of each comparison (None: no head trains apart, or a record from before the rule).
+    quality.setdefault("head_lr", {})[task] = {r["run_dir"].rsplit("/", 1)[-1]: r["comparison_head_lr"] for r in rows}
     results.mkdir(parents=True, exist_ok=True)
     write_json(path, quality)
     for name, rows_ in quality["tasks"].items():
@@ -374,8 +407,10 @@ def table(rows: list[dict]) -> str:
 def markdown(quality: dict) -> str:
     lines = ["# Paper reproduction: VeRA vs LoRA on real data", "",
              "Written by `benchmarks/reproduce.py`. Trainable parameters exclude the classifier head. Rows with seeds: "
-             "every method tuned on the same learning-rate grid and step budget (validation loss, first seed), then "
-             "run once per seed on the same test rows. A row's 95% interval is a t-interval over its seeds: it holds "
+             "every adapter tuned on the same learning-rate grid and step budget (validation loss, first seed), then "
+             "run once per seed on the same test rows. Each comparison's classifier heads train at one rate (head-only "
+             "tuned first, on its own grid; its choice is every method's head rate) unless a row's head_rule says "
+             "otherwise. A row's 95% interval is a t-interval over its seeds: it holds "
              "the seed-to-seed spread only, not the test set's sampling error. A VeRA − LoRA pair's interval is a "
              "two-level paired bootstrap (each replicate draws the seeds with replacement and one resample of the "
              "test examples shared by every drawn seed of both methods), so it holds both; its verdict reads that "
@@ -387,6 +422,7 @@ def markdown(quality: dict) -> str:
         if any(r.get("r") for r in rows):
             lines += [f"![{task}](quality_{task}.png)", ""]
         lines += [f"- {bar_line(p)}" for p in quality.get("pairs", {}).get(task, [])]
+        lines += [head_line(r) for r in {r["run_dir"]: r for r in rows if r.get("run_dir")}.values()]
         if task in PAPER:
             lines.append(f"- paper: {PAPER[task]['lora']}; {PAPER[task]['vera']} (≈7x fewer)")
         lines.append("")
@@ -400,6 +436,17 @@ def markdown(quality: dict) -> str:
                   "a near-tie's choice could go either way on another seed. `tune=` (lab/tune.py) breaks such ties "
                   "with a second seed; these records were tuned before it did.", "", *ties, ""]
     return "\n".join(lines)
+
+
+def head_line(row: dict) -> str:
+    """"- head rate, sst2 qv (benchmarks/results/...): 8e-3 for every method (head-only's tuned rate)": where a
+    comparison's rows come from and the one rate its heads trained at."""
+    where = f"{row['task']} {row['run_dir'].rsplit('/', 1)[-1]} ({row['run_dir']})"
+    if row.get("comparison_head_lr") is None:
+        return (f"- head rate, {where}: none apart from the body" if row.get("head_rule") == "one rate per comparison"
+                else f"- head rate, {where}: 1e-3 x each adapter's tuned scale (the record before one head rate)")
+    source = "head-only's tuned rate" if row.get("head_lr_tuned") else "the default, untuned"
+    return f"- head rate, {where}: {row['comparison_head_lr']:.2g} for every method ({source})"
 
 
 def tie_line(row: dict) -> str | None:
@@ -434,14 +481,18 @@ def main(argv: list[str] | None = None) -> int:
                         help="LoRA rate, the centre of its grid (LoRA paper's RoBERTa GLUE: 4e-4-5e-4)")
     parser.add_argument("--vera-lr", type=float, default=1e-2, help="VeRA vector rate, the centre of its grid")
     parser.add_argument("--d-init", type=float, default=0.1)
-    parser.add_argument("--seeds", type=seed_list, default=[0, 1, 2],
-                        help="training seeds of the final runs (default 0,1,2; --quick: 0,1)")
+    parser.add_argument("--seeds", type=seed_list,
+                        help="training seeds of the final runs (default: sst2 and rotten-tomatoes 0-4, e2e 0,1,2; "
+                             "--quick: 0,1)")
+    parser.add_argument("--group", choices=("qv", "all"), help="run only this comparison of the task")
     parser.add_argument("--tune", type=lambda v: float_list(v, "scales"),
-                        help="learning-rate scales tried on validation for every method (default 0.25,0.5,1,2,4,8; "
-                             "e2e adds 16; --quick: 0.5,2)")
+                        help="learning-rate scales tried on validation for every adapter (default 0.25,0.5,1,2,4,8; "
+                             "e2e 2,4,8,16; --quick: 0.5,2)")
+    parser.add_argument("--head-tune", type=lambda v: float_list(v, "scales"),
+                        help="head-only's scales of the 1e-3 head rate, tuned first; its choice is every method's "
+                             "head rate (default 0.25 to 64 by doublings; --quick: 1,8)")
     parser.add_argument("--no-tune", action="store_true", help="run every method at its centre rate, untuned")
-    parser.add_argument("--tune-steps", type=int,
-                        help="steps per tuning run (default: the task's --steps; e2e: half of them)")
+    parser.add_argument("--tune-steps", type=int, help="steps per tuning run (default: the task's --steps)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", default="auto")
     parser.add_argument("--records-only", action="store_true",

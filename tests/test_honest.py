@@ -17,6 +17,9 @@ from vera_core.lab.train import DEFAULT_LR, TrainConfig
 TINY = TrainConfig(steps=2, batch_size=4, max_length=16)
 
 
+GRIDS = {"lr_scale": [0.5, 2.0], "head_lr_scale": [1.0, 4.0]}  # the adapters' grid and head-only's own
+
+
 def _compare(tokenizer, out, **kw):
     return compare((tiny_bert(tokenizer=tokenizer, num_labels=2), tokenizer), sentiment(),
                    methods=("base", "head", "vera", "lora"), vera=VeraConfig(r=16), lora=LoraConfig(r=4),
@@ -25,21 +28,22 @@ def _compare(tokenizer, out, **kw):
 
 def test_seeds_and_tuning_give_intervals_pairs_and_chosen_rates(tokenizer, tmp_path):
     events = []
-    _compare(tokenizer, tmp_path, seeds=(0, 1), tune={"lr_scale": [0.5, 2]}, tune_steps=2, on_event=events.append)
+    _compare(tokenizer, tmp_path, seeds=(0, 1), tune=GRIDS, tune_steps=2, on_event=events.append)
     data, histories = load_run(tmp_path)
     runs = {r["name"]: r for r in data["runs"]}
     assert list(runs) == ["base", "head-s0", "head-s1", "vera-r16-s0", "vera-r16-s1", "lora-r4-s0", "lora-r4-s1"]
     assert [runs[n]["seed"] for n in ("vera-r16-s0", "vera-r16-s1")] == [0, 1] and data["seeds"] == [0, 1]
     assert data["seed"] == 0 and runs["lora-r4-s1"]["setting"] == "lora-r4"
-    # tuning: the same grid and steps for every trained setting; the lowest validation loss wins unless a
-    # second seed (the request's seed 1) finds a near-tie and the mean over both seeds decides
+    # tuning: head-only first on its own grid, then the adapters on theirs, the same steps for all; the lowest
+    # validation loss wins unless a second seed (the request's seed 1) finds a near-tie and the mean over both decides
     tuning = data["tuning"]
-    assert set(tuning) == {"head", "vera-r16", "lora-r4"}
+    assert list(tuning) == ["head", "vera-r16", "lora-r4"]
     defaults = {"head": DEFAULT_LR["head"], "vera-r16": DEFAULT_LR["vera"], "lora-r4": DEFAULT_LR["lora"]}
     second_points = set()
     for setting, entry in tuning.items():
-        assert [p["scale"] for p in entry["grid"]] == [0.5, 2.0] and all(p["steps"] == 2 for p in entry["grid"])
-        assert [p["lr"] for p in entry["grid"]] == pytest.approx([defaults[setting][0] * s for s in (0.5, 2)])
+        grid = GRIDS["head_lr_scale" if setting == "head" else "lr_scale"]
+        assert [p["scale"] for p in entry["grid"]] == grid and all(p["steps"] == 2 for p in entry["grid"])
+        assert [p["lr"] for p in entry["grid"]] == pytest.approx([defaults[setting][0] * s for s in grid])
         best, other = sorted(entry["grid"], key=lambda p: p["val_loss"])
         tie = entry["tie"]
         again = {p["scale"]: p["val_loss"] for p in tie["val_loss_second_seed"]}
@@ -51,11 +55,19 @@ def test_seeds_and_tuning_give_intervals_pairs_and_chosen_rates(tokenizer, tmp_p
         assert entry["scale"] == (min(mean, key=mean.get) if tie["near"] else best["scale"])
         assert entry["lr"] == next(p["lr"] for p in entry["grid"] if p["scale"] == entry["scale"])
         assert runs[f"{setting}-s1"]["lr"] == pytest.approx(entry["lr"])
-        assert runs[f"{setting}-s1"]["head_lr"] == pytest.approx(1e-3 * entry["scale"])  # one head rate for all
         second_points |= {f"{setting}-x{x:g}-s1" for x in again}
+    # one head rate: head-only's choice, for every run's head and every adapter grid point's (the head-only
+    # grid's own points move it with their scale)
+    assert data["head_lr"] == pytest.approx(DEFAULT_LR["head"][1] * tuning["head"]["scale"])
+    assert [runs[n]["head_lr"] for n in runs if n != "base"] == [data["head_lr"]] * 6
+    assert [p["head_lr"] for p in tuning["head"]["grid"]] == pytest.approx([1e-3 * x for x in GRIDS["head_lr_scale"]])
+    assert {p["head_lr"] for s in ("vera-r16", "lora-r4") for p in tuning[s]["grid"]} == {data["head_lr"]}
+    starts = [e["run"] for e in events if e["type"] == "tune_start"]
+    assert starts[:2] == ["head", "head"] and "head" not in starts[starts.index("vera-r16"):]
     assert json.loads((tmp_path / "tuning.json").read_text()) == tuning
     points = sorted(p.name for p in (tmp_path / "tune").iterdir())
-    assert points == sorted({f"{s}-x{x:g}" for s in tuning for x in (0.5, 2)} | second_points)
+    assert points == sorted({f"{s}-x{x:g}" for s in tuning
+                             for x in GRIDS["head_lr_scale" if s == "head" else "lr_scale"]} | second_points)
     assert all([f.name for f in (tmp_path / "tune" / p).iterdir()] == ["tune.json"] for p in points)  # no adapter
     assert not any(n.startswith("tune/") for n in histories)  # tuning curves stay out of the runs' histories
     assert {e["run"] for e in events if e.get("phase") == "tune" and e["type"] == "step"} == {
@@ -82,13 +94,13 @@ def test_seeds_and_tuning_give_intervals_pairs_and_chosen_rates(tokenizer, tmp_p
     md = (tmp_path / "report.md").read_text()
     assert "the data split (seed 0) and VeRA's projection seed stay fixed" in md and pair["verdict"] in md
     assert "vera-r16: lr" in md and "validation loss by scale" in md
+    assert f"Classifier head: one rate for every method, {data['head_lr']:.2g} (head-only's tuned rate)" in md
     assert json.loads((tmp_path / "config.json").read_text())["run_seeds"]["vera-r16-s1"] == 1  # load_run_model's
     entry = run_summary(tmp_path)  # what list_runs shows: each method's best setting by its mean over seeds
     assert entry["best"]["vera"] == vera["mean"] and entry["best"]["lora"] == settings["lora-r4"]["mean"]
     # resumed: finished tuning points and runs are reused, nothing trains again
     again = []
-    _compare(tokenizer, tmp_path, seeds=(0, 1), tune={"lr_scale": [0.5, 2]}, tune_steps=2, on_event=again.append,
-             exists="resume")
+    _compare(tokenizer, tmp_path, seeds=(0, 1), tune=GRIDS, tune_steps=2, on_event=again.append, exists="resume")
     assert not [e for e in again if e["type"] == "step"] and load_run(tmp_path)[0]["tuning"] == tuning
 
 
@@ -119,9 +131,9 @@ def _scripted_tuning(tokenizer, tmp_path, monkeypatch, losses: dict) -> dict:
     """tune_rates on a tiny BERT whose grid points return `losses[(seed, scale)]` instead of training."""
     trained = []
 
-    def point(request, spec, scale, prepare, work, emit, stop):
+    def point(request, spec, scale, head_scale, prepare, work, emit, stop):
         trained.append((spec.seed, scale, work.name))
-        return {"scale": scale, "lr": 1e-2 * scale, "head_lr": 1e-3 * scale, "val_loss": losses[spec.seed, scale],
+        return {"scale": scale, "lr": 1e-2 * scale, "head_lr": 1e-3, "val_loss": losses[spec.seed, scale],
                 "steps": 2, "wall_s": 0.0}
 
     monkeypatch.setattr(tune, "_point", point)
@@ -137,7 +149,7 @@ def test_a_near_tie_is_broken_by_a_second_seed(tokenizer, tmp_path, monkeypatch)
     # x4 0.405, so x4 is chosen.
     losses = {(3, 1.0): 0.50, (3, 2.0): 0.40, (3, 4.0): 0.41, (4, 2.0): 0.44, (4, 4.0): 0.40}
     tied = _scripted_tuning(tokenizer, tmp_path, monkeypatch, losses)
-    assert (tied["scale"], tied["lr"], tied["head_lr"]) == (4.0, 4e-2, 4e-3)
+    assert (tied["scale"], tied["lr"], tied["head_lr"]) == (4.0, 4e-2, 1e-3)
     assert tied["tie"]["seed"] == 4 and tied["tie"]["near"] == [4.0]
     assert tied["tie"]["spread"] == pytest.approx(0.04 / 2 ** 0.5)
     assert tied["trained"][3:] == [(4, 2.0, "vera-r16-x2-s4"), (4, 4.0, "vera-r16-x4-s4")]
@@ -148,6 +160,33 @@ def test_a_near_tie_is_broken_by_a_second_seed(tokenizer, tmp_path, monkeypatch)
     clear = _scripted_tuning(tokenizer, tmp_path, monkeypatch, {**losses, (4, 2.0): 0.401})
     assert clear["scale"] == 2.0 and clear["tie"]["near"] == [] and len(clear["trained"]) == 4
     assert "near-tie" not in tuning_lines({"vera-r16": clear})[0]
+
+
+def test_head_only_is_tuned_first_and_its_rate_is_every_adapter_points_head_rate(tokenizer, tmp_path, monkeypatch):
+    # Head-only's grid (x2 best) runs to its end, second seed included, before any adapter point; each adapter point
+    # then trains its head at head-only's choice, whatever its own scale. Rates come from the real RunRequest.rates.
+    trained = []
+    losses = {"head": {1.0: 0.6, 2.0: 0.5, 4.0: 0.7}, "vera-r16": {0.5: 0.4, 2.0: 0.3}}
+
+    def point(request, spec, scale, head_scale, prepare, work, emit, stop):
+        lr, head_lr = request.rates(spec, scale, head_scale)
+        trained.append((work.name, head_lr))
+        loss = losses[spec.setting][scale] + 0.001 * (spec.seed - 3)  # seeds agree: no near-tie
+        return {"scale": scale, "lr": lr, "head_lr": head_lr, "val_loss": loss, "steps": 2, "wall_s": 0.0}
+
+    monkeypatch.setattr(tune, "_point", point)
+    request = RunRequest((tiny_bert(tokenizer=tokenizer, num_labels=2), tokenizer), sentiment(),
+                         methods=("vera", "head"), vera=VeraConfig(r=16), train=TINY, seeds=[3],
+                         tune={"lr_scale": [0.5, 2], "head_lr_scale": [1, 2, 4]})
+    chosen = tune.tune_rates(request, tmp_path, prepare=None, emit=lambda e: None)
+    assert trained == [("head-x1", 1e-3), ("head-x2", 2e-3), ("head-x4", 4e-3), ("head-x2-s4", 2e-3),
+                       ("vera-r16-x0.5", 2e-3), ("vera-r16-x2", 2e-3), ("vera-r16-x2-s4", 2e-3)]
+    assert (chosen["head"]["scale"], chosen["head"]["lr"], chosen["vera-r16"]["lr"]) == (2.0, 2e-3, 8e-2)
+    assert request.rates(request.plan()[0], 2.0, 2.0) == (8e-2, 2e-3)  # a seed run: its scale, the one head rate
+    assert request.rates(request.plan()[1], 2.0, 2.0) == (2e-3, 2e-3)  # head-only: the head rate is its rate
+    untuned = RunRequest(request.model, sentiment(), methods=("vera", "full"), train=TrainConfig(head_lr=3e-3))
+    assert untuned.rates(untuned.plan()[0], 4.0) == (DEFAULT_LR["vera"][0] * 4, 3e-3)  # unscaled, as given
+    assert untuned.rates(untuned.plan()[1], 4.0) == (DEFAULT_LR["full"][0] * 4,) * 2  # full: one rate, head too
 
 
 def test_bad_seeds_grids_and_too_many_runs_are_refused(tokenizer):
@@ -166,6 +205,10 @@ def test_bad_seeds_grids_and_too_many_runs_are_refused(tokenizer):
         request(tune={"lr_scale": [1, 1.0]})
     with pytest.raises(ValueError, match="tune must be"):
         request(tune={"lr": [1]})
+    with pytest.raises(ValueError, match="tune must be"):
+        request(tune={"head_lr_scale": [1]})
+    with pytest.raises(ValueError, match=r"tuning grid is empty \(head_lr_scale\)"):
+        request(tune={"lr_scale": [1], "head_lr_scale": []})
     with pytest.raises(ValueError, match=r"makes 90 runs \(60 final, 30 tuning\), more than the limit of 60; "
                                          r"pass max_runs=90"):
         request(seeds=range(10), tune={"lr_scale": [0.5, 1, 2, 3, 4]}, vera=[VeraConfig(r=r) for r in range(1, 6)])
@@ -173,6 +216,8 @@ def test_bad_seeds_grids_and_too_many_runs_are_refused(tokenizer):
     assert [s.name for s in ok.plan()] == ["vera-r256-s3", "vera-r256-s4", "lora-r8-s3", "lora-r8-s4"]
     assert [(s.setting, s.seed, x) for s, x in ok.tuning_plan()] == [("vera-r256", 3, 0.5), ("vera-r256", 3, 2.0),
                                                                      ("lora-r8", 3, 0.5), ("lora-r8", 3, 2.0)]
+    head = RunRequest(model, sentiment(), methods=("lora", "head"), tune={"lr_scale": [0.5], "head_lr_scale": [4, 8]})
+    assert [(s.setting, x) for s, x in head.tuning_plan()] == [("head", 4.0), ("head", 8.0), ("lora-r8", 0.5)]
     estimate = ok.time_estimate({"vera-r256": 2.0, "lora-r8": 1.0})
     assert estimate["runs"]["vera-r256-s4"] == 100 * 2.0 and estimate["runs"]["tune/lora-r8-x0.5"] == 5 * 1.0
     assert estimate["total_s"] == 2 * 100 * 3.0 + 2 * 5 * 3.0
@@ -254,3 +299,11 @@ def test_a_resume_with_another_grid_retrains_only_the_runs_whose_rate_changed(to
     again, rates = run([2.0])  # another grid chooses another rate: the trained runs run again at it
     assert again == ["head", "vera-r16", "lora-r4"]
     assert rates["vera-r16"] == pytest.approx(DEFAULT_LR["vera"][0] * 2)
+    # A run recorded under another head rate (as the rule that scaled the head with the adapter did) is trained
+    # again, so one comparison never mixes two head rates.
+    path = tmp_path / "run" / "report.json"
+    data = json.loads(path.read_text())
+    data["runs"] = [{**r, "head_lr": 1e-3} if r["name"] == "lora-r4" else r for r in data["runs"]]
+    path.write_text(json.dumps(data))
+    assert run([2.0])[0] == ["lora-r4"]
+    assert {r["head_lr"] for r in load_run(tmp_path / "run")[0]["runs"] if r["method"] != "base"} == {2e-3}

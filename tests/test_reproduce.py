@@ -75,11 +75,16 @@ def test_quick_run_tunes_every_method_runs_two_seeds_and_writes_pairs(tmp_path, 
         assert ROW_KEYS | {"seeds", "metric_mean", "metric_std", "ci95", "tuned_lr"} <= set(row)
         assert row["task"] == "sst2" and row["metric_name"] == "accuracy" and row["seeds"] == [0, 1]
         assert row["metric"] == row["metric_mean"] and 0 <= row["metric_mean"] <= 100
-        assert [p["scale"] for p in row["lr_grid"]] == [0.5, 2.0] and row["tuned_lr"] == row["lr"]
+        grid = reproduce.QUICK["head_scales" if row["name"] == "head" else "scales"]
+        assert [p["scale"] for p in row["lr_grid"]] == grid and row["tuned_lr"] == row["lr"]
         assert row["ci95"][0] <= row["metric_mean"] <= row["ci95"][1]
-    centre = {"head": 1e-3, "lora-r8-qv": 5e-4, "vera-r256-qv": 1e-2}
+    centre = {"lora-r8-qv": 5e-4, "vera-r256-qv": 1e-2}
     for name, lr in centre.items():
         assert rows[name]["tuned_lr"] in (pytest.approx(lr * 0.5), pytest.approx(lr * 2))
+    assert rows["head"]["tuned_lr"] in (pytest.approx(1e-3), pytest.approx(8e-3))
+    # the qv comparison's heads all train at head-only's choice; every linear layer's (no head-only) at 1e-3
+    assert quality["head_lr"]["sst2"] == {"qv": rows["head"]["tuned_lr"], "all": 1e-3}
+    assert {rows[n]["head_lr"] for n in ("head", "lora-r8-qv", "vera-r1024-qv")} == {rows["head"]["tuned_lr"]}
     assert rows["lora-r8-qv"]["trainable_params"] == 73_728 and rows["vera-r256-qv"]["trainable_params"] == 7_680
     assert rows["head"]["trainable_params"] == 0 and rows["head"]["head_params"] > 0
     pairs = {(p["vera"], p["lora"]): p for p in quality["pairs"]["sst2"]}
@@ -118,12 +123,47 @@ def test_rotten_tomatoes_is_the_quality_bar_rerun_with_tuning_and_seeds():
 def test_each_task_tunes_on_its_own_default_grid_unless_the_flags_say_otherwise():
     args = argparse.Namespace(quick=False, tune=None, tune_steps=None)
     assert reproduce.tuning("sst2", args, 300) == ([0.25, 0.5, 1.0, 2.0, 4.0, 8.0], None)  # every point: full budget
-    # E2E: one more doubling (LoRA still improved at x8), grid points at half the budget, both methods alike.
-    assert reproduce.tuning("e2e", args, 300) == ([0.25, 0.5, 1.0, 2.0, 4.0, 8.0, 16.0], 150)
-    assert reproduce.tuning("e2e", args, 1000)[1] == 500
+    # E2E: x2..x16 (both methods chose x8 at half the budget), every grid point at the full budget.
+    assert reproduce.tuning("e2e", args, 300) == ([2.0, 4.0, 8.0, 16.0], None)
+    assert reproduce.tuning("e2e", args, 1000)[1] is None
     flags = argparse.Namespace(quick=False, tune=[1.0, 4.0], tune_steps=40)
     assert reproduce.tuning("e2e", flags, 300) == ([1.0, 4.0], 40)
     assert reproduce.tuning("e2e", argparse.Namespace(quick=True, tune=[1.0], tune_steps=9), 3) == ([0.5, 2.0], 2)
+
+
+def test_head_only_has_its_own_wider_grid_and_the_minilm_tasks_five_seeds():
+    args = argparse.Namespace(d_init=0.1, quick=False, no_tune=False, head_tune=None)
+    rt, = reproduce.plan("rotten-tomatoes", args)
+    qv, every = reproduce.plan("sst2", args)
+    # head-only chose 8e-3, the top of the old grid, on both MiniLM tasks: its grid now reaches x64 of 1e-3
+    assert reproduce.tune_grids(rt, [1.0, 2.0], args) == {"lr_scale": [1.0, 2.0], "head_lr_scale": [
+        0.25, 0.5, 1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0]}
+    assert reproduce.tune_grids(every, [1.0], args) == {"lr_scale": [1.0]}  # no head-only: no head grid
+    assert reproduce.tune_grids(qv, [1.0], argparse.Namespace(**{**vars(args), "head_tune": [4.0]}))[
+        "head_lr_scale"] == [4.0]
+    assert reproduce.tune_grids(qv, [1.0], argparse.Namespace(**{**vars(args), "no_tune": True})) is None
+    assert reproduce.SEEDS == {"sst2": [0, 1, 2, 3, 4], "rotten-tomatoes": [0, 1, 2, 3, 4], "e2e": [0, 1, 2]}
+
+
+@pytest.mark.integration
+def test_quick_rotten_tomatoes_records_one_head_rate_per_comparison(tmp_path):
+    """The smoke run on the built-in set: head-only tuned on its own grid first; its choice is the head rate of
+    every run in report.json and the comparison's head rate in quality.json, whose rows say where they come from."""
+    out = tmp_path / "out"
+    assert reproduce.main(["--task", "rotten-tomatoes", "--quick", "--out", str(out)]) == 0
+    report = json.loads((out / "repro" / "rotten-tomatoes" / "qv" / "report.json").read_text())
+    head = report["tuning"]["head"]
+    assert list(report["tuning"]) == ["head", "lora-r8", "vera-r256"]
+    assert [p["scale"] for p in head["grid"]] == [1.0, 8.0] and report["head_lr"] == pytest.approx(1e-3 * head["scale"])
+    assert {r["head_lr"] for r in report["runs"]} == {report["head_lr"]} and len(report["runs"]) == 6
+    assert {p["head_lr"] for s in ("lora-r8", "vera-r256") for p in report["tuning"][s]["grid"]} == {report["head_lr"]}
+    quality = json.loads((out / "quality.json").read_text())
+    assert quality["head_lr"] == {"rotten-tomatoes": {"qv": report["head_lr"]}}
+    for row in quality["tasks"]["rotten-tomatoes"]:
+        assert (row["run_dir"], row["head_rule"], row["comparison_head_lr"]) == (
+            str(out / "repro" / "rotten-tomatoes" / "qv"), "one rate per comparison", report["head_lr"])
+    assert (f"- head rate, rotten-tomatoes qv ({out / 'repro' / 'rotten-tomatoes' / 'qv'}): "
+            f"{report['head_lr']:.2g} for every method (head-only's tuned rate)") in (out / "quality.md").read_text()
 
 
 def test_the_committed_records_are_the_two_level_intervals_of_the_saved_predictions():

@@ -82,13 +82,14 @@ def sample_rows(dataset: TextDataset, n: int) -> list[dict]:
 
 def _run_one(request: RunRequest, spec: RunSpec, load: Callable[[int], tuple], run_dir: Path,
              emit: Callable[[dict], None], stop: threading.Event | None,
-             scale: float = 1.0) -> tuple[RunReport, list, str, str]:
-    """Build, train, save, evaluate one method at its learning-rate scale. Returns (report, sample outputs, device,
-    dtype), and writes run_dir/predictions/<run>.jsonl (one row per scored test example).
+             scale: float = 1.0, head_scale: float = 1.0) -> tuple[RunReport, list, str, str]:
+    """Build, train, save, evaluate one method at its learning-rate scale (and the comparison's head rate, see
+    `RunRequest.rates`). Returns (report, sample outputs, device, dtype), and writes run_dir/predictions/<run>.jsonl
+    (one row per scored test example).
 
     The trainer writes run_dir/train/<run>/: a checkpoint when stopped, which the next call resumes from."""
     t0 = time.perf_counter()
-    dataset, config = request.dataset, request.train_config(spec, scale)
+    dataset, config = request.dataset, request.train_config(spec, scale, head_scale)
     model, tokenizer = load(spec.seed)
     dtype = str(next(model.parameters()).dtype).removeprefix("torch.")
     adapter = _adapter_config(model, spec, dataset.task)
@@ -179,7 +180,7 @@ def _ended(name: str, exitcode: int | None) -> str:
     return f"the process of {name} exited with code {exitcode} without a result"
 
 
-def _child(request, spec, run_dir, messages, stop, scale) -> None:
+def _child(request, spec, run_dir, messages, stop, scale, head_scale) -> None:
     """Body of an isolated run: same as in-process, with events and the result sent back through a queue.
 
     Ctrl-C and SIGTERM reach the whole process group; only the parent acts on them (it sets `stop`), so the child
@@ -195,7 +196,7 @@ def _child(request, spec, run_dir, messages, stop, scale) -> None:
     threading.Thread(target=lambda: (parent.join(), stop.set()), daemon=True).start()
     try:
         out = _run_one(request, spec, _loader(request), Path(run_dir), lambda e: messages.put(("event", e)), stop,
-                       scale)
+                       scale, head_scale)
         messages.put(("result", out))
     except ValueError as err:  # bad input: the same one-line message as in-process
         messages.put(("invalid", str(err)))
@@ -207,11 +208,12 @@ def _child(request, spec, run_dir, messages, stop, scale) -> None:
             messages.put(("error", traceback.format_exc()))
 
 
-def _run_isolated(request: RunRequest, spec: RunSpec, run_dir: Path, emit, stop, scale: float):
+def _run_isolated(request: RunRequest, spec: RunSpec, run_dir: Path, emit, stop, scale: float, head_scale: float):
     """Run one method in a spawned process, forwarding its events and the caller's stop flag."""
     ctx = multiprocessing.get_context("spawn")
     messages, child_stop = ctx.Queue(), ctx.Event()
-    proc = ctx.Process(target=_child, args=(request, spec, str(run_dir), messages, child_stop, scale), daemon=True)
+    proc = ctx.Process(target=_child, args=(request, spec, str(run_dir), messages, child_stop, scale, head_scale),
+                       daemon=True)
     proc.start()
     try:
         while True:
@@ -286,14 +288,23 @@ def _write_config(run_dir: Path, request: RunRequest, specs: list[RunSpec]) -> N
     })
 
 
-def _same_rates(request: RunRequest, spec: RunSpec, run: dict, scale: float) -> bool:
-    """Whether a finished run was trained at the rates this request gives it now: a resume with another tuning grid
-    can choose another rate, and then the run is trained again."""
+def _same_rates(request: RunRequest, spec: RunSpec, run: dict, scale: float, head_scale: float) -> bool:
+    """Whether a finished run was trained at the rates this request gives it now, its head's included: a resume with
+    another tuning grid can choose another rate, and a run recorded under another head rate (another head-only
+    choice, or the rule that scaled the head with the adapter) would mix two head rates in one comparison; either
+    way the run is trained again."""
     if spec.method == "base":
         return True
-    config = request.train_config(spec, scale)
+    config = request.train_config(spec, scale, head_scale)
     head_lr = config.head_lr if run.get("head_params") else None  # runs without a head record none (see _run_one)
     return (run.get("lr"), run.get("head_lr")) == (config.lr, head_lr)
+
+
+def _head_lr(request: RunRequest, specs: list[RunSpec], head_scale: float) -> float | None:
+    """The one rate every classifier head of the comparison trains at (head-only, VeRA, LoRA); None when no run
+    trains a head apart from the body (a causal LM; base; full fine-tuning, whose head trains at its one rate)."""
+    heads = request.dataset.task == "classification" and any(s.method in ("head", "vera", "lora") for s in specs)
+    return request.head_rate(head_scale) if heads else None
 
 
 EXISTS = ("refuse", "resume", "overwrite")
@@ -391,9 +402,11 @@ def _run_specs(request: RunRequest, specs: list[RunSpec], run_dir: Path, report:
         prepare = lambda spec: _trainable_model(request, spec, _loader(request))  # noqa: E731
         report.tuning = tune_rates(request, run_dir, prepare, emit, stop)
         scales = {setting: entry["scale"] for setting, entry in (report.tuning or {}).items()}
+    head_scale = scales.get("head", 1.0)  # head-only's tuned scale sets every method's head rate
+    report.head_lr = _head_lr(request, specs, head_scale)
     for spec in specs:
         if spec.name in finished and _same_rates(request, spec, finished[spec.name],
-                                                 scales.get(spec.setting, 1.0)):  # resumed: finished before
+                                                 scales.get(spec.setting, 1.0), head_scale):  # resumed: finished before
             kept = {k: v for k, v in finished[spec.name].items() if k in RunReport.__dataclass_fields__}
             report.runs.append(RunReport(**kept, history=histories.get(spec.name, [])))
             continue
@@ -406,10 +419,10 @@ def _run_specs(request: RunRequest, specs: list[RunSpec], run_dir: Path, report:
 
         if request.isolate:
             run, outputs, device, dtype = _run_isolated(request, spec, run_dir, emit_run, stop,
-                                                        scales.get(spec.setting, 1.0))
+                                                        scales.get(spec.setting, 1.0), head_scale)
         else:
             run, outputs, device, dtype = _run_one(request, spec, load, run_dir, emit_run, stop,
-                                                   scales.get(spec.setting, 1.0))
+                                                   scales.get(spec.setting, 1.0), head_scale)
             gc.collect()  # drop this method's model before the next one measures its memory
         report.runs.append(run)
         report.device, report.dtype = device, dtype

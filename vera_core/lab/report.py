@@ -77,6 +77,7 @@ class Report:
     samples: list[dict] = field(default_factory=list, repr=False)
     seeds: list[int] = field(default_factory=list)  # training seeds; `seed` is the data split's
     tuning: dict | None = None  # tune.tune_rates: per setting the chosen scale, lr, head_lr and the grid's losses
+    head_lr: float | None = None  # every classifier head's one rate (compare._head_lr); None: no run trains one apart
     settings: list[dict] = field(default_factory=list)  # per setting over seeds (`setting_rows`)
     pairs: list[dict] = field(default_factory=list)  # every VeRA − LoRA pair (`pair_rows`)
 
@@ -84,7 +85,7 @@ class Report:
         return {"model": self.model, "task": self.task, "dataset": self.dataset, "device": self.device,
                 "dtype": self.dtype, "seed": self.seed, "seeds": self.seeds, "memory_mode": self.memory_mode,
                 "stopped": self.stopped, "error": self.error, "runs": [r.to_dict() for r in self.runs],
-                "settings": self.settings, "pairs": self.pairs, "tuning": self.tuning}
+                "settings": self.settings, "pairs": self.pairs, "tuning": self.tuning, "head_lr": self.head_lr}
 
     def run(self, name: str) -> RunReport:
         for r in self.runs:
@@ -373,6 +374,17 @@ def tuning_lines(tuning: dict | None) -> list[str]:
     return lines
 
 
+def head_rate_line(report: Report | dict) -> str | None:
+    """Where the classifier heads' one rate came from, in one sentence; None when no run trains a head apart."""
+    report = _as_dict(report)
+    if report.get("head_lr") is None:
+        return None
+    source = ("head-only's tuned rate" if "head" in (report.get("tuning") or {})
+              else "not tuned: the request's head rate or the default")
+    return (f"Classifier head: one rate for every method, {report['head_lr']:.2g} ({source}); tuning moves the "
+            "adapters' rates only, so the methods differ in their adapters alone.")
+
+
 def seeds_note(report: Report | dict) -> str:
     """What varies with the seed and what does not, in one sentence."""
     report = _as_dict(report)
@@ -392,6 +404,8 @@ def seed_summary_lines(report: Report | dict) -> list[str]:
         lines += [pair_line(p) for p in report.get("pairs") or []]
     if report.get("tuning"):
         lines += ["", "tuned learning rates (validation loss, first seed):", *tuning_lines(report["tuning"])]
+    if lines and head_rate_line(report):
+        lines.append(head_rate_line(report))
     return lines
 
 
@@ -410,8 +424,11 @@ def report_markdown(report: Report, figures: Sequence[str] = ()) -> str:
         lines += ["", seeds_note(report), "", "```", format_table(setting_table(report.settings), SETTING_COLUMNS),
                   "```", ""] + [f"- {pair_line(p)}" for p in report.pairs]
     if report.tuning:
-        lines += ["", "Learning rates tuned on validation (same grid and steps for every method, first seed):", ""]
+        lines += ["", "Learning rates tuned on validation (the same steps for every method, first seed; head-only "
+                  "first, its rate then the head rate of all):", ""]
         lines += [f"- {line}" for line in tuning_lines(report.tuning)]
+    if head_rate_line(report):
+        lines += ["", head_rate_line(report)]
     checks = [(r, comparable_estimate(r.memory_estimate, r.peak_memory_kind)) for r in report.runs if r.memory_estimate]
     checks = [(r, est) for r, est in checks if est and r.peak_memory_bytes]
     if checks:

@@ -29,6 +29,7 @@ from .models import QUANTIZATIONS, model_config
 
 METHODS = ("base", "head", "vera", "lora", "full")
 MAX_RUNS = 60  # runs (seeds × settings, plus tuning runs) one request may make unless max_runs is raised
+TUNE_GRIDS = ("lr_scale", "head_lr_scale")  # every trained setting's grid; head-only's own (default: lr_scale)
 
 
 class TooManyRuns(ValueError):
@@ -178,18 +179,10 @@ class RunRequest:
         positive_int("max_runs", self.max_runs, optional=True)
         if self.tune is None:
             return
-        if not isinstance(self.tune, dict) or set(self.tune) != {"lr_scale"}:
-            raise ValueError(f"tune must be {{'lr_scale': [scales]}}, e.g. {{'lr_scale': [0.25, 0.5, 1, 2, 4]}}; "
-                             f"got {self.tune!r}.")
-        scales = list(self.tune["lr_scale"])
-        if not scales:
-            raise ValueError("the tuning grid is empty; give at least one learning-rate scale, e.g. 0.5,1,2.")
-        if any(isinstance(x, bool) or not isinstance(x, (int, float)) or not math.isfinite(x) or x <= 0
-               for x in scales):
-            raise ValueError(f"learning-rate scales must be positive numbers, got {scales}.")
-        if len(set(scales)) != len(scales):
-            raise ValueError(f"the tuning grid {scales} repeats a scale; list each once.")
-        self.tune = {"lr_scale": [float(x) for x in scales]}
+        if not isinstance(self.tune, dict) or "lr_scale" not in self.tune or not set(self.tune) <= set(TUNE_GRIDS):
+            raise ValueError(f"tune must be {{'lr_scale': [scales]}}, e.g. {{'lr_scale': [0.25, 0.5, 1, 2, 4]}}, "
+                             f"optionally with head-only's own grid as 'head_lr_scale'; got {self.tune!r}.")
+        self.tune = {key: _scales(key, self.tune[key]) for key in TUNE_GRIDS if key in self.tune}
 
     @property
     def loads_by_name(self) -> bool:
@@ -229,10 +222,15 @@ class RunRequest:
         return runs
 
     def _make_tuning_plan(self) -> list[tuple[RunSpec, float]]:
+        """(setting at the first seed, learning-rate scale) of every tuning run, head-only first (its chosen rate
+        becomes the head rate the others' points train with, see `rates`) on its own grid ("head_lr_scale", else
+        "lr_scale"); [] without `tune`."""
         if not self.tune:
             return []
-        return [(replace(s, seed=self.seeds[0]), scale) for s in self._settings if s.method != "base"
-                for scale in self.tune["lr_scale"]]
+        trained = sorted((s for s in self._settings if s.method != "base"), key=lambda s: s.method != "head")
+        own = {"head": self.tune.get("head_lr_scale", self.tune["lr_scale"])}
+        return [(replace(s, seed=self.seeds[0]), scale) for s in trained
+                for scale in own.get(s.method, self.tune["lr_scale"])]
 
     def _make_settings(self) -> list[RunSpec]:
         unknown = [m for m in self.methods if m not in METHODS]
@@ -283,21 +281,33 @@ class RunRequest:
                 "based_on": f"{len(self.plan())} runs of {steps} steps{tuning}, x the step time measured on this "
                             f"device for {', '.join(sorted(step_s))}; loading and evaluation not included"}
 
-    def rates(self, spec: RunSpec, scale: float = 1.0) -> tuple[float, float]:
-        """(learning rate, head learning rate) of a run: `lrs` for its method, else train.lr, else the method's
-        default; the head's rate is train.head_lr, else the default; both × `scale` (a tuned scale)."""
+    def rates(self, spec: RunSpec, scale: float = 1.0, head_scale: float = 1.0) -> tuple[float, float]:
+        """(learning rate, head learning rate) of a run. The classifier head trains at one rate in every method of a
+        comparison (`head_rate`), so the methods differ in their adapters only: an adapter's tuned `scale` moves its
+        own rate, never the head's. Head-only trains nothing but the head: its rate is the head rate × its `scale`.
+        Other methods: `lrs` for the method, else train.lr, else the method's default, × `scale`; full fine-tuning
+        trains its head with the body, at that one rate."""
         from .train import default_lr  # the trainer loads only when a run needs its rates
 
         if spec.method == "base":
             return 0.0, 0.0
-        lr, head_lr = default_lr(spec.method)
-        return (self.lrs.get(spec.method, self.train.lr) or lr) * scale, (self.train.head_lr or head_lr) * scale
+        if spec.method == "head":
+            return self.head_rate(scale), self.head_rate(scale)
+        lr = (self.lrs.get(spec.method, self.train.lr) or default_lr(spec.method)[0]) * scale
+        return lr, lr if spec.method == "full" else self.head_rate(head_scale)
 
-    def train_config(self, spec: RunSpec, scale: float = 1.0) -> TrainConfig:
+    def head_rate(self, head_scale: float = 1.0) -> float:
+        """The comparison's one classifier-head rate: lrs["head"], else train.head_lr, else the default (DEFAULT_LR's
+        head-only rate), × `head_scale`: head-only's tuned scale when tuning chose one (vera_core.lab.tune)."""
+        from .train import default_lr
+
+        return (self.lrs.get("head") or self.train.head_lr or default_lr("head")[1]) * head_scale
+
+    def train_config(self, spec: RunSpec, scale: float = 1.0, head_scale: float = 1.0) -> TrainConfig:
         """The run's TrainConfig: the request's, with its own seed and rates (`rates`)."""
         if spec.method == "base":
             return replace(self.train, seed=spec.seed)
-        lr, head_lr = self.rates(spec, scale)
+        lr, head_lr = self.rates(spec, scale, head_scale)
         return replace(self.train, seed=spec.seed, lr=lr, head_lr=head_lr)
 
     def model_config(self):
@@ -340,6 +350,19 @@ class RunRequest:
         if device.type == "cuda":
             return torch.cuda.get_device_properties(device).total_memory, f"the GPU's ({device})"
         return psutil.virtual_memory().total, "this machine's"
+
+
+def _scales(key: str, value) -> list[float]:
+    """A tuning grid, checked: a non-empty list of distinct positive numbers."""
+    scales = list(value)
+    if not scales:
+        raise ValueError(f"the tuning grid is empty ({key}); give at least one learning-rate scale, e.g. 0.5,1,2.")
+    if any(isinstance(x, bool) or not isinstance(x, (int, float)) or not math.isfinite(x) or x <= 0
+           for x in scales):
+        raise ValueError(f"learning-rate scales must be positive numbers, got {scales}.")
+    if len(set(scales)) != len(scales):
+        raise ValueError(f"the tuning grid {scales} repeats a scale; list each once.")
+    return [float(x) for x in scales]
 
 
 def _refuse_repeats(specs: list[RunSpec]) -> None:

@@ -48,7 +48,8 @@ DEFAULT_LR: dict[str, tuple[float, float]] = {
     # Rotten Tomatoes, E2E), then across the tasks, rounded to one significant figure (tests/test_train.py
     # recomputes it). VeRA's vectors: 3.7e-2 -> 4e-2 (the VeRA paper's RoBERTa GLUE runs used 4e-3 to 1e-2);
     # LoRA: 1.0e-3 (the LoRA paper's GLUE runs used 4e-4 to 5e-4). The head trains at the same 1e-3 under every
-    # method: a head rate that differed by method would confound the comparison (tuning scales both rates together).
+    # method: a head rate that differed by method would confound the comparison (tuning moves the adapter's rate only;
+    # head-only's tuned rate, when it is tuned, becomes every method's head rate: RunRequest.rates).
     "vera": (4e-2, 1e-3),
     "lora": (1e-3, 1e-3),
     # Head-only (linear probe): the head is all that trains, at 1e-3.

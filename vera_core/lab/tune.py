@@ -1,5 +1,10 @@
-"""Equal tuning for every method: each setting's learning rates × every scale of the grid, trained for the same
+"""Equal tuning for every method: each setting's learning rate × every scale of the grid, trained for the same
 number of steps on the first seed and scored by validation loss; the lowest wins. The test split is never read.
+
+The classifier head trains at one rate in every method of a comparison (`RunRequest.rates`), so tuning moves only
+the adapters' rates. When the comparison includes head-only, it is tuned first, on its own grid (tune's
+"head_lr_scale"), and its chosen rate becomes that head rate: every other setting's grid points, and later every
+seed run, train their heads at it.
 
 One seed's validation loss moves with the seed, so a lowest loss can win by chance. The winner is therefore trained
 again on a second seed: half the gap between its two losses, times sqrt(2), is the seed-to-seed spread (the sample
@@ -28,12 +33,12 @@ RESULT = "tune.json"
 LR_SCALES = (0.25, 0.5, 1.0, 2.0, 4.0)  # the default grid: a factor 16 around each method's default rates
 
 
-def _point(request: RunRequest, spec: RunSpec, scale: float, prepare: Callable[[RunSpec], tuple], work: Path,
-           emit: Callable[[dict], None], stop: threading.Event | None) -> dict | None:
+def _point(request: RunRequest, spec: RunSpec, scale: float, head_scale: float, prepare: Callable[[RunSpec], tuple],
+           work: Path, emit: Callable[[dict], None], stop: threading.Event | None) -> dict | None:
     """One grid point's {"scale", "lr", "head_lr", "val_loss", "steps", "wall_s"}; None when stopped."""
     # Evaluated once, at the end, on the whole validation split: the one number the choice rests on.
     steps = request.tune_steps or request.steps_per_run()
-    config = replace(request.train_config(spec, scale), steps=steps, epochs=None, eval_every=steps,
+    config = replace(request.train_config(spec, scale, head_scale), steps=steps, epochs=None, eval_every=steps,
                      eval_batches=None, checkpoint_every=None)
     if (work / RESULT).is_file():
         point = json.loads((work / RESULT).read_text())
@@ -60,8 +65,8 @@ def second_seed(request: RunRequest) -> int:
     return request.seeds[1] if len(request.seeds) > 1 else request.seeds[0] + 1
 
 
-def _break_tie(request: RunRequest, spec: RunSpec, entry: dict, prepare: Callable[[RunSpec], tuple], run_dir: Path,
-               emit: Callable[[dict], None], stop: threading.Event | None) -> dict | None:
+def _break_tie(request: RunRequest, spec: RunSpec, entry: dict, head_scale: float, prepare: Callable[[RunSpec], tuple],
+               run_dir: Path, emit: Callable[[dict], None], stop: threading.Event | None) -> dict | None:
     """The setting's choice after the second-seed check (module docstring): {"scale", "lr", "head_lr", "tie"}, where
     "tie" records the seed, the spread, the near-tied scales and every second-seed loss; None when stopped."""
     scored = sorted((p for p in entry["grid"] if p["val_loss"] is not None), key=lambda p: p["val_loss"])
@@ -73,7 +78,7 @@ def _break_tie(request: RunRequest, spec: RunSpec, entry: dict, prepare: Callabl
     def run_again(point: dict) -> bool:
         emit({"type": "tune_start", "run": spec.setting, "scale": point["scale"], "seed": seed})
         work = run_dir / "tune" / f"{spec.setting}-x{point['scale']:g}-s{seed}"
-        result = _point(request, replace(spec, seed=seed), point["scale"], prepare, work, emit, stop)
+        result = _point(request, replace(spec, seed=seed), point["scale"], head_scale, prepare, work, emit, stop)
         if result is not None:
             again[point["scale"]] = result["val_loss"]
             emit({"type": "tune_done", "run": spec.setting, "seed": seed, **result})
@@ -104,14 +109,31 @@ def tune_rates(request: RunRequest, run_dir: Path, prepare: Callable[[RunSpec], 
                emit: Callable[[dict], None], stop: threading.Event | None = None) -> dict | None:
     """{setting: {"scale", "lr", "head_lr" (the chosen ones), "grid": [every point, in grid order], "tie" (the
     second-seed check, `_break_tie`; None for a one-point grid)}} for every trained setting of `request`
-    (`request.tuning_plan()`); None when `stop` ended it (finished points are kept). prepare(spec) gives the fresh,
-    trainable (model, tokenizer) of a run. A point whose loss is not finite (diverged) is never chosen; ties go to
-    the earlier scale."""
+    (`request.tuning_plan()`), head-only first: its chosen scale sets the head rate of the rest; None when `stop`
+    ended it (finished points are kept). prepare(spec) gives the fresh, trainable (model, tokenizer) of a run. A point
+    whose loss is not finite (diverged) is never chosen; ties go to the earlier scale."""
+    plan = request.tuning_plan()
+    chosen = _tune(request, [p for p in plan if p[0].method == "head"], 1.0, run_dir, prepare, emit, stop)
+    head_scale = (chosen or {}).get("head", {}).get("scale", 1.0)
+    rest = None if chosen is None else _tune(request, [p for p in plan if p[0].method != "head"], head_scale,
+                                             run_dir, prepare, emit, stop)
+    if rest is None:
+        return None
+    chosen.update(rest)
+    write_json(run_dir / "tuning.json", chosen)
+    return chosen
+
+
+def _tune(request: RunRequest, plan: list[tuple[RunSpec, float]], head_scale: float, run_dir: Path,
+          prepare: Callable[[RunSpec], tuple], emit: Callable[[dict], None],
+          stop: threading.Event | None) -> dict | None:
+    """`tune_rates` for the grid points of `plan`, every head trained at the head rate × `head_scale`."""
     chosen: dict[str, dict] = {}
     specs: dict[str, RunSpec] = {}
-    for spec, scale in request.tuning_plan():
+    for spec, scale in plan:
         emit({"type": "tune_start", "run": spec.setting, "scale": scale})
-        point = _point(request, spec, scale, prepare, run_dir / "tune" / f"{spec.setting}-x{scale:g}", emit, stop)
+        point = _point(request, spec, scale, head_scale, prepare, run_dir / "tune" / f"{spec.setting}-x{scale:g}",
+                       emit, stop)
         if point is None:
             return None
         specs[spec.setting] = spec
@@ -119,9 +141,8 @@ def tune_rates(request: RunRequest, run_dir: Path, prepare: Callable[[RunSpec], 
         entry["grid"].append(point)
         emit({"type": "tune_done", "run": spec.setting, **point})
     for setting, entry in chosen.items():
-        choice = _break_tie(request, specs[setting], entry, prepare, run_dir, emit, stop)
+        choice = _break_tie(request, specs[setting], entry, head_scale, prepare, run_dir, emit, stop)
         if choice is None:
             return None
         entry.update(choice)
-    write_json(run_dir / "tuning.json", chosen)
     return chosen
