@@ -31,7 +31,9 @@ import time
 from pathlib import Path
 
 from harness import (RESULTS, SMOLLM2, TARGETS, ChildFailed, command_line, machine, parse_or_serve, peak_rss_bytes,
-                     run_child, smollm2_shapes, write_page)
+                     run_child, smollm2_shapes, source_commit, write_page)
+
+from vera_core.adapters.files import write_text
 
 KS = [1, 4, 16, 64]
 # In the order they run: the headline comparisons first, so an interrupted run has recorded those.
@@ -461,8 +463,28 @@ def why_mixed_is_slower(data: dict) -> list[str]:
     return lines
 
 
-def write_report(data: dict) -> None:
-    (RESULTS / "serve.json").write_text(json.dumps(data, indent=1) + "\n")
+UNRECORDED = "unrecorded"  # the run of a row measured before rows named their run
+
+
+def run_ids(data: dict) -> set[str]:
+    """The runs the record's measurements come from (rows and the 1,000-adapter memory)."""
+    detail = [data["bank_1000_detail"]] if data.get("bank_1000_detail") else []
+    return {r.get("run", UNRECORDED) for r in data["rows"] + detail}
+
+
+class MixedRuns(SystemExit):
+    """The record holds measurements of more than one run and the caller did not allow it."""
+
+
+def write_report(data: dict, allow_mixed: bool = False) -> None:
+    """serve.json and serve.md from `data`; a record mixing runs is refused unless `allow_mixed`, and then each row's
+    run is marked."""
+    runs = run_ids(data)
+    if len(runs) > 1 and not allow_mixed:
+        raise MixedRuns(f"error: the serving record mixes {len(runs)} runs ({', '.join(sorted(runs))}): rows measured "
+                        "in different runs drift apart on a shared machine; rerun benchmarks/serve.py --fresh for one "
+                        "run, or pass --allow-mixed to write it with each row's run marked")
+    write_text(RESULTS / "serve.json", json.dumps(data, indent=1) + "\n")
     s = data["settings"]
     lines = ["# Serving many adapters on one base (SmolLM2-135M-Instruct, all 7 projections)", "",
              f"Device: {data['device']}. Date: {data['date']}. Mode: **{data['mode']}** ({s['prompts']} prompts x "
@@ -557,10 +579,21 @@ def plot(data: dict) -> None:
     plt.close(fig)
 
 
+def _pending(data: dict, impl: str) -> list[int]:
+    """The K an implementation still has to measure in this record."""
+    return [k for k in ([1] if impl in ("base", "ours-vera-single") else KS) if _row(data, impl, k) is None]
+
+
+def _load_average() -> list[float]:
+    return [round(x, 2) for x in os.getloadavg()]
+
+
 def main() -> None:
     parser = command_line(__doc__, "serve.json")
     parser.add_argument("--quick", action="store_true", help="8 new tokens per prompt instead of 32")
     parser.add_argument("--only", nargs="*", choices=IMPLS + ["bank"], help="run only these configurations")
+    parser.add_argument("--allow-mixed", action="store_true",
+                        help="add to a record that holds rows of an earlier run (resume); serve.md marks each row's run")
     args = parse_or_serve(parser, lambda cfg: CHILDREN[cfg["kind"]](cfg))
     if args is None:
         return
@@ -578,21 +611,35 @@ def main() -> None:
     data.setdefault("rows", [])
     data.setdefault("bank_1000_bytes", {})
     data.setdefault("load_64_s", {})
-    data.update(device=machine(torch, device), mode=mode, settings=settings,
-                date=datetime.date.today().isoformat(),
-                full_command="HF_HUB_OFFLINE=1 python benchmarks/serve.py")
     data.setdefault("errors", {})
-    data.setdefault("load_average_at_start", [round(x, 1) for x in os.getloadavg()])
+    data.setdefault("runs", {})
     wanted = args.only or IMPLS + ["bank"]
+    todo = [impl for impl in IMPLS if impl in wanted and _pending(data, impl)]
+    todo += ["bank"] if "bank" in wanted and "vera" not in data["bank_1000_bytes"] else []
+    if not todo:  # everything is measured: rewrite the report from the record
+        write_report(data, args.allow_mixed)
+        print((RESULTS / "serve.md").read_text())
+        return
+    if data["rows"] and not args.allow_mixed:
+        raise SystemExit(f"error: {path} already holds rows of run(s) {', '.join(sorted(run_ids(data)))}; measuring "
+                         f"{', '.join(todo)} now would mix runs in one record. Rerun with --fresh to measure "
+                         "everything in one run, or with --allow-mixed to add to it (serve.md then marks each row's "
+                         "run).")
+    started = datetime.datetime.now().astimezone()
+    run_id = f"{source_commit()}@{started.isoformat(timespec='seconds')}"
+    data["runs"][run_id] = {"commit": run_id.split("@")[0], "started": started.isoformat(timespec="seconds"),
+                            "load_average_at_start": _load_average(),
+                            "omp_num_threads": os.environ.get("OMP_NUM_THREADS")}
+    data.update(device=machine(torch, device), mode=mode, settings=settings, date=started.date().isoformat(),
+                full_command="HF_HUB_OFFLINE=1 python benchmarks/serve.py")
 
     def save() -> None:
-        write_report(data)
+        write_report(data, args.allow_mixed)
 
     with tempfile.TemporaryDirectory(prefix="serve-") as folder:
         made: set[str] = set()
         for impl in [i for i in IMPLS if i in wanted]:
-            ks = [1] if impl in ("base", "ours-vera-single") else KS
-            pending = [k for k in ks if _row(data, impl, k) is None]
+            pending = _pending(data, impl)
             if not pending:
                 continue
             kind = {"ours-vera": "vera", "merged-grouped": "vera", "ours-vera-single": "vera", "ours-lora": "lora",
@@ -610,7 +657,7 @@ def main() -> None:
                 load_s = row.pop("load_s")
                 if impl in ("ours-vera", "peft-lora") and max(KS) in pending:
                     data["load_64_s"][impl] = load_s
-                data["rows"].append(row)
+                data["rows"].append({**row, "run": run_id})
                 data["errors"].pop(impl, None)
                 print(f"  {impl} K={row['K']}: {row['tokens_per_s']:.1f} tok/s", flush=True)
                 save()
@@ -629,7 +676,7 @@ def main() -> None:
 
             def bank(res: dict) -> None:
                 data["bank_1000_bytes"] = {"vera": res["vera_rss_bytes"], "lora": res["lora_computed_bytes"]}
-                data["bank_1000_detail"] = res
+                data["bank_1000_detail"] = {**res, "run": run_id}
                 save()
 
             try:
@@ -637,6 +684,8 @@ def main() -> None:
                                      "dtype": "float32"}, bank)
             except ChildFailed as err:
                 data["errors"]["bank"] = err.tail
+    data["runs"][run_id].update(ended=datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
+                                load_average_at_end=_load_average())
     save()
     print((RESULTS / "serve.md").read_text())
 
