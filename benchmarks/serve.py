@@ -2,12 +2,15 @@
 
     python benchmarks/serve.py             # 64 prompts x 32 new tokens, K in {1, 4, 16, 64} (the issue's setting)
     python benchmarks/serve.py --quick     # 64 prompts x 8 new tokens: same K, shorter decode (marked "quick")
-    python benchmarks/serve.py --fresh     # start over instead of resuming
+    python benchmarks/serve.py --fresh     # measure everything again, in one run
+    python benchmarks/serve.py --allow-mixed   # resume a stopped run (serve.md marks each row's run)
 
 SmolLM2-135M-Instruct, fp32 on CPU (bf16 on a GPU), greedy, exactly N new tokens per prompt (min_new_tokens = N),
 all 7 projections adapted; row i uses adapter i mod K. Each configuration runs in its own process; every
-finished (impl, K) row goes into benchmarks/results/serve.json at once, and a rerun skips the rows already there
-(for the same mode). Tokens per second count generated tokens only (64 x N) over the wall time of the generate
+finished (impl, K) row goes into benchmarks/results/serve.json at once, named by its run (commit @ start time); the
+record keeps each run's start, end and load average (1, 5, 15 min) at both. A record mixes runs only when asked
+(--allow-mixed: a rerun then skips the rows already there, for the same mode); with every row measured, the command
+rewrites serve.md from serve.json. Tokens per second count generated tokens only (64 x N) over the wall time of the generate
 calls (for the grouped configurations including set_adapter / merge / unmerge between groups), after one warm-up
 call; hooks on the Hugging Face model also time its forward calls apart: prefill (the prompt, many tokens per row)
 and decode (one token per row, with the KV cache), so serve.md can say which phase a gap comes from. Peak memory is the child's ru_maxrss: peak RSS of the process up to that row (model and adapter load
@@ -40,6 +43,13 @@ KS = [1, 4, 16, 64]
 IMPLS = ["base", "ours-vera-single", "ours-vera", "peft-lora", "peft-vera-grouped", "merged-grouped", "ours-lora"]
 VERA_R, LORA_R = 256, 8
 TARGET_FLAT, TARGET_PEFT_LORA, TARGET_PEFT_VERA, TARGET_BANK = 0.9, 3.0, 5.0, 1e9
+BANK_ROW = "1,000 VeRA adapters held (bytes, RSS)"  # the one ratios() row in bytes, judged against TARGET_BANK
+
+
+def megabytes(n_bytes: float) -> str:
+    """Bytes in MB and MiB both, so a number just over a target in GB never rounds to it: "1,001.7 MB (10^6 bytes)
+    = 955 MiB"."""
+    return f"{n_bytes / 1e6:,.1f} MB (10^6 bytes) = {n_bytes / 2**20:,.0f} MiB"
 
 
 # ---------------------------------------------------------------------------------------------- child process
@@ -344,7 +354,7 @@ def ratios(data: dict) -> list[tuple[str, float | None, str]]:
     bank = data.get("bank_1000_bytes", {}).get("vera")
     out.append(("load 64 ours-vera (s)", load.get("ours-vera") if (load := data.get("load_64_s", {})) else None,
                 "<= 2 s"))
-    out.append(("1,000 VeRA adapters held (GB)", bank / 1e9 if bank is not None else None, "<= 1 GB"))
+    out.append((BANK_ROW, bank, f"<= {TARGET_BANK / 1e9:g} GB"))
     load = data.get("load_64_s", {})
     out.append(("load 64: peft-lora / ours-vera", div(load.get("peft-lora"), load.get("ours-vera")), "-"))
     return out
@@ -421,36 +431,33 @@ def why_targets_missed(data: dict) -> list[str]:
     bank, extra = data.get("bank_1000_bytes", {}).get("vera"), data.get("bank_1000_detail", {})
     if bank and bank > TARGET_BANK and "parameters" in extra:
         lines.append(
-            f"- **1,000 VeRA adapters: {bank / 1e9:.3f} GB** (target {TARGET_BANK / 1e9:.0f} GB): the vectors "
-            f"({extra['vera_vector_bytes'] / 1e6:.0f} MB) are held once; the rest is one nn.Parameter per adapter "
+            f"- **1,000 VeRA adapters: {megabytes(bank)}** (target {TARGET_BANK / 1e9:g} GB = 10^9 bytes, missed by "
+            f"{100 * (bank / TARGET_BANK - 1):.1f}%): the vectors ({extra['vera_vector_bytes'] / 1e6:,.1f} MB) are "
+            "held once; the rest is one nn.Parameter per adapter "
             "and adapted layer for b and for d (above), what lets any loaded adapter be trained, saved or merged.")
     return ["", "Why the missed targets are missed (from this record's rows):", *lines] if lines else []
 
 
 def why_mixed_is_slower(data: dict) -> list[str]:
-    """The measured causes of the gap between mixed VeRA and the one-adapter plain path (profiled on this machine
-    with torch.profiler, see the numbers below), then this record's own split of the gap into prefill and decode."""
+    """The mechanisms behind the gap between mixed VeRA and the one-adapter plain path, then this record's own split
+    of the gap into prefill and decode (the only figures here are the record's and the shapes')."""
+    vera, _ = adapter_macs()
     lines = [
-        "Where mixed VeRA loses against the one-adapter plain path (profiled before and after the fixes in this "
-        "record's code, SmolLM2 fp32 CPU, 32 prompts x 44 tokens, one thread, medians of 3 interleaved runs):",
-        "- **Prefill of distinct adapters cannot fold** (inherent). With one adapter, a prompt of N tokens folds "
-        "W' = W0 + diag(b) B_s diag(d) A_s once per layer (2 r in out multiply-adds, ~14% of the base prefill here) "
-        "and runs the base product; rows with different adapters need the per-token path, 2 N r (in + out) with "
-        "A_s x shared by q/k/v and gate/up (~48% of the base prefill's multiply-adds at r=256). Measured: mixed K=64 "
-        "prefill 0.62x the plain path's speed, with 89% of its time in matrix products. Rows that all name one "
-        "adapter (K=1) now take the plain path and its fold (prefill 1.00x).",
-        "- **Per-step overheads in decode** (fixed): each layer gathered its rows' b and d with advanced indexing "
-        "and checked the stacked bank against every loaded adapter (64 x 2 tensor selects per layer and step; a "
-        "fifth of a decode step in torch.profiler). The rows' vectors are now gathered once per mixed call "
-        "(index_select). Decode per step went from 0.72x to 1.03x of the plain path at K=64.",
-        "- **A x was not shared under inference_mode** (fixed, both paths): generate's inference tensors carry no "
-        "version counter, so the shared input projection was recomputed by q, k, v and gate, up. The cache now "
-        "proves a hit by comparing x with a copy.",
-        "- **Small parallel ops on a loaded 2-core machine** (environment): with two threads and other processes on "
-        "the cores, an op split across threads can wait for a descheduled one (isfinite on 220k floats: 0.5 ms on "
-        "one thread, 16-34 ms on two; the old per-layer gather averaged 0.67 ms a call). Rows here run in separate "
-        "processes at different times, so their two-thread ratios carry that noise; the one-thread interleaved "
-        "profile above is the controlled measurement.",
+        "Where mixed VeRA loses against the one-adapter plain path (mechanisms; the figures are this record's):",
+        "- **Prefill of distinct adapters cannot fold** (inherent). With one adapter, a prompt folds "
+        "W' = W0 + diag(b) B_s diag(d) A_s once per layer, a cost that does not grow with the prompt, and runs the "
+        "base product; rows with different adapters need the per-token path, which adds "
+        f"{vera:.0%} of the base projections' multiply-adds for every prompt token (A_s x shared by q/k/v and by "
+        "gate/up). Rows that all name one adapter (K=1) take the plain path and its fold.",
+        "- **Per-step overheads in decode** (fixed in the code measured here): each row's b and d are gathered once "
+        "per mixed call (index_select), not per layer and step with advanced indexing and a check of the stacked bank "
+        "against every loaded adapter.",
+        "- **A x is shared under inference_mode** (both paths): generate's inference tensors carry no version "
+        "counter, so the cache proves a hit by comparing x with a copy instead of recomputing the shared input "
+        "projection for q, k, v and for gate, up.",
+        "- **The machine** (environment): rows run in separate processes at different times on a shared CPU, so a "
+        "ratio of two rows carries the load's drift; the same-process ratios (mixed, plain, plain, mixed) are the "
+        "controlled comparison.",
     ]
     single = _row(data, "ours-vera-single", 1)
     mixed = [r for r in (_row(data, "ours-vera", k) for k in KS) if r and "prefill_s" in r]
@@ -460,6 +467,11 @@ def why_mixed_is_slower(data: dict) -> list[str]:
         lines += ["", f"In this record (speed of mixed relative to the plain path, per phase): {parts}. The plain "
                   f"path spent {single['prefill_s']:.1f} s in prefill and {single['decode_s']:.1f} s in decode; "
                   "the more new tokens per prompt, the less the inherent prefill gap weighs."]
+    same = [r for r in mixed if "plain_prefill_s" in r.get("same_process", {})]
+    if same:
+        parts = ", ".join(f"K={r['K']}: prefill {r['same_process']['plain_prefill_s'] / r['prefill_s']:.2f}x, decode "
+                          f"{r['same_process']['plain_decode_s'] / r['decode_s']:.2f}x" for r in same)
+        lines += ["", f"Against the plain path timed in the same process (its two runs' mean): {parts}."]
     return lines
 
 
@@ -474,6 +486,92 @@ def run_ids(data: dict) -> set[str]:
 
 class MixedRuns(SystemExit):
     """The record holds measurements of more than one run and the caller did not allow it."""
+
+
+def _shown(name: str, value: float | None) -> str:
+    if value is None:
+        return "not measured"
+    return megabytes(value) if name == BANK_ROW else f"{value:.2f}"
+
+
+def _met(name: str, value: float | None, target: str) -> str:
+    """yes / **no** against a target written "<= 2 s" or ">= 0.9" (the bank row's against TARGET_BANK bytes)."""
+    if value is None or target == "-":
+        return "-"
+    bound = TARGET_BANK if name == BANK_ROW else float(target.split()[1])
+    return "yes" if (value <= bound if target.startswith("<=") else value >= bound) else "**no**"
+
+
+def _letters(runs: set[str]) -> dict[str, str]:
+    """A letter per run, in the order the runs started (rows of no recorded run first)."""
+    return {run: chr(ord("A") + i) for i, run in enumerate(sorted(runs, key=lambda r: (r != UNRECORDED, r)))}
+
+
+def _runs_lines(data: dict, runs: set[str]) -> list[str]:
+    """When and under what load each run measured its rows; a record of several runs says so first."""
+    letters, lines = _letters(runs), []
+    if len(runs) > 1:
+        lines += ["", f"**Mixed record: its rows come from {len(runs)} runs** (written with --allow-mixed; column "
+                  "\"run\" below). Separate runs on a shared machine drift apart, so a ratio of rows from different "
+                  "runs carries that drift."]
+    for run in sorted(runs, key=letters.get):
+        info = data.get("runs", {}).get(run)
+        name = f"Run {letters[run]} " if len(runs) > 1 else "One run, "
+        if info is None:
+            lines += ["", f"{name}rows measured before rows named their run: start, end and load not recorded."]
+            continue
+        start, end = info.get("load_average_at_start"), info.get("load_average_at_end")
+        threads = info.get("omp_num_threads")
+        # The end reading includes this run's own last child (one process at `threads` threads).
+        busy = (start is not None and start[0] >= 1) or (
+            end is not None and end[0] >= 1 + int(threads or os.cpu_count()))
+        readings = [f"{start} at the start"] * (start is not None) + [f"{end} at the end"] * (end is not None)
+        load = (f"Load average (1, 5, 15 min) on {os.cpu_count()} cores: {', '.join(readings)}: " + (
+            "other processes shared the CPU, so absolute numbers are low and noisy." if busy else
+            "nothing else was running.")) if readings else "Load average not recorded."
+        lines += ["", f"{name}`{run}`: started {info.get('started') or 'at a time not recorded'}, " + (
+            f"ended {info['ended']}" if "ended" in info else "end not recorded") + (
+            f" (committed {info['committed']})" if "committed" in info else "")
+            + f"; OMP_NUM_THREADS={threads or 'not recorded'}. {load}"]
+    return lines
+
+
+def _rows_table(data: dict, letters: dict[str, str] | None) -> list[str]:
+    """Every measured row; with `letters` (a mixed record) a column names each row's run."""
+    run_col = (" run |", "---|") if letters else ("", "")
+    lines = [f"| impl | K | tokens/s | peak RSS (MiB) | seconds | prefill s | decode s |{run_col[0]}",
+             f"|---|---|---|---|---|---|---|{run_col[1]}"]
+    for impl in IMPLS:
+        for k in KS:
+            r = _row(data, impl, k)
+            if r:
+                phases = " | ".join(f"{r[key]:.1f}" if key in r else "-" for key in ("prefill_s", "decode_s"))
+                run = f" {letters[r.get('run', UNRECORDED)]} |" if letters else ""
+                lines.append(f"| {impl} | {k} | {r['tokens_per_s']:.1f} | {r['peak_rss_bytes'] / 2**20:.0f} | "
+                             f"{r['seconds']:.1f} | {phases} |{run}")
+    return lines
+
+
+def _bank_lines(data: dict) -> list[str]:
+    bank, extra = data.get("bank_1000_bytes"), data.get("bank_1000_detail")
+    if not (bank and extra):
+        return []
+    lines = [f"1,000 adapters: VeRA r=256 {megabytes(bank['vera'])} measured (RSS after load_adapters of "
+             f"{extra['count']} real directories, after malloc_trim; the vectors themselves "
+             f"{extra['vera_vector_bytes'] / 1e6:,.1f} MB; load {extra['load_s']:.1f} s), LoRA r=8 "
+             f"{megabytes(bank['lora'])} (computed from the shapes, fp32 A and B)."]
+    if "parameters" in extra:
+        from vera_core.adapters.io import BANK_EVERY
+
+        rest = bank["vera"] - extra["vera_vector_bytes"]
+        lines.append(
+            f"\nThe {rest / 1e6:,.1f} MB beyond the vectors are their {extra['parameters']:,} parameter objects "
+            f"(a b and a d per adapter and adapted layer): {rest / extra['parameters']:.0f} B each here, against "
+            f"{extra['bytes_per_parameter_view']:.0f} B measured on their own for a Parameter that views a row "
+            "of a stack, held in a ParameterDict (Python object, TensorImpl, dict entries). The vectors are held "
+            f"once: load_adapters copies each group of {BANK_EVERY} adapters into rows kept free for them, so the "
+            "files' tensors are freed as it goes instead of being held a second time until a final stack.")
+    return lines
 
 
 def write_report(data: dict, allow_mixed: bool = False) -> None:
@@ -496,52 +594,21 @@ def write_report(data: dict, allow_mixed: bool = False) -> None:
              "set_adapter / merge / unmerge). Peak RSS: the process's ru_maxrss up to that row.", "",
              "Prefill / decode: seconds inside the model's forward calls on the prompt / on one new token per row "
              "(the rest of a row's seconds is generate's own work between calls).", "",
-             "| impl | K | tokens/s | peak RSS (MiB) | seconds | prefill s | decode s |", "|---|---|---|---|---|---|---|"]
-    for impl in IMPLS:
-        for k in KS:
-            r = _row(data, impl, k)
-            if r:
-                phases = " | ".join(f"{r[key]:.1f}" if key in r else "-" for key in ("prefill_s", "decode_s"))
-                lines.append(f"| {impl} | {k} | {r['tokens_per_s']:.1f} | {r['peak_rss_bytes'] / 2**20:.0f} | "
-                             f"{r['seconds']:.1f} | {phases} |")
+             *_runs_lines(data, runs), "", *_rows_table(data, letters=_letters(runs) if len(runs) > 1 else None)]
     lines += ["", "| ratio | value | target | met |", "|---|---|---|---|"]
     for name, value, target in ratios(data):
-        met = "-" if value is None or target == "-" else (
-            "yes" if (value <= float(target.split()[1]) if target.startswith("<=") else
-                      value >= float(target.split()[1])) else "**no**")
-        lines.append(f"| {name} | {'not measured' if value is None else f'{value:.2f}'} | {target} | {met} |")
+        lines.append(f"| {name} | {_shown(name, value)} | {target} | {_met(name, value, target)} |")
     lines += ["", f"Crossover with PEFT LoRA mixed: {crossover(data)}.", ""]
-    bank, extra = data.get("bank_1000_bytes"), data.get("bank_1000_detail")
-    if bank and extra:
-        lines.append(f"1,000 adapters: VeRA r=256 {bank['vera'] / 1e6:.0f} MB measured (RSS after load_adapters of "
-                     f"{extra['count']} real directories, after malloc_trim; the vectors themselves "
-                     f"{extra['vera_vector_bytes'] / 1e6:.0f} MB; load {extra['load_s']:.1f} s), LoRA r=8 "
-                     f"{bank['lora'] / 1e6:.0f} MB (computed from the shapes, fp32 A and B).")
-        if "parameters" in extra:
-            from vera_core.adapters.io import BANK_EVERY
-
-            rest = bank["vera"] - extra["vera_vector_bytes"]
-            lines.append(
-                f"\nThe {rest / 1e6:.0f} MB beyond the vectors are their {extra['parameters']:,} parameter objects "
-                f"(a b and a d per adapter and adapted layer): {rest / extra['parameters']:.0f} B each here, against "
-                f"{extra['bytes_per_parameter_view']:.0f} B measured on their own for a Parameter that views a row "
-                "of a stack, held in a ParameterDict (Python object, TensorImpl, dict entries). The vectors are held "
-                f"once: load_adapters copies each group of {BANK_EVERY} adapters into rows kept free for them, so the "
-                "files' tensors are freed as it goes (stacking everything at the end held 1.75 GB: the vectors twice over, then freed copies "
-                "scattered through the heap that malloc_trim could not give back).")
+    lines += _bank_lines(data)
     load = data.get("load_64_s", {})
     if load:
         lines.append("\nLoad of 64 adapter directories: " + ", ".join(f"{k} {v:.1f} s" for k, v in load.items()) + ".")
     missing = [f"{impl} K={k}" for impl in IMPLS for k in ([1] if impl in ("base", "ours-vera-single") else KS)
                if _row(data, impl, k) is None] + ([] if data.get("bank_1000_bytes") else ["1,000-adapter memory"])
     if missing:
-        lines += ["", "**Not measured in this record** (the run was stopped or has not reached them; rerun the same "
-                  "command to resume): " + ", ".join(missing) + "."]
-    if data.get("load_average_at_start"):
-        busy = data["load_average_at_start"][0] >= 1  # this benchmark's own processes start after the reading
-        lines += ["", f"Load average (1, 5, 15 min) when the run started: {data['load_average_at_start']} on "
-                  f"{os.cpu_count()} cores: " + ("other processes shared the CPU, so absolute numbers are low and "
-                                                 "noisy." if busy else "nothing else was running.")]
+        lines += ["", "**Not measured in this record** (the run was stopped or has not reached them; rerun with "
+                  "--fresh to measure everything in one run, or with --allow-mixed to resume, each row's run marked): "
+                  + ", ".join(missing) + "."]
     lines += [*why_targets_missed(data), "", *why_mixed_is_slower(data)]
     for note in data.get("notes", []):  # written by hand about this record (a rerun of another mode drops them)
         lines += ["", note]
