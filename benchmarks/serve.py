@@ -536,6 +536,25 @@ def _runs_lines(data: dict, runs: set[str]) -> list[str]:
     return lines
 
 
+HEADLINES = {"ours-vera K=64 / peft-lora K=64": (("ours-vera", 64), ("peft-lora", 64)),
+             "ours-vera K=64 / peft-vera-grouped K=64": (("ours-vera", 64), ("peft-vera-grouped", 64)),
+             "ours-vera-single / base": (("ours-vera-single", 1), ("base", 1))}
+
+
+def run_headlines(data: dict) -> dict[str, dict[str, float]]:
+    """Per run, the headline ratios of HEADLINES computed from that run's own rows alone (rows a later run replaced,
+    kept in `superseded_rows`, included), where the run measured both sides."""
+    by_run: dict[str, dict] = {}
+    for r in data["rows"] + data.get("superseded_rows", []):
+        by_run.setdefault(r.get("run", UNRECORDED), {})[(r["impl"], r["K"])] = r["tokens_per_s"]
+    out = {}
+    for run, tps in by_run.items():
+        values = {name: tps[a] / tps[b] for name, (a, b) in HEADLINES.items() if a in tps and b in tps}
+        if values:
+            out[run] = values
+    return out
+
+
 def _rows_table(data: dict, letters: dict[str, str] | None) -> list[str]:
     """Every measured row; with `letters` (a mixed record) a column names each row's run."""
     run_col = (" run |", "---|") if letters else ("", "")
@@ -598,6 +617,15 @@ def write_report(data: dict, allow_mixed: bool = False) -> None:
     lines += ["", "| ratio | value | target | met |", "|---|---|---|---|"]
     for name, value, target in ratios(data):
         lines.append(f"| {name} | {_shown(name, value)} | {target} | {_met(name, value, target)} |")
+    if len(runs) > 1:
+        within = run_headlines(data)
+        letters = _letters(runs)
+        lines += ["", "The same ratios within one run (its own rows only, rows a later run replaced included: "
+                  "serve.json's superseded_rows): " + ("; ".join(
+                      f"run {letters.get(run, '?')}: " + ", ".join(f"{name} {value:.2f}" for name, value in
+                                                                   values.items())
+                      for run, values in sorted(within.items(), key=lambda item: letters.get(item[0], "?")))
+                      or "no run measured both sides of any of them") + "."]
     lines += ["", f"Crossover with PEFT LoRA mixed: {crossover(data)}.", ""]
     lines += _bank_lines(data)
     load = data.get("load_64_s", {})

@@ -99,6 +99,7 @@ def test_a_record_of_one_run_says_when_and_under_what_load_it_ran(results):
 def test_a_record_mixing_runs_is_refused_unless_asked_and_then_each_row_names_its_run(results):
     data = one_run()
     data["runs"].update(one_run(RUN_B)["runs"])
+    data["superseded_rows"] = [{**data["rows"][-1], "tokens_per_s": 100.0}]  # run A's own ours-vera K=64
     data["rows"][-1]["run"] = RUN_B  # ours-vera K=64 measured again in a later run
     with pytest.raises(serve.MixedRuns, match="mixes 2 runs .*--allow-mixed"):
         serve.write_report(data)
@@ -109,6 +110,9 @@ def test_a_record_mixing_runs_is_refused_unless_asked_and_then_each_row_names_it
     assert f"Run A `{RUN_A}`" in page and f"Run B `{RUN_B}`" in page
     assert "| base | 1 | 200.0 | 1024 | 10.0 | 3.0 | 6.0 | A |" in page
     assert "| ours-vera | 64 | 130.0 | 1024 | 15.0 | 6.0 | 8.0 | B |" in page
+    # Within run A alone: 100 / 50 against PEFT LoRA, 150 / 200 single over base; run B measured one side only.
+    assert ("The same ratios within one run (its own rows only, rows a later run replaced included: serve.json's "
+            "superseded_rows): run A: ours-vera K=64 / peft-lora K=64 2.00, ours-vera-single / base 0.75.") in page
     data["bank_1000_detail"]["run"] = RUN_B  # the memory of 1,000 adapters counts as a measurement too
     for row in data["rows"]:
         row["run"] = RUN_B
@@ -148,3 +152,7 @@ def test_the_readme_serving_row_says_whether_its_ratios_come_from_one_run():
     records["serve"]["rows"][-1]["run"] = RUN_B
     head = summary.serve_rows(records["serve"])[0][1]
     assert head.endswith("grouped by adapter 10.00x (mixed record: rows from 2 runs, marked in serve.md)")
+    # PEFT VeRA grouped was measured in run A too, then replaced by run B's row: run A alone gives 130 / 50, 130 / 26.
+    records["serve"]["superseded_rows"] = [{"impl": "peft-vera-grouped", "K": 64, "tokens_per_s": 26.0, "run": RUN_A}]
+    head = summary.serve_rows(records["serve"])[0][1]
+    assert head.endswith(f"marked in serve.md; within run {RUN_A} alone: 2.60x and 5.00x)")
