@@ -371,7 +371,7 @@ def crossover(data: dict) -> str:
     ahead = [k for k, r in pts if r >= 1]
     if not ahead:
         return f"ours VeRA stays behind PEFT LoRA at every measured K ({', '.join(f'K={k}: {r:.2f}x' for k, r in pts)})"
-    return (f"ours VeRA is at or above PEFT LoRA from K={ahead[0]} on in this run "
+    return (f"ours VeRA is at or above PEFT LoRA from K={ahead[0]} on in this record "
             f"({', '.join(f'K={k}: {r:.2f}x' for k, r in pts)})")
 
 
@@ -425,7 +425,7 @@ def why_targets_missed(data: dict) -> list[str]:
             f"{vera:.0%} of the base projections' multiply-adds (A x once per distinct input, B per layer), against "
             f"{lora:.1%} for LoRA r={LORA_R}. PEFT LoRA loses {peft_1['tokens_per_s'] / peft['tokens_per_s']:.1f}x "
             f"from K=1 to K=64 here ({peft_1['tokens_per_s']:.0f} -> {peft['tokens_per_s']:.0f} tok/s at "
-            f"{data['settings']['tokens']} new tokens; the issue measured 173 -> 36 tok/s, 4.8x, at 16). The 3x "
+            f"{data['settings']['tokens']} new tokens). The 3x "
             f"needs VeRA at a lower r (the adapter's cost grows with r) or a faster one-adapter path, not a flatter "
             "curve.")
     bank, extra = data.get("bank_1000_bytes", {}).get("vera"), data.get("bank_1000_detail", {})
@@ -612,7 +612,7 @@ def write_report(data: dict, allow_mixed: bool = False) -> None:
              "Tokens/s: generated tokens over the wall time of the generate calls (grouped configurations include "
              "set_adapter / merge / unmerge). Peak RSS: the process's ru_maxrss up to that row.", "",
              "Prefill / decode: seconds inside the model's forward calls on the prompt / on one new token per row "
-             "(the rest of a row's seconds is generate's own work between calls).", "",
+             "(the rest of a row's seconds is generate's own work between calls).",
              *_runs_lines(data, runs), "", *_rows_table(data, letters=_letters(runs) if len(runs) > 1 else None)]
     lines += ["", "| ratio | value | target | met |", "|---|---|---|---|"]
     for name, value, target in ratios(data):
