@@ -10,12 +10,12 @@ all 7 projections adapted; row i uses adapter i mod K. Each configuration runs i
 (impl, K) row goes into benchmarks/results/serve.json at once, named by its run (commit @ start time); the record
 keeps each run's start, end and load average (1, 5, 15 min) at both. A record mixes runs only when asked
 (--allow-mixed: a rerun then skips the rows already there, for the same mode); with every row measured, the command
-rewrites serve.md from serve.json. Tokens per second count generated tokens only (64 x N) over the wall time of the generate
-calls (for the grouped configurations including set_adapter / merge / unmerge between groups), after one warm-up
-call; hooks on the Hugging Face model also time its forward calls apart: prefill (the prompt, many tokens per row)
-and decode (one token per row, with the KV cache), so serve.md can say which phase a gap comes from. Peak memory is
-the child's ru_maxrss: peak RSS of the process up to that row (model and adapter load included; K runs ascending in
-one process, so a row's peak covers the smaller K before it).
+rewrites serve.md from serve.json. Tokens per second count generated tokens only (64 x N) over the wall time of the
+generate calls (for the grouped configurations including set_adapter / merge / unmerge between groups), after one
+warm-up call; hooks on the Hugging Face model also time its forward calls apart: prefill (the prompt, many tokens
+per row) and decode (one token per row, with the KV cache), so serve.md can say which phase a gap comes from. Peak
+memory is the child's ru_maxrss: peak RSS of the process up to that row (model and adapter load included; K runs
+ascending in one process, so a row's peak covers the smaller K before it).
 
 Configurations: base (no adapter); ours-vera-single (one VeRA r=256 adapter, plain path); ours-vera (VeRA r=256,
 `adapter_names`, K=1 too); ours-lora (LoRA r=8, `adapter_names`, sub-batch per adapter); peft-lora (PEFT 0.21.2
