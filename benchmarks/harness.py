@@ -99,6 +99,17 @@ def machine(torch, device: str) -> str:
     return f"{where}, torch {torch.__version__}"
 
 
+def source_commit() -> str:
+    """The commit the benchmark code was run from (short hash, "+dirty" with uncommitted changes), so that a record
+    names the code that measured it; "unknown" outside a git checkout."""
+    def git(*args: str) -> str:
+        done = subprocess.run(["git", "-C", str(ROOT), *args], capture_output=True, text=True)
+        return done.stdout.strip() if done.returncode == 0 else ""
+
+    commit = git("rev-parse", "--short", "HEAD")
+    return (commit + ("+dirty" if git("status", "--porcelain", "--untracked-files=no") else "")) or "unknown"
+
+
 def smollm2_shapes() -> dict[str, tuple[int, int]]:
     """(in, out) of SmolLM2-135M's seven projections per block, from its config: k and v are its key/value heads
     (grouped-query attention), gate and up widen to the MLP's size, down comes back."""

@@ -2,16 +2,20 @@
 
     python benchmarks/serve.py             # 64 prompts x 32 new tokens, K in {1, 4, 16, 64} (the issue's setting)
     python benchmarks/serve.py --quick     # 64 prompts x 8 new tokens: same K, shorter decode (marked "quick")
-    python benchmarks/serve.py --fresh     # start over instead of resuming
+    python benchmarks/serve.py --fresh     # measure everything again, in one run
+    python benchmarks/serve.py --allow-mixed   # resume a stopped run (serve.md marks each row's run)
 
 SmolLM2-135M-Instruct, fp32 on CPU (bf16 on a GPU), greedy, exactly N new tokens per prompt (min_new_tokens = N),
-all 7 projections adapted; row i uses adapter i mod K. Each configuration runs in its own process; every
-finished (impl, K) row goes into benchmarks/results/serve.json at once, and a rerun skips the rows already there
-(for the same mode). Tokens per second count generated tokens only (64 x N) over the wall time of the generate
-calls (for the grouped configurations including set_adapter / merge / unmerge between groups), after one warm-up
-call; hooks on the Hugging Face model also time its forward calls apart: prefill (the prompt, many tokens per row)
-and decode (one token per row, with the KV cache), so serve.md can say which phase a gap comes from. Peak memory is the child's ru_maxrss: peak RSS of the process up to that row (model and adapter load
-included; K runs ascending in one process, so a row's peak covers the smaller K before it).
+all 7 projections adapted; row i uses adapter i mod K. Each configuration runs in its own process; every finished
+(impl, K) row goes into benchmarks/results/serve.json at once, named by its run (commit @ start time); the record
+keeps each run's start, end and load average (1, 5, 15 min) at both. A record mixes runs only when asked
+(--allow-mixed: a rerun then skips the rows already there, for the same mode); with every row measured, the command
+rewrites serve.md from serve.json. Tokens per second count generated tokens only (64 x N) over the wall time of the
+generate calls (for the grouped configurations including set_adapter / merge / unmerge between groups), after one
+warm-up call; hooks on the Hugging Face model also time its forward calls apart: prefill (the prompt, many tokens
+per row) and decode (one token per row, with the KV cache), so serve.md can say which phase a gap comes from. Peak
+memory is the child's ru_maxrss: peak RSS of the process up to that row (model and adapter load included; K runs
+ascending in one process, so a row's peak covers the smaller K before it).
 
 Configurations: base (no adapter); ours-vera-single (one VeRA r=256 adapter, plain path); ours-vera (VeRA r=256,
 `adapter_names`, K=1 too); ours-lora (LoRA r=8, `adapter_names`, sub-batch per adapter); peft-lora (PEFT 0.21.2
@@ -31,13 +35,22 @@ import time
 from pathlib import Path
 
 from harness import (RESULTS, SMOLLM2, TARGETS, ChildFailed, command_line, machine, parse_or_serve, peak_rss_bytes,
-                     run_child, smollm2_shapes, write_page)
+                     run_child, smollm2_shapes, source_commit, write_page)
+
+from vera_core.adapters.files import write_text
 
 KS = [1, 4, 16, 64]
 # In the order they run: the headline comparisons first, so an interrupted run has recorded those.
 IMPLS = ["base", "ours-vera-single", "ours-vera", "peft-lora", "peft-vera-grouped", "merged-grouped", "ours-lora"]
 VERA_R, LORA_R = 256, 8
 TARGET_FLAT, TARGET_PEFT_LORA, TARGET_PEFT_VERA, TARGET_BANK = 0.9, 3.0, 5.0, 1e9
+BANK_ROW = "1,000 VeRA adapters held (bytes, RSS)"  # the one ratios() row in bytes, judged against TARGET_BANK
+
+
+def megabytes(n_bytes: float) -> str:
+    """Bytes in MB and MiB both, so a number just over a target in GB never rounds to it: "1,001.7 MB (10^6 bytes)
+    = 955 MiB"."""
+    return f"{n_bytes / 1e6:,.1f} MB (10^6 bytes) = {n_bytes / 2**20:,.0f} MiB"
 
 
 # ---------------------------------------------------------------------------------------------- child process
@@ -342,7 +355,7 @@ def ratios(data: dict) -> list[tuple[str, float | None, str]]:
     bank = data.get("bank_1000_bytes", {}).get("vera")
     out.append(("load 64 ours-vera (s)", load.get("ours-vera") if (load := data.get("load_64_s", {})) else None,
                 "<= 2 s"))
-    out.append(("1,000 VeRA adapters held (GB)", bank / 1e9 if bank is not None else None, "<= 1 GB"))
+    out.append((BANK_ROW, bank, f"<= {TARGET_BANK / 1e9:g} GB"))
     load = data.get("load_64_s", {})
     out.append(("load 64: peft-lora / ours-vera", div(load.get("peft-lora"), load.get("ours-vera")), "-"))
     return out
@@ -359,7 +372,7 @@ def crossover(data: dict) -> str:
     ahead = [k for k, r in pts if r >= 1]
     if not ahead:
         return f"ours VeRA stays behind PEFT LoRA at every measured K ({', '.join(f'K={k}: {r:.2f}x' for k, r in pts)})"
-    return (f"ours VeRA is at or above PEFT LoRA from K={ahead[0]} on in this run "
+    return (f"ours VeRA is at or above PEFT LoRA from K={ahead[0]} on in this record "
             f"({', '.join(f'K={k}: {r:.2f}x' for k, r in pts)})")
 
 
@@ -413,42 +426,39 @@ def why_targets_missed(data: dict) -> list[str]:
             f"{vera:.0%} of the base projections' multiply-adds (A x once per distinct input, B per layer), against "
             f"{lora:.1%} for LoRA r={LORA_R}. PEFT LoRA loses {peft_1['tokens_per_s'] / peft['tokens_per_s']:.1f}x "
             f"from K=1 to K=64 here ({peft_1['tokens_per_s']:.0f} -> {peft['tokens_per_s']:.0f} tok/s at "
-            f"{data['settings']['tokens']} new tokens; the issue measured 173 -> 36 tok/s, 4.8x, at 16). The 3x "
+            f"{data['settings']['tokens']} new tokens). The 3x "
             f"needs VeRA at a lower r (the adapter's cost grows with r) or a faster one-adapter path, not a flatter "
             "curve.")
     bank, extra = data.get("bank_1000_bytes", {}).get("vera"), data.get("bank_1000_detail", {})
     if bank and bank > TARGET_BANK and "parameters" in extra:
         lines.append(
-            f"- **1,000 VeRA adapters: {bank / 1e9:.3f} GB** (target {TARGET_BANK / 1e9:.0f} GB): the vectors "
-            f"({extra['vera_vector_bytes'] / 1e6:.0f} MB) are held once; the rest is one nn.Parameter per adapter "
+            f"- **1,000 VeRA adapters: {megabytes(bank)}** (target {TARGET_BANK / 1e9:g} GB = 10^9 bytes, missed by "
+            f"{100 * (bank / TARGET_BANK - 1):.1f}%): the vectors ({extra['vera_vector_bytes'] / 1e6:,.1f} MB) are "
+            "held once; the rest is one nn.Parameter per adapter "
             "and adapted layer for b and for d (above), what lets any loaded adapter be trained, saved or merged.")
     return ["", "Why the missed targets are missed (from this record's rows):", *lines] if lines else []
 
 
 def why_mixed_is_slower(data: dict) -> list[str]:
-    """The measured causes of the gap between mixed VeRA and the one-adapter plain path (profiled on this machine
-    with torch.profiler, see the numbers below), then this record's own split of the gap into prefill and decode."""
+    """The mechanisms behind the gap between mixed VeRA and the one-adapter plain path, then this record's own split
+    of the gap into prefill and decode (the only figures here are the record's and the shapes')."""
+    vera, _ = adapter_macs()
     lines = [
-        "Where mixed VeRA loses against the one-adapter plain path (profiled before and after the fixes in this "
-        "record's code, SmolLM2 fp32 CPU, 32 prompts x 44 tokens, one thread, medians of 3 interleaved runs):",
-        "- **Prefill of distinct adapters cannot fold** (inherent). With one adapter, a prompt of N tokens folds "
-        "W' = W0 + diag(b) B_s diag(d) A_s once per layer (2 r in out multiply-adds, ~14% of the base prefill here) "
-        "and runs the base product; rows with different adapters need the per-token path, 2 N r (in + out) with "
-        "A_s x shared by q/k/v and gate/up (~48% of the base prefill's multiply-adds at r=256). Measured: mixed K=64 "
-        "prefill 0.62x the plain path's speed, with 89% of its time in matrix products. Rows that all name one "
-        "adapter (K=1) now take the plain path and its fold (prefill 1.00x).",
-        "- **Per-step overheads in decode** (fixed): each layer gathered its rows' b and d with advanced indexing "
-        "and checked the stacked bank against every loaded adapter (64 x 2 tensor selects per layer and step; a "
-        "fifth of a decode step in torch.profiler). The rows' vectors are now gathered once per mixed call "
-        "(index_select). Decode per step went from 0.72x to 1.03x of the plain path at K=64.",
-        "- **A x was not shared under inference_mode** (fixed, both paths): generate's inference tensors carry no "
-        "version counter, so the shared input projection was recomputed by q, k, v and gate, up. The cache now "
-        "proves a hit by comparing x with a copy.",
-        "- **Small parallel ops on a loaded 2-core machine** (environment): with two threads and other processes on "
-        "the cores, an op split across threads can wait for a descheduled one (isfinite on 220k floats: 0.5 ms on "
-        "one thread, 16-34 ms on two; the old per-layer gather averaged 0.67 ms a call). Rows here run in separate "
-        "processes at different times, so their two-thread ratios carry that noise; the one-thread interleaved "
-        "profile above is the controlled measurement.",
+        "Where mixed VeRA loses against the one-adapter plain path (mechanisms; the figures are this record's):",
+        "- **Prefill of distinct adapters cannot fold** (inherent). With one adapter, a prompt folds "
+        "W' = W0 + diag(b) B_s diag(d) A_s once per layer, a cost that does not grow with the prompt, and runs the "
+        "base product; rows with different adapters need the per-token path, which adds "
+        f"{vera:.0%} of the base projections' multiply-adds for every prompt token (A_s x shared by q/k/v and by "
+        "gate/up). Rows that all name one adapter (K=1) take the plain path and its fold.",
+        "- **Per-step overheads in decode** (fixed in the code measured here): each row's b and d are gathered once "
+        "per mixed call (index_select), not per layer and step with advanced indexing and a check of the stacked bank "
+        "against every loaded adapter.",
+        "- **A x is shared under inference_mode** (both paths): generate's inference tensors carry no version "
+        "counter, so the cache proves a hit by comparing x with a copy instead of recomputing the shared input "
+        "projection for q, k, v and for gate, up.",
+        "- **The machine** (environment): rows run in separate processes at different times on a shared CPU, so a "
+        "ratio of two rows carries the load's drift; the same-process ratios (mixed, plain, plain, mixed) are the "
+        "controlled comparison.",
     ]
     single = _row(data, "ours-vera-single", 1)
     mixed = [r for r in (_row(data, "ours-vera", k) for k in KS) if r and "prefill_s" in r]
@@ -458,11 +468,141 @@ def why_mixed_is_slower(data: dict) -> list[str]:
         lines += ["", f"In this record (speed of mixed relative to the plain path, per phase): {parts}. The plain "
                   f"path spent {single['prefill_s']:.1f} s in prefill and {single['decode_s']:.1f} s in decode; "
                   "the more new tokens per prompt, the less the inherent prefill gap weighs."]
+    same = [r for r in mixed if "plain_prefill_s" in r.get("same_process", {})]
+    if same:
+        parts = ", ".join(f"K={r['K']}: prefill {r['same_process']['plain_prefill_s'] / r['prefill_s']:.2f}x, decode "
+                          f"{r['same_process']['plain_decode_s'] / r['decode_s']:.2f}x" for r in same)
+        lines += ["", f"Against the plain path timed in the same process (its two runs' mean): {parts}."]
     return lines
 
 
-def write_report(data: dict) -> None:
-    (RESULTS / "serve.json").write_text(json.dumps(data, indent=1) + "\n")
+UNRECORDED = "unrecorded"  # the run of a row measured before rows named their run
+
+
+def run_ids(data: dict) -> set[str]:
+    """The runs the record's measurements come from (rows and the 1,000-adapter memory)."""
+    detail = [data["bank_1000_detail"]] if data.get("bank_1000_detail") else []
+    return {r.get("run", UNRECORDED) for r in data["rows"] + detail}
+
+
+class MixedRuns(SystemExit):
+    """The record holds measurements of more than one run and the caller did not allow it."""
+
+
+def _shown(name: str, value: float | None) -> str:
+    if value is None:
+        return "not measured"
+    return megabytes(value) if name == BANK_ROW else f"{value:.2f}"
+
+
+def _met(name: str, value: float | None, target: str) -> str:
+    """yes / **no** against a target written "<= 2 s" or ">= 0.9" (the bank row's against TARGET_BANK bytes)."""
+    if value is None or target == "-":
+        return "-"
+    bound = TARGET_BANK if name == BANK_ROW else float(target.split()[1])
+    return "yes" if (value <= bound if target.startswith("<=") else value >= bound) else "**no**"
+
+
+def _letters(runs: set[str]) -> dict[str, str]:
+    """A letter per run, in the order the runs started (rows of no recorded run first)."""
+    return {run: chr(ord("A") + i) for i, run in enumerate(sorted(runs, key=lambda r: (r != UNRECORDED, r)))}
+
+
+def _runs_lines(data: dict, runs: set[str]) -> list[str]:
+    """When and under what load each run measured its rows; a record of several runs says so first."""
+    letters, lines = _letters(runs), []
+    if len(runs) > 1:
+        lines += ["", f"**Mixed record: its rows come from {len(runs)} runs** (written with --allow-mixed; column "
+                  "\"run\" below). Separate runs on a shared machine drift apart, so a ratio of rows from different "
+                  "runs carries that drift."]
+    for run in sorted(runs, key=letters.get):
+        info = data.get("runs", {}).get(run)
+        name = f"Run {letters[run]} " if len(runs) > 1 else "One run, "
+        if info is None:
+            lines += ["", f"{name}rows measured before rows named their run: start, end and load not recorded."]
+            continue
+        start, end = info.get("load_average_at_start"), info.get("load_average_at_end")
+        threads = info.get("omp_num_threads")
+        # The end reading includes this run's own last child (one process at `threads` threads).
+        busy = (start is not None and start[0] >= 1) or (
+            end is not None and end[0] >= 1 + int(threads or os.cpu_count()))
+        readings = [f"{start} at the start"] * (start is not None) + [f"{end} at the end"] * (end is not None)
+        load = (f"Load average (1, 5, 15 min) on {os.cpu_count()} cores: {', '.join(readings)}: " + (
+            "other processes shared the CPU, so absolute numbers are low and noisy." if busy else
+            "nothing else was running.")) if readings else "Load average not recorded."
+        lines += ["", f"{name}`{run}`: started {info.get('started') or 'at a time not recorded'}, " + (
+            f"ended {info['ended']}" if "ended" in info else "end not recorded") + (
+            f" (committed {info['committed']})" if "committed" in info else "")
+            + f"; OMP_NUM_THREADS={threads or 'not recorded'}. {load}"]
+    return lines
+
+
+HEADLINES = {"ours-vera K=64 / peft-lora K=64": (("ours-vera", 64), ("peft-lora", 64)),
+             "ours-vera K=64 / peft-vera-grouped K=64": (("ours-vera", 64), ("peft-vera-grouped", 64)),
+             "ours-vera-single / base": (("ours-vera-single", 1), ("base", 1))}
+
+
+def run_headlines(data: dict) -> dict[str, dict[str, float]]:
+    """Per run, the headline ratios of HEADLINES computed from that run's own rows alone (rows a later run replaced,
+    kept in `superseded_rows`, included), where the run measured both sides."""
+    by_run: dict[str, dict] = {}
+    for r in data["rows"] + data.get("superseded_rows", []):
+        by_run.setdefault(r.get("run", UNRECORDED), {})[(r["impl"], r["K"])] = r["tokens_per_s"]
+    out = {}
+    for run, tps in by_run.items():
+        values = {name: tps[a] / tps[b] for name, (a, b) in HEADLINES.items() if a in tps and b in tps}
+        if values:
+            out[run] = values
+    return out
+
+
+def _rows_table(data: dict, letters: dict[str, str] | None) -> list[str]:
+    """Every measured row; with `letters` (a mixed record) a column names each row's run."""
+    run_col = (" run |", "---|") if letters else ("", "")
+    lines = [f"| impl | K | tokens/s | peak RSS (MiB) | seconds | prefill s | decode s |{run_col[0]}",
+             f"|---|---|---|---|---|---|---|{run_col[1]}"]
+    for impl in IMPLS:
+        for k in KS:
+            r = _row(data, impl, k)
+            if r:
+                phases = " | ".join(f"{r[key]:.1f}" if key in r else "-" for key in ("prefill_s", "decode_s"))
+                run = f" {letters[r.get('run', UNRECORDED)]} |" if letters else ""
+                lines.append(f"| {impl} | {k} | {r['tokens_per_s']:.1f} | {r['peak_rss_bytes'] / 2**20:.0f} | "
+                             f"{r['seconds']:.1f} | {phases} |{run}")
+    return lines
+
+
+def _bank_lines(data: dict) -> list[str]:
+    bank, extra = data.get("bank_1000_bytes"), data.get("bank_1000_detail")
+    if not (bank and extra):
+        return []
+    lines = [f"1,000 adapters: VeRA r=256 {megabytes(bank['vera'])} measured (RSS after load_adapters of "
+             f"{extra['count']} real directories, after malloc_trim; the vectors themselves "
+             f"{extra['vera_vector_bytes'] / 1e6:,.1f} MB; load {extra['load_s']:.1f} s), LoRA r=8 "
+             f"{megabytes(bank['lora'])} (computed from the shapes, fp32 A and B)."]
+    if "parameters" in extra:
+        from vera_core.adapters.io import BANK_EVERY
+
+        rest = bank["vera"] - extra["vera_vector_bytes"]
+        lines.append(
+            f"\nThe {rest / 1e6:,.1f} MB beyond the vectors are their {extra['parameters']:,} parameter objects "
+            f"(a b and a d per adapter and adapted layer): {rest / extra['parameters']:.0f} B each here, against "
+            f"{extra['bytes_per_parameter_view']:.0f} B measured on their own for a Parameter that views a row "
+            "of a stack, held in a ParameterDict (Python object, TensorImpl, dict entries). The vectors are held "
+            f"once: load_adapters copies each group of {BANK_EVERY} adapters into rows kept free for them, so the "
+            "files' tensors are freed as it goes instead of being held a second time until a final stack.")
+    return lines
+
+
+def write_report(data: dict, allow_mixed: bool = False) -> None:
+    """serve.json and serve.md from `data`; a record mixing runs is refused unless `allow_mixed`, and then each row's
+    run is marked."""
+    runs = run_ids(data)
+    if len(runs) > 1 and not allow_mixed:
+        raise MixedRuns(f"error: the serving record mixes {len(runs)} runs ({', '.join(sorted(runs))}): rows measured "
+                        "in different runs drift apart on a shared machine; rerun benchmarks/serve.py --fresh for one "
+                        "run, or pass --allow-mixed to write it with each row's run marked")
+    write_text(RESULTS / "serve.json", json.dumps(data, indent=1) + "\n")
     s = data["settings"]
     lines = ["# Serving many adapters on one base (SmolLM2-135M-Instruct, all 7 projections)", "",
              f"Device: {data['device']}. Date: {data['date']}. Mode: **{data['mode']}** ({s['prompts']} prompts x "
@@ -473,53 +613,31 @@ def write_report(data: dict) -> None:
              "Tokens/s: generated tokens over the wall time of the generate calls (grouped configurations include "
              "set_adapter / merge / unmerge). Peak RSS: the process's ru_maxrss up to that row.", "",
              "Prefill / decode: seconds inside the model's forward calls on the prompt / on one new token per row "
-             "(the rest of a row's seconds is generate's own work between calls).", "",
-             "| impl | K | tokens/s | peak RSS (MiB) | seconds | prefill s | decode s |", "|---|---|---|---|---|---|---|"]
-    for impl in IMPLS:
-        for k in KS:
-            r = _row(data, impl, k)
-            if r:
-                phases = " | ".join(f"{r[key]:.1f}" if key in r else "-" for key in ("prefill_s", "decode_s"))
-                lines.append(f"| {impl} | {k} | {r['tokens_per_s']:.1f} | {r['peak_rss_bytes'] / 2**20:.0f} | "
-                             f"{r['seconds']:.1f} | {phases} |")
+             "(the rest of a row's seconds is generate's own work between calls).",
+             *_runs_lines(data, runs), "", *_rows_table(data, letters=_letters(runs) if len(runs) > 1 else None)]
     lines += ["", "| ratio | value | target | met |", "|---|---|---|---|"]
     for name, value, target in ratios(data):
-        met = "-" if value is None or target == "-" else (
-            "yes" if (value <= float(target.split()[1]) if target.startswith("<=") else
-                      value >= float(target.split()[1])) else "**no**")
-        lines.append(f"| {name} | {'not measured' if value is None else f'{value:.2f}'} | {target} | {met} |")
+        lines.append(f"| {name} | {_shown(name, value)} | {target} | {_met(name, value, target)} |")
+    if len(runs) > 1:
+        within = run_headlines(data)
+        letters = _letters(runs)
+        lines += ["", "The same ratios within one run (its own rows only, rows a later run replaced included: "
+                  "serve.json's superseded_rows): " + ("; ".join(
+                      f"run {letters.get(run, '?')}: " + ", ".join(f"{name} {value:.2f}" for name, value in
+                                                                   values.items())
+                      for run, values in sorted(within.items(), key=lambda item: letters.get(item[0], "?")))
+                      or "no run measured both sides of any of them") + "."]
     lines += ["", f"Crossover with PEFT LoRA mixed: {crossover(data)}.", ""]
-    bank, extra = data.get("bank_1000_bytes"), data.get("bank_1000_detail")
-    if bank and extra:
-        lines.append(f"1,000 adapters: VeRA r=256 {bank['vera'] / 1e6:.0f} MB measured (RSS after load_adapters of "
-                     f"{extra['count']} real directories, after malloc_trim; the vectors themselves "
-                     f"{extra['vera_vector_bytes'] / 1e6:.0f} MB; load {extra['load_s']:.1f} s), LoRA r=8 "
-                     f"{bank['lora'] / 1e6:.0f} MB (computed from the shapes, fp32 A and B).")
-        if "parameters" in extra:
-            from vera_core.adapters.io import BANK_EVERY
-
-            rest = bank["vera"] - extra["vera_vector_bytes"]
-            lines.append(
-                f"\nThe {rest / 1e6:.0f} MB beyond the vectors are their {extra['parameters']:,} parameter objects "
-                f"(a b and a d per adapter and adapted layer): {rest / extra['parameters']:.0f} B each here, against "
-                f"{extra['bytes_per_parameter_view']:.0f} B measured on their own for a Parameter that views a row "
-                "of a stack, held in a ParameterDict (Python object, TensorImpl, dict entries). The vectors are held "
-                f"once: load_adapters copies each group of {BANK_EVERY} adapters into rows kept free for them, so the "
-                "files' tensors are freed as it goes (stacking everything at the end held 1.75 GB: the vectors twice over, then freed copies "
-                "scattered through the heap that malloc_trim could not give back).")
+    lines += _bank_lines(data)
     load = data.get("load_64_s", {})
     if load:
         lines.append("\nLoad of 64 adapter directories: " + ", ".join(f"{k} {v:.1f} s" for k, v in load.items()) + ".")
     missing = [f"{impl} K={k}" for impl in IMPLS for k in ([1] if impl in ("base", "ours-vera-single") else KS)
                if _row(data, impl, k) is None] + ([] if data.get("bank_1000_bytes") else ["1,000-adapter memory"])
     if missing:
-        lines += ["", "**Not measured in this record** (the run was stopped or has not reached them; rerun the same "
-                  "command to resume): " + ", ".join(missing) + "."]
-    if data.get("load_average_at_start"):
-        busy = data["load_average_at_start"][0] >= 1  # this benchmark's own processes start after the reading
-        lines += ["", f"Load average (1, 5, 15 min) when the run started: {data['load_average_at_start']} on "
-                  f"{os.cpu_count()} cores: " + ("other processes shared the CPU, so absolute numbers are low and "
-                                                 "noisy." if busy else "nothing else was running.")]
+        lines += ["", "**Not measured in this record** (the run was stopped or has not reached them; rerun with "
+                  "--fresh to measure everything in one run, or with --allow-mixed to resume, each row's run marked): "
+                  + ", ".join(missing) + "."]
     lines += [*why_targets_missed(data), "", *why_mixed_is_slower(data)]
     for note in data.get("notes", []):  # written by hand about this record (a rerun of another mode drops them)
         lines += ["", note]
@@ -557,10 +675,21 @@ def plot(data: dict) -> None:
     plt.close(fig)
 
 
+def _pending(data: dict, impl: str) -> list[int]:
+    """The K an implementation still has to measure in this record."""
+    return [k for k in ([1] if impl in ("base", "ours-vera-single") else KS) if _row(data, impl, k) is None]
+
+
+def _load_average() -> list[float]:
+    return [round(x, 2) for x in os.getloadavg()]
+
+
 def main() -> None:
     parser = command_line(__doc__, "serve.json")
     parser.add_argument("--quick", action="store_true", help="8 new tokens per prompt instead of 32")
     parser.add_argument("--only", nargs="*", choices=IMPLS + ["bank"], help="run only these configurations")
+    parser.add_argument("--allow-mixed", action="store_true",
+                        help="add to a record holding rows of an earlier run (resume); serve.md marks each row's run")
     args = parse_or_serve(parser, lambda cfg: CHILDREN[cfg["kind"]](cfg))
     if args is None:
         return
@@ -578,21 +707,35 @@ def main() -> None:
     data.setdefault("rows", [])
     data.setdefault("bank_1000_bytes", {})
     data.setdefault("load_64_s", {})
-    data.update(device=machine(torch, device), mode=mode, settings=settings,
-                date=datetime.date.today().isoformat(),
-                full_command="HF_HUB_OFFLINE=1 python benchmarks/serve.py")
     data.setdefault("errors", {})
-    data.setdefault("load_average_at_start", [round(x, 1) for x in os.getloadavg()])
+    data.setdefault("runs", {})
     wanted = args.only or IMPLS + ["bank"]
+    todo = [impl for impl in IMPLS if impl in wanted and _pending(data, impl)]
+    todo += ["bank"] if "bank" in wanted and "vera" not in data["bank_1000_bytes"] else []
+    if not todo:  # everything is measured: rewrite the report from the record
+        write_report(data, args.allow_mixed)
+        print((RESULTS / "serve.md").read_text())
+        return
+    if data["rows"] and not args.allow_mixed:
+        raise SystemExit(f"error: {path} already holds rows of run(s) {', '.join(sorted(run_ids(data)))}; measuring "
+                         f"{', '.join(todo)} now would mix runs in one record. Rerun with --fresh to measure "
+                         "everything in one run, or with --allow-mixed to add to it (serve.md then marks each row's "
+                         "run).")
+    started = datetime.datetime.now().astimezone()
+    run_id = f"{source_commit()}@{started.isoformat(timespec='seconds')}"
+    data["runs"][run_id] = {"commit": run_id.split("@")[0], "started": started.isoformat(timespec="seconds"),
+                            "load_average_at_start": _load_average(),
+                            "omp_num_threads": os.environ.get("OMP_NUM_THREADS")}
+    data.update(device=machine(torch, device), mode=mode, settings=settings, date=started.date().isoformat(),
+                full_command="HF_HUB_OFFLINE=1 python benchmarks/serve.py")
 
     def save() -> None:
-        write_report(data)
+        write_report(data, args.allow_mixed)
 
     with tempfile.TemporaryDirectory(prefix="serve-") as folder:
         made: set[str] = set()
         for impl in [i for i in IMPLS if i in wanted]:
-            ks = [1] if impl in ("base", "ours-vera-single") else KS
-            pending = [k for k in ks if _row(data, impl, k) is None]
+            pending = _pending(data, impl)
             if not pending:
                 continue
             kind = {"ours-vera": "vera", "merged-grouped": "vera", "ours-vera-single": "vera", "ours-lora": "lora",
@@ -610,7 +753,7 @@ def main() -> None:
                 load_s = row.pop("load_s")
                 if impl in ("ours-vera", "peft-lora") and max(KS) in pending:
                     data["load_64_s"][impl] = load_s
-                data["rows"].append(row)
+                data["rows"].append({**row, "run": run_id})
                 data["errors"].pop(impl, None)
                 print(f"  {impl} K={row['K']}: {row['tokens_per_s']:.1f} tok/s", flush=True)
                 save()
@@ -629,7 +772,7 @@ def main() -> None:
 
             def bank(res: dict) -> None:
                 data["bank_1000_bytes"] = {"vera": res["vera_rss_bytes"], "lora": res["lora_computed_bytes"]}
-                data["bank_1000_detail"] = res
+                data["bank_1000_detail"] = {**res, "run": run_id}
                 save()
 
             try:
@@ -637,6 +780,8 @@ def main() -> None:
                                      "dtype": "float32"}, bank)
             except ChildFailed as err:
                 data["errors"]["bank"] = err.tail
+    data["runs"][run_id].update(ended=datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
+                                load_average_at_end=_load_average())
     save()
     print((RESULTS / "serve.md").read_text())
 

@@ -17,7 +17,7 @@ import sys
 from pathlib import Path
 
 from harness import RESULTS, ROOT, SMOLLM2, TARGETS
-from serve import TARGET_BANK
+from serve import TARGET_BANK, UNRECORDED, megabytes, run_headlines, run_ids
 
 from vera_core.adapters.files import write_text
 from vera_core.lab.report import pair_line
@@ -97,6 +97,21 @@ def memory_rows(memory: dict) -> list[tuple[str, str, str]]:
     return out
 
 
+def _serve_runs(serve: dict) -> str:
+    """Which run(s) the serving headline comes from: a ratio of rows from different runs carries the drift between
+    them, so a mixed record says so and adds each run's own ratios where one run measured both sides."""
+    runs = run_ids(serve)
+    if runs == {UNRECORDED}:
+        return ""
+    if len(runs) == 1:
+        threads = serve.get("runs", {}).get(next(iter(runs)), {}).get("omp_num_threads")
+        return " (one run" + (f", OMP_NUM_THREADS={threads})" if threads else ")")
+    lora, vera = "ours-vera K=64 / peft-lora K=64", "ours-vera K=64 / peft-vera-grouped K=64"
+    within = [f"; within run {run} alone: {_x(values[lora])} and {_x(values[vera])}"
+              for run, values in sorted(run_headlines(serve).items()) if lora in values and vera in values]
+    return f" (mixed record: rows from {len(runs)} runs, marked in serve.md{''.join(within)})"
+
+
 def serve_rows(serve: dict) -> list[tuple[str, str, str]]:
     tps = {(row["impl"], row["K"]): row["tokens_per_s"] for row in serve["rows"]}
     ours = tps.get(("ours-vera", 64))
@@ -106,23 +121,19 @@ def serve_rows(serve: dict) -> list[tuple[str, str, str]]:
         theirs = tps.get((impl, 64))
         return _x(ours / theirs if ours and theirs else None)
 
+    measured = _serve_runs(serve)
     out = [(f"Serving 64 adapters in one batch (SmolLM2, {serve['settings']['prompts']} prompts x "
             f"{serve['settings']['tokens']} new tokens, {serve['mode']} mode): our VeRA's tokens/s ÷",
-            f"PEFT LoRA's mixed batch {over('peft-lora')}; PEFT VeRA, grouped by adapter {over('peft-vera-grouped')}",
-            link)]
+            f"PEFT LoRA's mixed batch {over('peft-lora')}; PEFT VeRA, grouped by adapter {over('peft-vera-grouped')}"
+            f"{measured}", link)]
     bank = serve.get("bank_1000_bytes", {})
     if "vera" in bank:
         vera, lora, over = bank["vera"], bank["lora"], bank["vera"] / TARGET_BANK - 1
         target = f"missed by {100 * over:.1f}%" if over > 0 else f"met, {-100 * over:.1f}% under"
         out.append(("Memory held by 1,000 adapters on one base (SmolLM2, all 7 projections)",
-                    f"VeRA r=256 {_mb(vera)}, measured (RSS); target {TARGET_BANK / 1e9:g} GB (10^9 bytes): {target}. "
-                    f"LoRA r=8 {_mb(lora)}, computed from its shapes", link))
+                    f"VeRA r=256 {megabytes(vera)}, measured (RSS); target {TARGET_BANK / 1e9:g} GB (10^9 bytes): "
+                    f"{target}. LoRA r=8 {megabytes(lora)}, computed from its shapes", link))
     return out
-
-
-def _mb(n_bytes: float) -> str:
-    """Bytes in MB and MiB both: "1,001.7 MB (10^6 bytes) = 955 MiB"."""
-    return f"{n_bytes / 1e6:,.1f} MB (10^6 bytes) = {n_bytes / 2**20:,.0f} MiB"
 
 
 def table(records: dict[str, dict]) -> str:
