@@ -253,9 +253,11 @@ def dinit_figure(rows: list[dict], value: str = "accuracy", title: str = "VeRA: 
     it. Rows that are not VeRA runs are left out."""
     fig, ax = _figure()
     rows = [r for r in rows if r.get("method") == "vera" and r.get("d_init") is not None and _has_rank(r)]
-    for i, rank in enumerate(sorted({r["r"] for r in rows})[:MAX_SERIES]):
+    ranks = sorted({r["r"] for r in rows})[:MAX_SERIES]
+    for i, rank in enumerate(ranks):
         points = sorted((r["d_init"], r[value], r.get(f"{value}_err")) for r in rows if r["r"] == rank)
-        _line(ax, [p[0] for p in points], [p[1] for p in points], [p[2] for p in points], f"C{i}", f"r={rank:g}")
+        colour = method_colour("vera") if len(ranks) == 1 else f"C{i}"  # one rank: VeRA's colour, as elsewhere
+        _line(ax, [p[0] for p in points], [p[1] for p in points], [p[2] for p in points], colour, f"r={rank:g}")
     if rows:
         ax.set_xscale("log")
         ax.legend(fontsize=8)
