@@ -3,7 +3,9 @@ notebook runs top to bottom in quick mode (VERA_LAB_QUICK=1), as CI does.
 
 Edit either side (the .py in an editor, the .ipynb in Jupyter), then `jupytext --sync notebooks/0*.py`.
 """
+import json
 import os
+import re
 import sys
 from pathlib import Path
 
@@ -72,3 +74,51 @@ def test_notebook_runs(name, tmp_path, monkeypatch):
     solutions = [c for c in nb.cells if c.metadata.get("jupyter", {}).get("source_hidden")]
     assert len(solutions) == 1 and nb.cells[-1] is solutions[0], f"{name}: exercises' solutions must be the last, hidden cell"
     assert "solution" in solutions[0].metadata.get("tags", []), f"{name}: the hidden solution cell must be tagged"
+
+
+def _recorded(name: str) -> tuple[list[str], str]:
+    """(markdown sources, all recorded stdout / text outputs joined) of a committed .ipynb."""
+    nb = jupytext.read(NOTEBOOKS / f"{name}.ipynb")
+    texts = [o.get("text", "") or o.get("data", {}).get("text/plain", "") for c in nb.cells for o in _outputs(c)]
+    return [c.source for c in nb.cells if c.cell_type == "markdown"], "\n".join(texts)
+
+
+def _number(pattern: str, text: str) -> float:
+    found = re.search(pattern, text)
+    assert found, f"no match for {pattern!r} in the recorded outputs"
+    return float(found.group(1).replace(",", ""))
+
+
+def test_01_recorded_training_steps_say_what_the_text_says():
+    """01's training cell: at step 0 d has no gradient, with d_init = 0 neither has one, an Adam step moves each
+    parameter by about the rate, LoRA's step moves ΔW tens of times more, ΔW's rank stops at min(in, out)."""
+    markdown, out = _recorded("01_vera_from_scratch")
+    assert "FULL" in out
+    assert _number(r"d_init = 0\.1 +step 0: \|grad b\| = (\S+),", out) > 0
+    assert _number(r"d_init = 0\.1 +step 0: .*\|grad d\| = (\S+)", out) == 0
+    assert re.search(r"d_init = 0 +step 0: \|grad b\| = 0\.00e\+00, \|grad d\| = 0\.00e\+00", out)
+    assert _number(r"step 1: .*mean \|move\| b (\S+)", out) == pytest.approx(0.01, rel=0.2)  # about the lr
+    assert "tens of times" in "".join(markdown)
+    assert _number(r"changes ΔW (\d+)x more", out) >= 10 and _number(r"LoRA \S+ \((\d+)x\)", out) >= 10
+    ranks = [int(r) for r in re.findall(r"rank of ΔW = +(\d+)", out)]
+    assert ranks == [4, 16, 48, 48], ranks
+    assert "Full mode: 1 min" in markdown[0]
+
+
+def test_03_recorded_sweep_and_its_text_agree_with_the_record():
+    """03 loads results/03_sweep.json; its first cell's times, the test-set size and margin, and the conclusions
+    printed from it match the record."""
+    record = json.loads((NOTEBOOKS / "results" / "03_sweep.json").read_text())
+    markdown, out = _recorded("03_rank_and_dinit")
+    assert "FULL" in out and "RERUN: False" in out and "0%|" not in out
+    assert f"took {round(record['wall_s'] / 60)} min when it was" in markdown[0].replace("\n# ", " ")
+    assert re.search(r"takes \d+ min on this 2-core CPU", markdown[0])
+    assert f"{record['test_reviews']} test reviews" in out
+    p = sum(r["accuracy"] for r in record["rows"]) / len(record["rows"]) / 100
+    margin = 1.96 * 100 * (p * (1 - p) / record["test_reviews"]) ** 0.5  # a binomial 95% interval's half-width
+    assert _number(r"95% interval = ±(\S+) points", out) == pytest.approx(margin, abs=0.05)
+    rows = {(r["sweep"], r["method"], r["r"], r["d_init"]) for r in record["rows"]}
+    assert len(rows) == len(record["rows"]) and ("d_init", "vera", 256, 0.1) not in rows  # r=256/0.1 kept once
+    assert "the tiny start did not slow training" in out and "probably under-trained" in out
+    nb = json.loads((NOTEBOOKS / "03_rank_and_dinit.ipynb").read_text())
+    assert "widgets" not in nb["metadata"], "saved widget state: a static viewer cannot show it"
