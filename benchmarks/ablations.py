@@ -246,11 +246,17 @@ def setting_of(run_dir: Path, seeds: list[int] | None = None) -> dict | None:
     return row
 
 
+def paper_change(variant: str) -> dict[str, float]:
+    """{task: the paper's accuracy change} against its reference: Table 6's VeRA row (for "unique", Table 7's
+    shared row, the same paper's comparison)."""
+    reference = PAPER_SHARED_TABLE7 if variant == "unique" else PAPER["default"]
+    return {t: round(PAPER[variant][t][0] - reference[t][0], 1) for t in PAPER_TASKS}
+
+
 def paper_sign(variant: str) -> int:
     """The paper's direction against its reference: +1 / -1 when MRPC and RTE agree, 0 when they do not (or one
     is unchanged)."""
-    reference = PAPER_SHARED_TABLE7 if variant == "unique" else PAPER["default"]
-    signs = {int(np.sign(round(PAPER[variant][t][0] - reference[t][0], 1))) for t in PAPER_TASKS}
+    signs = {int(np.sign(change)) for change in paper_change(variant).values()}
     return signs.pop() if len(signs) == 1 else 0
 
 
@@ -457,11 +463,11 @@ def interval(ci: list[float] | None, sign: bool = False) -> str:
 def paper_cell(variant: str) -> str:
     """"MRPC 89.7 ± 0.0 (−0.8), RTE 67.0 ± 13.9 (−18.8)": the paper's accuracy and its change against its
     reference (Table 6's VeRA row; for "unique", Table 7's shared row)."""
-    reference = PAPER_SHARED_TABLE7 if variant == "unique" else PAPER["default"]
+    changes = paper_change(variant)
     cells = []
     for task in PAPER_TASKS:
         mean, std = PAPER[variant][task]
-        change = "" if variant == "default" else f" ({mean - reference[task][0]:+.1f})"
+        change = "" if variant == "default" else f" ({changes[task]:+.1f})"
         cells.append(f"{task} {mean:.1f} ± {std:.1f}{change}")
     return ", ".join(cells)
 
@@ -481,7 +487,8 @@ def variant_table(rows: list[dict]) -> list[str]:
 
 
 def sweep_table(sweep: list[dict]) -> list[str]:
-    lines = ["| method | r | trainable | accuracy mean ± std | 95% CI over seeds | seeds | lr |", "|---|---|---|---|---|---|---|"]
+    lines = ["| method | r | trainable | accuracy mean ± std | 95% CI over seeds | seeds | lr |",
+             "|---|---|---|---|---|---|---|"]
     for r in sweep:
         std = f" ± {r['metric_std']:.2f}" if r["metric_std"] is not None else ""
         lines.append(f"| {r['method']} | {r['r']} | {r['trainable_params']:,} | {r['metric_mean']:.2f}{std} | "
@@ -513,8 +520,7 @@ def reading(result: dict) -> list[str]:
     for r in rows:
         by.setdefault(r["direction"], []).append(r["variant"])
     counts = "; ".join(f"{k}: {', '.join(v)}" for k, v in sorted(by.items()))
-    small = [r["variant"] for r in rows if max(abs(PAPER[r["variant"]][t][0] - (
-        PAPER_SHARED_TABLE7 if r["variant"] == "unique" else PAPER["default"])[t][0]) for t in PAPER_TASKS) < resolution]
+    small = [r["variant"] for r in rows if max(map(abs, paper_change(r["variant"]).values())) < resolution]
     text = [f"Of {len(rows)} variants against default ({result['model']}, {result['task']}, "
             f"{len(result['seeds'])} seeds): {counts}. The lab's paired intervals are ±{resolution:.1f} points wide "
             f"(median half-width, seeds and test rows both resampled): an effect smaller than that reads "
@@ -535,7 +541,8 @@ def reading(result: dict) -> list[str]:
         lo, hi = pair["diff_ci95"]
         said = "above" if lo > 0 else ("below" if hi < 0 else "not distinguishable from")
         text.append(f"Rank sweep: VeRA r={pair['vera_r']} ({pair['vera_params']:,} parameters) − LoRA "
-                    f"r={pair['lora_r']} ({pair['lora_params']:,}) = {pair['diff']:+.2f} {interval(pair['diff_ci95'], True)} "
+                    f"r={pair['lora_r']} ({pair['lora_params']:,}) = {pair['diff']:+.2f} "
+                    f"{interval(pair['diff_ci95'], True)} "
                     f"({len(pair['seeds'])} seeds): VeRA is {said} LoRA at about equal trainable parameters "
                     "(the paper: about 4 points above, RoBERTa-large on RTE).")
     return [" ".join(text)]
@@ -545,7 +552,8 @@ def markdown(result: dict, choice: list[str]) -> str:
     lines = ["# Why VeRA works: the paper's ablations beside the lab's", "",
              f"Written by `benchmarks/ablations.py`{' (--quick smoke run: not a result)' if result['quick'] else ''}. "
              f"{result['model']} on {result['task']} (splits {result['splits']}), query+value, VeRA r={result['r']}; "
-             f"seeds {result['seeds']}; each variant's rates tuned on x{', x'.join(f'{s:g}' for s in result['lr_scales'])} "
+             f"seeds {result['seeds']}; each variant's rates tuned on "
+             f"x{', x'.join(f'{s:g}' for s in result['lr_scales'])} "
              f"around default VeRA's tuned rates in quality.json ({result['centre_rates']['vera'][0]:g}, head "
              f"{result['centre_rates']['vera'][1]:g}). A row's interval is a t-interval over seeds; a difference's "
              "is the two-level paired bootstrap (seeds and test rows resampled). Training: "
@@ -560,7 +568,8 @@ def markdown(result: dict, choice: list[str]) -> str:
     lines += ["## What a CPU-sized model and task can and cannot tell", "", *reading(result), ""]
     lines += ["## Rank sweep", "", f"Paper: {PAPER_SWEEP}.", "",
               f"Lab: VeRA at default's tuned rates (r={result['r']}: default's first {len(result['sweep_seeds'])} "
-              f"seeds), LoRA alpha {LORA_ALPHA} at quality.json's tuned lora-r8-qv rates; seeds {result['sweep_seeds']}.",
+              f"seeds), LoRA alpha {LORA_ALPHA} at quality.json's tuned lora-r8-qv rates; "
+              f"seeds {result['sweep_seeds']}.",
               "", *sweep_table(result["rank_sweep"]), "", "![ablations](ablations.png)", ""]
     lines += ["## Per layer after training (default VeRA, first seed)", "",
               "Paper (Figure 3): ||d||₂ larger for query than value and in later layers than earlier ones.", "",
@@ -580,7 +589,8 @@ def estimate(args: argparse.Namespace, rates: dict) -> str:
     ds, b = task_dataset(args)
     seeds = sweep_seeds(args)
     request = RunRequest(args.model, ds, ("vera", "lora"), [VeraConfig(r=r) for r in SWEEP["vera"]],
-                         [LoraConfig(r=r, alpha=LORA_ALPHA) for r in SWEEP["lora"]], train_config(args, b, rates["vera"][1]),
+                         [LoraConfig(r=r, alpha=LORA_ALPHA) for r in SWEEP["lora"]],
+                         train_config(args, b, rates["vera"][1]),
                          lrs={"vera": rates["vera"][0], "lora": rates["lora"][0]}, seeds=seeds, max_runs=None)
     step_s = measure_step_times(request)
     plan = request.time_estimate(step_s)
@@ -597,7 +607,8 @@ def estimate(args: argparse.Namespace, rates: dict) -> str:
 
     steps = ", ".join(f"{k} {v:.2f} s" for k, v in step_s.items())
     return (f"seconds per step here ({os.cpu_count()} cores, {torch.get_num_threads()} threads): {steps}\n"
-            f"variants: {variant_runs:g} run-equivalents x {per_vera / 3600:.3f} h; sweep: {sweep_s / 3600:.2f} h; loading and "
+            f"variants: {variant_runs:g} run-equivalents x {per_vera / 3600:.3f} h; sweep: {sweep_s / 3600:.2f} h; "
+            "loading and "
             f"scoring x{overhead:.2f} (quality.json's {args.task} vera-r{RANK}-qv)\n"
             f"estimated full run: {total / 3600:.1f} CPU hours")
 
