@@ -17,19 +17,20 @@ kept, a stopped run continues from its checkpoint):
   as r varies) at the rates quality.json tuned for lora-r8-qv, 3 seeds each;
 - the per-layer picture of default VeRA's seed-0 adapter (mean |b|, mean |d|, ||d||_2, ||dW||_F / ||W0||_F).
 The groups train in two child processes (harness.run_child: the variants, then the sweep); every group that ends
-rewrites ablations.{json,md,png}, so a killed run keeps what finished and restarts at what did not.
+rewrites ablations.{json,md} (the figure is drawn when the run ends), so a killed run keeps what finished and a rerun
+restarts at what did not. Tuning runs train half the steps (--tune-steps), as reproduce.py tunes E2E.
 
     .venv/bin/python benchmarks/ablations.py --data-dir ../shared/data                 # the full run (CPU)
     .venv/bin/python benchmarks/ablations.py --estimate --data-dir ../shared/data      # its time, from step timings
     .venv/bin/python benchmarks/ablations.py --quick --out /tmp/abl                    # smoke run, minutes
 
-Full run's cost, estimated with --estimate on 2026-12-05 (this 2-core machine, 1 thread, while another 1-thread
-reproduction ran beside it): 1.4 s/step for VeRA r=256, 1.7 s for r=1024, 1.3 s for LoRA r=1-64 at batch 32 x 64;
-121 runs of 300 steps (40 variant runs, 39 tuning runs with one second-seed check each, 42 sweep runs) come to
-about 14.5 CPU hours of training, plus loading and scoring (+8% in quality.json's SST-2 runs): about 15.5 CPU hours
-at 1 thread. quality.md's SST-2 runs took 270 s each (0.9 s/step, 2 threads, an idle machine), which puts the same
-plan at about 9-10 hours. Both are above the issue's 6-hour budget: `--seeds 0,1,2` (the sweep's count) brings
-the variant runs from 40 to 24, about 2 CPU hours less.
+Full run's cost (--estimate, 2026-12-05, this 2-core machine at 1 thread, load average 6-7 from other sessions and
+a 1-thread reproduction rerun beside it): 1.1-1.4 s/step for VeRA r=1-1024 and LoRA r=1-64 at batch 32 x 64 (a
+first, noisier measurement gave 1.1-1.8 s). The plan is 89 run-equivalents of 300 steps: the variants' 40 seed runs
+and 32 tuning runs at half the steps (3 grid points + one second-seed check each; every further near-tie adds one
+more), and the sweep's 33 runs; loading and scoring add 6% (quality.json's SST-2 runs). Estimate: 9.7 CPU hours at
+1 thread on the loaded machine; at quality.md's SST-2 speed (0.9 s/step, an idle machine) about 7.1 hours. Both are
+above the issue's ~6 hours: `--seeds 0,1,2` (the sweep's count) makes it 73 run-equivalents, about 5.8 hours idle.
 """
 from __future__ import annotations
 
