@@ -3,6 +3,7 @@
     python benchmarks/speed.py --quick      # headline ratios, ≤ 15 min on a 2-core CPU
     python benchmarks/speed.py              # + r and sequence-length sweeps, adapter load, cold model load
     python benchmarks/speed.py --sweep      # only the sweeps, added to the results already in speed.json
+    python benchmarks/speed.py --policy --beside "what else ran"   # VeRA's fold policy: the default vs the old one
 
 Results go to benchmarks/results/speed.json (resumable: configurations already there are skipped; --fresh
 starts over), speed.md and PNG plots. Peak memory is the child's `resource.getrusage(RUSAGE_SELF).ru_maxrss`
@@ -60,13 +61,25 @@ def _adapt(model, method: str, impl: str, r: int):
     return model, params
 
 
+def old_default_keep(tokens: int, in_features: int, out_features: int, r: int) -> bool:
+    """The fold policy "auto" had before it weighed memory: keep W' for backward wherever keeping it beats
+    rebuilding it by FLOPs alone, 4·in·out > N·(in + out) (fused.keep_folded's signature, to stand in for it)."""
+    return 4 * in_features * out_features > tokens * (in_features + out_features)
+
+
 def child_train(cfg: dict) -> dict:
-    from vera_core.adapters.fused import fast_vera
+    import contextlib
+    from unittest import mock
+
+    from vera_core.adapters import fused
 
     model, torch = _model(cfg["device"], cfg["dtype"])
     model, params = _adapt(model, cfg["method"], cfg["impl"], cfg["r"])
-    # "ours" folds with the default "auto" choice; "ours-rebuild" always rebuilds W' in backward (least memory).
-    with fast_vera(True, "rebuild" if cfg["impl"] == "ours-rebuild" else "auto"):
+    # "ours" folds with the default "auto" choice; "ours-rebuild" always rebuilds W' in backward (least memory);
+    # "ours-old-default" is "auto" as it decided before the cost model (old_default_keep).
+    old = (mock.patch.object(fused, "keep_folded", old_default_keep) if cfg["impl"] == "ours-old-default"
+           else contextlib.nullcontext())
+    with old, fused.fast_vera(True, "rebuild" if cfg["impl"] == "ours-rebuild" else "auto"):
         return _train_loop(model, params, cfg, torch)
 
 
@@ -184,6 +197,94 @@ def configs(quick: bool, device: str, sweep_only: bool = False) -> list[dict]:
     return out if quick else out + sweep
 
 
+POLICY_GROUPS = ((128, 256, 3, 5), (512, 256, 2, 2), (128, 1024, 2, 3))  # (seq, r, repeats, steps), 4 rows each
+
+
+def policy_configs() -> list[dict]:
+    """VeRA's default fold policy against the old one, on CPU (4 x 128 and 4 x 512, r=256; 4 x 128, r=1024):
+    repeats interleaved, the order within each pair alternating so that neither side always runs first."""
+    out = []
+    for repeat in range(max(g[2] for g in POLICY_GROUPS)):
+        for seq, r, repeats, steps in POLICY_GROUPS:
+            if repeat < repeats:
+                pair = ("ours", "ours-old-default")[::1 if repeat % 2 == 0 else -1]
+                out += [{"kind": "train", "method": "vera", "impl": impl, "r": r, "repeat": repeat, "device": "cpu",
+                         "dtype": "float32", "batch": 4, "seq": seq, "warmup": 1, "steps": steps} for impl in pair]
+    return out
+
+
+def layers_keeping(seq: int, r: int) -> dict:
+    """How many of SmolLM2's folded layers keep W' for backward at 4 x seq tokens under each policy."""
+    from vera_core.adapters.fused import keep_saving, KEEP_MIN_SHARE
+
+    tokens, shapes = 4 * seq, smollm2_shapes().values()
+    folded = [(i, o) for i, o in shapes if tokens * (i + o) > i * o]  # the layers that fold (fused.foldable)
+    new = sum(keep_saving(tokens, i, o, r)[0] >= KEEP_MIN_SHARE * keep_saving(tokens, i, o, r)[1] for i, o in folded)
+    old = sum(old_default_keep(tokens, i, o, r) for i, o in folded)
+    return {"default": new * smollm2_layers(), "old_default": old * smollm2_layers(),
+            "folded": len(folded) * smollm2_layers()}
+
+
+def summarise_policy(policy: dict) -> dict:
+    """Per (seq, r): median step of the default and the old default over all their steps and repeats, and the
+    ratio default / old."""
+    out = {}
+    for seq, r, _, _ in POLICY_GROUPS:
+        steps = {impl: [t for res in policy["results"].values() if "error" not in res
+                        and (res["config"]["seq"], res["config"]["r"], res["config"]["impl"]) == (seq, r, impl)
+                        for t in res["step_s"]] for impl in ("ours", "ours-old-default")}
+        if all(steps.values()):
+            new, old = (statistics.median(steps[i]) for i in ("ours", "ours-old-default"))
+            out[f"r{r}_seq{seq}"] = {"seq": seq, "r": r, "default_median_s": new, "old_default_median_s": old,
+                                     "ratio": new / old, "steps": {k: len(v) for k, v in steps.items()},
+                                     "layers_keeping": layers_keeping(seq, r)}
+    return out
+
+
+def run_policy(data: dict, beside: str) -> None:
+    """Measure policy_configs into data["policy"] (always afresh: the ratios must come from one run)."""
+    import torch
+
+    policy = data["policy"] = {"date": datetime.date.today().isoformat(), "machine": machine(torch, "cpu"),
+                               "threads": os.environ.get("OMP_NUM_THREADS"), "beside": beside,
+                               "load_avg_start": [round(x, 2) for x in os.getloadavg()], "results": {}}
+    for cfg in policy_configs():
+        print(f"running {key(cfg)}", flush=True)
+        policy["results"][key(cfg)] = {"config": cfg, **measure(cfg)}
+    policy["load_avg_end"] = [round(x, 2) for x in os.getloadavg()]
+    policy["summary"] = summarise_policy(policy)
+
+
+def policy_lines(policy: dict) -> list[str]:
+    """speed.md's section on the fold policy, from data["policy"]."""
+    lines = ["", "## VeRA's default fold policy against the old default (CPU, one thread)", "",
+             f"Date: {policy['date']}. Machine: {policy['machine']}, OMP_NUM_THREADS={policy['threads']}. Load "
+             f"average (1, 5, 15 min) at start {policy['load_avg_start']}, at end {policy.get('load_avg_end')}. Ran "
+             f"beside: {policy['beside']}. Command: `OMP_NUM_THREADS=1 python benchmarks/speed.py --policy`. Each "
+             "configuration in its own process, repeats interleaved (the order within a pair alternating). Default: `fast_vera`'s "
+             "\"auto\", the cost model (keep W' only where that saves >= 10% of the layer's step); old default: keep "
+             "W' wherever 4·in·out > N·(in + out).", "",
+             "| B x T | r | layers keeping W': default / old | default median step (s) | old default (s) | steps | "
+             "default / old |", "|---|---|---|---|---|---|---|"]
+    for row in policy["summary"].values():
+        keeping = row["layers_keeping"]
+        lines.append(f"| 4 x {row['seq']} | {row['r']} | {keeping['default']} / {keeping['old_default']} of "
+                     f"{keeping['folded']} | {row['default_median_s']:.2f} | {row['old_default_median_s']:.2f} | "
+                     f"{row['steps']['ours']} + {row['steps']['ours-old-default']} | {row['ratio']:.3f} |")
+    r256 = policy["summary"].get("r256_seq128")
+    if r256:
+        verdict = "within" if r256["ratio"] <= 1.03 else "over"
+        lines += ["", f"At r=256, 4 x 128 the default's step is {100 * (r256['ratio'] - 1):+.1f}% against the old "
+                  f"default's: {verdict} the 3% allowed."]
+    same = [row for row in policy["summary"].values()
+            if row["layers_keeping"]["default"] == row["layers_keeping"]["old_default"]]
+    if same:
+        lines += ["", "Both policies make the same choice for every layer at " + ", ".join(
+            f"4 x {row['seq']} r={row['r']}" for row in same) + ": the ratio there (" + ", ".join(
+            f"{row['ratio']:.3f}" for row in same) + ") is the measurement's noise."]
+    return lines
+
+
 def measure(cfg: dict) -> dict:
     """One configuration's result in its own process; a failure is recorded (and retried on the next run)."""
     try:
@@ -257,6 +358,8 @@ def write_report(data: dict) -> None:
                      f"{row['min_step_s']:.2f}–{row['max_step_s']:.2f} | {row['n']} | {row['peak_rss_mb']:.0f} |")
     lines += ["", "| ratio | value |", "|---|---|"]
     lines += [f"| {k} | {v:.3f} |" for k, v in summary["ratios"].items()]
+    if "policy" in data:
+        lines += policy_lines(data["policy"])
     write_page(RESULTS / "speed.md", "\n".join(lines) + "\n")
     plot(summary)
 
@@ -309,8 +412,19 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="headline ratios only (≤ 15 min on CPU)")
     parser.add_argument("--sweep", action="store_true",
                         help="only the r (16 ... 2048) and sequence-length sweep, added to the results already there")
+    parser.add_argument("--policy", action="store_true",
+                        help="only VeRA's default fold policy against the old one (CPU, ~15 min at one thread), "
+                             "recorded in its own section")
+    parser.add_argument("--beside", default="not recorded", help="with --policy: what else ran on the machine")
     args = parse_or_serve(parser, lambda cfg: CHILDREN[cfg["kind"]](cfg))
     if args is None:
+        return
+    if args.policy:
+        path = RESULTS / "speed.json"
+        data = json.loads(path.read_text())
+        run_policy(data, args.beside)
+        write_report(data)
+        print("\n".join(policy_lines(data["policy"])))
         return
     import torch
 
