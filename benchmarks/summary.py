@@ -85,9 +85,17 @@ def memory_rows(memory: dict) -> list[tuple[str, str, str]]:
     vera, lora = _memory_row(memory["rows"], "vera", 256), _memory_row(memory["rows"], "lora", 8)
     if vera and lora:
         v, lo = vera["measured_peak_bytes"], lora["measured_peak_bytes"]
-        out.append(("Training peak memory, measured (tensor tracker; SmolLM2, all linear layers, 4 x 128, fp32)",
+        out.append(("Training peak memory, measured (tensor tracker; SmolLM2, all linear layers, 4 x 128, fp32, "
+                    "the library's default fold policy)",
                     f"VeRA r=256 {v / 2**20:,.1f} MiB, LoRA r=8 {lo / 2**20:,.1f} MiB: VeRA {v / lo:.2f}x LoRA's",
                     link))
+    profiled = [row for row in memory["rows"] if row.get("profiler_peak_bytes")]
+    if profiled:
+        differences = [row["measured_peak_bytes"] / row["profiler_peak_bytes"] - 1 for row in profiled]
+        models, methods = (sorted({row[k] for row in profiled}) for k in ("model", "method"))
+        out.append(("Tensor tracker against torch.profiler's allocator events (whole-run peak, weights included)",
+                    f"largest difference {100 * max(differences, key=abs):+.2f}% over {len(profiled)} configurations "
+                    f"({', '.join(models)}; {', '.join(methods)})", link))
     faked = [row for row in memory["rows"] if row["estimate_kind"] == "fake step"]
     if faked:
         errors = [row["predicted_peak_bytes"] / row["measured_peak_bytes"] - 1 for row in faked]
