@@ -136,7 +136,7 @@ def _measure(cfg: dict) -> dict:
     import warnings
 
     from vera_core.lab.data import TextDataset
-    from vera_core.lab.memory import estimate_memory
+    from vera_core.lab.memory import estimate_memory, fold_estimates
     from vera_core.lab.models import make_trainable
     from vera_core.lab.train import TrainConfig, train
 
@@ -149,6 +149,9 @@ def _measure(cfg: dict) -> dict:
         predicted = estimate_memory(model, adapter, cfg["batch_size"], cfg["seq_len"], cfg["dtype"], cfg["quantization"],
                                     grad_checkpointing=cfg["grad_checkpointing"])
     estimate_s = time.perf_counter() - t0
+    # what VeRA's two ways with its folded weights would each have cost (two more fake steps, untimed)
+    folds = fold_estimates(model, adapter, cfg["batch_size"], cfg["seq_len"], cfg["dtype"], cfg["quantization"],
+                           grad_checkpointing=cfg["grad_checkpointing"])
     fallback = next((str(w.message) for w in caught if "closed-form formula" in str(w.message)), None)
     task = "classification" if cfg["model"] == "minilm-l6" else "causal-lm"
     rows = _long_rows(task, cfg["batch_size"] * RUN_STEPS)
@@ -161,7 +164,8 @@ def _measure(cfg: dict) -> dict:
     return {**{k: v for k, v in cfg.items() if k != "key"}, "key": cfg["key"],
             "predicted_peak_bytes": predicted["total"], "measured_peak_bytes": result.peak_memory_bytes,
             "peak_rss_bytes": peak_rss_bytes(),
-            "breakdown": result.memory_breakdown, "predicted_breakdown": predicted, "estimate_s": round(estimate_s, 2),
+            "breakdown": result.memory_breakdown, "predicted_breakdown": predicted, "fold_estimates": folds,
+            "estimate_s": round(estimate_s, 2),
             "load_1m": round(load_1m, 1),
             "estimate_kind": "formula" if fallback else "fake step, bnb weights" if cfg["quantization"] else "fake step",
             "fallback": fallback,
@@ -210,6 +214,40 @@ def _seconds(row: dict, unit: str = "") -> str:
     """The estimate's seconds, with the 1-minute load average when the row started (rows before it was kept: none)."""
     load = f" (load {row['load_1m']:.1f})" if row.get("load_1m") is not None else ""
     return f"{row['estimate_s']:.1f}{' ' + unit if unit else ''}{load}"
+
+
+def _fold_choice(row: dict) -> str:
+    """Which way with its folded weights the library's default took on a VeRA row, read from the estimates."""
+    folds, predicted = row["fold_estimates"], row["predicted_peak_bytes"]
+    if folds["keep"] == folds["rebuild"]:
+        return "no difference (no layer keeps W')"
+    return {folds["keep"]: "kept W'", folds["rebuild"]: "rebuilt W'"}.get(predicted, "kept W' in some layers")
+
+
+def _fold_lines(rows: list[dict]) -> list[str]:
+    """VeRA rows: what the default fold policy did and what each way costs (fake steps), beside LoRA r=8 on the
+    same model, targets and batch."""
+    vera = [r for r in rows if r["method"] == "vera" and r.get("fold_estimates")]
+    if not vera:
+        return []
+    lines = ["", "VeRA's folded weights W' = W0 + (b ⊙ B)(d ⊙ A): the library's default keeps W' for backward only "
+             "where that saves at least 10% of the layer's step (adapters/fused.py), otherwise rebuilds it there; "
+             "`TrainConfig(prefer=\"speed\")` always keeps it. Estimates are fake steps; measured is the tracker's "
+             "peak with the default.", "",
+             "| model | r | targets | B x T | dtype | ckpt | default did | measured MiB | keeping W' MiB | "
+             "rebuilding W' MiB | LoRA r=8 measured MiB | VeRA / LoRA |", "|" + "---|" * 12]
+    same = ("model", "targets", "batch_size", "seq_len", "dtype", "grad_checkpointing", "quantization")
+    for row in vera:
+        lora = next((r for r in rows if r["method"] == "lora" and r["r"] == 8
+                     and all(r[k] == row[k] for k in same)), None)
+        dtype = row["dtype"] + (f" {row['quantization']}" if row["quantization"] else "")
+        ratio = f"{row['measured_peak_bytes'] / lora['measured_peak_bytes']:.2f}x" if lora else "-"
+        lines.append(f"| {row['model']} | {row['r']} | {row['targets']} | {row['batch_size']} x {row['seq_len']} | "
+                     f"{dtype} | {'on' if row['grad_checkpointing'] else 'off'} | {_fold_choice(row)} | "
+                     f"{_mib(row['measured_peak_bytes'])} | {_mib(row['fold_estimates']['keep'])} | "
+                     f"{_mib(row['fold_estimates']['rebuild'])} | {_mib(lora and lora['measured_peak_bytes'])} | "
+                     f"{ratio} |")
+    return lines
 
 
 def _against_profiler(row: dict) -> str:
@@ -261,6 +299,7 @@ def write_report(data: dict) -> None:
         lines += ["", f"Tracker against torch.profiler (whole-run peaks, weights included): {len(profiled)} rows, "
                   f"largest difference {_against_profiler(worst)} ({worst['key']}); tolerance "
                   f"{100 * PROFILER_TOLERANCE:.0f}%."]
+    lines += _fold_lines(rows)
     smol = sorted(r["tracker_overhead"] for r in rows if r["model"].startswith("smollm2"))
     if smol:
         lines += ["", f"Tracker overhead, SmolLM2 rows (time of a tracked step over an untracked one): median "

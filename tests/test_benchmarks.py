@@ -170,6 +170,24 @@ def test_the_memory_page_shows_predicted_tracker_and_profiler_side_by_side(tmp_p
     assert "| 100.0 | 100.0 | +0.00% | 104.0 | -3.85% **miss** | 400.0 |" in page
     assert "| 100.0 | 100.0 | +0.00% | - | - | 400.0 |" in page and "| 2026-11-30 |" in page
     assert "1 rows, largest difference -3.85% **miss** (a); tolerance 3%." in page
+    assert "default did" not in page  # no row carries the fold estimates
+
+
+def test_the_memory_page_says_what_the_default_did_with_veras_folded_weights_and_what_either_way_costs(
+        tmp_path, monkeypatch):
+    monkeypatch.setattr(memory, "RESULTS", tmp_path)
+    row = {"model": harness.SMOLLM2, "method": "vera", "r": 256, "targets": "all-linear", "batch_size": 4,
+           "seq_len": 128, "dtype": "float32", "grad_checkpointing": False, "quantization": None,
+           "predicted_peak_bytes": 100 * 2**20, "measured_peak_bytes": 100 * 2**20, "peak_rss_bytes": 400 * 2**20,
+           "estimate_kind": "fake step", "estimate_s": 1.0, "tracker_overhead": 1.1, "date": "2026-12-05",
+           "key": "v", "fold_estimates": {"keep": 130 * 2**20, "rebuild": 100 * 2**20, "keep_saving": 0.02}}
+    lora = {**row, "method": "lora", "r": 8, "key": "l", "measured_peak_bytes": 125 * 2**20, "fold_estimates": None}
+    kept = {**row, "r": 1024, "key": "k", "predicted_peak_bytes": 130 * 2**20, "measured_peak_bytes": 130 * 2**20}
+    memory.write_report({"rows": [row, kept, lora], "device": "cpu", "date": "d", "load_avg": [1, 1, 1], "lab": {}})
+    page = (tmp_path / "memory.md").read_text()
+    # the default's prediction equals the rebuild estimate: it rebuilt; 100 / 125 = 0.80x LoRA's
+    assert "| float32 | off | rebuilt W' | 100.0 | 130.0 | 100.0 | 125.0 | 0.80x |" in page
+    assert "| float32 | off | kept W' | 130.0 | 130.0 | 100.0 | 125.0 | 1.04x |" in page
 
 
 def test_the_memory_record_checks_the_tracker_against_the_profiler_and_vera_is_leaner_at_the_lab_default():
