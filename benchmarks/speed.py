@@ -197,7 +197,7 @@ def configs(quick: bool, device: str, sweep_only: bool = False) -> list[dict]:
     return out if quick else out + sweep
 
 
-POLICY_GROUPS = ((128, 256, 3, 5), (512, 256, 2, 2), (128, 1024, 2, 3))  # (seq, r, repeats, steps), 4 rows each
+POLICY_GROUPS = ((128, 256, 3, 4), (512, 256, 1, 2), (128, 1024, 1, 3))  # (seq, r, repeats, steps), 4 x seq tokens
 
 
 def policy_configs() -> list[dict]:
