@@ -269,8 +269,8 @@ def write_report(data: dict) -> None:
              "", f"Measured: the peak live tensor bytes over the first {STEPS} training steps (memtrack.py), fixed-length "
              "batches (every row truncated to the sequence length). Predicted: `estimate_memory`, one forward, "
              "backward and AdamW step on fake tensors with the same tracker (bitsandbytes weights cannot be faked: "
-             "a 4-bit / 8-bit base runs the step unquantized, its weights counted as bitsandbytes stores them). RSS: the process's peak resident memory, model "
-             "loading included, for reference only.", "",
+             "a 4-bit / 8-bit base runs the step unquantized, its weights counted as bitsandbytes stores them). RSS: "
+             "the process's peak resident memory, model loading included, for reference only.", "",
              "Profiler: torch.profiler's allocator events over the whole child, from before the model is built "
              "(weights included), on the rows that have one; those rows' times include the profiler's overhead.", "",
              "| model | method | r | targets | B x T | dtype | ckpt | predicted MiB | tracker MiB | error | "
@@ -311,12 +311,12 @@ def write_report(data: dict) -> None:
         lines += ["", "Quantized bases: " + "; ".join(
             f"{r['method']} {r['quantization']} {100 * (r['predicted_peak_bytes'] / r['measured_peak_bytes'] - 1):+.1f}% "
             f"(temporaries measured {_mib(r['breakdown']['temporaries'])} vs predicted "
-            f"{_mib(r['predicted_breakdown']['temporaries'])} MiB)" for r in quantized) + ". The unquantized fake "
-            "step cannot see what bitsandbytes keeps inside its layers: its 8-bit matmul (0.50.2, "
-            "`MatMul8bitLt`) holds each layer's input for backward in `ctx.tensors` even when the weight is frozen "
-            "(not through save_for_backward, so the tracker counts it as temporaries), where a frozen fp32 Linear "
-            "keeps nothing; in backward it also dequantizes each weight to the compute dtype. The 4-bit path keeps "
-            "far less."]
+            f"{_mib(r['predicted_breakdown']['temporaries'])} MiB; {r['date']})" for r in quantized) + ". The fake "
+            "step runs the base unquantized, so it is told what bitsandbytes' layers keep (lab/memory.py "
+            "`_as_quantized`): its 8-bit matmul (0.50.2, `MatMul8bitLt`) holds each layer's input for backward in "
+            "`ctx.tensors` even when the weight is frozen (not through save_for_backward, so the tracker counts it "
+            "as temporaries), where a frozen fp32 Linear keeps nothing; and a bitsandbytes layer is never folded "
+            "by VeRA."]
     lab = data.get("lab", {})
     if len(lab) == 4:
         alone = {m: lab[f"lab-order/{m}"]["peaks"][m] for m in ("vera", "lora")}
