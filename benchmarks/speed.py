@@ -197,9 +197,9 @@ def configs(quick: bool, device: str, sweep_only: bool = False) -> list[dict]:
     return out if quick else out + sweep
 
 
-# (seq, r, repeats, steps) at 4 x seq tokens, sized to ~20 min on the loaded 2-core CPU at one thread. Only 4 x 128
-# r=256 has the policies choose differently (layers_keeping); 4 x 512 shows the measurement's noise.
-POLICY_GROUPS = ((128, 256, 2, 3), (512, 256, 1, 1))
+# (seq, r, repeats, steps) at 4 x seq tokens, sized to ~15 min on the 2-core CPU at one thread. Only 4 x 128 r=256
+# has the policies choose differently (layers_keeping); 4 x 512 shows the measurement's noise.
+POLICY_GROUPS = ((128, 256, 4, 3), (512, 256, 1, 1))
 
 
 def policy_configs() -> list[dict]:
@@ -228,17 +228,24 @@ def layers_keeping(seq: int, r: int) -> dict:
 
 
 def summarise_policy(policy: dict) -> dict:
-    """Per (seq, r): median step of the default and the old default over all their steps and repeats, and the
-    ratio default / old."""
+    """Per (seq, r): median step of the default and of the old default over all their steps and repeats, and the
+    ratio default / old paired by repeat (the two runs of a repeat are adjacent in time, so they share the machine's
+    load): its median and range over the repeats."""
     out = {}
     for seq, r, _, _ in POLICY_GROUPS:
-        steps = {impl: [t for res in policy["results"].values() if "error" not in res
-                        and (res["config"]["seq"], res["config"]["r"], res["config"]["impl"]) == (seq, r, impl)
-                        for t in res["step_s"]] for impl in ("ours", "ours-old-default")}
-        if all(steps.values()):
-            new, old = (statistics.median(steps[i]) for i in ("ours", "ours-old-default"))
-            out[f"r{r}_seq{seq}"] = {"seq": seq, "r": r, "default_median_s": new, "old_default_median_s": old,
-                                     "ratio": new / old, "steps": {k: len(v) for k, v in steps.items()},
+        runs = [res for res in policy["results"].values() if "error" not in res
+                and (res["config"]["seq"], res["config"]["r"]) == (seq, r)]
+        steps = {impl: [t for res in runs if res["config"]["impl"] == impl for t in res["step_s"]]
+                 for impl in ("ours", "ours-old-default")}
+        by_repeat = {}
+        for res in runs:
+            by_repeat.setdefault(res["config"]["repeat"], {})[res["config"]["impl"]] = statistics.median(res["step_s"])
+        paired = [p["ours"] / p["ours-old-default"] for p in by_repeat.values() if len(p) == 2]
+        if paired:
+            out[f"r{r}_seq{seq}"] = {"seq": seq, "r": r, "default_median_s": statistics.median(steps["ours"]),
+                                     "old_default_median_s": statistics.median(steps["ours-old-default"]),
+                                     "ratio": statistics.median(paired), "ratio_range": [min(paired), max(paired)],
+                                     "repeats": len(paired), "steps": {k: len(v) for k, v in steps.items()},
                                      "layers_keeping": layers_keeping(seq, r)}
     return out
 
@@ -252,7 +259,8 @@ def run_policy(data: dict, beside: str) -> None:
                                "load_avg_start": [round(x, 2) for x in os.getloadavg()], "results": {}}
     for cfg in policy_configs():
         print(f"running {key(cfg)}", flush=True)
-        policy["results"][key(cfg)] = {"config": cfg, **measure(cfg)}
+        load_1m = round(os.getloadavg()[0], 2)
+        policy["results"][key(cfg)] = {"config": cfg, "load_1m_at_start": load_1m, **measure(cfg)}
         policy["load_avg_end"] = [round(x, 2) for x in os.getloadavg()]
         policy["summary"] = summarise_policy(policy)
         write_report(data)  # a run cut short keeps what it measured
@@ -268,12 +276,13 @@ def policy_lines(policy: dict) -> list[str]:
              "Default: `fast_vera`'s \"auto\", the cost model (keep W' only where that saves >= 10% of the layer's step); old default: keep "
              "W' wherever 4·in·out > N·(in + out).", "",
              "| B x T | r | layers keeping W': default / old | default median step (s) | old default (s) | steps | "
-             "default / old |", "|---|---|---|---|---|---|---|"]
+             "default / old, paired by repeat: median [range] | repeats |", "|---|---|---|---|---|---|---|---|"]
     for row in policy["summary"].values():
-        keeping = row["layers_keeping"]
+        keeping, (low, high) = row["layers_keeping"], row["ratio_range"]
         lines.append(f"| 4 x {row['seq']} | {row['r']} | {keeping['default']} / {keeping['old_default']} of "
                      f"{keeping['folded']} | {row['default_median_s']:.2f} | {row['old_default_median_s']:.2f} | "
-                     f"{row['steps']['ours']} + {row['steps']['ours-old-default']} | {row['ratio']:.3f} |")
+                     f"{row['steps']['ours']} + {row['steps']['ours-old-default']} | {row['ratio']:.3f} "
+                     f"[{low:.3f}–{high:.3f}] | {row['repeats']} |")
     r256 = policy["summary"].get("r256_seq128")
     if r256:
         verdict = "within" if r256["ratio"] <= 1.03 else "over"
