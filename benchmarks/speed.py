@@ -268,13 +268,15 @@ def run_policy(data: dict, beside: str) -> None:
 
 def policy_lines(policy: dict) -> list[str]:
     """speed.md's section on the fold policy, from data["policy"]."""
+    from vera_core.adapters.fused import KEEP_MIN_SHARE
+
     lines = ["", "## VeRA's default fold policy against the old default (CPU, one thread)", "",
              f"Date: {policy['date']}. Machine: {policy['machine']}, OMP_NUM_THREADS={policy['threads']}. Load "
              f"average (1, 5, 15 min) at start {policy['load_avg_start']}, at end {policy.get('load_avg_end')}. Ran "
              f"beside: {policy['beside']}. Command: `OMP_NUM_THREADS=1 python benchmarks/speed.py --policy`. Each "
              "configuration in its own process, repeats interleaved (the order within a pair alternating). "
-             "Default: `fast_vera`'s \"auto\", the cost model (keep W' only where that saves >= 10% of the layer's step); old default: keep "
-             "W' wherever 4·in·out > N·(in + out).", "",
+             f"Default: `fast_vera`'s \"auto\", the cost model (keep W' only where that saves >= {KEEP_MIN_SHARE:.0%} "
+             "of the layer's step); old default: keep W' wherever 4·in·out > N·(in + out).", "",
              "| B x T | r | layers keeping W': default / old | default median step (s) | old default (s) | steps | "
              "default / old, paired by repeat: median [range] | repeats |", "|---|---|---|---|---|---|---|---|"]
     for row in policy["summary"].values():
