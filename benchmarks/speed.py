@@ -4,6 +4,7 @@
     python benchmarks/speed.py              # + r and sequence-length sweeps, adapter load, cold model load
     python benchmarks/speed.py --sweep      # only the sweeps, added to the results already in speed.json
     python benchmarks/speed.py --policy --beside "what else ran"   # VeRA's fold policy: the default vs the old one
+    python benchmarks/speed.py --policy --quick    # the same at 4 x 128 only, two repeats
 
 Results go to benchmarks/results/speed.json (resumable: configurations already there are skipped; --fresh
 starts over), speed.md and PNG plots. Peak memory is the child's `resource.getrusage(RUSAGE_SELF).ru_maxrss`
@@ -200,14 +201,15 @@ def configs(quick: bool, device: str, sweep_only: bool = False) -> list[dict]:
 # (seq, r, repeats, steps) at 4 x seq tokens, sized to ~15 min on the 2-core CPU at one thread. Only 4 x 128 r=256
 # has the policies choose differently (layers_keeping); 4 x 512 shows the measurement's noise.
 POLICY_GROUPS = ((128, 256, 4, 3), (512, 256, 1, 1))
+POLICY_QUICK = ((128, 256, 2, 3),)  # --policy --quick: the one size where the policies differ, two repeats
 
 
-def policy_configs() -> list[dict]:
-    """VeRA's default fold policy against the old one, on CPU (POLICY_GROUPS):
+def policy_configs(groups=POLICY_GROUPS) -> list[dict]:
+    """VeRA's default fold policy against the old one, on CPU (`groups`, POLICY_GROUPS by default):
     repeats interleaved, the order within each pair alternating so that neither side always runs first."""
     out = []
-    for repeat in range(max(g[2] for g in POLICY_GROUPS)):
-        for seq, r, repeats, steps in POLICY_GROUPS:
+    for repeat in range(max(g[2] for g in groups)):
+        for seq, r, repeats, steps in groups:
             if repeat < repeats:
                 pair = ("ours", "ours-old-default")[::1 if repeat % 2 == 0 else -1]
                 out += [{"kind": "train", "method": "vera", "impl": impl, "r": r, "repeat": repeat, "device": "cpu",
@@ -250,14 +252,16 @@ def summarise_policy(policy: dict) -> dict:
     return out
 
 
-def run_policy(data: dict, beside: str) -> None:
-    """Measure policy_configs into data["policy"] (always afresh: the ratios must come from one run)."""
+def run_policy(data: dict, beside: str, groups=POLICY_GROUPS) -> None:
+    """Measure policy_configs into data["fold_policy"][<threads>] (always afresh: the ratios must come from one
+    run); one record per thread count, as the two policies' costs scale differently with threads."""
     import torch
 
-    policy = data["policy"] = {"date": datetime.date.today().isoformat(), "machine": machine(torch, "cpu"),
-                               "threads": os.environ.get("OMP_NUM_THREADS"), "beside": beside,
-                               "load_avg_start": [round(x, 2) for x in os.getloadavg()], "results": {}}
-    for cfg in policy_configs():
+    threads = os.environ.get("OMP_NUM_THREADS") or str(torch.get_num_threads())
+    policy = data.setdefault("fold_policy", {})[threads] = {
+        "date": datetime.date.today().isoformat(), "machine": machine(torch, "cpu"), "threads": threads,
+        "beside": beside, "load_avg_start": [round(x, 2) for x in os.getloadavg()], "results": {}}
+    for cfg in policy_configs(groups):
         print(f"running {key(cfg)}", flush=True)
         load_1m = round(os.getloadavg()[0], 2)
         policy["results"][key(cfg)] = {"config": cfg, "load_1m_at_start": load_1m, **measure(cfg)}
@@ -267,14 +271,15 @@ def run_policy(data: dict, beside: str) -> None:
 
 
 def policy_lines(policy: dict) -> list[str]:
-    """speed.md's section on the fold policy, from data["policy"]."""
+    """speed.md's section on the fold policy at one thread count, from data["fold_policy"]."""
     from vera_core.adapters.fused import KEEP_MIN_SHARE
 
-    lines = ["", "## VeRA's default fold policy against the old default (CPU, one thread)", "",
+    lines = ["", f"## VeRA's default fold policy against the old default (CPU, {policy['threads']} thread(s))", "",
              f"Date: {policy['date']}. Machine: {policy['machine']}, OMP_NUM_THREADS={policy['threads']}. Load "
              f"average (1, 5, 15 min) at start {policy['load_avg_start']}, at end {policy.get('load_avg_end')}. Ran "
-             f"beside: {policy['beside']}. Command: `OMP_NUM_THREADS=1 python benchmarks/speed.py --policy`. Each "
-             "configuration in its own process, repeats interleaved (the order within a pair alternating). "
+             f"beside: {policy['beside']}. Command: `OMP_NUM_THREADS={policy['threads']} python benchmarks/speed.py "
+             "--policy`. Each configuration in its own process, repeats interleaved (the order within a pair "
+             "alternating). "
              f"Default: `fast_vera`'s \"auto\", the cost model (keep W' only where that saves >= {KEEP_MIN_SHARE:.0%} "
              "of the layer's step); old default: keep W' wherever 4·in·out > N·(in + out).", "",
              "| B x T | r | layers keeping W': default / old | default median step (s) | old default (s) | steps | "
@@ -372,8 +377,8 @@ def write_report(data: dict) -> None:
                      f"{row['min_step_s']:.2f}–{row['max_step_s']:.2f} | {row['n']} | {row['peak_rss_mb']:.0f} |")
     lines += ["", "| ratio | value |", "|---|---|"]
     lines += [f"| {k} | {v:.3f} |" for k, v in summary["ratios"].items()]
-    if "policy" in data:
-        lines += policy_lines(data["policy"])
+    for policy in data.get("fold_policy", {}).values():
+        lines += policy_lines(policy)
     write_page(RESULTS / "speed.md", "\n".join(lines) + "\n")
     plot(summary)
 
@@ -436,8 +441,8 @@ def main() -> None:
     if args.policy:
         path = RESULTS / "speed.json"
         data = json.loads(path.read_text())
-        run_policy(data, args.beside)
-        print("\n".join(policy_lines(data["policy"])))
+        run_policy(data, args.beside, POLICY_QUICK if args.quick else POLICY_GROUPS)
+        print("\n".join(line for policy in data["fold_policy"].values() for line in policy_lines(policy)))
         return
     import torch
 
