@@ -54,7 +54,7 @@ def made_up_records() -> dict:
             "grad_checkpointing": False, "quantization": None, "estimate_kind": "fake step"}
     memory = {"device": "m", "date": "d", "rows": [
         {**smol, "method": "vera", "r": 256, "measured_peak_bytes": 3 * 2**30, "predicted_peak_bytes": 3 * 2**30,
-         "profiler_peak_bytes": 3 * 2**30 + 2**20},
+         "profiler_peak_bytes": 3 * 2**30 + 2**20, "fold_estimates": {"keep": 4 * 2**30, "rebuild": 3 * 2**30}},
         {**smol, "method": "lora", "r": 8, "measured_peak_bytes": 2 * 2**30, "predicted_peak_bytes": 2.04 * 2**30,
          "profiler_peak_bytes": None}]}
     serve = {"device": "m", "date": "d", "mode": "full", "settings": {"prompts": 64, "tokens": 32},
@@ -73,15 +73,16 @@ def test_rows_read_the_records_in_the_stated_units():
     assert "4 x 128 tokens: r=256 0.90x, r=1024 0.80x; 4 x 512: r=256 0.70x, r=1024 not measured" in text
     assert "merged 1.00x; unmerged: ours not measured, PEFT not measured" in text
     # bytes -> MiB is 2**20: 3 GiB is 3,072.0 MiB
-    assert "VeRA r=256 3,072.0 MiB, LoRA r=8 2,048.0 MiB: VeRA 1.50x LoRA's" in text
-    assert "largest error +2.00% over 2 configurations" in text
+    assert "VeRA r=256 3,072.0 MiB, LoRA r=8 2,048.0 MiB: VeRA 1.50x LoRA's (keeping its folded weights for " \
+           "backward, prefer=\"speed\": 4,096.0 MiB estimated, 2.00x) |" in text
     # 3 GiB against 3 GiB + 1 MiB: 3,072 / 3,073 - 1 = -0.03%; the row without a profiler figure is left out
-    assert "largest difference -0.03% over 1 configurations (smollm2-135m-instruct; vera)" in text
+    assert "largest error +2.00% over 2 configurations; tracker vs profiler: largest difference -0.03% over 1 " \
+           "configurations (smollm2-135m-instruct; vera) |" in text
     assert "PEFT LoRA's mixed batch 3.00x; PEFT VeRA, grouped by adapter not measured" in text
     # adapters held: MB is 10**6 bytes, MiB 2**20; the target is serve.py's 1 GB (10**9 bytes)
     assert ("VeRA r=256 1,250.0 MB (10^6 bytes) = 1,192 MiB, measured (RSS); target 1 GB (10^9 bytes): missed by "
             "25.0%. LoRA r=8 9,000.0 MB (10^6 bytes) = 8,583 MiB, computed from its shapes") in text
-    assert len([line for line in text.splitlines() if line.startswith("| ")]) == 1 + 9
+    assert len([line for line in text.splitlines() if line.startswith("| ")]) == 1 + 8
 
 
 def test_adapters_held_just_over_or_under_the_target_say_so_instead_of_rounding_to_it():
