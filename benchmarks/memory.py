@@ -220,7 +220,7 @@ def _fold_choice(row: dict) -> str:
     """Which way with its folded weights the library's default took on a VeRA row, read from the estimates."""
     folds, predicted = row["fold_estimates"], row["predicted_peak_bytes"]
     if folds["keep"] == folds["rebuild"]:
-        return "no difference (no layer keeps W')"
+        return "same either way (no layer where it matters)"
     return {folds["keep"]: "kept W'", folds["rebuild"]: "rebuilt W'"}.get(predicted, "kept W' in some layers")
 
 
