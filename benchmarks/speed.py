@@ -3,6 +3,8 @@
     python benchmarks/speed.py --quick      # headline ratios, ≤ 15 min on a 2-core CPU
     python benchmarks/speed.py              # + r and sequence-length sweeps, adapter load, cold model load
     python benchmarks/speed.py --sweep      # only the sweeps, added to the results already in speed.json
+    python benchmarks/speed.py --policy --beside "what else ran"   # VeRA's fold policy: the default vs the old one
+    python benchmarks/speed.py --policy --quick    # the same at 4 x 128 only, two repeats
 
 Results go to benchmarks/results/speed.json (resumable: configurations already there are skipped; --fresh
 starts over), speed.md and PNG plots. Peak memory is the child's `resource.getrusage(RUSAGE_SELF).ru_maxrss`
@@ -60,13 +62,25 @@ def _adapt(model, method: str, impl: str, r: int):
     return model, params
 
 
+def old_default_keep(tokens: int, in_features: int, out_features: int, r: int) -> bool:
+    """The fold policy "auto" had before it weighed memory: keep W' for backward wherever keeping it beats
+    rebuilding it by FLOPs alone, 4·in·out > N·(in + out) (fused.keep_folded's signature, to stand in for it)."""
+    return 4 * in_features * out_features > tokens * (in_features + out_features)
+
+
 def child_train(cfg: dict) -> dict:
-    from vera_core.adapters.fused import fast_vera
+    import contextlib
+    from unittest import mock
+
+    from vera_core.adapters import fused
 
     model, torch = _model(cfg["device"], cfg["dtype"])
     model, params = _adapt(model, cfg["method"], cfg["impl"], cfg["r"])
-    # "ours" folds with the default "auto" choice; "ours-rebuild" always rebuilds W' in backward (least memory).
-    with fast_vera(True, "rebuild" if cfg["impl"] == "ours-rebuild" else "auto"):
+    # "ours" folds with the default "auto" choice; "ours-rebuild" always rebuilds W' in backward (least memory);
+    # "ours-old-default" is "auto" as it decided before the cost model (old_default_keep).
+    old = (mock.patch.object(fused, "keep_folded", old_default_keep) if cfg["impl"] == "ours-old-default"
+           else contextlib.nullcontext())
+    with old, fused.fast_vera(True, "rebuild" if cfg["impl"] == "ours-rebuild" else "auto"):
         return _train_loop(model, params, cfg, torch)
 
 
@@ -184,6 +198,112 @@ def configs(quick: bool, device: str, sweep_only: bool = False) -> list[dict]:
     return out if quick else out + sweep
 
 
+# (seq, r, repeats, steps) at 4 x seq tokens, sized to ~15 min on the 2-core CPU at one thread. Only 4 x 128 r=256
+# has the policies choose differently (layers_keeping); 4 x 512 shows the measurement's noise.
+POLICY_GROUPS = ((128, 256, 4, 3), (512, 256, 1, 1))
+POLICY_QUICK = ((128, 256, 2, 3),)  # --policy --quick: the one size where the policies differ, two repeats
+
+
+def policy_configs(groups=POLICY_GROUPS) -> list[dict]:
+    """VeRA's default fold policy against the old one, on CPU (`groups`, POLICY_GROUPS by default):
+    repeats interleaved, the order within each pair alternating so that neither side always runs first."""
+    out = []
+    for repeat in range(max(g[2] for g in groups)):
+        for seq, r, repeats, steps in groups:
+            if repeat < repeats:
+                pair = ("ours", "ours-old-default")[::1 if repeat % 2 == 0 else -1]
+                out += [{"kind": "train", "method": "vera", "impl": impl, "r": r, "repeat": repeat, "device": "cpu",
+                         "dtype": "float32", "batch": 4, "seq": seq, "warmup": 1, "steps": steps} for impl in pair]
+    return out
+
+
+def layers_keeping(seq: int, r: int) -> dict:
+    """How many of SmolLM2's folded layers keep W' for backward at 4 x seq tokens under each policy."""
+    from vera_core.adapters.fused import keep_saving, KEEP_MIN_SHARE
+
+    tokens, shapes = 4 * seq, smollm2_shapes().values()
+    folded = [(i, o) for i, o in shapes if tokens * (i + o) > i * o]  # the layers that fold (fused.foldable)
+    new = sum(keep_saving(tokens, i, o, r)[0] >= KEEP_MIN_SHARE * keep_saving(tokens, i, o, r)[1] for i, o in folded)
+    old = sum(old_default_keep(tokens, i, o, r) for i, o in folded)
+    return {"default": new * smollm2_layers(), "old_default": old * smollm2_layers(),
+            "folded": len(folded) * smollm2_layers()}
+
+
+def summarise_policy(policy: dict) -> dict:
+    """Per (seq, r): median step of the default and of the old default over all their steps and repeats, and the
+    ratio default / old paired by repeat (the two runs of a repeat are adjacent in time, so they share the machine's
+    load): its median and range over the repeats."""
+    out = {}
+    for seq, r, _, _ in POLICY_GROUPS:
+        runs = [res for res in policy["results"].values() if "error" not in res
+                and (res["config"]["seq"], res["config"]["r"]) == (seq, r)]
+        steps = {impl: [t for res in runs if res["config"]["impl"] == impl for t in res["step_s"]]
+                 for impl in ("ours", "ours-old-default")}
+        by_repeat = {}
+        for res in runs:
+            by_repeat.setdefault(res["config"]["repeat"], {})[res["config"]["impl"]] = statistics.median(res["step_s"])
+        paired = [p["ours"] / p["ours-old-default"] for p in by_repeat.values() if len(p) == 2]
+        if paired:
+            out[f"r{r}_seq{seq}"] = {"seq": seq, "r": r, "default_median_s": statistics.median(steps["ours"]),
+                                     "old_default_median_s": statistics.median(steps["ours-old-default"]),
+                                     "ratio": statistics.median(paired), "ratio_range": [min(paired), max(paired)],
+                                     "repeats": len(paired), "steps": {k: len(v) for k, v in steps.items()},
+                                     "layers_keeping": layers_keeping(seq, r)}
+    return out
+
+
+def run_policy(data: dict, beside: str, groups=POLICY_GROUPS) -> None:
+    """Measure policy_configs into data["fold_policy"][<threads>] (always afresh: the ratios must come from one
+    run); one record per thread count, as the two policies' costs scale differently with threads."""
+    import torch
+
+    threads = os.environ.get("OMP_NUM_THREADS") or str(torch.get_num_threads())
+    policy = data.setdefault("fold_policy", {})[threads] = {
+        "date": datetime.date.today().isoformat(), "machine": machine(torch, "cpu"), "threads": threads,
+        "beside": beside, "load_avg_start": [round(x, 2) for x in os.getloadavg()], "results": {}}
+    for cfg in policy_configs(groups):
+        print(f"running {key(cfg)}", flush=True)
+        load_1m = round(os.getloadavg()[0], 2)
+        policy["results"][key(cfg)] = {"config": cfg, "load_1m_at_start": load_1m, **measure(cfg)}
+        policy["load_avg_end"] = [round(x, 2) for x in os.getloadavg()]
+        policy["summary"] = summarise_policy(policy)
+        write_report(data)  # a run cut short keeps what it measured
+
+
+def policy_lines(policy: dict) -> list[str]:
+    """speed.md's section on the fold policy at one thread count, from data["fold_policy"]."""
+    from vera_core.adapters.fused import KEEP_MIN_SHARE
+
+    lines = ["", f"## VeRA's default fold policy against the old default (CPU, {policy['threads']} thread(s))", "",
+             f"Date: {policy['date']}. Machine: {policy['machine']}, OMP_NUM_THREADS={policy['threads']}. Load "
+             f"average (1, 5, 15 min) at start {policy['load_avg_start']}, at end {policy.get('load_avg_end')}. Ran "
+             f"beside: {policy['beside']}. Command: `OMP_NUM_THREADS={policy['threads']} python benchmarks/speed.py "
+             "--policy`. Each configuration in its own process, repeats interleaved (the order within a pair "
+             "alternating). "
+             f"Default: `fast_vera`'s \"auto\", the cost model (keep W' only where that saves >= {KEEP_MIN_SHARE:.0%} "
+             "of the layer's step); old default: keep W' wherever 4·in·out > N·(in + out).", "",
+             "| B x T | r | layers keeping W': default / old | default median step (s) | old default (s) | steps | "
+             "default / old, paired by repeat: median [range] | repeats |", "|---|---|---|---|---|---|---|---|"]
+    for row in policy["summary"].values():
+        keeping, (low, high) = row["layers_keeping"], row["ratio_range"]
+        lines.append(f"| 4 x {row['seq']} | {row['r']} | {keeping['default']} / {keeping['old_default']} of "
+                     f"{keeping['folded']} | {row['default_median_s']:.2f} | {row['old_default_median_s']:.2f} | "
+                     f"{row['steps']['ours']} + {row['steps']['ours-old-default']} | {row['ratio']:.3f} "
+                     f"[{low:.3f}–{high:.3f}] | {row['repeats']} |")
+    r256 = policy["summary"].get("r256_seq128")
+    if r256:
+        verdict = "within" if r256["ratio"] <= 1.03 else "over"
+        lines += ["", f"At r=256, 4 x 128 the default's step is {100 * (r256['ratio'] - 1):+.1f}% against the old "
+                  f"default's: {verdict} the 3% allowed."]
+    same = [row for row in policy["summary"].values()
+            if row["layers_keeping"]["default"] == row["layers_keeping"]["old_default"]]
+    if same:
+        lines += ["", "Both policies make the same choice for every layer at " + ", ".join(
+            f"4 x {row['seq']} r={row['r']}" for row in same) + ": the ratio there (" + ", ".join(
+            f"{row['ratio']:.3f}" for row in same) + ") is the measurement's noise."]
+    return lines
+
+
 def measure(cfg: dict) -> dict:
     """One configuration's result in its own process; a failure is recorded (and retried on the next run)."""
     try:
@@ -257,6 +377,8 @@ def write_report(data: dict) -> None:
                      f"{row['min_step_s']:.2f}–{row['max_step_s']:.2f} | {row['n']} | {row['peak_rss_mb']:.0f} |")
     lines += ["", "| ratio | value |", "|---|---|"]
     lines += [f"| {k} | {v:.3f} |" for k, v in summary["ratios"].items()]
+    for policy in data.get("fold_policy", {}).values():
+        lines += policy_lines(policy)
     write_page(RESULTS / "speed.md", "\n".join(lines) + "\n")
     plot(summary)
 
@@ -309,8 +431,18 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="headline ratios only (≤ 15 min on CPU)")
     parser.add_argument("--sweep", action="store_true",
                         help="only the r (16 ... 2048) and sequence-length sweep, added to the results already there")
+    parser.add_argument("--policy", action="store_true",
+                        help="only VeRA's default fold policy against the old one (CPU, ~15 min at one thread), "
+                             "recorded in its own section")
+    parser.add_argument("--beside", default="not recorded", help="with --policy: what else ran on the machine")
     args = parse_or_serve(parser, lambda cfg: CHILDREN[cfg["kind"]](cfg))
     if args is None:
+        return
+    if args.policy:
+        path = RESULTS / "speed.json"
+        data = json.loads(path.read_text())
+        run_policy(data, args.beside, POLICY_QUICK if args.quick else POLICY_GROUPS)
+        print("\n".join(line for policy in data["fold_policy"].values() for line in policy_lines(policy)))
         return
     import torch
 

@@ -80,20 +80,43 @@ def _memory_row(rows: list[dict], method: str, r: int) -> dict | None:
                  and row["dtype"] == "float32" and not row["grad_checkpointing"] and not row["quantization"]), None)
 
 
+def _keeping(vera: dict, lora_bytes: int) -> str:
+    """What VeRA would hold keeping its folded weights for backward (prefer="speed"), where the row records it."""
+    folds = vera.get("fold_estimates")
+    if not folds or folds["keep"] == vera["measured_peak_bytes"]:
+        return ""
+    return (f" (keeping its folded weights for backward, prefer=\"speed\": {folds['keep'] / 2**20:,.1f} MiB estimated, "
+            f"{folds['keep'] / lora_bytes:.2f}x)")
+
+
+def _profiler(rows: list[dict]) -> str:
+    """The tracker's largest difference from the profiler's peak, over the rows that have one."""
+    profiled = [row for row in rows if row.get("profiler_peak_bytes")]
+    if not profiled:
+        return "; profiler: not measured"
+    differences = [row["measured_peak_bytes"] / row["profiler_peak_bytes"] - 1 for row in profiled]
+    models, methods = (sorted({row[k] for row in profiled}) for k in ("model", "method"))
+    return (f"; tracker vs profiler: largest difference {100 * max(differences, key=abs):+.2f}% over {len(profiled)} "
+            f"configurations ({', '.join(models)}; {', '.join(methods)})")
+
+
 def memory_rows(memory: dict) -> list[tuple[str, str, str]]:
     link, out = _link("memory.md", memory.get("date")), []
     vera, lora = _memory_row(memory["rows"], "vera", 256), _memory_row(memory["rows"], "lora", 8)
     if vera and lora:
         v, lo = vera["measured_peak_bytes"], lora["measured_peak_bytes"]
-        out.append(("Training peak memory, measured (tensor tracker; SmolLM2, all linear layers, 4 x 128, fp32)",
-                    f"VeRA r=256 {v / 2**20:,.1f} MiB, LoRA r=8 {lo / 2**20:,.1f} MiB: VeRA {v / lo:.2f}x LoRA's",
-                    link))
+        out.append(("Training peak memory, measured (tensor tracker; SmolLM2, all linear layers, 4 x 128, fp32, "
+                    "the library's default fold policy)",
+                    f"VeRA r=256 {v / 2**20:,.1f} MiB, LoRA r=8 {lo / 2**20:,.1f} MiB: VeRA {v / lo:.2f}x LoRA's"
+                    + _keeping(vera, lo), link))
     faked = [row for row in memory["rows"] if row["estimate_kind"] == "fake step"]
     if faked:
         errors = [row["predicted_peak_bytes"] / row["measured_peak_bytes"] - 1 for row in faked]
         worst = max(errors, key=abs)
-        out.append(("Memory estimate (one step on fake tensors) against the measured peak",
-                    f"largest error {100 * worst:+.2f}% over {len(faked)} configurations", link))
+        out.append(("Memory estimate (one step on fake tensors) against the measured peak; the tracker against "
+                    "torch.profiler's allocator events (whole-run peak, weights included)",
+                    f"largest error {100 * worst:+.2f}% over {len(faked)} configurations" + _profiler(memory["rows"]),
+                    link))
     return out
 
 

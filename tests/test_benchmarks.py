@@ -2,6 +2,7 @@
 right units, the results pages keep their hand-written notes, and the harness is the one place that starts
 processes."""
 import ast
+import json
 import sys
 from pathlib import Path
 
@@ -10,6 +11,8 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "benchmarks"))  # the scripts import their shared harness as a sibling
 import harness  # noqa: E402
+import memory  # noqa: E402
+import speed  # noqa: E402
 import summary  # noqa: E402
 
 
@@ -50,8 +53,10 @@ def made_up_records() -> dict:
     smol = {"model": harness.SMOLLM2, "targets": "all-linear", "batch_size": 4, "seq_len": 128, "dtype": "float32",
             "grad_checkpointing": False, "quantization": None, "estimate_kind": "fake step"}
     memory = {"device": "m", "date": "d", "rows": [
-        {**smol, "method": "vera", "r": 256, "measured_peak_bytes": 3 * 2**30, "predicted_peak_bytes": 3 * 2**30},
-        {**smol, "method": "lora", "r": 8, "measured_peak_bytes": 2 * 2**30, "predicted_peak_bytes": 2.04 * 2**30}]}
+        {**smol, "method": "vera", "r": 256, "measured_peak_bytes": 3 * 2**30, "predicted_peak_bytes": 3 * 2**30,
+         "profiler_peak_bytes": 3 * 2**30 + 2**20, "fold_estimates": {"keep": 4 * 2**30, "rebuild": 3 * 2**30}},
+        {**smol, "method": "lora", "r": 8, "measured_peak_bytes": 2 * 2**30, "predicted_peak_bytes": 2.04 * 2**30,
+         "profiler_peak_bytes": None}]}
     serve = {"device": "m", "date": "d", "mode": "full", "settings": {"prompts": 64, "tokens": 32},
              "rows": [{"impl": "ours-vera", "K": 64, "tokens_per_s": 120.0},
                       {"impl": "peft-lora", "K": 64, "tokens_per_s": 40.0}],
@@ -68,8 +73,11 @@ def test_rows_read_the_records_in_the_stated_units():
     assert "4 x 128 tokens: r=256 0.90x, r=1024 0.80x; 4 x 512: r=256 0.70x, r=1024 not measured" in text
     assert "merged 1.00x; unmerged: ours not measured, PEFT not measured" in text
     # bytes -> MiB is 2**20: 3 GiB is 3,072.0 MiB
-    assert "VeRA r=256 3,072.0 MiB, LoRA r=8 2,048.0 MiB: VeRA 1.50x LoRA's" in text
-    assert "largest error +2.00% over 2 configurations" in text
+    assert "VeRA r=256 3,072.0 MiB, LoRA r=8 2,048.0 MiB: VeRA 1.50x LoRA's (keeping its folded weights for " \
+           "backward, prefer=\"speed\": 4,096.0 MiB estimated, 2.00x) |" in text
+    # 3 GiB against 3 GiB + 1 MiB: 3,072 / 3,073 - 1 = -0.03%; the row without a profiler figure is left out
+    assert "largest error +2.00% over 2 configurations; tracker vs profiler: largest difference -0.03% over 1 " \
+           "configurations (smollm2-135m-instruct; vera) |" in text
     assert "PEFT LoRA's mixed batch 3.00x; PEFT VeRA, grouped by adapter not measured" in text
     # adapters held: MB is 10**6 bytes, MiB 2**20; the target is serve.py's 1 GB (10**9 bytes)
     assert ("VeRA r=256 1,250.0 MB (10^6 bytes) = 1,192 MiB, measured (RSS); target 1 GB (10^9 bytes): missed by "
@@ -124,3 +132,83 @@ def test_run_child_returns_every_result_line_and_raises_with_the_error_on_failur
     assert failed.value.returncode == 1 and seen[-1] == {"i": 0}  # the row before the failure was delivered
     with pytest.raises(harness.ChildFailed, match="exit code 0, no output"):
         harness.run_child(script, {"n": 0})
+
+
+class _Event:
+    def __init__(self, name: str, start_ns: int, nbytes: int):
+        self._name, self._start, self._bytes = name, start_ns, nbytes
+
+    def name(self) -> str:
+        return self._name
+
+    def start_ns(self) -> int:
+        return self._start
+
+    def nbytes(self) -> int:
+        return self._bytes
+
+
+def test_the_profiler_peak_is_the_highest_running_sum_of_its_allocator_events_in_time_order():
+    events = [_Event("[memory]", 3, -100), _Event("[memory]", 1, 100), _Event("aten::mm", 2, 10**9),
+              _Event("[memory]", 2, 50), _Event("[memory]", 4, 30)]
+    prof = type("Prof", (), {"profiler": type("P", (), {"kineto_results": type("K", (), {
+        "events": staticmethod(lambda: events)})})})
+    assert memory.profiled_peak(prof) == 150  # +100, +50 (150), -100, +30: operator events are not allocations
+
+
+def test_the_memory_page_shows_predicted_tracker_and_profiler_side_by_side(tmp_path, monkeypatch):
+    monkeypatch.setattr(memory, "RESULTS", tmp_path)
+    row = {"model": "minilm-l6", "method": "vera", "r": 256, "targets": "query,value", "batch_size": 8,
+           "seq_len": 64, "dtype": "float32", "grad_checkpointing": False, "quantization": None,
+           "predicted_peak_bytes": 100 * 2**20, "measured_peak_bytes": 100 * 2**20, "peak_rss_bytes": 400 * 2**20,
+           "estimate_kind": "fake step", "estimate_s": 1.0, "tracker_overhead": 1.1, "date": "2026-12-05",
+           "key": "a", "breakdown": {}, "predicted_breakdown": {}}
+    rows = [{**row, "profiler_peak_bytes": 104 * 2**20}, {**row, "key": "b", "date": "2026-11-30"}]
+    memory.write_report({"rows": rows, "device": "cpu", "date": "2026-12-05", "load_avg": [1, 1, 1], "lab": {}})
+    page = (tmp_path / "memory.md").read_text()
+    assert "| predicted MiB | tracker MiB | error | profiler MiB | tracker vs profiler |" in page
+    # 100 / 104 - 1 = -3.85%: outside the 3% tolerance, flagged; the row without a profiler figure shows dashes
+    assert "| 100.0 | 100.0 | +0.00% | 104.0 | -3.85% **miss** | 400.0 |" in page
+    assert "| 100.0 | 100.0 | +0.00% | - | - | 400.0 |" in page and "| 2026-11-30 |" in page
+    assert "1 rows, largest difference -3.85% **miss** (a); tolerance 3%." in page
+    assert "default did" not in page  # no row carries the fold estimates
+
+
+def test_the_memory_page_says_what_the_default_did_with_veras_folded_weights_and_what_either_way_costs(
+        tmp_path, monkeypatch):
+    monkeypatch.setattr(memory, "RESULTS", tmp_path)
+    row = {"model": harness.SMOLLM2, "method": "vera", "r": 256, "targets": "all-linear", "batch_size": 4,
+           "seq_len": 128, "dtype": "float32", "grad_checkpointing": False, "quantization": None,
+           "predicted_peak_bytes": 100 * 2**20, "measured_peak_bytes": 100 * 2**20, "peak_rss_bytes": 400 * 2**20,
+           "estimate_kind": "fake step", "estimate_s": 1.0, "tracker_overhead": 1.1, "date": "2026-12-05",
+           "key": "v", "fold_estimates": {"keep": 130 * 2**20, "rebuild": 100 * 2**20, "keep_saving": 0.02}}
+    lora = {**row, "method": "lora", "r": 8, "key": "l", "measured_peak_bytes": 125 * 2**20, "fold_estimates": None}
+    kept = {**row, "r": 1024, "key": "k", "predicted_peak_bytes": 130 * 2**20, "measured_peak_bytes": 130 * 2**20}
+    memory.write_report({"rows": [row, kept, lora], "device": "cpu", "date": "d", "load_avg": [1, 1, 1], "lab": {}})
+    page = (tmp_path / "memory.md").read_text()
+    # the default's prediction equals the rebuild estimate: it rebuilt; 100 / 125 = 0.80x LoRA's
+    assert "| float32 | off | rebuilt W' | 100.0 | 130.0 | 100.0 | 125.0 | 0.80x |" in page
+    assert "| float32 | off | kept W' | 130.0 | 130.0 | 100.0 | 125.0 | 1.04x |" in page
+
+
+def test_the_memory_record_checks_the_tracker_against_the_profiler_and_vera_is_leaner_at_the_lab_default():
+    record = json.loads((harness.RESULTS / "memory.json").read_text())
+    profiled = [r for r in record["rows"] if r.get("profiler_peak_bytes")]
+    covered = {(r["model"], r["method"], r["batch_size"] * r["seq_len"]) for r in profiled}
+    for model in ("minilm-l6", harness.SMOLLM2):
+        for method in ("vera", "lora"):
+            assert len({tokens for m, me, tokens in covered if (m, me) == (model, method)}) >= 2, (model, method)
+    for row in profiled:
+        assert row["measured_peak_bytes"] == pytest.approx(row["profiler_peak_bytes"], rel=memory.PROFILER_TOLERANCE)
+    vera, lora = summary._memory_row(record["rows"], "vera", 256), summary._memory_row(record["rows"], "lora", 8)
+    assert vera["measured_peak_bytes"] <= lora["measured_peak_bytes"]
+    alone = {m: record["lab"][f"lab-order/{m}"]["peaks"][m] for m in ("vera", "lora")}
+    assert alone["vera"] <= alone["lora"]
+
+
+def test_the_old_fold_policy_kept_every_smollm2_layer_at_4_x_128_where_the_default_rebuilds_at_r_256():
+    assert speed.old_default_keep(512, 576, 576, 256)  # 4·576·576 = 1,327,104 > 512·1,152 = 589,824
+    assert not speed.old_default_keep(2048, 576, 576, 256)  # 2048·1,152 = 2,359,296
+    assert speed.layers_keeping(128, 256) == {"default": 0, "old_default": 210, "folded": 210}
+    assert speed.layers_keeping(128, 1024) == {"default": 210, "old_default": 210, "folded": 210}
+    assert speed.layers_keeping(512, 256) == {"default": 0, "old_default": 0, "folded": 210}

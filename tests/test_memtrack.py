@@ -1,7 +1,9 @@
 """The tensor memory tracker, checked against hand counts and torch's profiler; the trainer's peaks do not depend
 on run order or learning rate; the fake-step estimate predicts a real step."""
 import json
+import sys
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -16,6 +18,9 @@ from vera_core.lab.memory import estimate_memory, largest_batch
 from vera_core.lab.memtrack import MemoryTracker
 from vera_core.lab.report import fold_policy_line, memory_differences, padding_note
 from vera_core.lab.train import train
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))  # the scripts' shared harness is a sibling
+from memory import profiled_peak  # noqa: E402  the one reading of the profiler's events, benchmarks/memory.py's
 
 
 def _step(model, optimizer, batch) -> torch.Tensor:
@@ -163,16 +168,6 @@ def test_peak_does_not_depend_on_learning_rate(tokenizer):
         assert peaks[0][key] == pytest.approx(peaks[1][key], rel=0.01, abs=64), key
 
 
-def _profiled_peak(prof) -> int:
-    """The highest running sum of the profiler's [memory] events (allocations +, frees -), in time order."""
-    events = sorted((e.start_ns(), e.nbytes()) for e in prof.profiler.kineto_results.events() if e.name() == "[memory]")
-    running = peak = 0
-    for _, change in events:
-        running += change
-        peak = max(peak, running)
-    return peak
-
-
 @pytest.mark.integration
 def test_tracker_agrees_with_the_profiler_on_a_smollm2_step():
     from vera_core.lab.models import load_model
@@ -195,7 +190,7 @@ def test_tracker_agrees_with_the_profiler_on_a_smollm2_step():
             _step(model, optimizer, batch)
             optimizer.zero_grad(set_to_none=True)
         tracked_s = time.perf_counter() - t0
-    profiled, tracked = _profiled_peak(prof), tracker.peak_bytes - start
+    profiled, tracked = profiled_peak(prof), tracker.peak_bytes - start
     print(f"tracker {tracked / 2**20:.1f} MiB, profiler {profiled / 2**20:.1f} MiB over the step start; "
           f"step {untracked_s:.2f} s untracked, {tracked_s:.2f} s tracked (with the profiler)")
     assert tracked == pytest.approx(profiled, rel=0.05)
