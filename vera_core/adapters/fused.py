@@ -13,15 +13,15 @@ Two savings, both chosen per call for each `VeraLayer` (layers.py) forward:
    (out, r) product P = gᵀu. It wins when N·(in + out) > in·out (for SmolLM2 at 512 tokens: every projection).
 
    Backward needs W' for the input gradient. Keeping it holds an (out, in) tensor per layer until backward (as much
-   memory as a copy of the adapted weights) and costs writing and reading that weight-sized tensor; rebuilding it
-   keeps only u and costs the 2·out·r·in product once more. "auto" (the default) keeps W' only where that saves at
-   least KEEP_MIN_SHARE of the layer's step, by a cost model counting in FLOPs of the fold: rebuilding costs
-   2·out·r·in, keeping out·in·KEEP_COST, against a step of 4·N·in·out (forward and input gradient) + 4·out·r·in (two
-   folds) + 2·N·r·(in + out) (u and P). KEEP_COST = 445 fits the recorded SmolLM2-135M steps (all 7 projections,
-   4 × 128 on 2 CPU cores, benchmarks/results/speed.md): keep vs rebuild 2.97 vs 3.00 s at r=256 and 5.33 vs
-   6.05 s at r=1024, two points for two unknowns (the fold's FLOP rate and KEEP_COST). So at 512 tokens r=256
-   rebuilds (keeping would save ~2% of the step, for ~400 MiB) and r=1024 keeps (~17%); longer batches rebuild
-   sooner. "keep" and "rebuild" force one side (the lab's prefer="speed" is "keep").
+   memory as a copy of the adapted weights); rebuilding it keeps only u and costs the 2·out·r·in product once more.
+   "auto" (the default) keeps W' only where rebuilding would cost at least KEEP_MIN_SHARE of the layer's step, by a
+   FLOP count: rebuilding adds 2·out·r·in to a step of 4·N·in·out (forward and input gradient) + 4·out·r·in (two
+   folds) + 2·N·r·(in + out) (u and P). The count matches this CPU: for SmolLM2-135M (all 7 projections, 4 × 128
+   tokens, r=256) it gives 13% of the adapted layers' work, and rebuilding measured 12.5% slower a step than keeping
+   (benchmarks/results/speed.md, 2026-12-05, idle 2 cores). The bar is high on purpose: a kept W' is a weight-sized
+   copy per layer (there +403 MiB, VeRA 1.20× LoRA r=8's peak instead of 0.91×), so memory wins unless rebuilding is
+   expensive (r=1024 keeps at 512 tokens; longer batches rebuild sooner). "keep" and "rebuild" force one side (the
+   lab's prefer="speed" is "keep").
 """
 from __future__ import annotations
 
@@ -43,14 +43,13 @@ def fast_path_enabled() -> bool:
     return _fast_path
 
 
-KEEP_COST = 445  # keeping W' costs as much time per weight element as this many FLOPs of the fold (fitted, above)
-KEEP_MIN_SHARE = 0.10  # "auto" keeps W' only where that saves at least this share of the layer's step
+KEEP_MIN_SHARE = 0.15  # "auto" keeps W' only where rebuilding it would cost at least this share of the layer's step
 
 
 def keep_saving(tokens: int, in_features: int, out_features: int, r: int) -> tuple[int, int]:
-    """(FLOPs that keeping W' saves over rebuilding it, FLOPs of the layer's step when rebuilding), by the cost model
-    of the module docstring; the first is negative where keeping is the slower."""
-    saved = (2 * r - KEEP_COST) * in_features * out_features  # rebuild's extra product minus keep's traffic
+    """(FLOPs that keeping W' saves over rebuilding it, FLOPs of the layer's step when rebuilding), by the count in
+    the module docstring."""
+    saved = 2 * r * in_features * out_features  # rebuild's extra product
     step = 4 * (tokens + r) * in_features * out_features + 2 * tokens * r * (in_features + out_features)
     return saved, step
 
