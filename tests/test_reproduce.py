@@ -135,9 +135,9 @@ def test_head_only_has_its_own_wider_grid_and_the_minilm_tasks_five_seeds():
     args = argparse.Namespace(d_init=0.1, quick=False, no_tune=False, head_tune=None)
     rt, = reproduce.plan("rotten-tomatoes", args)
     qv, every = reproduce.plan("sst2", args)
-    # head-only chose 8e-3, the top of the old grid, on both MiniLM tasks: its grid now reaches x64 of 1e-3
+    # head-only chose the top of the grid at 8e-3 and again at 6.4e-2: its grid now reaches x1024 of 1e-3
     assert reproduce.tune_grids(rt, [1.0, 2.0], args) == {"lr_scale": [1.0, 2.0], "head_lr_scale": [
-        0.25, 0.5, 1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0]}
+        0.25, 0.5, 1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0, 512.0, 1024.0]}
     assert reproduce.tune_grids(every, [1.0], args) == {"lr_scale": [1.0]}  # no head-only: no head grid
     assert reproduce.tune_grids(qv, [1.0], argparse.Namespace(**{**vars(args), "head_tune": [4.0]}))[
         "head_lr_scale"] == [4.0]
