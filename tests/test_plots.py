@@ -84,6 +84,15 @@ def test_memory_figure_draws_one_stacked_bar_per_setting_with_the_mean_and_a_tab
     assert cells[(2, 1)] == "0.281"
 
 
+def test_breakdown_figure_without_a_prediction_scales_to_its_tallest_bar():
+    # The calculator's "will it fit?" draws breakdowns with no predicted totals (the bars are the predictions).
+    parts = {**{name: 10 * 2**20 for name in plots.MEMORY_COLOURS}, "total": 60 * 2**20}
+    fig = plots.breakdown_figure([("vera", parts), ("lora", {**parts, "activations": 40 * 2**20, "total": 90 * 2**20})])
+    ax, _ = fig.axes
+    tallest = 10 * (len(plots.MEMORY_COLOURS) - 1) + 40
+    assert ax.get_ylim() == pytest.approx((0, tallest * 1.4))
+
+
 def test_metric_figure_colours_by_method_and_dots_each_seed():
     settings = [{"setting": "vera-r256", "method": "vera", "metric": "accuracy", "mean": 72.0, "std": 2.0,
                  "values": [70.0, 72.0, 74.0]},

@@ -157,7 +157,7 @@ def breakdown_figure(bars: list[tuple[str, dict]], title: str = "Peak tensor mem
     side.axis("off")
     if bars:
         ax.legend(fontsize=7, ncols=3, loc="upper left")
-        ax.set_ylim(0, max(max(bottom), *(t / 2**20 for t in predicted or [] if t)) * 1.4)  # room for the legend
+        ax.set_ylim(0, max([*bottom, *(t / 2**20 for t in predicted or [] if t)]) * 1.4)  # room for the legend
         cells = [[_mib(parts.get(c, 0) / 2**20) for _, parts in bars] for c in (*MEMORY_COLOURS, "total")]
         table = side.table(cellText=cells, rowLabels=[*MEMORY_COLOURS, "total"],
                            colLabels=[n.replace("\n", " ") for n in names], loc="center")
