@@ -230,12 +230,9 @@ def _fold_lines(rows: list[dict]) -> list[str]:
     vera = [r for r in rows if r["method"] == "vera" and r.get("fold_estimates")]
     if not vera:
         return []
-    from vera_core.adapters.fused import KEEP_MIN_SHARE
-
-    lines = ["", "VeRA's folded weights W' = W0 + (b ⊙ B)(d ⊙ A): the library's default keeps W' for backward only "
-             f"where that saves at least {KEEP_MIN_SHARE:.0%} of the layer's step (adapters/fused.py), otherwise "
-             "rebuilds it there; "
-             "`TrainConfig(prefer=\"speed\")` always keeps it. Estimates are fake steps; measured is the tracker's "
+    lines = ["", "VeRA's folded weights W' = W0 + (b ⊙ B)(d ⊙ A): the library's default rebuilds W' in backward "
+             "(adapters/fused.py); "
+             "`TrainConfig(prefer=\"speed\")` keeps it. Estimates are fake steps; measured is the tracker's "
              "peak with the default.", "",
              "| model | r | targets | B x T | dtype | ckpt | default did | measured MiB | keeping W' MiB | "
              "rebuilding W' MiB | LoRA r=8 measured MiB | VeRA / LoRA |", "|" + "---|" * 12]

@@ -76,11 +76,13 @@ def child_train(cfg: dict) -> dict:
 
     model, torch = _model(cfg["device"], cfg["dtype"])
     model, params = _adapt(model, cfg["method"], cfg["impl"], cfg["r"])
-    # "ours" folds with the default "auto" choice; "ours-rebuild" always rebuilds W' in backward (least memory);
-    # "ours-old-default" is "auto" as it decided before the cost model (old_default_keep).
+    # "ours" folds with the library's default (rebuild W' in backward since 2026-12-05; the 2026-11-26 rows kept it
+    # at 4 x 128); "ours-rebuild" always rebuilds; "ours-old-default" decides as "auto" did before 2026-12-05
+    # (old_default_keep).
     old = (mock.patch.object(fused, "keep_folded", old_default_keep) if cfg["impl"] == "ours-old-default"
            else contextlib.nullcontext())
-    with old, fused.fast_vera(True, "rebuild" if cfg["impl"] == "ours-rebuild" else "auto"):
+    policy = {"ours-rebuild": "rebuild", "ours-old-default": "auto"}.get(cfg["impl"], fused.FOLDED_BACKWARD[0])
+    with old, fused.fast_vera(True, policy):
         return _train_loop(model, params, cfg, torch)
 
 
@@ -219,11 +221,11 @@ def policy_configs(groups=POLICY_GROUPS) -> list[dict]:
 
 def layers_keeping(seq: int, r: int) -> dict:
     """How many of SmolLM2's folded layers keep W' for backward at 4 x seq tokens under each policy."""
-    from vera_core.adapters.fused import keep_saving, KEEP_MIN_SHARE
+    from vera_core.adapters.fused import keep_folded
 
     tokens, shapes = 4 * seq, smollm2_shapes().values()
     folded = [(i, o) for i, o in shapes if tokens * (i + o) > i * o]  # the layers that fold (fused.foldable)
-    new = sum(keep_saving(tokens, i, o, r)[0] >= KEEP_MIN_SHARE * keep_saving(tokens, i, o, r)[1] for i, o in folded)
+    new = sum(keep_folded(tokens, i, o, r) for i, o in folded)
     old = sum(old_default_keep(tokens, i, o, r) for i, o in folded)
     return {"default": new * smollm2_layers(), "old_default": old * smollm2_layers(),
             "folded": len(folded) * smollm2_layers()}
@@ -272,16 +274,14 @@ def run_policy(data: dict, beside: str, groups=POLICY_GROUPS) -> None:
 
 def policy_lines(policy: dict) -> list[str]:
     """speed.md's section on the fold policy at one thread count, from data["fold_policy"]."""
-    from vera_core.adapters.fused import KEEP_MIN_SHARE
-
     lines = ["", f"## VeRA's default fold policy against the old default (CPU, {policy['threads']} thread(s))", "",
              f"Date: {policy['date']}. Machine: {policy['machine']}, OMP_NUM_THREADS={policy['threads']}. Load "
              f"average (1, 5, 15 min) at start {policy['load_avg_start']}, at end {policy.get('load_avg_end')}. Ran "
              f"beside: {policy['beside']}. Command: `OMP_NUM_THREADS={policy['threads']} python benchmarks/speed.py "
              "--policy`. Each configuration in its own process, repeats interleaved (the order within a pair "
              "alternating). "
-             f"Default: `fast_vera`'s \"auto\", the cost model (keep W' only where that saves >= {KEEP_MIN_SHARE:.0%} "
-             "of the layer's step); old default: keep W' wherever 4·in·out > N·(in + out).", "",
+             "Default: rebuild W' in backward (`fast_vera`'s and `prefer=\"memory\"`'s); old default: keep W' "
+             "wherever 4·in·out > N·(in + out).", "",
              "| B x T | r | layers keeping W': default / old | default median step (s) | old default (s) | steps | "
              "default / old, paired by repeat: median [range] | repeats |", "|---|---|---|---|---|---|---|---|"]
     for row in policy["summary"].values():

@@ -210,5 +210,5 @@ def test_the_old_fold_policy_kept_every_smollm2_layer_at_4_x_128_where_the_defau
     assert speed.old_default_keep(512, 576, 576, 256)  # 4·576·576 = 1,327,104 > 512·1,152 = 589,824
     assert not speed.old_default_keep(2048, 576, 576, 256)  # 2048·1,152 = 2,359,296
     assert speed.layers_keeping(128, 256) == {"default": 0, "old_default": 210, "folded": 210}
-    assert speed.layers_keeping(128, 1024) == {"default": 210, "old_default": 210, "folded": 210}
+    assert speed.layers_keeping(128, 1024) == {"default": 0, "old_default": 210, "folded": 210}
     assert speed.layers_keeping(512, 256) == {"default": 0, "old_default": 0, "folded": 210}

@@ -102,15 +102,16 @@ def test_rebuild_keeps_no_folded_weight():
             pass
 
 
-def test_auto_keeps_w_prime_only_where_rebuilding_costs_a_real_share_of_the_step():
+def test_the_default_rebuilds_w_prime_and_auto_keeps_it_only_where_rebuilding_costs_a_real_share():
     from vera_core.adapters.fused import KEEP_MIN_SHARE, keep_folded, keep_saving
 
-    # SmolLM2 at 4 x 128 tokens: r=256 rebuilds everywhere (12.9-13.8% of each layer's work, under the bar), r=1024
-    # keeps everywhere (15.3-22.4%)
-    shapes = [(576, 576), (576, 192), (576, 1536), (1536, 576)]
-    assert not any(keep_folded(512, i, o, 256) for i, o in shapes)
-    assert all(keep_folded(512, i, o, 1024) for i, o in shapes)
-    assert not keep_folded(2048, 576, 576, 1024)  # longer batches: the same product is a smaller share
+    shapes = [(576, 576), (576, 192), (576, 1536), (1536, 576)]  # SmolLM2's projections
+    assert not any(keep_folded(n, i, o, r) for n in (145, 512, 2048) for r in (256, 1024) for i, o in shapes)
+    with fast_vera(True, "auto"):
+        # at 4 x 128 tokens: r=256 rebuilds everywhere (12.9-13.8% of each layer's work), r=1024 keeps (15.3-22.4%)
+        assert not any(keep_folded(512, i, o, 256) for i, o in shapes)
+        assert all(keep_folded(512, i, o, 1024) for i, o in shapes)
+        assert not keep_folded(2048, 576, 576, 1024)  # longer batches: the same product is a smaller share
     saved, step = keep_saving(512, 576, 576, 1024)
     assert saved == 2 * 1024 * 576 * 576
     assert step == 4 * (512 + 1024) * 576 * 576 + 2 * 512 * 1024 * 1152

@@ -14,14 +14,13 @@ Two savings, both chosen per call for each `VeraLayer` (layers.py) forward:
 
    Backward needs W' for the input gradient. Keeping it holds an (out, in) tensor per layer until backward (as much
    memory as a copy of the adapted weights); rebuilding it keeps only u and costs the 2·out·r·in product once more.
-   "auto" (the default) keeps W' only where rebuilding would cost at least KEEP_MIN_SHARE of the layer's step, by a
-   FLOP count: rebuilding adds 2·out·r·in to a step of 4·N·in·out (forward and input gradient) + 4·out·r·in (two
-   folds) + 2·N·r·(in + out) (u and P). The count matches this CPU: for SmolLM2-135M (all 7 projections, 4 × 128
-   tokens, r=256) it gives 13% of the adapted layers' work, and rebuilding measured 12.5% slower a step than keeping
-   (benchmarks/results/speed.md, 2026-12-05, idle 2 cores). The bar is high on purpose: a kept W' is a weight-sized
-   copy per layer (there +403 MiB, VeRA 1.20× LoRA r=8's peak instead of 0.91×), so memory wins unless rebuilding is
-   expensive (r=1024 keeps at 512 tokens; longer batches rebuild sooner). "keep" and "rebuild" force one side (the
-   lab's prefer="speed" is "keep").
+   The default rebuilds (memory first: a kept W' is a weight-sized copy per layer, for SmolLM2-135M at 4 × 128 with
+   r=256 +403 MiB, VeRA 1.20× LoRA r=8's peak instead of 0.91×). That costs time where the product is a large share
+   of the step: rebuilding measured 12.5% slower a step there (benchmarks/results/speed.md, 2026-12-05, idle
+   2-core CPU), and nothing at 4 × 512. "keep" is the fastest (the lab's prefer="speed"); "auto" keeps W' only where
+   rebuilding would cost at least KEEP_MIN_SHARE of the layer's step by a FLOP count: rebuilding adds 2·out·r·in to
+   a step of 4·N·in·out (forward and input gradient) + 4·out·r·in (two folds) + 2·N·r·(in + out) (u and P); at
+   4 × 128, r=256 the count gives 13% of the adapted layers' work, close to the measured 12.5%.
 """
 from __future__ import annotations
 
@@ -34,9 +33,9 @@ import torch.nn.functional as F
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
-FOLDED_BACKWARD = ("auto", "keep", "rebuild")
+FOLDED_BACKWARD = ("rebuild", "keep", "auto")  # the first is the default
 _fast_path = True
-_folded_backward = "auto"
+_folded_backward = "rebuild"
 
 
 def fast_path_enabled() -> bool:
@@ -63,10 +62,10 @@ def keep_folded(tokens: int, in_features: int, out_features: int, r: int) -> boo
 
 
 @contextmanager
-def fast_vera(enabled: bool = True, folded_backward: str = "auto") -> Iterator[None]:
+def fast_vera(enabled: bool = True, folded_backward: str = "rebuild") -> Iterator[None]:
     """Inside the block: the fast path on or off (off: the plain formula, for references and benchmarks), and
-    whether folded layers keep W' for backward ("keep": fastest), rebuild it ("rebuild": least memory) or keep it
-    only where that saves a real share of the step ("auto", the default; see the module docstring)."""
+    whether folded layers keep W' for backward ("keep": fastest), rebuild it ("rebuild": least memory, the default) or
+    keep it only where rebuilding would cost a real share of the step ("auto"; see the module docstring)."""
     global _fast_path, _folded_backward
     if folded_backward not in FOLDED_BACKWARD:
         raise ValueError(f"folded_backward={folded_backward!r}: use one of {', '.join(FOLDED_BACKWARD)}.")

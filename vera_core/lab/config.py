@@ -13,8 +13,8 @@ from ..adapters.fused import fast_path_enabled, fast_vera
 
 SCHEDULES = ("linear", "cosine", "constant")
 # What VeRA's folded layers do with W' between forward and backward, per `prefer` (adapters/fused.py): "memory"
-# keeps it only where that saves a real share of the step, "speed" keeps it wherever a layer folds.
-PREFER = {"memory": "auto", "speed": "keep"}
+# rebuilds it in backward (no weight-sized copy per layer), "speed" keeps it wherever a layer folds.
+PREFER = {"memory": "rebuild", "speed": "keep"}
 
 
 def fold_policy(prefer: str) -> AbstractContextManager:
