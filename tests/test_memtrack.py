@@ -240,8 +240,15 @@ def test_memory_differences_say_what_the_breakdowns_differ_in():
     assert memory_differences(report) == [
         "vera-r256 vs lora-r8: peak 100.0 vs 125.0 MiB (0.80x). Gradients and optimizer state 0.75 vs 3.00 MiB "
         "(VeRA trains fewer parameters); activations saved for backward 30.0 vs 40.0 MiB (fewer for VeRA: its "
-        "backward keeps r=256-wide A x per adapted input, plus each folded weight it keeps rather than rebuilds; "
+        "backward keeps r=256-wide A x per adapted input; "
         "LoRA's keeps each adapted layer's full-width input for A's gradient)."]
+    # A run that kept its folded weights (its estimate is the "keep" one) says so; one that rebuilt them does not.
+    folds = {"keep": 110 * mib, "rebuild": 100 * mib, "keep_saving": 0.2}
+    kept = {**report["runs"][0], "fold_estimates": folds, "memory_estimate": {"total": 110 * mib}}
+    rebuilt = {**kept, "memory_estimate": {"total": 100 * mib}}
+    for run, phrase in ((kept, True), (rebuilt, False)):
+        lines = memory_differences({**report, "runs": [run, *report["runs"][2:]]})
+        assert ("plus each folded weight it keeps rather than rebuilds" in lines[-1]) is phrase
 
 
 def test_fold_policy_line_says_which_way_ran_and_what_the_other_costs():

@@ -234,14 +234,17 @@ def memory_differences(report: Report | dict) -> list[str]:
             v, lo_parts = ve["memory_breakdown"], lo["memory_breakdown"]
             state_v, state_l = (p["gradients"] + p["optimizer"] for p in (v, lo_parts))
             more_acts = "more" if v["activations"] > lo_parts["activations"] else "fewer"
+            folds = ve.get("fold_estimates") or {}
+            kept = folds.get("keep") != folds.get("rebuild") and (ve.get("memory_estimate") or {}).get("total") \
+                != folds.get("rebuild")  # some folded weight was kept for backward, not rebuilt there
             lines.append(
                 f"{ve['name']} vs {lo['name']}: peak {v['total'] / 2**20:,.1f} vs {lo_parts['total'] / 2**20:,.1f} MiB "
                 f"({v['total'] / lo_parts['total']:.2f}x). Gradients and optimizer state {state_v / 2**20:,.2f} vs "
                 f"{state_l / 2**20:,.2f} MiB ({'VeRA trains fewer parameters' if state_v < state_l else 'VeRA trains more parameters here'}); "
                 f"activations saved for backward {v['activations'] / 2**20:,.1f} vs {lo_parts['activations'] / 2**20:,.1f} MiB "
-                f"({more_acts} for VeRA: its backward keeps r={ve['r']}-wide A x per adapted input, plus each folded "
-                f"weight it keeps rather than rebuilds; LoRA's keeps each adapted layer's full-width input for A's "
-                f"gradient).")
+                f"({more_acts} for VeRA: its backward keeps r={ve['r']}-wide A x per adapted input"
+                f"{', plus each folded weight it keeps rather than rebuilds' if kept else ''}; LoRA's keeps each "
+                f"adapted layer's full-width input for A's gradient).")
     return lines
 
 
