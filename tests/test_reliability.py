@@ -183,14 +183,19 @@ def _error_lines(stderr: str) -> list[str]:
             or "warn" in line.lower() and "longer than max_length" not in line]
 
 
-@pytest.mark.integration  # a CLI process and a child per method, on a tmpfs that fills up mid-run
-def test_a_disk_that_fills_during_an_isolated_comparison_ends_in_one_line(assets, small_disk):
-    out = small_disk / "run"
+def _long_comparison(assets, out):
+    """A CLI comparison (base, then VeRA for 3,000 steps) started and past its first VeRA step: (process, family)."""
     proc = _cli("compare", "--model", str(assets / "bert"), "--dataset", str(assets / "sentiment.jsonl"),
                 "--methods", "base,vera", "--steps", "3000", "--batch-size", "2", "--max-length", "16",
                 "--vera-r", "8", "--eval-every", "3000", "--out", str(out))
     wait_for_first_step(out, proc)
-    family = _family(proc)
+    return proc, _family(proc)
+
+
+@pytest.mark.integration  # a CLI process and a child per method, on a tmpfs that fills up mid-run
+def test_a_disk_that_fills_during_an_isolated_comparison_ends_in_one_line(assets, small_disk):
+    out = small_disk / "run"
+    proc, family = _long_comparison(assets, out)
     _fill(small_disk)
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == 2, err[-3000:]
@@ -206,11 +211,7 @@ def test_a_disk_that_fills_during_an_isolated_comparison_ends_in_one_line(assets
 @pytest.mark.integration  # a CLI process and a child per method; the child is killed as the OOM killer would
 def test_a_killed_training_process_fails_the_comparison_in_one_line(assets, tmp_path):
     out = tmp_path / "run"
-    proc = _cli("compare", "--model", str(assets / "bert"), "--dataset", str(assets / "sentiment.jsonl"),
-                "--methods", "base,vera", "--steps", "3000", "--batch-size", "2", "--max-length", "16",
-                "--vera-r", "8", "--eval-every", "3000", "--out", str(out))
-    wait_for_first_step(out, proc)
-    family = _family(proc)
+    proc, family = _long_comparison(assets, out)
     [child] = [p for p in psutil.Process(proc.pid).children() if "spawn_main" in " ".join(p.cmdline())]
     child.send_signal(signal.SIGKILL)
     _, err = proc.communicate(timeout=120)
