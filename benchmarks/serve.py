@@ -369,11 +369,16 @@ def crossover(data: dict) -> str:
             pts.append((k, ours["tokens_per_s"] / theirs["tokens_per_s"]))
     if not pts:
         return "not measured yet"
-    ahead = [k for k, r in pts if r >= 1]
-    if not ahead:
-        return f"ours VeRA stays behind PEFT LoRA at every measured K ({', '.join(f'K={k}: {r:.2f}x' for k, r in pts)})"
-    return (f"ours VeRA is at or above PEFT LoRA from K={ahead[0]} on in this record "
-            f"({', '.join(f'K={k}: {r:.2f}x' for k, r in pts)})")
+    ratios = ", ".join(f"K={k}: {r:.2f}x" for k, r in pts)
+    behind = [k for k, r in pts if r < 1]
+    if not behind:
+        return f"ours VeRA is at or above PEFT LoRA at every measured K in this record ({ratios})"
+    if behind[-1] == pts[-1][0]:
+        return f"ours VeRA is behind PEFT LoRA at the largest measured K in this record ({ratios})"
+    # The crossover is where VeRA stays ahead for good: after the last K at which it is behind.
+    stays = next(k for k, _ in pts if k > behind[-1])
+    return (f"ours VeRA stays at or above PEFT LoRA from K={stays} on in this record, behind at "
+            f"{', '.join(f'K={k}' for k in behind)} ({ratios})")
 
 
 def adapter_macs() -> tuple[float, float]:
@@ -533,7 +538,7 @@ def _runs_lines(data: dict, runs: set[str]) -> list[str]:
         lines += ["", f"{name}`{run}`: started {info.get('started') or 'at a time not recorded'}, " + (
             f"ended {info['ended']}" if "ended" in info else "end not recorded") + (
             f" (committed {info['committed']})" if "committed" in info else "")
-            + f"; OMP_NUM_THREADS={threads or 'not recorded'}. {load}"]
+            + f"; OMP_NUM_THREADS={threads or ('unset' if 'omp_num_threads' in info else 'not recorded')}. {load}"]
     return lines
 
 

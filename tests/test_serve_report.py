@@ -156,3 +156,16 @@ def test_the_readme_serving_row_says_whether_its_ratios_come_from_one_run():
     records["serve"]["superseded_rows"] = [{"impl": "peft-vera-grouped", "K": 64, "tokens_per_s": 26.0, "run": RUN_A}]
     head = summary.serve_rows(records["serve"])[0][1]
     assert head.endswith(f"marked in serve.md; within run {RUN_A} alone: 2.60x and 5.00x)")
+
+
+@pytest.mark.parametrize("ratios, says", [
+    ({1: 1.12, 4: 0.93, 16: 1.34, 64: 2.83}, "stays at or above PEFT LoRA from K=16 on in this record, behind at K=4"),
+    ({1: 0.8, 4: 0.9, 16: 1.1, 64: 2.0}, "stays at or above PEFT LoRA from K=16 on in this record, behind at K=1, K=4"),
+    ({1: 1.1, 4: 1.2, 16: 1.3, 64: 2.0}, "at or above PEFT LoRA at every measured K"),
+    ({1: 1.1, 4: 1.2, 16: 1.3, 64: 0.9}, "behind PEFT LoRA at the largest measured K"),
+])
+def test_the_crossover_is_where_vera_stays_ahead_not_its_first_win(ratios, says):
+    # The recorded run of 2026-12-05 had VeRA ahead at K=1, behind at K=4 and ahead from K=16: "from K=1 on" was false.
+    rows = [r for k, ratio in ratios.items() for r in (
+        {"impl": "ours-vera", "K": k, "tokens_per_s": 100.0 * ratio}, {"impl": "peft-lora", "K": k, "tokens_per_s": 100.0})]
+    assert says in serve.crossover({"rows": rows})
