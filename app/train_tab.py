@@ -326,7 +326,9 @@ def _methods_and_training(defaults: RunForm) -> dict[str, gr.components.Componen
             eval_batches = gr.Number(defaults.eval_batches, precision=0, label="Eval batches (0 = whole split)")
             eval_generate = gr.Number(defaults.eval_generate, precision=0, label="Test generations scored (BLEU)")
         prefer = gr.Radio(list(PREFER), value=defaults.prefer, label="VeRA's folded weights in backward",
-                          info="memory: rebuild them (least memory, usually a few % slower); speed: keep them")
+                          info="memory: rebuild them (least memory; up to ~13% slower a step: 12.5% measured at "
+                               "4 x 128, r=256, none at 4 x 512, benchmarks/results/speed.md); speed: keep them (a "
+                               "weight-sized copy per adapted layer until backward)")
     return dict(methods=methods, vera_r=vera_r, vera_d_init=vera_d_init, lora_r=lora_r, lora_alpha=lora_alpha,
                 targets=targets, custom_targets=custom_targets, vera_lr=vera_lr, lora_lr=lora_lr, full_lr=full_lr,
                 steps=steps, batch_size=batch_size, max_length=max_length, seed=seed, seeds=seeds, tune_lr=tune_lr,
