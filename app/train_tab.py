@@ -48,7 +48,9 @@ def plan_text(request: RunRequest, time_estimate: dict | None = None) -> str:
     if len(seeds) > 1:
         line += f", each trained with seeds {', '.join(map(str, seeds))}"
     if tuning:
-        line += f", after {tuning} tuning runs (learning rate x {', '.join(f'{x:g}' for x in LR_SCALES)})"
+        fewest, most = request.tie_runs()
+        line += (f", after {tuning} tuning runs (learning rate x {', '.join(f'{x:g}' for x in LR_SCALES)}) and "
+                 f"{fewest} second-seed run{'s' * (fewest != 1)} (up to {most} if grid points tie)")
     if time_estimate is None:
         return line + ". Time: press *Measure time* (it trains 2-3 steps of the smallest and largest run)."
     return (line + f". **Estimated training time ≈ {time_estimate['total_s'] / 60:.1f} min** "

@@ -346,19 +346,22 @@ def test_the_form_plans_seeds_and_tuning_and_asks_before_too_many_runs():
     form = RunForm(**{**TINY_LAB_RUN, "seed": 3}, seeds=2, tune_lr=True)
     request = run_request(form, None)
     assert request.seeds == [3, 4] and request.tune == {"lr_scale": [0.25, 0.5, 1.0, 2.0, 4.0]}
-    assert plan_text(request).startswith("**15 runs**: base, vera-r16, lora-r2, each trained with seeds 3, 4, "
-                                               "after 10 tuning runs (learning rate x 0.25, 0.5, 1, 2, 4)")
+    assert plan_text(request).startswith("**17 runs**: base, vera-r16, lora-r2, each trained with seeds 3, 4, "
+                                         "after 10 tuning runs (learning rate x 0.25, 0.5, 1, 2, 4) and 2 second-seed "
+                                         "runs (up to 10 if grid points tie)")
     estimate = request.time_estimate({"vera-r16": 1.0, "lora-r2": 2.0})
-    assert estimate["total_s"] == 2 * (2 * 1.0 + 2 * 2.0) + 2 * 5 * (1.0 + 2.0)  # 2 steps a run, tuning included
-    assert "Estimated training time ≈ 0.7 min" in plan_text(request, estimate)  # 42 s
-    # The lab's tick is the library's run cap at CONFIRM_ABOVE: 24 runs need no tick, 27 do.
+    # 2 steps a run, tuning included, and each tuned setting's second-seed run
+    assert estimate["total_s"] == 2 * (2 * 1.0 + 2 * 2.0) + 2 * 5 * (1.0 + 2.0) + 2 * (1.0 + 2.0)
+    assert "Estimated training time ≈ 0.8 min" in plan_text(request, estimate)  # 48 s
+    # The lab's tick is the library's run cap at CONFIRM_ABOVE (runs made for sure: finals, grid, one second seed
+    # per tuned setting): 24 need no tick, 29 do.
     assert run_request(RunForm(**{**TINY_LAB_RUN, "methods": ["base", "vera"]}, seeds=8, tune_lr=True),
-                       None).run_count() == 1 + 8 + 5 <= CONFIRM_ABOVE
+                       None).run_count() == 1 + 8 + 5 + 1 <= CONFIRM_ABOVE
     assert run_request(RunForm(**{**TINY_LAB_RUN, "methods": ["vera", "lora"]}, seeds=12), None).run_count() == 24
-    with pytest.raises(ValueError, match="this sweep makes 27 runs, more than 24; tick"):
+    with pytest.raises(ValueError, match="this sweep makes 29 runs, more than 24; tick"):
         run_request(RunForm(**TINY_LAB_RUN, seeds=8, tune_lr=True), None)
     big = run_request(RunForm(**TINY_LAB_RUN, seeds=8, tune_lr=True, confirm_runs=True), None)
-    assert big.run_count() == 27 and big.max_runs is None
+    assert big.run_count() == 27 + 2 and big.tie_runs() == (2, 10) and big.max_runs is None
     with pytest.raises(ValueError, match="seeds is how many training seeds to run, a whole number >= 1; got 0"):
         run_request(RunForm(**TINY_LAB_RUN, seeds=0), None)
 

@@ -209,18 +209,23 @@ def test_bad_seeds_grids_and_too_many_runs_are_refused(tokenizer):
         request(tune={"head_lr_scale": [1]})
     with pytest.raises(ValueError, match=r"tuning grid is empty \(head_lr_scale\)"):
         request(tune={"lr_scale": [1], "head_lr_scale": []})
-    with pytest.raises(ValueError, match=r"makes 90 runs \(60 final, 30 tuning\), more than the limit of 60; "
-                                         r"pass max_runs=90"):
+    with pytest.raises(ValueError, match=r"makes 96 runs \(60 final, 36 tuning with their second seeds\), more "
+                                         r"than the limit of 60; pass max_runs=96"):
         request(seeds=range(10), tune={"lr_scale": [0.5, 1, 2, 3, 4]}, vera=[VeraConfig(r=r) for r in range(1, 6)])
     ok = request(seeds=[3, 4], tune={"lr_scale": [0.5, 2]}, tune_steps=5)
     assert [s.name for s in ok.plan()] == ["vera-r256-s3", "vera-r256-s4", "lora-r8-s3", "lora-r8-s4"]
     assert [(s.setting, s.seed, x) for s, x in ok.tuning_plan()] == [("vera-r256", 3, 0.5), ("vera-r256", 3, 2.0),
                                                                      ("lora-r8", 3, 0.5), ("lora-r8", 3, 2.0)]
+    # each setting's winner is retrained on a second seed; a near-tie retrains the other point too
+    assert ok.tie_runs() == (2, 4) and ok.run_count() == 4 + 4 + 2
     head = RunRequest(model, sentiment(), methods=("lora", "head"), tune={"lr_scale": [0.5], "head_lr_scale": [4, 8]})
     assert [(s.setting, x) for s, x in head.tuning_plan()] == [("head", 4.0), ("head", 8.0), ("lora-r8", 0.5)]
+    assert head.tie_runs() == (1, 2)  # a one-point grid has nothing to break
     estimate = ok.time_estimate({"vera-r256": 2.0, "lora-r8": 1.0})
     assert estimate["runs"]["vera-r256-s4"] == 100 * 2.0 and estimate["runs"]["tune/lora-r8-x0.5"] == 5 * 1.0
-    assert estimate["total_s"] == 2 * 100 * 3.0 + 2 * 5 * 3.0
+    assert estimate["runs"]["tune/vera-r256-second-seed"] == 5 * 2.0
+    assert estimate["total_s"] == 2 * 100 * 3.0 + 2 * 5 * 3.0 + 5 * 3.0  # the finals, the grid, the second seeds
+    assert "4 tuning runs of 5 steps and 2 second-seed runs (up to 4 if grid points tie)" in estimate["based_on"]
 
 
 def test_a_stopped_multi_seed_run_stays_readable(tokenizer, tmp_path):

@@ -526,8 +526,10 @@ def compare(
     eval_generate: test groups scored with BLEU / ROUGE-L (causal LM); samples: test inputs in samples.jsonl.
     seeds: training seeds, e.g. (0, 1, 2): every setting runs once per seed on the same split; report.json then holds
     mean, std and a 95% interval per setting and the paired VeRA − LoRA differences. tune: {"lr_scale": [...]}:
-    every method's rates × each scale, `tune_steps` steps on the first seed, lowest validation loss wins.
-    max_runs: more runs than this (seeds × settings + tuning) is refused (None: no limit).
+    every method's rates × each scale, `tune_steps` steps on the first seed, lowest validation loss wins (near-ties
+    broken on a second seed, lab/tune.py).
+    max_runs: more runs than this (seeds × settings + tuning + one second-seed run per tuned setting) is refused
+    (None: no limit).
     The arguments are those of `RunRequest`; see `run_request` for out_dir, on_event, stop, progress and exists.
     """
     request = RunRequest(model, dataset, methods, vera, lora, train, lrs=dict(lrs or {}), max_rows=max_rows,

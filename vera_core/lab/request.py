@@ -37,8 +37,9 @@ class TooManyRuns(ValueError):
     the user's yes in their own words (the lab's tick box) catch it and read `runs` and `limit`."""
 
     def __init__(self, runs: int, final: int, tuning: int, limit: int):
-        super().__init__(f"this request makes {runs} runs ({final} final, {tuning} tuning), more than the limit of "
-                         f"{limit}; pass max_runs={runs} to run them all.")
+        super().__init__(f"this request makes {runs} runs ({final} final, {tuning} tuning"
+                         f"{' with their second seeds' * bool(tuning)}), more than the limit of {limit}; pass "
+                         f"max_runs={runs} to run them all.")
         self.runs, self.limit = runs, limit
 
 
@@ -115,9 +116,10 @@ class RunRequest:
         self._settings = self._make_settings()
         self._plan = self._make_plan()
         self._tuning_plan = self._make_tuning_plan()
-        total = len(self._plan) + len(self._tuning_plan)
-        if self.max_runs is not None and total > self.max_runs:
-            raise TooManyRuns(total, len(self._plan), len(self._tuning_plan), self.max_runs)
+        # The cap counts the runs made for sure; near-ties can add at most one run per grid point (`tie_runs`).
+        if self.max_runs is not None and self.run_count() > self.max_runs:
+            raise TooManyRuns(self.run_count(), len(self._plan), len(self._tuning_plan) + self.tie_runs()[0],
+                              self.max_runs)
         resolve_device(self.train.device)  # "cuda" on a machine without one
         self._prepared = False
         if isinstance(self.dataset, (str, os.PathLike)):
@@ -209,9 +211,19 @@ class RunRequest:
         """The request's settings (one per method and adapter config), each named as its single-seed run."""
         return list(self._settings)
 
+    def tie_runs(self) -> tuple[int, int]:
+        """(fewest, most) second-seed runs tuning adds to break near-ties (lab/tune.py): each tuned setting with more
+        than one grid point retrains its winner on a second seed, and every point within the seed spread of it too."""
+        grids: dict[str, int] = {}
+        for spec, _ in self._tuning_plan:
+            grids[spec.setting] = grids.get(spec.setting, 0) + 1
+        tied = [n for n in grids.values() if n > 1]
+        return len(tied), sum(tied)
+
     def run_count(self) -> int:
-        """Every run the request makes: each setting once per seed, plus the tuning runs."""
-        return len(self._plan) + len(self._tuning_plan)
+        """The runs the request makes for sure: each setting once per seed, the tuning runs and each tuned
+        setting's second-seed run; near-ties can add more, up to `tie_runs()[1]` in all."""
+        return len(self._plan) + len(self._tuning_plan) + self.tie_runs()[0]
 
     def _make_plan(self) -> list[RunSpec]:
         runs = []
@@ -263,7 +275,8 @@ class RunRequest:
         (`compare.measure_step_times`, keyed by setting name): a measured setting uses its own time; another is
         interpolated in trainable parameters between the measured settings of its method (the nearest one outside
         their range). Loading, evaluation and "base" (which does not train) are not counted.
-        {"total_s", "runs": {name: seconds}, "based_on": words}; tuning runs are named "tune/<setting>-x<scale>"."""
+        {"total_s", "runs": {name: seconds}, "based_on": words}; tuning runs are named "tune/<setting>-x<scale>", the
+        second-seed run each tuned setting makes for sure "tune/<setting>-second-seed" (near-ties can add more)."""
         sizes = {row["run"]: row["trainable"] for row in self.estimate()}
         method_of = {spec.name: spec.method for spec in self.settings()}
         per_step: dict[str, float] = {}
@@ -276,7 +289,12 @@ class RunRequest:
         runs = {spec.name: steps * per_step[spec.setting] for spec in self.plan()}
         runs.update({f"tune/{spec.setting}-x{scale:g}": tune_steps * per_step[spec.setting]
                      for spec, scale in self.tuning_plan()})
-        tuning = f", plus {len(self.tuning_plan())} tuning runs of {tune_steps} steps" if self.tune else ""
+        tuned = {spec.setting for spec, _ in self.tuning_plan()}
+        runs.update({f"tune/{setting}-second-seed": tune_steps * per_step[setting] for setting in tuned
+                     if sum(spec.setting == setting for spec, _ in self.tuning_plan()) > 1})
+        fewest, most = self.tie_runs()
+        tuning = (f", plus {len(self.tuning_plan())} tuning runs of {tune_steps} steps and {fewest} second-seed runs "
+                  f"(up to {most} if grid points tie)") if self.tune else ""
         return {"total_s": sum(runs.values()), "runs": runs,
                 "based_on": f"{len(self.plan())} runs of {steps} steps{tuning}, x the step time measured on this "
                             f"device for {', '.join(sorted(step_s))}; loading and evaluation not included"}
