@@ -15,7 +15,7 @@ from vera_core.lab.runs import load_run_model
 from .form import RunForm
 from .jobs import JobManager
 
-MAX_UPLOAD = "20mb"
+MAX_UPLOAD = 20 * 2**20  # bytes; Gradio refuses a larger upload
 FORM_FILE = "lab_form.json"  # the form as the user filled it, next to compare's config.json
 
 

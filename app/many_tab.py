@@ -201,7 +201,7 @@ class ManyTab:
             digest = hashlib.sha256(archive.read_bytes()).hexdigest()[:12]
             try:
                 sources[f"upload:{archive.stem}"] = unzip_adapter(
-                    archive, self.lab.runs_dir / "many-uploads" / f"{archive.stem}-{digest}")
+                    archive, self.lab.runs_dir / ".many-uploads" / f"{archive.stem}-{digest}")
             except ValueError as err:
                 raise gr.Error(str(err)) from None
         return sources

@@ -281,7 +281,7 @@ def _model_and_data(defaults: RunForm) -> dict[str, gr.components.Component]:
         task = gr.Radio(["auto", "causal-lm", "classification"], value=defaults.task, label="Task",
                         info="auto: the data set's own task")
         dataset = gr.Dropdown([*BUILTIN_DATASETS, UPLOAD], value=defaults.dataset, label="Data set")
-        upload = gr.File(label=f"Upload JSONL / CSV / TSV (max {MAX_UPLOAD})", file_types=list(UPLOAD_SUFFIXES),
+        upload = gr.File(label=f"Upload JSONL / CSV / TSV (max {MAX_UPLOAD // 2**20} MiB)", file_types=list(UPLOAD_SUFFIXES),
                          type="filepath", height=120)
         max_rows = gr.Number(defaults.max_rows, precision=0, label="Rows per split (0 = all)")
         preview = gr.Textbox(label="Preview", lines=9, elem_id="preview", max_lines=14, elem_classes="mono",

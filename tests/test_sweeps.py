@@ -180,6 +180,7 @@ def test_list_runs_reads_every_status_newest_first_and_skips_unreadable_folders(
     half = _run_dir(tmp_path, "f-half-written", "compare_done", "2026-11-30 09:00:00")
     (half / "report.json").write_text('{"runs": [')
     (tmp_path / "loose-file.txt").write_text("not a folder")
+    (tmp_path / ".many-uploads" / "adapter-1").mkdir(parents=True)  # the lab's uploads: hidden, not a run, no warning
 
     with pytest.warns(UserWarning) as caught:
         runs = list_runs(tmp_path)

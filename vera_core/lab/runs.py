@@ -97,9 +97,11 @@ def list_runs(runs_dir: str | os.PathLike) -> list[dict]:
     "dataset", "methods", "settings" ({run name: its adapter settings, {} for base / head / full}), "best"
     ({method: its best headline metric, a mean over seeds when there are several}), "metric" (that metric's
     name), "started", "status" ("finished" | "stopped" | "failed" | "running"), "wall_s"}. A folder that is not a
-    readable run is skipped with a warning."""
+    readable run is skipped with a warning; hidden folders (".name": the lab's uploads, scratch) are not runs."""
     found = []
-    for path in sorted(p for p in Path(runs_dir).iterdir() if p.is_dir()) if Path(runs_dir).is_dir() else []:
+    folders = sorted(p for p in Path(runs_dir).iterdir() if p.is_dir() and not p.name.startswith(".")) \
+        if Path(runs_dir).is_dir() else []
+    for path in folders:
         try:
             found.append(run_summary(path))
         except (OSError, ValueError, KeyError, TypeError, AttributeError) as err:  # json errors are ValueErrors
