@@ -126,6 +126,22 @@ def test_cli_compare_with_seeds_and_tuning_prints_mean_std_and_the_pair(assets, 
     assert sorted(report["tuning"]) == ["lora-r4", "vera-r16"]
 
 
+def test_isolated_tuning_points_score_as_in_process_ones(assets, tmp_path):
+    # By default every tuning point trains in its own process (an OOM kill ends the comparison, not the CLI); its
+    # result must be the in-process one, seed for seed.
+    args = ["compare", "--model", str(assets / "bert"), "--dataset", str(assets / "sentiment.jsonl"), "--methods",
+            "vera", "--steps", "1", "--batch-size", "4", "--max-length", "16", "--vera-r", "16", "--tune", "0.5,2",
+            "--tune-steps", "2"]
+    tuning = {}
+    for mode in ("isolated", "in-process"):
+        assert main([*args, "--out", str(tmp_path / mode)] + ["--in-process"] * (mode == "in-process")) == 0
+        report = json.loads((tmp_path / mode / "report.json").read_text())
+        assert report["memory_mode"] == mode
+        tuning[mode] = report["tuning"]["vera-r16"]
+    assert [p["val_loss"] for p in tuning["isolated"]["grid"]] == [p["val_loss"] for p in tuning["in-process"]["grid"]]
+    assert tuning["isolated"]["tie"] == tuning["in-process"]["tie"] and tuning["isolated"]["tie"]["seed"] == 1
+
+
 def test_cli_train_evaluate_export(assets, tmp_path, capsys):
     data = ["--model", str(assets / "bert"), "--dataset", str(assets / "sentiment.jsonl")]
     assert main(["train", *data, "--method", "vera", "--vera-r", "16", "--steps", "2", "--batch-size", "4",

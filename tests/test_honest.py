@@ -127,28 +127,26 @@ def test_one_seed_generation_bootstraps_over_test_groups(tokenizer, tmp_path):
     assert not [e for e in again if e["type"] == "step"] and load_run(tmp_path)[0]["runs"] == data["runs"]
 
 
-def _scripted_tuning(tokenizer, tmp_path, monkeypatch, losses: dict) -> dict:
+def _scripted_tuning(tokenizer, tmp_path, losses: dict) -> dict:
     """tune_rates on a tiny BERT whose grid points return `losses[(seed, scale)]` instead of training."""
     trained = []
 
-    def point(request, spec, scale, head_scale, prepare, work, emit, stop):
+    def point(spec, scale, head_scale, work):
         trained.append((spec.seed, scale, work.name))
         return {"scale": scale, "lr": 1e-2 * scale, "head_lr": 1e-3, "val_loss": losses[spec.seed, scale],
                 "steps": 2, "wall_s": 0.0}
-
-    monkeypatch.setattr(tune, "_point", point)
     request = RunRequest((tiny_bert(tokenizer=tokenizer, num_labels=2), tokenizer), sentiment(), methods=("vera",),
                          vera=VeraConfig(r=16), train=TINY, seeds=[3], tune={"lr_scale": [1, 2, 4]})
-    chosen = tune.tune_rates(request, tmp_path, prepare=None, emit=lambda e: None)["vera-r16"]
+    chosen = tune.tune_rates(request, tmp_path, point, emit=lambda e: None)["vera-r16"]
     return {**chosen, "trained": trained}
 
 
-def test_a_near_tie_is_broken_by_a_second_seed(tokenizer, tmp_path, monkeypatch):
+def test_a_near_tie_is_broken_by_a_second_seed(tokenizer, tmp_path):
     # Seed 3: x2 0.40 beats x4 0.41 by 0.01. Seed 4 (the first seed plus one): x2 0.44, so the spread is
     # 0.04 / sqrt(2) = 0.028 > 0.01: x4 (0.40 on seed 4) is a near-tie, x1 (0.10 behind) is not. Means: x2 0.42,
     # x4 0.405, so x4 is chosen.
     losses = {(3, 1.0): 0.50, (3, 2.0): 0.40, (3, 4.0): 0.41, (4, 2.0): 0.44, (4, 4.0): 0.40}
-    tied = _scripted_tuning(tokenizer, tmp_path, monkeypatch, losses)
+    tied = _scripted_tuning(tokenizer, tmp_path, losses)
     assert (tied["scale"], tied["lr"], tied["head_lr"]) == (4.0, 4e-2, 1e-3)
     assert tied["tie"]["seed"] == 4 and tied["tie"]["near"] == [4.0]
     assert tied["tie"]["spread"] == pytest.approx(0.04 / 2 ** 0.5)
@@ -157,28 +155,27 @@ def test_a_near_tie_is_broken_by_a_second_seed(tokenizer, tmp_path, monkeypatch)
     assert line.endswith("a near-tie with x4 (within the seed spread 0.0283), chosen on the mean of two seeds "
                          "(seed 4: x2 0.4400, x4 0.4000)")
     # The same grid with seeds that agree (x2 0.401 on seed 4): spread 0.0007 < 0.01, one extra run, x2 stays.
-    clear = _scripted_tuning(tokenizer, tmp_path, monkeypatch, {**losses, (4, 2.0): 0.401})
+    clear = _scripted_tuning(tokenizer, tmp_path, {**losses, (4, 2.0): 0.401})
     assert clear["scale"] == 2.0 and clear["tie"]["near"] == [] and len(clear["trained"]) == 4
     assert "near-tie" not in tuning_lines({"vera-r16": clear})[0]
 
 
-def test_head_only_is_tuned_first_and_its_rate_is_every_adapter_points_head_rate(tokenizer, tmp_path, monkeypatch):
+def test_head_only_is_tuned_first_and_its_rate_is_every_adapter_points_head_rate(tokenizer, tmp_path):
     # Head-only's grid (x2 best) runs to its end, second seed included, before any adapter point; each adapter point
     # then trains its head at head-only's choice, whatever its own scale. Rates come from the real RunRequest.rates.
     trained = []
     losses = {"head": {1.0: 0.6, 2.0: 0.5, 4.0: 0.7}, "vera-r16": {0.5: 0.4, 2.0: 0.3}}
 
-    def point(request, spec, scale, head_scale, prepare, work, emit, stop):
+    def point(spec, scale, head_scale, work):
         lr, head_lr = request.rates(spec, scale, head_scale)
         trained.append((work.name, head_lr))
         loss = losses[spec.setting][scale] + 0.001 * (spec.seed - 3)  # seeds agree: no near-tie
         return {"scale": scale, "lr": lr, "head_lr": head_lr, "val_loss": loss, "steps": 2, "wall_s": 0.0}
 
-    monkeypatch.setattr(tune, "_point", point)
     request = RunRequest((tiny_bert(tokenizer=tokenizer, num_labels=2), tokenizer), sentiment(),
                          methods=("vera", "head"), vera=VeraConfig(r=16), train=TINY, seeds=[3],
                          tune={"lr_scale": [0.5, 2], "head_lr_scale": [1, 2, 4]})
-    chosen = tune.tune_rates(request, tmp_path, prepare=None, emit=lambda e: None)
+    chosen = tune.tune_rates(request, tmp_path, point, emit=lambda e: None)
     assert trained == [("head-x1", 1e-3), ("head-x2", 2e-3), ("head-x4", 4e-3), ("head-x2-s4", 2e-3),
                        ("vera-r16-x0.5", 2e-3), ("vera-r16-x2", 2e-3), ("vera-r16-x2-s4", 2e-3)]
     assert (chosen["head"]["scale"], chosen["head"]["lr"], chosen["vera-r16"]["lr"]) == (2.0, 2e-3, 8e-2)

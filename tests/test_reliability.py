@@ -183,11 +183,12 @@ def _error_lines(stderr: str) -> list[str]:
             or "warn" in line.lower() and "longer than max_length" not in line]
 
 
-def _long_comparison(assets, out):
-    """A CLI comparison (base, then VeRA for 3,000 steps) started and past its first VeRA step: (process, family)."""
+def _long_comparison(assets, out, *extra):
+    """A CLI comparison (base, then VeRA for 3,000 steps; `extra` CLI arguments) started and past its first
+    training step: (process, family)."""
     proc = _cli("compare", "--model", str(assets / "bert"), "--dataset", str(assets / "sentiment.jsonl"),
                 "--methods", "base,vera", "--steps", "3000", "--batch-size", "2", "--max-length", "16",
-                "--vera-r", "8", "--eval-every", "3000", "--out", str(out))
+                "--vera-r", "8", "--eval-every", "3000", "--out", str(out), *extra)
     wait_for_first_step(out, proc)
     return proc, _family(proc)
 
@@ -222,6 +223,21 @@ def test_a_killed_training_process_fails_the_comparison_in_one_line(assets, tmp_
     assert files["report"]["error"] == line and [r["name"] for r in files["report"]["runs"]] == ["base"]
     assert files["events"][-1] == {"type": "error", "message": line, "run_dir": str(out), "runs": ["base"]}
     assert _left_behind(family) == []
+
+
+@pytest.mark.integration  # a CLI process and a child per tuning point, killed as the OOM killer would
+def test_a_killed_tuning_process_fails_the_comparison_in_one_line(assets, tmp_path):
+    out = tmp_path / "run"
+    proc, family = _long_comparison(assets, out, "--tune", "1,2")  # the first point trains 3,000 steps
+    [child] = [p for p in psutil.Process(proc.pid).children() if "spawn_main" in " ".join(p.cmdline())]
+    child.send_signal(signal.SIGKILL)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 2
+    assert _error_lines(err) == [f"error: the process of tune/vera-r8-x1 ended by signal 9 (SIGKILL: memory may have "
+                                 f"run out); no run had finished, so {out} holds no results"], err[-3000:]
+    assert _left_behind(family) == []
+    # report.json says why the comparison ended
+    assert json.loads((out / "report.json").read_text())["error"].startswith("the process of tune/vera-r8-x1")
 
 
 # ---------------------------------------------------------------------------------------------- the lab

@@ -253,7 +253,8 @@ def _compare_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--tune", type=_floats, default=None, metavar="SCALES",
                    help="tune each method's learning rates on validation: default x each scale, e.g. 0.25,0.5,1,2,4")
     p.add_argument("--tune-steps", type=int, default=None, help="steps of each tuning run (default: --steps)")
-    p.add_argument("--max-runs", type=int, default=60, help="refuse more runs than this (seeds x settings + tuning, with one second-seed run per tuned setting)")
+    p.add_argument("--max-runs", type=int, default=60,
+                   help="refuse more runs than this (seeds x settings + tuning, one second-seed run per tuned setting)")
     p.add_argument("--in-process", action="store_true",
                    help="run all methods in this process (faster start; CPU peak memory then less clean)")
 

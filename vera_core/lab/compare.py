@@ -45,7 +45,7 @@ from .report import Report, RunReport, load_run, write_reports
 from .request import MAX_RUNS, RunRequest, RunSpec
 from .runs import load_base, new_run_dir
 from .train import train as train_model
-from .tune import tune_rates
+from .tune import train_point, tune_rates
 
 
 def _adapter_config(model: nn.Module, spec: RunSpec, task: str) -> AdapterConfig | None:
@@ -180,8 +180,9 @@ def _ended(name: str, exitcode: int | None) -> str:
     return f"the process of {name} exited with code {exitcode} without a result"
 
 
-def _child(request, spec, run_dir, messages, stop, scale, head_scale) -> None:
-    """Body of an isolated run: same as in-process, with events and the result sent back through a queue.
+def _child(job, request, spec, run_dir, messages, stop, scale, head_scale) -> None:
+    """Body of an isolated run (job "run": a method's run into run_dir; "tune": one tuning point into its folder
+    run_dir): same as in-process, with events and the result sent back through a queue.
 
     Ctrl-C and SIGTERM reach the whole process group; only the parent acts on them (it sets `stop`), so the child
     ends its step and saves. If the parent dies, the child stops the same way instead of running on as an orphan."""
@@ -195,8 +196,12 @@ def _child(request, spec, run_dir, messages, stop, scale, head_scale) -> None:
     parent = multiprocessing.parent_process()
     threading.Thread(target=lambda: (parent.join(), stop.set()), daemon=True).start()
     try:
-        out = _run_one(request, spec, _loader(request), Path(run_dir), lambda e: messages.put(("event", e)), stop,
-                       scale, head_scale)
+        emit = lambda e: messages.put(("event", e))  # noqa: E731
+        if job == "run":
+            out = _run_one(request, spec, _loader(request), Path(run_dir), emit, stop, scale, head_scale)
+        else:
+            out = train_point(request, spec, scale, head_scale,
+                              lambda s: _trainable_model(request, s, _loader(request)), Path(run_dir), emit, stop)
         messages.put(("result", out))
     except ValueError as err:  # bad input: the same one-line message as in-process
         messages.put(("invalid", str(err)))
@@ -208,12 +213,15 @@ def _child(request, spec, run_dir, messages, stop, scale, head_scale) -> None:
             messages.put(("error", traceback.format_exc()))
 
 
-def _run_isolated(request: RunRequest, spec: RunSpec, run_dir: Path, emit, stop, scale: float, head_scale: float):
-    """Run one method in a spawned process, forwarding its events and the caller's stop flag."""
+def _run_isolated(request: RunRequest, spec: RunSpec, run_dir: Path, emit, stop, scale: float, head_scale: float,
+                  job: str = "run"):
+    """Run one method (job "run") or one tuning point (job "tune", run_dir: the point's folder) in a spawned
+    process, forwarding its events and the caller's stop flag."""
     ctx = multiprocessing.get_context("spawn")
     messages, child_stop = ctx.Queue(), ctx.Event()
-    proc = ctx.Process(target=_child, args=(request, spec, str(run_dir), messages, child_stop, scale, head_scale),
-                       daemon=True)
+    name = spec.name if job == "run" else f"tune/{run_dir.name}"
+    proc = ctx.Process(target=_child, args=(job, request, spec, str(run_dir), messages, child_stop, scale,
+                                            head_scale), daemon=True)
     proc.start()
     try:
         while True:
@@ -224,7 +232,7 @@ def _run_isolated(request: RunRequest, spec: RunSpec, run_dir: Path, emit, stop,
             except queue_module.Empty:
                 if not proc.is_alive() and messages.empty():
                     proc.join()
-                    raise RunDied(_ended(spec.name, proc.exitcode)) from None
+                    raise RunDied(_ended(name, proc.exitcode)) from None
                 continue
             if kind == "event":
                 emit(payload)
@@ -233,7 +241,7 @@ def _run_isolated(request: RunRequest, spec: RunSpec, run_dir: Path, emit, stop,
             elif kind == "write":
                 raise payload
             elif kind == "error":
-                raise RuntimeError(f"run {spec.name!r} failed in its process:\n{payload}")
+                raise RuntimeError(f"run {name!r} failed in its process:\n{payload}")
             else:
                 return payload
     finally:
@@ -398,9 +406,15 @@ def _run_specs(request: RunRequest, specs: list[RunSpec], run_dir: Path, report:
     after each; finished runs of a resumed directory are kept as they are."""
     load = None if request.isolate else _loader(request)
     scales: dict[str, float] = {}
-    if request.tune:  # tuning runs in this process: its memory numbers are not reported
-        prepare = lambda spec: _trainable_model(request, spec, _loader(request))  # noqa: E731
-        report.tuning = tune_rates(request, run_dir, prepare, emit, stop)
+    if request.tune:  # isolated like the runs: an OOM kill during tuning ends the comparison, not the CLI or lab
+        if request.isolate:
+            def point(spec, scale, head_scale, work):
+                return _run_isolated(request, spec, work, emit, stop, scale, head_scale, job="tune")
+        else:
+            def point(spec, scale, head_scale, work):
+                return train_point(request, spec, scale, head_scale,
+                                   lambda s: _trainable_model(request, s, _loader(request)), work, emit, stop)
+        report.tuning = tune_rates(request, run_dir, point, emit)
         scales = {setting: entry["scale"] for setting, entry in (report.tuning or {}).items()}
     head_scale = scales.get("head", 1.0)  # head-only's tuned scale sets every method's head rate
     report.head_lr = _head_lr(request, specs, head_scale)

@@ -33,9 +33,16 @@ RESULT = "tune.json"
 LR_SCALES = (0.25, 0.5, 1.0, 2.0, 4.0)  # the default grid: a factor 16 around each method's default rates
 
 
-def _point(request: RunRequest, spec: RunSpec, scale: float, head_scale: float, prepare: Callable[[RunSpec], tuple],
-           work: Path, emit: Callable[[dict], None], stop: threading.Event | None) -> dict | None:
-    """One grid point's {"scale", "lr", "head_lr", "val_loss", "steps", "wall_s"}; None when stopped."""
+# train_point(spec, scale, head_scale, work): one grid point's result, None when stopped (`train_point` below
+# in this process; compare runs it in a child process when the request isolates its runs).
+PointTrainer = Callable[[RunSpec, float, float, Path], "dict | None"]
+
+
+def train_point(request: RunRequest, spec: RunSpec, scale: float, head_scale: float,
+                prepare: Callable[[RunSpec], tuple], work: Path, emit: Callable[[dict], None],
+                stop: threading.Event | None) -> dict | None:
+    """One grid point's {"scale", "lr", "head_lr", "val_loss", "steps", "wall_s"}; None when stopped. prepare(spec)
+    gives the fresh, trainable (model, tokenizer) of the point."""
     # Evaluated once, at the end, on the whole validation split: the one number the choice rests on.
     steps = request.tune_steps or request.steps_per_run()
     config = replace(request.train_config(spec, scale, head_scale), steps=steps, epochs=None, eval_every=steps,
@@ -65,8 +72,8 @@ def second_seed(request: RunRequest) -> int:
     return request.seeds[1] if len(request.seeds) > 1 else request.seeds[0] + 1
 
 
-def _break_tie(request: RunRequest, spec: RunSpec, entry: dict, head_scale: float, prepare: Callable[[RunSpec], tuple],
-               run_dir: Path, emit: Callable[[dict], None], stop: threading.Event | None) -> dict | None:
+def _break_tie(request: RunRequest, spec: RunSpec, entry: dict, head_scale: float, point_trainer: PointTrainer,
+               run_dir: Path, emit: Callable[[dict], None]) -> dict | None:
     """The setting's choice after the second-seed check (module docstring): {"scale", "lr", "head_lr", "tie"}, where
     "tie" records the seed, the spread, the near-tied scales and every second-seed loss; None when stopped."""
     scored = sorted((p for p in entry["grid"] if p["val_loss"] is not None), key=lambda p: p["val_loss"])
@@ -78,7 +85,7 @@ def _break_tie(request: RunRequest, spec: RunSpec, entry: dict, head_scale: floa
     def run_again(point: dict) -> bool:
         emit({"type": "tune_start", "run": spec.setting, "scale": point["scale"], "seed": seed})
         work = run_dir / "tune" / f"{spec.setting}-x{point['scale']:g}-s{seed}"
-        result = _point(request, replace(spec, seed=seed), point["scale"], head_scale, prepare, work, emit, stop)
+        result = point_trainer(replace(spec, seed=seed), point["scale"], head_scale, work)
         if result is not None:
             again[point["scale"]] = result["val_loss"]
             emit({"type": "tune_done", "run": spec.setting, "seed": seed, **result})
@@ -105,18 +112,18 @@ def _break_tie(request: RunRequest, spec: RunSpec, entry: dict, head_scale: floa
     return {"scale": winner["scale"], "lr": winner["lr"], "head_lr": winner["head_lr"], "tie": tie}
 
 
-def tune_rates(request: RunRequest, run_dir: Path, prepare: Callable[[RunSpec], tuple],
-               emit: Callable[[dict], None], stop: threading.Event | None = None) -> dict | None:
+def tune_rates(request: RunRequest, run_dir: Path, point_trainer: PointTrainer,
+               emit: Callable[[dict], None]) -> dict | None:
     """{setting: {"scale", "lr", "head_lr" (the chosen ones), "grid": [every point, in grid order], "tie" (the
     second-seed check, `_break_tie`; None for a one-point grid)}} for every trained setting of `request`
-    (`request.tuning_plan()`), head-only first: its chosen scale sets the head rate of the rest; None when `stop`
-    ended it (finished points are kept). prepare(spec) gives the fresh, trainable (model, tokenizer) of a run. A point
-    whose loss is not finite (diverged) is never chosen; ties go to the earlier scale."""
+    (`request.tuning_plan()`), head-only first: its chosen scale sets the head rate of the rest; None when stopped
+    (finished points are kept). point_trainer trains one grid point (`PointTrainer`). A point whose loss
+    is not finite (diverged) is never chosen; ties go to the earlier scale."""
     plan = request.tuning_plan()
-    chosen = _tune(request, [p for p in plan if p[0].method == "head"], 1.0, run_dir, prepare, emit, stop)
+    chosen = _tune(request, [p for p in plan if p[0].method == "head"], 1.0, run_dir, point_trainer, emit)
     head_scale = (chosen or {}).get("head", {}).get("scale", 1.0)
     rest = None if chosen is None else _tune(request, [p for p in plan if p[0].method != "head"], head_scale,
-                                             run_dir, prepare, emit, stop)
+                                             run_dir, point_trainer, emit)
     if rest is None:
         return None
     chosen.update(rest)
@@ -125,15 +132,13 @@ def tune_rates(request: RunRequest, run_dir: Path, prepare: Callable[[RunSpec], 
 
 
 def _tune(request: RunRequest, plan: list[tuple[RunSpec, float]], head_scale: float, run_dir: Path,
-          prepare: Callable[[RunSpec], tuple], emit: Callable[[dict], None],
-          stop: threading.Event | None) -> dict | None:
+          point_trainer: PointTrainer, emit: Callable[[dict], None]) -> dict | None:
     """`tune_rates` for the grid points of `plan`, every head trained at the head rate × `head_scale`."""
     chosen: dict[str, dict] = {}
     specs: dict[str, RunSpec] = {}
     for spec, scale in plan:
         emit({"type": "tune_start", "run": spec.setting, "scale": scale})
-        point = _point(request, spec, scale, head_scale, prepare, run_dir / "tune" / f"{spec.setting}-x{scale:g}",
-                       emit, stop)
+        point = point_trainer(spec, scale, head_scale, run_dir / "tune" / f"{spec.setting}-x{scale:g}")
         if point is None:
             return None
         specs[spec.setting] = spec
@@ -141,7 +146,7 @@ def _tune(request: RunRequest, plan: list[tuple[RunSpec, float]], head_scale: fl
         entry["grid"].append(point)
         emit({"type": "tune_done", "run": spec.setting, **point})
     for setting, entry in chosen.items():
-        choice = _break_tie(request, specs[setting], entry, head_scale, prepare, run_dir, emit, stop)
+        choice = _break_tie(request, specs[setting], entry, head_scale, point_trainer, run_dir, emit)
         if choice is None:
             return None
         entry.update(choice)
