@@ -165,7 +165,8 @@ def many_summary(result: dict, labels: dict[str, str], rows: int) -> str:
     same = sum(a == b for a, b in zip(result["outputs"], result["outputs_one_at_a_time"]))
     memory = result["memory"]
     per = ", ".join(f"{labels.get(n, n)} {b / 1024:.1f} KiB" for n, b in memory["per_adapter"].items())
-    shared = f" + the shared A and B {memory['shared'] / 2**20:.2f} MiB, once for all" if memory["shared"] else ""
+    pairs = "the shared A and B" if memory["pairs"] == 1 else f"every layer's own A and B ({memory['pairs']} pairs)"
+    shared = f" + {pairs} {memory['shared'] / 2**20:.2f} MiB, once for all" if memory["shared"] else ""
     return (f"**One mixed batch**: {rows} rows in {batch:.2f} s · **one adapter at a time**: {single:.2f} s "
             f"({single / batch:.1f}× the batch's time) · same outputs both ways: {same}/{rows} rows\n\n"
             f"**Adapter memory**: {len(memory['per_adapter'])} adapters, {memory['adapters_total'] / 1024:.1f} KiB "

@@ -10,11 +10,15 @@ is 1.7 points wide on SST-2 against 5.7 on Rotten Tomatoes; a run costs about th
 
 Groups, each its own `compare` run directory under <out>/ablations/ (resumed there: finished runs and tuning points
 kept, a stopped run continues from its checkpoint):
-- eight variants (VARIANTS), 5 seeds each; every variant's rates are tuned on the 3-point grid x0.5, x1, x2 around
-  default VeRA's tuned rates in quality.json (sst2 vera-r256-qv), with tune='s second-seed tie-break;
-- the rank sweep: VeRA r = 1 ... 1024 at default's tuned rates (r=256 is default's first 3 seeds, not rerun) and
+- eight variants (VARIANTS), 5 seeds each; every variant's adapter rate is tuned on the 3-point grid x0.5, x1, x2
+  around default VeRA's tuned rate in quality.json (sst2 vera-r256-qv), with tune's second-seed tie-break;
+- the rank sweep: VeRA r = 1 ... 1024 at default's tuned rate (r=256 is default's first 3 seeds, not rerun) and
   LoRA r = 1 ... 64 with alpha 16 fixed (the LoRA paper's way: scaling alpha/r keeps the rate tuned at r=8 usable
-  as r varies) at the rates quality.json tuned for lora-r8-qv, 3 seeds each;
+  as r varies) at the rate quality.json tuned for lora-r8-qv, 3 seeds each;
+- one classifier-head rate for every run of every group (issue 31: a comparison must not differ in the head): the
+  record's per-comparison head rate (the head-rate rerun's benchmarks/results/rerun/quality.json, the default
+  --rates-from once it holds the task), or --head-lr; a record from before that rule (its VeRA and LoRA heads
+  trained at different rates) is refused;
 - the per-layer picture of default VeRA's seed-0 adapter (mean |b|, mean |d|, ||d||_2, ||dW||_F / ||W0||_F).
 The groups train in two child processes (harness.run_child: the variants, then the sweep); every group that ends
 rewrites ablations.{json,md} (the figure is drawn when the run ends), so a killed run keeps what finished and a rerun
@@ -100,17 +104,37 @@ def variant_config(variant: str, r: int = RANK) -> VeraConfig:
     return VeraConfig(r=r, **VARIANTS[variant])
 
 
-def centre_rates(path: Path, task: str) -> dict[str, tuple[float, float]]:
-    """{"vera": (lr, head_lr), "lora": (lr, head_lr)}: the rates reproduce.py tuned for `task`'s query+value rows."""
-    rows = {r["name"]: r for r in json.loads(path.read_text())["tasks"].get(task, [])} if path.is_file() else {}
-    rates = {}
+def rates_record(task: str) -> Path:
+    """The record the centres come from: the head-rate rerun's quality.json once it holds `task`, else the committed
+    one (which refuses in `centre_rates` while it predates one head rate per comparison)."""
+    rerun = RESULTS / "rerun" / "quality.json"
+    if rerun.is_file() and json.loads(rerun.read_text())["tasks"].get(task):
+        return rerun
+    return RESULTS / "quality.json"
+
+
+def centre_rates(path: Path, task: str, head_lr: float | None = None) -> dict[str, tuple[float, float]]:
+    """{"vera": (lr, head_lr), "lora": (lr, head_lr)}: the adapter rates reproduce.py tuned for `task`'s query+value
+    rows, with one head rate for both (issue 31: an adapter comparison must not differ in the head): `head_lr` when
+    given, else the record's per-comparison head rate (quality.json's "head_lr"[task][group], else the rows' own)."""
+    quality = json.loads(path.read_text()) if path.is_file() else {"tasks": {}}
+    rows = {r["name"]: r for r in quality["tasks"].get(task, [])}
+    lrs, heads = {}, {}
     for method, name in (("vera", "vera-r256-qv"), ("lora", "lora-r8-qv")):
         row = rows.get(name)
         if not row or not row.get("tuned_lr"):
             raise SystemExit(f"{path} has no tuned {task} {name} row: run `benchmarks/reproduce.py --task {task}` "
                              f"first, or point --rates-from at a quality.json that has one.")
-        rates[method] = (row["lr"], row["head_lr"])
-    return rates
+        group = (row.get("run_dir") or "").rsplit("/", 1)[-1]
+        lrs[method] = row["lr"]
+        heads[method] = (quality.get("head_lr") or {}).get(task, {}).get(group) or row["head_lr"]
+    if head_lr is None:
+        if heads["vera"] != heads["lora"]:
+            raise SystemExit(f"{path} predates one head rate per comparison ({task}: VeRA's head trained at "
+                             f"{heads['vera']:g}, LoRA's at {heads['lora']:g}): run after the head-rate rerun "
+                             "(benchmarks/rerun.sh) or pass --head-lr.")
+        head_lr = heads["vera"]
+    return {method: (lr, head_lr) for method, lr in lrs.items()}
 
 
 def task_dataset(args: argparse.Namespace):
@@ -150,12 +174,14 @@ def group_dir(args: argparse.Namespace, group: str) -> Path:
     return Path(args.out) / "ablations" / group
 
 
-def finished(run_dir: Path, seeds: list[int]) -> bool:
-    """Whether the group's comparison finished, for these seeds (another --seeds resumes it with them)."""
+def finished(run_dir: Path, seeds: list[int], head_lr: float) -> bool:
+    """Whether the group's comparison finished, for these seeds and this head rate (another --seeds or --head-lr
+    resumes it with them: compare retrains the runs whose rates differ)."""
     from vera_core.lab.runs import read_config, run_summary
 
     return ((run_dir / "report.json").is_file() and run_summary(run_dir)["status"] == "finished"
-            and read_config(run_dir)["seeds"] == seeds)
+            and read_config(run_dir)["seeds"] == seeds
+            and json.loads((run_dir / "report.json").read_text()).get("head_lr") == head_lr)
 
 
 def run_group(args: argparse.Namespace, run_dir: Path, method: str, adapter, rates: tuple[float, float],
@@ -163,7 +189,7 @@ def run_group(args: argparse.Namespace, run_dir: Path, method: str, adapter, rat
     """One compare() into `run_dir`, resumed when it holds one (`--fresh`: replaced); {"group", "kept"}."""
     from vera_core.lab.compare import compare
 
-    if finished(run_dir, seeds) and not args.fresh:
+    if finished(run_dir, seeds, rates[1]) and not args.fresh:
         return {"group": str(run_dir.relative_to(Path(args.out) / "ablations")), "kept": True}
     ds, b = task_dataset(args)
     exists = "overwrite" if args.fresh else ("resume" if (run_dir / "config.json").is_file() else "refuse")
@@ -176,14 +202,13 @@ def run_group(args: argparse.Namespace, run_dir: Path, method: str, adapter, rat
     return {"group": str(run_dir.relative_to(Path(args.out) / "ablations")), "kept": False}
 
 
-def tuned_rates(run_dir: Path) -> tuple[float, float]:
-    """(lr, head_lr) the default variant's tuning chose."""
+def tuned_lr(run_dir: Path) -> float:
+    """The adapter rate the default variant's tuning chose (its head rate is the one every group trains at)."""
     path = run_dir / "tuning.json"
     if not path.is_file():
         raise SystemExit(f"{path} is missing: the sweep trains VeRA at default VeRA's tuned rates; run the variants "
                          "first (they run before the sweep).")
-    entry = json.loads(path.read_text())[f"vera-r{RANK}"]
-    return entry["lr"], entry["head_lr"]
+    return json.loads(path.read_text())[f"vera-r{RANK}"]["lr"]
 
 
 def phase_seeds(args: argparse.Namespace, phase: str) -> list[int]:
@@ -204,7 +229,7 @@ def child_work(cfg: dict):
     args = argparse.Namespace(**cfg["args"])
     rates = {k: tuple(v) for k, v in cfg["rates"].items()}
     if cfg["phase"] == "sweep":
-        rates["vera"] = tuned_rates(group_dir(args, "default"))
+        rates["vera"] = (tuned_lr(group_dir(args, "default")), rates["vera"][1])
     for group, method, adapter in plan(args, cfg["phase"]):
         yield run_group(args, group_dir(args, group), method, adapter, rates[method], phase_seeds(args, cfg["phase"]),
                         tune=cfg["phase"] == "variants")
@@ -392,6 +417,8 @@ def record(args: argparse.Namespace, rates: dict, errors: list[str], draw: bool 
     result = {"task": args.task, "model": args.model, "targets": ["query", "value"], "r": RANK,
               "splits": ds_note, "quick": bool(args.quick), "seeds": seeds_of(args), "sweep_seeds": sweep_seeds(args),
               "lr_scales": list(QUICK["scales"] if args.quick else SCALES), "centre_rates": rates,
+              "head_lr": rates["vera"][1], "head_lr_source": "--head-lr" if args.head_lr is not None else
+              f"the per-comparison head rate of {args.rates_from}",
               "rows": rows, "rank_sweep": [{k: v for k, v in r.items() if k != "by_seed"} for r in sweep],
               "equal_budget": equal_budget_pair(args, sweep), "layers": layer_picture(args),
               "paper": {"citation": CITATION, "sweep": PAPER_SWEEP, "table7_shared": PAPER_SHARED_TABLE7},
@@ -555,8 +582,9 @@ def markdown(result: dict, choice: list[str]) -> str:
              f"{result['model']} on {result['task']} (splits {result['splits']}), query+value, VeRA r={result['r']}; "
              f"seeds {result['seeds']}; each variant's rates tuned on "
              f"x{', x'.join(f'{s:g}' for s in result['lr_scales'])} "
-             f"around default VeRA's tuned rates in quality.json ({result['centre_rates']['vera'][0]:g}, head "
-             f"{result['centre_rates']['vera'][1]:g}). A row's interval is a t-interval over seeds; a difference's "
+             f"around default VeRA's tuned rate ({result['centre_rates']['vera'][0]:g}); every run, variant and "
+             f"sweep point alike, trains its classifier head at one rate, {result['head_lr']:g} "
+             f"({result['head_lr_source']}), so no comparison differs in the head. A row's interval is a t-interval over seeds; a difference's "
              "is the two-level paired bootstrap (seeds and test rows resampled). Training: "
              f"{result['wall_h']:.2f} h wall at {result['threads']} thread(s); load average at the last write "
              f"{', '.join(f'{x:.1f}' for x in result['load_average'])}.", ""]
@@ -568,8 +596,9 @@ def markdown(result: dict, choice: list[str]) -> str:
               "the paper's direction is the sign both of its tasks agree on.", "", *variant_table(result["rows"]), ""]
     lines += ["## What a CPU-sized model and task can and cannot tell", "", *reading(result), ""]
     lines += ["## Rank sweep", "", f"Paper: {PAPER_SWEEP}.", "",
-              f"Lab: VeRA at default's tuned rates (r={result['r']}: default's first {len(result['sweep_seeds'])} "
-              f"seeds), LoRA alpha {LORA_ALPHA} at quality.json's tuned lora-r8-qv rates; "
+              f"Lab: VeRA at default's tuned rate (r={result['r']}: default's first {len(result['sweep_seeds'])} "
+              f"seeds), LoRA alpha {LORA_ALPHA} at the record's tuned lora-r8-qv rate; heads "
+              f"at {result['head_lr']:g}; "
               f"seeds {result['sweep_seeds']}.",
               "", *sweep_table(result["rank_sweep"]), "", "![ablations](ablations.png)", ""]
     lines += ["## Per layer after training (default VeRA, first seed)", "",
@@ -622,8 +651,11 @@ def main() -> int:
     parser.add_argument("--estimate", action="store_true", help="measure step times and print the full run's hours")
     parser.add_argument("--out", default=str(RESULTS), help="results folder (ablations.*, ablations/)")
     parser.add_argument("--data-dir", help="folder with sst2/ (default $VERA_REPRO_DATA or ../shared/data)")
-    parser.add_argument("--rates-from", default=str(RESULTS / "quality.json"),
-                        help="quality.json holding the task's tuned vera-r256-qv and lora-r8-qv rates (the centres)")
+    parser.add_argument("--rates-from", help="quality.json holding the task's tuned vera-r256-qv and lora-r8-qv rates "
+                        "(the centres; default: the head-rate rerun's record once it holds the task, else the "
+                        "committed one)")
+    parser.add_argument("--head-lr", type=float, help="the one classifier-head rate of every run (default: the "
+                        "record's per-comparison head rate)")
     parser.add_argument("--seeds", type=seed_list, default=[0, 1, 2, 3, 4], help="seeds of every variant (0..4)")
     parser.add_argument("--steps", type=int, help="optimizer steps per run (default: reproduce.py's, 300 on sst2)")
     parser.add_argument("--tune-steps", type=int,
@@ -636,7 +668,8 @@ def main() -> int:
     if args is None:
         return 0
     args.full = False  # reproduce.budgets' GPU mode: not an ablation budget
-    rates = centre_rates(Path(args.rates_from), args.task)
+    args.rates_from = args.rates_from or str(rates_record(args.task))
+    rates = centre_rates(Path(args.rates_from), args.task, args.head_lr)
     message = missing_data(args.task, data_dir(args.data_dir))
     if message:
         print(message)
@@ -653,7 +686,8 @@ def main() -> int:
     for phase in ("variants", "sweep"):
         print(f"== {phase} ({args.task}, {args.model}) ...", flush=True)
         groups = [group for group, _, _ in plan(args, phase)]
-        if not args.fresh and all(finished(group_dir(args, g), phase_seeds(args, phase)) for g in groups):
+        if not args.fresh and all(finished(group_dir(args, g), phase_seeds(args, phase), rates["vera"][1])
+                                   for g in groups):
             for group in groups:  # nothing to train: no child to start
                 print(f"   {group}: done earlier, kept", flush=True)
             continue

@@ -37,9 +37,51 @@ def test_the_papers_direction_is_the_sign_both_its_tasks_agree_on():
     assert ablations.paper_cell("init_uniform") == "MRPC 68.9 ± 1.3 (-21.6), RTE 53.1 ± 0.8 (-32.7)"
 
 
+def _quality(path: Path, vera_head: float, lora_head: float, comparison: float | None) -> Path:
+    """A quality.json with the two centre rows of rotten-tomatoes' qv comparison, their heads at these rates, and
+    the comparison's one head rate at top level when `comparison` is given (as the head-rate rerun writes it)."""
+    rows = [{"name": "vera-r256-qv", "lr": 0.02, "tuned_lr": 0.02, "head_lr": vera_head,
+             "run_dir": "benchmarks/results/rerun/repro/rotten-tomatoes/qv"},
+            {"name": "lora-r8-qv", "lr": 5e-4, "tuned_lr": 5e-4, "head_lr": lora_head,
+             "run_dir": "benchmarks/results/rerun/repro/rotten-tomatoes/qv"}]
+    quality = {"tasks": {"rotten-tomatoes": rows}}
+    if comparison is not None:
+        quality["head_lr"] = {"rotten-tomatoes": {"qv": comparison}}
+    path.write_text(json.dumps(quality))
+    return path
+
+
+def test_every_group_trains_its_head_at_the_comparisons_one_rate(tmp_path):
+    one = _quality(tmp_path / "one.json", 0.128, 0.128, 0.128)
+    assert ablations.centre_rates(one, "rotten-tomatoes") == {"vera": (0.02, 0.128), "lora": (5e-4, 0.128)}
+    assert ablations.centre_rates(one, "rotten-tomatoes", head_lr=0.01) == {"vera": (0.02, 0.01),
+                                                                            "lora": (5e-4, 0.01)}
+    # The top-level per-comparison rate wins over a row's own (it is what every run of the comparison used).
+    top = _quality(tmp_path / "top.json", 0.002, 0.001, 0.064)
+    assert ablations.centre_rates(top, "rotten-tomatoes")["lora"] == (5e-4, 0.064)
+
+
+def test_a_record_from_before_one_head_rate_per_comparison_is_refused(tmp_path):
+    old = _quality(tmp_path / "old.json", 0.002, 0.001, None)  # the heads scaled with each adapter's rate
+    with pytest.raises(SystemExit) as refused:
+        ablations.centre_rates(old, "rotten-tomatoes")
+    message = str(refused.value)
+    assert "\n" not in message and "0.002" in message and "0.001" in message
+    assert "head-rate rerun" in message and "--head-lr" in message
+    # --head-lr settles it by hand: one rate for both.
+    assert ablations.centre_rates(old, "rotten-tomatoes", head_lr=0.05) == {"vera": (0.02, 0.05),
+                                                                            "lora": (5e-4, 0.05)}
+    # The committed record is such a record on both tasks, until the rerun replaces it.
+    committed = ROOT / "benchmarks" / "results" / "quality.json"
+    if "head_lr" not in json.loads(committed.read_text()):
+        with pytest.raises(SystemExit, match="--head-lr"):
+            ablations.centre_rates(committed, "sst2")
+
+
 def _run(assets: Path, out: Path) -> str:
     command = [sys.executable, str(ROOT / "benchmarks" / "ablations.py"), "--quick", "--task", "rotten-tomatoes",
-               "--model", str(assets / "bert"), "--out", str(out)]
+               "--model", str(assets / "bert"), "--out", str(out),
+               "--rates-from", str(_quality(out.parent / "quality.json", 0.002, 0.001, 0.01))]
     done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
     return done.stdout
@@ -61,6 +103,7 @@ def test_quick_run_writes_a_well_formed_record_and_a_rerun_trains_only_what_is_m
         assert row["ci95"][0] <= row["metric_mean"] <= row["ci95"][1]
         assert [p["scale"] for p in row["lr_grid"]] == [0.5, 2.0] and row["tuned_scale"] in (0.5, 2.0)
         assert row["lr"] == pytest.approx(record["centre_rates"]["vera"][0] * row["tuned_scale"])
+        assert row["head_lr"] == record["head_lr"] == 0.01  # tuning moves the adapter's rate, never the head's
         # only_d trains d alone (r per layer), only_b b alone (out per layer), the rest both
         per_layer = {"only_d": 256, "only_b": width}.get(row["variant"], width + 256)
         assert row["trainable_params"] == len(layers) * per_layer
@@ -75,7 +118,7 @@ def test_quick_run_writes_a_well_formed_record_and_a_rerun_trains_only_what_is_m
     assert set(sweep) == {("vera", 1), ("vera", 16), ("vera", 256), ("lora", 1), ("lora", 2)}
     for (method, r), row in sweep.items():
         assert row["trainable_params"] == len(layers) * ((width + r) if method == "vera" else r * 2 * width)
-        assert row["seeds"] == [0, 1]
+        assert row["seeds"] == [0, 1] and row["head_lr"] == 0.01
     assert sweep[("vera", 256)]["values"] == rows[0]["values"]  # r=256 is the default variant's runs
     for layer in layers:
         assert layer["delta_ratio"] > 0 and layer["mean_abs_b"] > 0 and layer["d_norm"] > 0
@@ -84,6 +127,7 @@ def test_quick_run_writes_a_well_formed_record_and_a_rerun_trains_only_what_is_m
     for row in rows[1:]:
         line = next(x for x in page.splitlines() if x.startswith(f"| {row['variant']} |"))
         assert line.split(" | ")[5] == row["direction"]
+    assert "trains its classifier head at one rate, 0.01 (the per-comparison head rate of" in page
     assert "Kopiczko" in page and "(-32.7)" in page and "Rank sweep" in page
     assert (out / "ablations.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 

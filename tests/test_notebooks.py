@@ -122,3 +122,28 @@ def test_03_recorded_sweep_and_its_text_agree_with_the_record():
     assert "the tiny start did not slow training" in out and "probably under-trained" in out
     nb = json.loads((NOTEBOOKS / "03_rank_and_dinit.ipynb").read_text())
     assert "widgets" not in nb["metadata"], "saved widget state: a static viewer cannot show it"
+
+
+def test_06_recorded_numbers_agree_with_each_other_and_the_record():
+    """06: the vector identities hold, the reconstruction sentence matches its table, the live runs' gap and margin
+    are computed from their accuracies, the first cell's time is what the run measured, and the ablation part says
+    the record is missing exactly while benchmarks/results/ablations.json is."""
+    markdown, out = _recorded("06_why_vera_works")
+    assert "FULL" in out
+    assert "ΔW == 2 · B[:, 1] A[1, :]  (rank 1 )" in out and "ΔW's rank 3 (at most r = 3) from 8 trained" in out
+    assert _number(r"LoRA r=8 trained in \d+ s: test accuracy (\S+)%", out) > 60  # it learned the task
+    assert _number(r"; (\d+) ΔW to fit", out) == 12  # 6 layers x query, value
+    first = _number(r"At r = 1, VeRA's fit leaves (\d+)%", out)
+    last = _number(r"at r = 1024, (\d+)%", out)
+    assert 0 < last <= first <= 100
+    assert _number(r"the SVD reaches (\d+)%", out) == 0  # LoRA's ΔW has rank 8: r = 1024 is exact
+    high, low = _number(r"Highest mean: \S+ \((\S+)%\)", out), _number(r"lowest: \S+ \((\S+)%\)", out)
+    assert _number(r"a gap of (\S+) points", out) == pytest.approx(high - low, abs=0.06)
+    n = _number(r"On (\d+) test reviews", out)
+    assert n == 487 and 0 < _number(r"uncertain by about ±(\S+) points", out) < 5
+    assert "6 runs in" in out
+    missing = not (ROOT / "benchmarks" / "results" / "ablations.json").is_file()
+    assert ("The ablation record (ablations.json) has not been run yet" in out) == missing
+    ran = _number(r"parts 1-4 ran in (\S+) min", out)
+    stated = _number(r"full mode takes (\d+) min", markdown[0].replace("\n", " "))
+    assert round(ran) <= stated <= ran + 3  # measured with other work beside it: stated conservatively

@@ -249,3 +249,21 @@ def test_calculator_counts_one_vector_per_layer():
     both, only_d, only_b = (parameter_table(tiny_llama(), LLAMA_ALL, vera_ranks=(8,), lora_ranks=(),
                                             train_vectors=t)[0]["trainable"] for t in ("both", "d", "b"))
     assert only_d == 14 * 8 and only_b == both - 14 * 8
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_adapter_memory_is_exact_for_every_variant(tmp_path, variant):
+    from vera_core.lab.many import adapter_memory
+
+    cfg = config(variant)
+    shapes = [(layer.in_features, layer.out_features) for _, layer in adapter_layers(trained(variant))]
+    vectors = sum(out + cfg.r for _, out in shapes) * 4  # b and d per layer, fp32; an omitted one is held as 1s
+    if cfg.projections == "unique":  # every layer its own (r, in) and (out, r)
+        pairs, frozen = len(shapes), sum(cfg.r * (i + o) for i, o in shapes) * 4
+    else:  # one pair at the largest shapes, once for all
+        pairs, frozen = 1, cfg.r * (max(i for i, _ in shapes) + max(o for _, o in shapes)) * 4
+    for i, name in enumerate("xy"):
+        save_adapter(trained(variant, seed=i), tmp_path / name)
+    model = load_adapters(tiny_llama(), {n: tmp_path / n for n in "xy"})
+    assert adapter_memory(model) == {"per_adapter": {"x": vectors, "y": vectors}, "adapters_total": 2 * vectors,
+                                     "shared": frozen, "pairs": pairs}

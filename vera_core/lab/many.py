@@ -14,9 +14,9 @@ from typing import Sequence
 import torch
 
 from ..adapters.config import LoraConfig, VeraConfig
-from ..adapters.inject import (active_adapter, adapter_configs, adapter_parameters, set_active_adapter,
-                               shared_projections)
+from ..adapters.inject import active_adapter, adapter_configs, adapter_layers, adapter_parameters, set_active_adapter
 from ..adapters.io import _read, load_adapters
+from ..adapters.layers import VeraLayer
 from ..adapters.mixed import BASE, mixed_adapters
 from .models import generate
 from .runs import load_base
@@ -50,14 +50,21 @@ def load_many(model_name: str, task: str, seed: int, directories: dict[str, str 
 
 
 def adapter_memory(model: torch.nn.Module) -> dict:
-    """Bytes the loaded adapters hold: per adapter (its own vectors / matrices and head copies) and, for VeRA, the
-    shared A and B once for all."""
-    per = {name: sum(p.numel() * p.element_size() for params in adapter_parameters(model, name).values()
-                     for p in params)  # its layers' tensors and its head copies (modules_to_save)
-           for name in adapter_configs(model)}
-    proj = shared_projections(model)
-    shared = 0 if proj is None else sum(t.numel() * t.element_size() for t in (proj.A, proj.B))
-    return {"per_adapter": per, "adapters_total": sum(per.values()), "shared": shared}
+    """Bytes the loaded adapters hold: per adapter, its b and d in every layer (a vector its config omits is a
+    frozen constant, held all the same) or LoRA's A and B, plus its head copies; and the frozen random (A, B) pairs
+    once for all adapters: one shared pair, or each layer's own with projections="unique" ("pairs" says how many).
+    Not counted: the stacked copy of every adapter's vectors a mixed batch builds (mixed.VectorBank)."""
+    per = {}
+    for name in adapter_configs(model):
+        tensors = [t for _, layer in adapter_layers(model) if name in layer.adapter_names for t in (
+            (layer.vera_lambda_b[name], layer.vera_lambda_d[name]) if isinstance(layer, VeraLayer)
+            else layer.adapter_parameters(name))]
+        tensors += adapter_parameters(model, name)["head"]  # its head copies (modules_to_save)
+        per[name] = sum(t.numel() * t.element_size() for t in tensors)
+    pairs = {id(layer.projections): layer.projections for _, layer in adapter_layers(model)
+             if isinstance(layer, VeraLayer)}.values()
+    shared = sum(t.numel() * t.element_size() for proj in pairs for t in (proj.A, proj.B))
+    return {"per_adapter": per, "adapters_total": sum(per.values()), "shared": shared, "pairs": len(pairs)}
 
 
 def _answer(model, tokenizer, prompts: list[str], task: str, max_new_tokens: int, labels, names=None) -> list[str]:
