@@ -24,7 +24,7 @@
 # the VeRA adapter and look at the adapter files — and finally put this small run beside the project's reproduction
 # record and see which one to believe.
 #
-# **Time:** full mode takes 10 min on this 2-core CPU (measured with other jobs running beside it; the last code cell
+# **Time:** full mode takes 8 min on this 2-core CPU (measured with other jobs running beside it; the last code cell
 # prints the time of the recorded run). Quick mode (`VERA_LAB_QUICK=1`, CI) uses a few dozen rows and a handful of
 # steps: its numbers are noise, only the mechanics are real.
 #
@@ -67,8 +67,8 @@ from vera_core.lab.report import (
 from vera_core.lab.train import default_lr
 
 T_START = time.perf_counter()
-# Full mode fits ten minutes on a 2-core CPU: the whole split (3,892 training reviews, 487 validation, 487 test),
-# 100 steps of 16 reviews, two training seeds (the record quoted at the end has more).
+# Full mode fits ten minutes on a 2-core CPU: the whole split (max_rows=None), 100 steps of 16 reviews, two training
+# seeds (the record quoted at the end has more).
 BUDGET = (dict(max_rows=48, steps=4, batch_size=8, max_length=48, eval_batches=2, eval_every=None, seeds=(0, 1))
           if QUICK else
           dict(max_rows=None, steps=100, batch_size=16, max_length=64, eval_batches=16, eval_every=50, seeds=(0, 1)))
@@ -127,8 +127,8 @@ def show_results(report):
 # ### The run
 #
 # How to read it: the paired line (VeRA − LoRA on the same test reviews, pooled over seeds, with a 95% interval that
-# resamples both the seeds and the reviews) is the result; a single seed's accuracy is not. With two seeds and 487 test
-# reviews the interval is wide: section 7 says what that means.
+# resamples both the seeds and the reviews) is the result; a single seed's accuracy is not. Section 8 sets it beside the
+# project's record and says what the seeds and the test set can resolve.
 
 # %%
 t0 = time.perf_counter()
@@ -179,7 +179,9 @@ for setting, row in checks[checks.method.isin(["vera", "lora"])].iterrows():
 #
 # `vera_core.lab.plots` draws every figure of a run directory. Colour is the method; the line is the mean over seeds
 # (training loss smoothed over a few steps), the band the range the seeds span; marked lines are validation losses; the
-# dotted line is chance. `base` trains nothing, so it has no curve.
+# dotted line is chance. `base` trains nothing, so it has no curve. With the same seed every method sees the same
+# batches in the same order, so the training curves share their bumps (one batch's loss is noisy); what to compare is
+# where they settle, and the validation losses.
 
 # %% tags=["expect-image"]
 fig = plots.loss_figure(histories, report_json["runs"])
@@ -213,8 +215,9 @@ for run in (r for r in report.runs if r.memory_breakdown and r.seed == report.se
     mib = {k: v / 2**20 for k, v in run.memory_breakdown.items()}
     largest = max(CATEGORIES, key=mib.get)
     print(f"{run.setting}: peak {mib['total']:.1f} MiB = frozen weights {mib['weights']:.1f} + activations saved for "
-          f"backward {mib['activations']:.1f} + temporaries {mib['temporaries']:.1f} + trainable state (adapter, "
-          f"gradients, optimizer) {mib['adapter'] + mib['gradients'] + mib['optimizer']:.2f}; largest part: "
+          f"backward {mib['activations']:.1f} + temporaries {mib['temporaries']:.1f} + the adapter's tensors (VeRA's "
+          f"include its frozen A and B), their gradients and optimizer state "
+          f"{mib['adapter'] + mib['gradients'] + mib['optimizer']:.2f}; largest part: "
           f"{largest} ({100 * mib[largest] / mib['total']:.0f}%)")
 
 # %% [markdown]
