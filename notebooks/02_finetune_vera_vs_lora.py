@@ -24,7 +24,7 @@
 # the VeRA adapter and look at the adapter files — and finally put this small run beside the project's reproduction
 # record and see which one to believe.
 #
-# **Time:** full mode takes 8 min on this 2-core CPU (measured with other jobs running beside it; the last code cell
+# **Time:** full mode takes 9 min on this 2-core CPU (measured with other jobs running beside it; the last code cell
 # prints the time of the recorded run). Quick mode (`VERA_LAB_QUICK=1`, CI) uses a few dozen rows and a handful of
 # steps: its numbers are noise, only the mechanics are real.
 #
@@ -207,14 +207,15 @@ plots.params_figure(report_json["runs"])
 # One stacked bar per method (the mean over its seeds) of the peak tensor memory the tracker measured during training,
 # with the prediction made before the run (one step on fake tensors) as a black tick; the table beside gives every
 # category in MiB, so the small ones (the adapter, its gradients and optimizer state) stay readable. The lines below
-# the figure say what the breakdown shows.
+# the figure say what the breakdown of each first-seed run shows; the other seed's peaks differ because the trainer
+# pads each batch only to its longest review, and other seeds draw other batches.
 
 # %% tags=["expect-image"]
 display(plots.memory_figure(report_json["runs"]))
 for run in (r for r in report.runs if r.memory_breakdown and r.seed == report.seeds[0]):
     mib = {k: v / 2**20 for k, v in run.memory_breakdown.items()}
     largest = max(CATEGORIES, key=mib.get)
-    print(f"{run.setting}: peak {mib['total']:.1f} MiB = frozen weights {mib['weights']:.1f} + activations saved for "
+    print(f"{run.name}: peak {mib['total']:.1f} MiB = frozen weights {mib['weights']:.1f} + activations saved for "
           f"backward {mib['activations']:.1f} + temporaries {mib['temporaries']:.1f} + the adapter's tensors (VeRA's "
           f"include its frozen A and B), their gradients and optimizer state "
           f"{mib['adapter'] + mib['gradients'] + mib['optimizer']:.2f}; largest part: "
