@@ -102,3 +102,18 @@ def test_metric_figure_colours_by_method_and_dots_each_seed():
     assert [to_rgba(p.get_facecolor())[:3] for p in ax.patches] == [to_rgba("tab:orange")[:3], to_rgba("tab:blue")[:3]]
     dots = [line for line in ax.get_lines() if line.get_marker() == "."]
     assert [list(d.get_ydata()) for d in dots] == [[70.0, 72.0, 74.0], [70.0, 72.0]]
+
+
+def test_memory_table_columns_hold_their_whole_labels():
+    # Long setting names ("vera-r256 (mean of 2)") used to run past their column into the next one.
+    runs = [_run(f"{name}-s{seed}", name, name.split("-")[0], 30_720, 100 * 2**20)
+            for name in ("head", "vera-r256", "lora-r8") for seed in (0, 1)]
+    fig = plots.memory_figure(runs)
+    renderer = fig.canvas.get_renderer()
+    fig.canvas.draw()
+    cells = fig.axes[1].tables[0].get_celld()
+    labels = [cells[(0, c)] for c in range(3)]
+    assert [cell.get_text().get_text() for cell in labels][1:] == ["vera-r256 (mean of 2)", "lora-r8 (mean of 2)"]
+    for cell in labels:
+        box, text = cell.get_window_extent(renderer), cell.get_text().get_window_extent(renderer)
+        assert box.x0 <= text.x0 and text.x1 <= box.x1, (box, text)

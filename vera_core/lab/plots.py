@@ -163,6 +163,7 @@ def breakdown_figure(bars: list[tuple[str, dict]], title: str = "Peak tensor mem
                            colLabels=[n.replace("\n", " ") for n in names], loc="center")
         table.auto_set_font_size(False)
         table.set_fontsize(8)
+        table.auto_set_column_width(list(range(-1, len(names))))  # every label whole, however long
         side.set_title("MiB per category", fontsize=9)
     return fig
 
