@@ -41,13 +41,12 @@ QUICK = setup()  # offline defaults, quiet transformers; prints the mode (quick 
 # %%
 import json
 import tempfile
+from dataclasses import replace
 import time
 from pathlib import Path
 
 import matplotlib.pyplot as plt
-import pandas as pd
 import torch
-from IPython.display import display
 
 import vera_core
 from vera_core import (LoraConfig, TrainConfig, VeraConfig, add_adapter, load_adapters, load_model, save_adapter,
@@ -104,7 +103,7 @@ adapter_dirs, val_loss = {}, {}
 for name, data in DATA.items():
     model, tok = load_model(MODEL)
     add_adapter(model, VERA)
-    scored = TextDataset(data.name, data.task, data.train, data.validation[:VAL_ROWS], data.test)
+    scored = replace(data, validation=data.validation[:VAL_ROWS])
     before = evaluate(model, tok, scored, BUDGET)["eval_loss"]  # b = 0 at the start: the base model's loss
     t0 = time.perf_counter()
     train(model, tok, data, BUDGET, run_name=name, out_dir=WORK / name, progress=False)
@@ -147,18 +146,19 @@ for p in PROMPTS:
 # %% [markdown]
 # ### Does each adapter do its job at this budget?
 #
-# Each behaviour has a check a reader can see in the text: the chef should name the restaurant's three facts in one
-# sentence, the critic should write a review (no chat preamble such as "Here is"), the terse adapter should answer in
+# Each behaviour has a check a reader can see in the text: the chef should name the restaurant's three facts, the
+# critic should write a review (no chat preamble such as "Here is"), the terse adapter should answer in
 # one word, correctly. The lines below apply each check to the adapter's own prompt and to the base model's answer.
 
 # %%
 chef_facts = ["the mill", "italian", "riverside"]
+PREAMBLE = ("here is", "here's", "sure", "certainly", "i'm", "i am", "i'd", "i will")  # a chat reply, not a review
 critic_words = sorted(len(r["response"].split()) for r in DATA["critic"].train)
 checks = {
     "chef": (PROMPTS[0], lambda t: f"names {sum(f in t.lower() for f in chef_facts)} of its 3 facts",
-             lambda t: sum(f in t.lower() for f in chef_facts) == 3 and t.count(".") <= 2),
-    "critic": (PROMPTS[1], lambda t: f"{len(t.split())} words, preamble: {t.lower().startswith(('here', 'sure', 'i'))}",
-               lambda t: not t.lower().startswith(("here", "sure", "i"))),
+             lambda t: sum(f in t.lower() for f in chef_facts) == 3),
+    "critic": (PROMPTS[1], lambda t: f"{len(t.split())} words, chat preamble: {t.lower().startswith(PREAMBLE)}",
+               lambda t: not t.lower().startswith(PREAMBLE)),
     "terse": (PROMPTS[2], lambda t: f"{len(t.split())} word(s), says yellow: {'yellow' in t.lower()}",
               lambda t: len(t.split()) <= 2 and "yellow" in t.lower()),
 }
@@ -271,7 +271,6 @@ right.set(xlabel="generated tokens / s", title=f"Live, this machine now: K = 3, 
 right.title.set_fontsize(9)
 fig.tight_layout()
 plt.show()
-del lora_base
 
 # %% [markdown]
 # ## What to take away
