@@ -137,7 +137,8 @@ labels = [f"{m} r={r:g}" + (f" d={d:g}" if m == "vera" else "") if m != "head" e
           for m, r, d in zip(results.method, results.r.fillna(0), results.d_init.fillna(0))]
 # The axis starts at 0: a bar's length is its loss, so the gaps look as large as they are (the labels give them).
 bars = ax.bar(labels, results.eval_loss, color=[plots.method_colour(m) for m in results.method])
-ax.bar_label(bars, labels=[f"{v:.3f}" for v in results.eval_loss], fontsize=7, rotation=90, padding=2)
+ax.bar_label(bars, labels=[f"{v:.3f}" for v in results.eval_loss], fontsize=8, rotation=90, label_type="center",
+             color="white")
 ax.axhline(CHANCE, ls="--", color="black", lw=1, label=f"chance: ln 2 = {CHANCE:.3f}")
 ax.axhline(head_loss, ls=":", color=plots.method_colour("head"), lw=1.5, label=f"head only: {head_loss:.3f}")
 ax.set(ylim=(0, 0.9), ylabel="test loss (mean over seeds)", title="Test loss per setting (lower is better)")

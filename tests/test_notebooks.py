@@ -103,6 +103,10 @@ def test_01_recorded_training_steps_say_what_the_text_says():
     ranks = [int(r) for r in re.findall(r"rank of ΔW = +(\d+)", out)]
     assert ranks == [4, 16, 48, 48], ranks
     assert "Full mode: 1 min" in markdown[0]
+    nb = json.loads((NOTEBOOKS / "01_vera_from_scratch.ipynb").read_text())
+    assert "widgets" not in nb["metadata"], "saved widget state: a static viewer cannot show it"
+    assert not any("application/vnd.jupyter.widget-view+json" in o.get("data", {})
+                   for c in nb["cells"] for o in c.get("outputs", [])), "a saved widget view renders as its repr"
 
 
 def test_03_recorded_sweep_and_its_text_agree_with_the_record():
@@ -164,6 +168,8 @@ def test_05_recorded_takeaway_is_the_serve_record():
     ks = sorted(k for impl, k in tps if impl == "ours-vera")
     stays = min(k for k in ks if all(tps["ours-vera", j] > tps["peft-lora", j] for j in ks if j >= k))
     assert _number(r"VeRA stays ahead from K = (\d+)", out) == stays
+    lora_ahead = [k for k in ks if tps["ours-lora", k] > tps["ours-vera", k]]
+    assert f"LoRA is faster at K = {', '.join(map(str, lora_ahead))} " in out
     bank = serve["bank_1000_detail"]
     assert _number(r"the process grew by ([\d,]+) MB", out) == round(bank["vera_rss_bytes"] / 1e6)
     for name in ("chef", "critic", "terse"):
