@@ -135,11 +135,14 @@ head_loss = results.loc[results.method == "head", "eval_loss"].iloc[0]
 fig, ax = plt.subplots(figsize=(8, 3.6))
 labels = [f"{m} r={r:g}" + (f" d={d:g}" if m == "vera" else "") if m != "head" else "head only"
           for m, r, d in zip(results.method, results.r.fillna(0), results.d_init.fillna(0))]
-ax.bar(labels, results.eval_loss, color=[plots.method_colour(m) for m in results.method])
+# The axis starts at 0: a bar's length is its loss, so the gaps look as large as they are (the labels give them).
+bars = ax.bar(labels, results.eval_loss, color=[plots.method_colour(m) for m in results.method])
+ax.bar_label(bars, labels=[f"{v:.3f}" for v in results.eval_loss], fontsize=8, rotation=90, label_type="center",
+             color="white")
 ax.axhline(CHANCE, ls="--", color="black", lw=1, label=f"chance: ln 2 = {CHANCE:.3f}")
 ax.axhline(head_loss, ls=":", color=plots.method_colour("head"), lw=1.5, label=f"head only: {head_loss:.3f}")
-ax.set(ylim=(0.5, 0.72), ylabel="test loss (mean over seeds)", title="Test loss per setting (lower is better)")
-ax.tick_params(axis="x", labelrotation=30); ax.legend(fontsize=8, loc="lower right"); plt.tight_layout(); plt.show()
+ax.set(ylim=(0, 0.9), ylabel="test loss (mean over seeds)", title="Test loss per setting (lower is better)")
+ax.tick_params(axis="x", labelrotation=30); ax.legend(fontsize=8, loc="upper right", ncols=2); plt.tight_layout(); plt.show()
 for row in results.itertuples():
     print(f"{labels[row.Index]:>22}: loss {row.eval_loss:.3f}, {CHANCE - row.eval_loss:.3f} below chance, "
           f"{head_loss - row.eval_loss:.3f} below head-only")

@@ -104,6 +104,10 @@ def test_01_recorded_training_steps_say_what_the_text_says():
     ranks = [int(r) for r in re.findall(r"rank of ΔW = +(\d+)", out)]
     assert ranks == [4, 16, 48, 48], ranks
     assert "Full mode: 1 min" in markdown[0]
+    nb = json.loads((NOTEBOOKS / "01_vera_from_scratch.ipynb").read_text())
+    assert "widgets" not in nb["metadata"], "saved widget state: a static viewer cannot show it"
+    assert not any("application/vnd.jupyter.widget-view+json" in o.get("data", {})
+                   for c in nb["cells"] for o in c.get("outputs", [])), "a saved widget view renders as its repr"
 
 
 def test_03_recorded_sweep_and_its_text_agree_with_the_record():
@@ -175,3 +179,52 @@ def test_02_recorded_runs_trained_and_the_text_agrees():
             assert pair_line(pair) in out, f"02 quotes another record than quality.json: re-execute it ({pair_line(pair)})"
     record = next(p for p in quality["pairs"]["rotten-tomatoes"] if p["vera"].startswith("vera-r256"))
     assert f"on rotten-tomatoes: {record['verdict']} ({record['diff_mean']:+.1f} points" in out
+
+
+def _minutes(first_markdown: str) -> int:
+    found = re.search(r"takes (\d+) min on this 2-core CPU", first_markdown.replace("\n# ", " "))
+    assert found, "the first markdown cell must state the measured full-mode time as 'takes N min on this 2-core CPU'"
+    return int(found.group(1))
+
+
+def test_04_recorded_runs_trained_and_its_sentences_match_the_records():
+    """04 in full mode: every adapter run ends below ln 2 by a margin (validation <= 0.60) and below head-only, the
+    head rate is the rerun record's lowest, the test-set size is the data set's, the quoted record is quality.json's,
+    and the notebook fits its 10 minutes."""
+    markdown, out = _recorded("04_quantized_vera")
+    assert "FULL" in out and "0%|" not in out
+    assert _minutes(markdown[0]) <= 10
+    assert "every adapter run ends at validation loss <= 0.60 and below head-only: True" in out
+    assert _number(r"lowest \(mean over the seeds run\): (\S+);", out) == _number(r"this notebook's head rate: (\S+)",
+                                                                                  out) == pytest.approx(0.128)
+    from vera_core.lab.data import load_dataset
+
+    assert _number(r"one run on (\d+) test reviews", out) == len(load_dataset("rotten-tomatoes", seed=0).test)
+    record = json.loads((ROOT / "benchmarks" / "results" / "quality.json").read_text())["pairs"]["rotten-tomatoes"][0]
+    assert f"= {record['diff_mean']:+.1f} points [{record['ci95'][0]:+.1f}, {record['ci95'][1]:+.1f}]" in out
+    assert re.search(r"4bit: VeRA peaks (above|below) LoRA .* the category that differs most is \w+", out)
+    assert "expect a few %" not in "".join(markdown)
+    nb = json.loads((NOTEBOOKS / "04_quantized_vera.ipynb").read_text())
+    assert "widgets" not in nb["metadata"], "saved widget state: a static viewer cannot show it"
+
+
+def test_05_recorded_takeaway_is_the_serve_record():
+    """05's takeaway lines are computed from benchmarks/results/serve.json, each adapter's check is printed, and the
+    notebook fits its 10 minutes."""
+    markdown, out = _recorded("05_many_adapters")
+    serve = json.loads((ROOT / "benchmarks" / "results" / "serve.json").read_text())
+    tps = {(r["impl"], r["K"]): r["tokens_per_s"] for r in serve["rows"]}
+    assert "FULL" in out
+    assert _minutes(markdown[0]) <= 10
+    assert _number(r"One VeRA adapter runs at (\S+)x the base", out) == round(
+        tps["ours-vera-single", 1] / tps["base", 1], 2)
+    ks = sorted(k for impl, k in tps if impl == "ours-vera")
+    stays = min(k for k in ks if all(tps["ours-vera", j] > tps["peft-lora", j] for j in ks if j >= k))
+    assert _number(r"VeRA stays ahead from K = (\d+)", out) == stays
+    lora_ahead = [k for k in ks if tps["ours-lora", k] > tps["ours-vera", k]]
+    assert f"LoRA is faster at K = {', '.join(map(str, lora_ahead))} " in out
+    bank = serve["bank_1000_detail"]
+    assert _number(r"the process grew by ([\d,]+) MB", out) == round(bank["vera_rss_bytes"] / 1e6)
+    for name in ("chef", "critic", "terse"):
+        assert re.search(rf"{name} *: adapter .* -> (does its job|does not do its job yet)", out), name
+    assert "ours-vera" not in out and "peft-lora" not in out  # learners read names, not the benchmark's ids

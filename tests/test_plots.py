@@ -80,8 +80,16 @@ def test_memory_figure_draws_one_stacked_bar_per_setting_with_the_mean_and_a_tab
     ticks = [line for line in ax.get_lines() if line.get_label() == "predicted total"]
     assert len(ticks) == 1 and list(ticks[0].get_ydata()) == [250.0, 250.0]
     cells = {(r, c): cell.get_text().get_text() for (r, c), cell in side.tables[0].get_celld().items()}
-    assert cells[(0, 0)] == "vera (mean of 2)" and cells[(2, 0)] == "0.0293"  # adapter row: 30,720 B in MiB
+    assert cells[(0, 0)] == "vera" and cells[(2, 0)] == "0.0293"  # adapter row: 30,720 B in MiB
     assert cells[(2, 1)] == "0.281"
+
+
+def test_breakdown_table_heads_are_the_labels_first_line_one_word_a_line():
+    parts = {**{name: 2**20 for name in plots.MEMORY_COLOURS}, "total": 6 * 2**20}
+    fig = plots.breakdown_figure([("4bit vera\n(mean of 2)", parts), ("fp32 lora", parts)])
+    table = fig.axes[1].tables[0]
+    assert [table[0, c].get_text().get_text() for c in (0, 1)] == ["4bit\nvera", "fp32\nlora"]
+    assert table[0, 0].get_height() == pytest.approx(2 * table[1, 0].get_height())  # room for the two lines
 
 
 def test_breakdown_figure_without_a_prediction_scales_to_its_tallest_bar():
@@ -104,7 +112,7 @@ def test_metric_figure_colours_by_method_and_dots_each_seed():
     assert [list(d.get_ydata()) for d in dots] == [[70.0, 72.0, 74.0], [70.0, 72.0]]
 
 
-def test_memory_table_columns_hold_their_whole_labels():
+def test_memory_table_columns_hold_their_whole_heads():
     # Long setting names ("vera-r256 (mean of 2)") used to run past their column into the next one.
     runs = [_run(f"{name}-s{seed}", name, name.split("-")[0], 30_720, 100 * 2**20)
             for name in ("head", "vera-r256", "lora-r8") for seed in (0, 1)]
@@ -113,7 +121,7 @@ def test_memory_table_columns_hold_their_whole_labels():
     fig.canvas.draw()
     cells = fig.axes[1].tables[0].get_celld()
     labels = [cells[(0, c)] for c in range(3)]
-    assert [cell.get_text().get_text() for cell in labels][1:] == ["vera-r256 (mean of 2)", "lora-r8 (mean of 2)"]
+    assert [cell.get_text().get_text().split("\n")[0] for cell in labels][1:] == ["vera-r256", "lora-r8"]
     for cell in labels:
         box, text = cell.get_window_extent(renderer), cell.get_text().get_window_extent(renderer)
         assert box.x0 <= text.x0 and text.x1 <= box.x1, (box, text)

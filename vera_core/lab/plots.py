@@ -159,11 +159,16 @@ def breakdown_figure(bars: list[tuple[str, dict]], title: str = "Peak tensor mem
         ax.legend(fontsize=7, ncols=3, loc="upper left")
         ax.set_ylim(0, max([*bottom, *(t / 2**20 for t in predicted or [] if t)]) * 1.4)  # room for the legend
         cells = [[_mib(parts.get(c, 0) / 2**20) for _, parts in bars] for c in (*MEMORY_COLOURS, "total")]
-        table = side.table(cellText=cells, rowLabels=[*MEMORY_COLOURS, "total"],
-                           colLabels=[n.replace("\n", " ") for n in names], loc="center")
+        # Column heads: the label's first line, one word a line, so six or more columns stay apart (the bars'
+        # labels below the axis keep the rest, e.g. "(mean of 2)").
+        heads = [n.split("\n")[0].replace(" ", "\n") for n in names]
+        table = side.table(cellText=cells, rowLabels=[*MEMORY_COLOURS, "total"], colLabels=heads, loc="center")
         table.auto_set_font_size(False)
         table.set_fontsize(8)
-        table.auto_set_column_width(list(range(-1, len(names))))  # every label whole, however long
+        table.auto_set_column_width(list(range(-1, len(names))))  # every head whole, however long
+        lines = max(h.count("\n") + 1 for h in heads)
+        for col in range(len(heads)):
+            table[0, col].set_height(table[0, col].get_height() * lines)
         side.set_title("MiB per category", fontsize=9)
     return fig
 
