@@ -26,8 +26,8 @@
 # (`benchmarks/ablations.py`: eight variants x 5 seeds, the rank sweep, the per-layer picture) beside the paper's
 # numbers.
 #
-# **Time:** full mode takes 10 min on this 2-core CPU (measured with other work running beside it); quick mode
-# (`VERA_LAB_QUICK=1`, CI) about a minute.
+# **Time:** full mode takes 11 min on this 2-core CPU (measured while three other heavy jobs shared the CPU);
+# quick mode (`VERA_LAB_QUICK=1`, CI) under a minute.
 #
 # The paper (Kopiczko et al., ICLR 2024, Tables 6-7): dropping either vector hurts, d_init = 1.0 and a uniform
 # [0, 0.1] initialization of the random matrices hurt badly, Kaiming normal and unique matrices per layer change
@@ -279,7 +279,7 @@ for i, (method, row) in enumerate(summary.iterrows()):
     acc_ax.scatter([i] * len(seeds), seeds["test accuracy"], s=14, color=COLOURS[method], alpha=0.5)
     loss_ax.scatter([i] * len(seeds), seeds["validation loss"], s=30, color=COLOURS[method])
 acc_ax.axhline(50, color="0.6", ls=":", lw=1, label="chance (50%)")
-acc_ax.set(ylabel="test accuracy (%)", title=f"test accuracy: mean (large), seeds (small), bars min–max")
+acc_ax.set(ylabel="test accuracy (%)", title="test accuracy: mean (large), seeds (small), bars min–max")
 loss_ax.axhline(UNTRAINED, color="0.6", ls=":", lw=1, label="untrained: ln 2")
 loss_ax.axhline(0.60, color="0.3", ls="--", lw=1, label="0.60: clearly trained")
 loss_ax.set(ylabel="final validation loss", title="did each run train? (lower is better)")
