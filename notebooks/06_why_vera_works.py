@@ -50,6 +50,7 @@ import pandas as pd
 import torch
 from IPython.display import Image, display
 from torch import nn
+import vera_core
 from vera_core import LoraConfig, TrainConfig, VeraConfig, add_adapter, evaluate, load_dataset, load_model, train
 from vera_core.adapters.inject import adapter_layers
 from vera_core.adapters.projections import generate_projections
@@ -57,8 +58,9 @@ from vera_core.lab.models import make_trainable
 
 START = time.perf_counter()
 torch.manual_seed(0)
-RECORD = Path("../benchmarks/results/ablations.json")  # benchmarks/ablations.py's record, read in part 4
-QUALITY = Path("../benchmarks/results/quality.json")  # the project's VeRA-vs-LoRA record, quoted in part 3
+RESULTS = Path(vera_core.__file__).resolve().parents[1] / "benchmarks" / "results"  # this checkout's records
+RECORD = RESULTS / "ablations.json"  # benchmarks/ablations.py's record, read in part 4
+QUALITY = RESULTS / "quality.json"  # the project's VeRA-vs-LoRA record, quoted in part 3
 # The paper's Table 6 (RoBERTa-large, mean of 5 seeds; ../shared/docs/vera-method.md): (MRPC, RTE) accuracy
 PAPER = {"VeRA": (90.5, 85.8), "VeRA only_d": (89.7, 67.0), "VeRA only_b": (81.6, 64.3)}
 # The classifier head starts random, so it needs a far higher rate than the adapters. One head rate for every run
