@@ -293,6 +293,19 @@ def test_warns_when_most_rows_are_cut(tokenizer):
     assert result.truncated == 12
 
 
+def test_warns_when_an_adapter_trains_under_a_frozen_classifier_head(tokenizer, recwarn):
+    config = TrainConfig(steps=1, batch_size=4)
+    frozen = add_adapter(tiny_bert(tokenizer=tokenizer, num_labels=2), VeraConfig(r=8, target_modules=["query"]))
+    with pytest.warns(UserWarning, match=r"the classifier head \(classifier\) is frozen .* "
+                                         r"modules_to_save=\['classifier'\]"):
+        train(frozen, tokenizer, classification_data(), config)
+    recwarn.clear()
+    trained = add_adapter(tiny_bert(tokenizer=tokenizer, num_labels=2),
+                          VeraConfig(r=8, target_modules=["query"], modules_to_save=["classifier"]))
+    train(trained, tokenizer, classification_data(), config)
+    assert not [w for w in recwarn if "classifier head" in str(w.message)]
+
+
 def test_evaluate_scores_the_whole_split_whatever_eval_batches_says(tokenizer):
     """eval_batches caps the validation checks during training; a reported score always reads the whole split."""
     model, data = tiny_bert(tokenizer=tokenizer, num_labels=2), classification_data()

@@ -38,7 +38,7 @@ from ..adapters.files import WriteError, atomic_directory, write_json
 from ..adapters.inject import active_adapter, adapter_configs, adapter_parameters
 from ..adapters.io import save_adapter
 from .memtrack import MemoryTracker
-from .models import enable_grad_checkpointing
+from .models import enable_grad_checkpointing, head_names
 from .progress import with_bar
 
 # Default learning rates per method: (rate for the adapter / main parameters, rate for the classifier head).
@@ -421,6 +421,12 @@ def _set_up(model: nn.Module, tokenizer, dataset: TextDataset, config: TrainConf
         warnings.warn(f"{train_set.truncated} of {train_set.total} training rows are longer than max_length="
                       f"{config.max_length} tokens and were cut; raise max_length to train on whole rows.",
                       stacklevel=3)
+    frozen_heads = [n for n in head_names(model) if not any(p.requires_grad for p in getattr(model, n).parameters())]
+    if dataset.task == "classification" and method in ("vera", "lora") and frozen_heads:
+        # add_adapter freezes everything it does not adapt, a head made for a new task included: it stays random.
+        warnings.warn(f"the classifier head ({', '.join(frozen_heads)}) is frozen and keeps its initial weights "
+                      f"(random for a model loaded for a new task); pass modules_to_save={frozen_heads!r} in the "
+                      "adapter config to train it beside the adapter (compare does).", stacklevel=3)
     val_set = encode(dataset.validation, tokenizer, dataset.task, config.max_length) if dataset.validation else None
     per_epoch = math.ceil(len(train_set.features) / config.batch_size)
     per_step = config.grad_accum * world
