@@ -25,7 +25,7 @@
 # why merging into a 4-bit base is refused.
 #
 # **Time:** full mode takes 9 min on this 2-core CPU when a benchmark holds the other core (8.3 min of the kernel's
-# CPU time; the recorded run took 16.5 min of wall time while two more jobs shared the cores). Quick mode
+# CPU time; re-recorded in 8.2 min of wall time beside one benchmark thread). Quick mode
 # (`VERA_LAB_QUICK=1`, CI) runs tiny budgets whose numbers are noise.
 
 # %%
