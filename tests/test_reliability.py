@@ -225,6 +225,18 @@ def test_a_killed_training_process_fails_the_comparison_in_one_line(assets, tmp_
     assert _left_behind(family) == []
 
 
+@pytest.mark.integration  # a CLI process and its child; the CLI is killed as the OOM killer would
+def test_the_child_of_a_killed_cli_saves_and_exits(assets, tmp_path):
+    out = tmp_path / "run"
+    proc, family = _long_comparison(assets, out)
+    wait_for_first_step(out, proc)
+    time.sleep(3)  # events enough to fill the queue's pipe, which nobody will read
+    proc.send_signal(signal.SIGKILL)
+    proc.communicate(timeout=30)
+    assert _left_behind(family) == []  # it stopped within a step instead of hanging as an orphan
+    assert (out / "adapters" / "vera-r8" / "adapter.safetensors").is_file()
+
+
 @pytest.mark.integration  # a CLI process and a child per tuning point, killed as the OOM killer would
 def test_a_killed_tuning_process_fails_the_comparison_in_one_line(assets, tmp_path):
     out = tmp_path / "run"

@@ -194,7 +194,14 @@ def _child(job, request, spec, run_dir, messages, stop, scale, head_scale) -> No
     # OOM killer ends could not release it, and the tracker would warn about it when the parent exits.
     tqdm.set_lock(threading.RLock())
     parent = multiprocessing.parent_process()
-    threading.Thread(target=lambda: (parent.join(), stop.set()), daemon=True).start()
+
+    def orphaned() -> None:
+        parent.join()
+        stop.set()  # end the step and save, as on Ctrl-C
+        # Nobody reads the queue any more: once its pipe is full, exiting would wait forever to flush it.
+        messages.cancel_join_thread()
+
+    threading.Thread(target=orphaned, daemon=True).start()
     try:
         emit = lambda e: messages.put(("event", e))  # noqa: E731
         if job == "run":
