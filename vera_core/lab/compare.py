@@ -142,6 +142,14 @@ def _run_one(request: RunRequest, spec: RunSpec, load: Callable[[int], tuple], r
     return report, outputs, device, dtype
 
 
+def _tune_point(request: RunRequest, spec: RunSpec, load: Callable[[int], tuple], work: Path,
+                emit: Callable[[dict], None], stop: threading.Event | None, scale: float, head_scale: float):
+    """One tuning point (lab/tune.train_point) into its folder `work`, on a freshly loaded trainable model; called
+    as `_run_one` is, in this process or an isolated one."""
+    return train_point(request, spec, scale, head_scale, lambda s: _trainable_model(request, s, load), work, emit,
+                       stop)
+
+
 def _loader(request: RunRequest) -> Callable[[int], tuple]:
     """load(seed): a fresh (model, tokenizer) per run; a new classifier head is drawn from the run's seed, so every
     method gets the same head at one seed. A model passed as an object keeps its own head."""
@@ -204,11 +212,8 @@ def _child(job, request, spec, run_dir, messages, stop, scale, head_scale) -> No
     threading.Thread(target=orphaned, daemon=True).start()
     try:
         emit = lambda e: messages.put(("event", e))  # noqa: E731
-        if job == "run":
-            out = _run_one(request, spec, _loader(request), Path(run_dir), emit, stop, scale, head_scale)
-        else:
-            out = train_point(request, spec, scale, head_scale,
-                              lambda s: _trainable_model(request, s, _loader(request)), Path(run_dir), emit, stop)
+        run = _run_one if job == "run" else _tune_point
+        out = run(request, spec, _loader(request), Path(run_dir), emit, stop, scale, head_scale)
         messages.put(("result", out))
     except ValueError as err:  # bad input: the same one-line message as in-process
         messages.put(("invalid", str(err)))
@@ -414,13 +419,11 @@ def _run_specs(request: RunRequest, specs: list[RunSpec], run_dir: Path, report:
     load = None if request.isolate else _loader(request)
     scales: dict[str, float] = {}
     if request.tune:  # isolated like the runs: an OOM kill during tuning ends the comparison, not the CLI or lab
-        if request.isolate:
-            def point(spec, scale, head_scale, work):
+        def point(spec, scale, head_scale, work):
+            if request.isolate:
                 return _run_isolated(request, spec, work, emit, stop, scale, head_scale, job="tune")
-        else:
-            def point(spec, scale, head_scale, work):
-                return train_point(request, spec, scale, head_scale,
-                                   lambda s: _trainable_model(request, s, _loader(request)), work, emit, stop)
+            return _tune_point(request, spec, _loader(request), work, emit, stop, scale, head_scale)
+
         report.tuning = tune_rates(request, run_dir, point, emit)
         scales = {setting: entry["scale"] for setting, entry in (report.tuning or {}).items()}
     head_scale = scales.get("head", 1.0)  # head-only's tuned scale sets every method's head rate

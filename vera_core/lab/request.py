@@ -211,14 +211,18 @@ class RunRequest:
         """The request's settings (one per method and adapter config), each named as its single-seed run."""
         return list(self._settings)
 
-    def tie_runs(self) -> tuple[int, int]:
-        """(fewest, most) second-seed runs tuning adds to break near-ties (lab/tune.py): each tuned setting with more
-        than one grid point retrains its winner on a second seed, and every point within the seed spread of it too."""
+    def _tie_grids(self) -> dict[str, int]:
+        """{setting: its grid's size} of every tuned setting whose grid can tie (more than one point)."""
         grids: dict[str, int] = {}
         for spec, _ in self._tuning_plan:
             grids[spec.setting] = grids.get(spec.setting, 0) + 1
-        tied = [n for n in grids.values() if n > 1]
-        return len(tied), sum(tied)
+        return {setting: n for setting, n in grids.items() if n > 1}
+
+    def tie_runs(self) -> tuple[int, int]:
+        """(fewest, most) second-seed runs tuning adds to break near-ties (lab/tune.py): each tuned setting with more
+        than one grid point retrains its winner on a second seed, and every point within the seed spread of it too."""
+        grids = self._tie_grids()
+        return len(grids), sum(grids.values())
 
     def run_count(self) -> int:
         """The runs the request makes for sure: each setting once per seed, the tuning runs and each tuned
@@ -289,9 +293,7 @@ class RunRequest:
         runs = {spec.name: steps * per_step[spec.setting] for spec in self.plan()}
         runs.update({f"tune/{spec.setting}-x{scale:g}": tune_steps * per_step[spec.setting]
                      for spec, scale in self.tuning_plan()})
-        tuned = {spec.setting for spec, _ in self.tuning_plan()}
-        runs.update({f"tune/{setting}-second-seed": tune_steps * per_step[setting] for setting in tuned
-                     if sum(spec.setting == setting for spec, _ in self.tuning_plan()) > 1})
+        runs.update({f"tune/{setting}-second-seed": tune_steps * per_step[setting] for setting in self._tie_grids()})
         fewest, most = self.tie_runs()
         tuning = (f", plus {len(self.tuning_plan())} tuning runs of {tune_steps} steps and {fewest} second-seed runs "
                   f"(up to {most} if grid points tie)") if self.tune else ""
