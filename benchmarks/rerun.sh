@@ -13,6 +13,10 @@
 #
 #     setsid nohup bash benchmarks/rerun.sh > /work/logs/rerun.log 2>&1 &
 #
+# Arguments (task/group, e.g. `e2e/all`) run only those comparisons, in that order: two such runs in two worktrees
+# use both cores (each still one thread); copy a finished repro/<task>/<group>/ into the other worktree and run
+# `reproduce.py --records-only --out benchmarks/results/rerun` there to rebuild quality.json from every group.
+#
 # Data: $VERA_REPRO_DATA (a folder holding sst2/ and e2e/), else ../shared/data beside the repository.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -56,8 +60,10 @@ run_group() {
 processes over 20% CPU (other engineers' tests; $dir/beside.log lists them)."
 }
 
-run_group rotten-tomatoes qv
-run_group sst2 qv
-run_group sst2 all
-run_group e2e all
+pairs=("$@")
+[ ${#pairs[@]} -gt 0 ] || pairs=(rotten-tomatoes/qv sst2/qv sst2/all e2e/all)
+for one in "${pairs[@]}"; do
+  [[ $one == */* ]] || { echo "rerun: '$one' is not task/group (e.g. e2e/all)." >&2; exit 2; }
+  run_group "${one%/*}" "${one#*/}"
+done
 echo "== $(date '+%F %T') rerun finished: $OUT/quality.md"
