@@ -68,6 +68,9 @@ HEAD_SCALES = (*SCALES, 16.0, 32.0, 64.0, 128.0, 256.0, 512.0, 1024.0)
 # VeRA chose x8, past a cliff that the full budget exposes on unseen MRs), on x2..x16 of the centre rates: both
 # methods chose x8 at the half budget, and x16 keeps that choice off the grid's top.
 TUNING = {"e2e": {"scales": (2.0, 4.0, 8.0, 16.0)}}
+# Tasks whose grid points are also scored on the test split, so the record shows how the test metric moves with
+# the rate (never used to choose): E2E, where a rate chosen on 20 validation MRs once sat past a cliff (issue 31).
+SCORE_TUNING = ("e2e",)
 SEEDS = {"sst2": [0, 1, 2, 3, 4], "rotten-tomatoes": [0, 1, 2, 3, 4], "e2e": [0, 1, 2]}  # the final runs' seeds
 TARGET_RATIO = 8.0  # the bar: VeRA within 1 point of LoRA (stats.verdict) with >= 8x fewer parameters
 QUICK = {"seeds": [0, 1], "scales": [0.5, 2.0], "head_scales": [1.0, 8.0], "tune_steps": 2}  # --quick's smoke run
@@ -247,7 +250,8 @@ def run_task(task: str, args: argparse.Namespace) -> list[dict]:
                          train=train, out_dir=run_dir, lrs={"vera": args.vera_lr, "lora": args.lora_lr},
                          eval_generate=n_test_groups, samples=n_test_groups, seeds=seeds,
                          tune=tune_grids(group, scales, args),
-                         tune_steps=tune_steps, exists="resume" if (run_dir / "config.json").is_file() else "refuse")
+                         tune_steps=tune_steps, score_tuning=task in SCORE_TUNING,
+                         exists="resume" if (run_dir / "config.json").is_file() else "refuse")
         if task == "e2e":
             write_outputs(run_dir, report)
         write_json(run_dir / "subset.json", {"task": task, "subset": note, "full": bool(args.full),
@@ -298,10 +302,11 @@ def task_rows(task: str, task_dir: Path, groups: list[Group]) -> tuple[list[dict
         for s in report.get("settings", []):
             tuned = (report.get("tuning") or {}).get(s["setting"])
             row = {**quality_row(task, runs[s["runs"][0]], report, named[s["setting"]], subset), **source}
-            grid = [{k: p[k] for k in ("scale", "lr", "val_loss")} for p in tuned["grid"]] if tuned else None
+            grid = [{k: p[k] for k in ("scale", "lr", "val_loss", "test") if k in p} for p in tuned["grid"]] \
+                if tuned else None
             row.update(metric=s["mean"], metric_mean=s["mean"], metric_std=s["std"], ci95=s["ci95"],
                        ci_kind=CI_SEEDS if s.get("ci_kind") == "t over seeds" else s.get("ci_kind"), seeds=s["seeds"],
-                       tuned_lr=tuned["lr"] if tuned else None, lr_grid=grid,
+                       tuned_lr=tuned["lr"] if tuned else None, lr_grid=grid, tie=(tuned or {}).get("tie"),
                        val_loss_seeds=[last_val_loss(histories.get(name, [])) for name in s["runs"]],
                        wall_s=sum(runs[name]["wall_s"] or 0.0 for name in s["runs"]))
             rows.append(row)
@@ -427,16 +432,41 @@ def markdown(quality: dict) -> str:
         if task in PAPER:
             lines.append(f"- paper: {PAPER[task]['lora']}; {PAPER[task]['vera']} (≈7x fewer)")
         lines.append("")
-    ties = [line for rows in quality["tasks"].values() for r in rows if (line := tie_line(r))]
+    rows = [r for rows in quality["tasks"].values() for r in rows]
+    ties = [line for r in rows if (line := tie_line(r))]
     if ties:
         lines += ["## Tuning: which choices were near-ties", "",
-                  "A choice is a near-tie when the runner-up's validation loss is closer to the chosen point's than "
-                  "the seed-to-seed spread (the std of the last validation loss of the setting's seed runs at the "
-                  "chosen rate; those runs evaluate on the first 8 validation batches and train the full step budget, "
-                  "the grid points the whole validation split at the tuning budget). The grid ran on one seed, so "
-                  "a near-tie's choice could go either way on another seed. `tune=` (lab/tune.py) breaks such ties "
-                  "with a second seed; these records were tuned before it did.", "", *ties, ""]
-    return "\n".join(lines)
+                  "The grid runs on the first seed; the winner is trained again on a second seed, which measures the "
+                  "seed-to-seed spread of its validation loss, and every point within that spread of the winner is "
+                  "a near-tie, trained on the second seed too: the lower two-seed mean then wins (lab/tune.py)."
+                  + (" Records tuned before that check (no second seed) are read against the spread of their seed "
+                     "runs' last validation loss instead (those runs evaluate on the first 8 validation batches at "
+                     "the full step budget): a near-tie there could go either way on another seed."
+                     if any(r.get("lr_grid") and not r.get("tie") for r in rows) else ""), "", *ties, ""]
+    return "\n".join(lines + sensitivity_lines(rows))
+
+
+def sensitivity_lines(rows: list[dict]) -> list[str]:
+    """For the settings whose grid points were also scored on the test split (`SCORE_TUNING`): a table of the
+    validation loss and the test metrics at every rate, the section a learner reads before copying a rate."""
+    scored = [r for r in rows if r.get("lr_grid") and all("test" in p for p in r["lr_grid"])]
+    if not scored:
+        return []
+    metrics = [k for k in scored[0]["lr_grid"][0]["test"] if k != "loss"]
+    lines = ["## How sensitive each method is to its rate", "",
+             "Every grid point trained on the first seed at the full step budget and was scored on validation loss "
+             "(what chooses the rate) and, for reading only, on the test split. A rate a learner copies should sit "
+             "where the test column is flat, not at a cliff's edge.", "",
+             "| task | setting | scale | lr | validation loss | " + " | ".join(f"test {m}" for m in metrics) + " |",
+             "|---|---|---|---|---|" + "---|" * len(metrics)]
+    for r in scored:
+        for p in r["lr_grid"]:
+            chosen = " (chosen)" if p["lr"] == r.get("tuned_lr") else ""
+            loss = f"{p['val_loss']:.4f}" if p["val_loss"] is not None else "diverged"
+            lines.append(f"| {r['task']} | {r['name']} | x{p['scale']:g}{chosen} | {p['lr']:.2g} | {loss} | "
+                         + " | ".join(f"{p['test'][m]:.1f}" if p["test"].get(m) is not None else "-" for m in metrics)
+                         + " |")
+    return lines + [""]
 
 
 def head_line(row: dict) -> str:
@@ -452,16 +482,40 @@ def head_line(row: dict) -> str:
 
 def tie_line(row: dict) -> str | None:
     """"- sst2 vera-r256-all: x2 0.2816 chosen over x4 0.2832 (gap 0.0016 < seed spread 0.0107): near-tie", or None
-    for a row without a grid of two finite points or without two seed losses."""
+    for a row without a grid of two finite points. A row tuned with the second-seed check reports that check (its
+    spread, its near-tied points, their two-seed means); an older row, the grid gap against its seed runs' spread
+    (None without two seed losses)."""
     grid = sorted((p for p in row.get("lr_grid") or [] if p["val_loss"] is not None), key=lambda p: p["val_loss"])
+    if len(grid) < 2:
+        return None
+    if row.get("tie"):
+        return checked_tie_line(row, grid)
     seeds = [v for v in row.get("val_loss_seeds") or [] if v is not None]
-    if len(grid) < 2 or len(seeds) < 2:
+    if len(seeds) < 2:
         return None
     (best, second), spread = grid[:2], mean_std(seeds)[1]
     gap = second["val_loss"] - best["val_loss"]
     return (f"- {row['task']} {row['name']}: x{best['scale']:g} {best['val_loss']:.4f} chosen over x{second['scale']:g} "
             f"{second['val_loss']:.4f} (gap {gap:.4f} {'<' if gap < spread else '>='} seed spread {spread:.4f}): "
             + ("near-tie" if gap < spread else "clear"))
+
+
+def checked_tie_line(row: dict, grid: list[dict]) -> str:
+    """"- rotten-tomatoes head: x128 0.6097 first, seed 1 spread 0.0050; near-tie with x256, x64: two-seed means x128
+    0.6133, x256 0.6230, x64 0.6146; x128 chosen" from the row's recorded second-seed check (`tune._break_tie`)."""
+    tie, best = row["tie"], grid[0]
+    first = {p["scale"]: p["val_loss"] for p in grid}
+    spread = "no spread (the winner diverged on it)" if tie["spread"] is None else f"spread {tie['spread']:.4f}"
+    head = (f"- {row['task']} {row['name']}: x{best['scale']:g} {best['val_loss']:.4f} first, "
+            f"runner-up x{grid[1]['scale']:g} {grid[1]['val_loss']:.4f}; seed {tie['seed']} {spread}")
+    if not tie["near"]:
+        return head + ": clear"
+    means = ", ".join(f"x{p['scale']:g} " + (f"{(first[p['scale']] + p['val_loss']) / 2:.4f}"
+                                              if p["val_loss"] is not None else "diverged")
+                      for p in tie["val_loss_second_seed"])
+    chosen = next(p["scale"] for p in row["lr_grid"] if p["lr"] == row["tuned_lr"])
+    return (head + f"; near-tie with {', '.join(f'x{x:g}' for x in tie['near'])}: two-seed means {means}; "
+            f"x{chosen:g} chosen")
 
 
 def main(argv: list[str] | None = None) -> int:

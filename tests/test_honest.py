@@ -127,6 +127,36 @@ def test_one_seed_generation_bootstraps_over_test_groups(tokenizer, tmp_path):
     assert not [e for e in again if e["type"] == "step"] and load_run(tmp_path)[0]["runs"] == data["runs"]
 
 
+def test_scored_tuning_records_each_points_test_metric_and_chooses_as_before(tokenizer, tmp_path):
+    def run(out, **kw):
+        events = []
+        compare((tiny_llama(tokenizer=tokenizer), tokenizer), colours(), methods=("vera",), vera=VeraConfig(r=8),
+                out_dir=out, eval_generate=2, samples=0, progress=False, on_event=events.append,
+                train=TrainConfig(steps=1, batch_size=2, max_length=24), tune={"lr_scale": [1, 2]}, tune_steps=1,
+                **kw)
+        return json.loads((out / "tuning.json").read_text())["vera-r8"], events
+
+    plain, _ = run(tmp_path / "plain")
+    scored, _ = run(tmp_path / "scored", score_tuning=True)
+    # the choice reads validation loss only: scoring the test split changes no loss and no choice
+    assert [p["val_loss"] for p in scored["grid"]] == [p["val_loss"] for p in plain["grid"]]
+    assert scored["scale"] == plain["scale"] and "test" not in plain["grid"][0]
+    for point in scored["grid"]:
+        assert set(point["test"]) == {"loss", "bleu", "rougeL"} and point["test"]["loss"] > 0
+        rows = [json.loads(line) for line in
+                (tmp_path / "scored" / "tune" / f"vera-r8-x{point['scale']:g}" / "predictions.jsonl").open()]
+        assert [r["id"] for r in rows] == [0, 1]  # eval_generate's two test groups
+        assert sum(r["score"] for r in rows) / 2 == pytest.approx(point["test"]["rougeL"])
+    # a point recorded without a test score is trained again when the request asks for one; a scored one is kept
+    (tmp_path / "plain" / "report.json").unlink()
+    again, events = run(tmp_path / "plain", score_tuning=True, exists="resume")
+    assert all("test" in p for p in again["grid"])
+    assert {"tune/vera-r8-x1", "tune/vera-r8-x2"} <= {e["run"] for e in events
+                                                      if e["type"] == "step" and e.get("phase") == "tune"}
+    _, events = run(tmp_path / "plain", score_tuning=True, exists="resume")
+    assert not [e for e in events if e["type"] == "step"]
+
+
 def _scripted_tuning(tokenizer, tmp_path, losses: dict) -> dict:
     """tune_rates on a tiny BERT whose grid points return `losses[(seed, scale)]` instead of training."""
     trained = []

@@ -191,3 +191,32 @@ def test_a_tie_line_compares_the_grid_gap_with_the_seed_spread():
     clear = {**row, "lr_grid": [{"scale": 2.0, "val_loss": 0.35}, {"scale": 4.0, "val_loss": 0.37}]}
     assert reproduce.tie_line(clear).endswith("(gap 0.0200 >= seed spread 0.0100): clear")
     assert reproduce.tie_line({**row, "val_loss_seeds": [0.3]}) is None  # one seed: no spread to compare with
+
+
+def test_a_row_tuned_with_the_second_seed_check_reports_that_check():
+    grid = [{"scale": 2.0, "lr": 2e-3, "val_loss": 0.50}, {"scale": 4.0, "lr": 4e-3, "val_loss": 0.49},
+            {"scale": 8.0, "lr": 8e-3, "val_loss": 0.60}]
+    tie = {"seed": 1, "spread": 0.02, "near": [2.0],
+           "val_loss_second_seed": [{"scale": 4.0, "val_loss": 0.52}, {"scale": 2.0, "val_loss": 0.48}]}
+    row = {"task": "sst2", "name": "lora-r8-qv", "lr_grid": grid, "tuned_lr": 2e-3, "tie": tie,
+           "val_loss_seeds": [0.3, 0.9]}  # the seed runs' spread is not what a checked row is read against
+    assert reproduce.tie_line(row) == (
+        "- sst2 lora-r8-qv: x4 0.4900 first, runner-up x2 0.5000; seed 1 spread 0.0200; near-tie with x2: two-seed "
+        "means x4 0.5050, x2 0.4900; x2 chosen")
+    clear = {**row, "tuned_lr": 4e-3, "tie": {**tie, "near": [], "val_loss_second_seed": tie["val_loss_second_seed"][:1]}}
+    assert reproduce.tie_line(clear).endswith("x4 0.4900 first, runner-up x2 0.5000; seed 1 spread 0.0200: clear")
+    page = reproduce.markdown({"tasks": {"sst2": [{**row, "metric_name": "accuracy", "metric": 90.0,
+                                                    "trainable_params": 73728, "lr": 2e-3}]}})
+    assert "tuned before that check" not in page and "lower two-seed mean then wins" in page
+
+
+def test_scored_grid_points_make_the_rate_sensitivity_table():
+    grid = [{"scale": 4.0, "lr": 4e-2, "val_loss": 1.2189, "test": {"loss": 1.3, "bleu": 66.21, "rougeL": 71.2}},
+            {"scale": 8.0, "lr": 8e-2, "val_loss": 1.2090, "test": {"loss": 1.4, "bleu": 59.3, "rougeL": None}}]
+    row = {"task": "e2e", "name": "vera-r256-all", "lr_grid": grid, "tuned_lr": 8e-2}
+    lines = reproduce.sensitivity_lines([row, {"task": "e2e", "name": "base", "lr_grid": None}])
+    assert lines[4] == "| task | setting | scale | lr | validation loss | test bleu | test rougeL |"
+    assert lines[6:8] == ["| e2e | vera-r256-all | x4 | 0.04 | 1.2189 | 66.2 | 71.2 |",
+                          "| e2e | vera-r256-all | x8 (chosen) | 0.08 | 1.2090 | 59.3 | - |"]
+    assert reproduce.sensitivity_lines([{**row, "lr_grid": [{k: v for k, v in p.items() if k != "test"}
+                                                            for p in grid]}]) == []  # unscored: no table

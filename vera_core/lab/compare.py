@@ -301,6 +301,7 @@ def _write_config(run_dir: Path, request: RunRequest, specs: list[RunSpec]) -> N
         "train": asdict(request.train), "lrs": request.lrs, "isolate": request.isolate,
         "eval_generate": request.eval_generate, "samples": request.samples, "max_rows": request.max_rows,
         "seeds": request.seeds, "tune": request.tune, "tune_steps": request.tune_steps,
+        "score_tuning": request.score_tuning,
         "run_seeds": {s.name: s.seed for s in specs},  # load_run_model draws a run's new head from its own seed
         "quantization": request.quantization, "trust_remote_code": request.trust_remote_code,
         "splits": {"train": len(dataset.train), "validation": len(dataset.validation), "test": len(dataset.test)},
@@ -539,6 +540,7 @@ def compare(
     seeds: Sequence[int] | None = None,
     tune: dict | None = None,
     tune_steps: int | None = None,
+    score_tuning: bool = False,
     max_runs: int | None = MAX_RUNS,
 ) -> Report:
     """Run every method on the same model, data, seed and step budget; write and return the Report.
@@ -551,7 +553,8 @@ def compare(
     seeds: training seeds, e.g. (0, 1, 2): every setting runs once per seed on the same split; report.json then holds
     mean, std and a 95% interval per setting and the paired VeRA − LoRA differences. tune: {"lr_scale": [...]}:
     every method's rates × each scale, `tune_steps` steps on the first seed, lowest validation loss wins (near-ties
-    broken on a second seed, lab/tune.py).
+    broken on a second seed, lab/tune.py). score_tuning: also score each tuning point on the test split (recorded
+    beside its validation loss, for reading how sensitive a method is to its rate; the choice never reads it).
     max_runs: more runs than this (seeds × settings + tuning + one second-seed run per tuned setting) is refused
     (None: no limit).
     The arguments are those of `RunRequest`; see `run_request` for out_dir, on_event, stop, progress and exists.
@@ -559,5 +562,5 @@ def compare(
     request = RunRequest(model, dataset, methods, vera, lora, train, lrs=dict(lrs or {}), max_rows=max_rows,
                          quantization=quantization, trust_remote_code=trust_remote_code, isolate=isolate,
                          eval_generate=eval_generate, samples=samples, seeds=seeds, tune=tune, tune_steps=tune_steps,
-                         max_runs=max_runs)
+                         score_tuning=score_tuning, max_runs=max_runs)
     return run_request(request, out_dir, on_event, stop, progress, exists)

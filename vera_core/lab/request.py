@@ -77,6 +77,7 @@ class RunRequest:
     seeds: Sequence[int] | None = None  # training seeds, one run per setting each (None: train.seed); the split stays
     tune: dict | None = None  # {"lr_scale": [0.25, 0.5, 1, 2, 4]}: each method's rates × each scale, on validation
     tune_steps: int | None = None  # steps of each tuning run (None: the runs' own budget)
+    score_tuning: bool = False  # also score every tuning point on the test split: the rate's sensitivity, for reading
     max_runs: int | None = MAX_RUNS  # more runs than this (tuning included) raise TooManyRuns; None: no limit
     dataset_source: str | None = field(default=None, init=False)  # the name or file the data set was loaded from
 
@@ -96,6 +97,8 @@ class RunRequest:
         if self.task is not None and self.task not in TASKS:
             raise ValueError(f"unknown task {self.task!r}; choose one of {list(TASKS)} or None (the data set's own).")
         positive_int("max_rows", self.max_rows, optional=True)
+        if not isinstance(self.score_tuning, bool):
+            raise ValueError(f"score_tuning must be True or False, got {self.score_tuning!r}.")
         for name in ("eval_generate", "samples"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 0:
@@ -163,7 +166,7 @@ class RunRequest:
                 "train": asdict(self.train), "lrs": self.lrs, "quantization": self.quantization,
                 "trust_remote_code": self.trust_remote_code, "isolate": self.isolate,
                 "eval_generate": self.eval_generate, "samples": self.samples, "seeds": self.seeds, "tune": self.tune,
-                "tune_steps": self.tune_steps, "max_runs": self.max_runs}
+                "tune_steps": self.tune_steps, "score_tuning": self.score_tuning, "max_runs": self.max_runs}
 
     @classmethod
     def from_dict(cls, data: dict) -> "RunRequest":

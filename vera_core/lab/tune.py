@@ -14,6 +14,9 @@ trained on the second seed too; the lowest mean over the two seeds then wins. A 
 Each grid point trains into run_dir/tune/<setting>-x<scale>/ (the second seed's: <setting>-x<scale>-s<seed>/) and
 records tune.json there when it finishes, so a resumed comparison reuses finished points and continues a stopped
 one from its checkpoint.
+
+A request with `score_tuning` also scores each point on the test split (tune.json "test", and predictions.jsonl
+beside it): how the test metric moves with the rate, for a learner who copies a rate. The choice never reads it.
 """
 from __future__ import annotations
 
@@ -25,7 +28,8 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Callable
 
-from ..adapters.files import write_json
+from ..adapters.files import write_json, write_jsonl
+from .evaluate import score_split
 from .request import RunRequest, RunSpec
 from .train import train as train_model
 
@@ -41,17 +45,18 @@ PointTrainer = Callable[[RunSpec, float, float, Path], "dict | None"]
 def train_point(request: RunRequest, spec: RunSpec, scale: float, head_scale: float,
                 prepare: Callable[[RunSpec], tuple], work: Path, emit: Callable[[dict], None],
                 stop: threading.Event | None) -> dict | None:
-    """One grid point's {"scale", "lr", "head_lr", "val_loss", "steps", "wall_s"}; None when stopped. prepare(spec)
-    gives the fresh, trainable (model, tokenizer) of the point."""
+    """One grid point's {"scale", "lr", "head_lr", "val_loss", "steps", "wall_s"} (and "test" when the request
+    scores its tuning); None when stopped. prepare(spec) gives the fresh, trainable (model, tokenizer) of the point."""
     # Evaluated once, at the end, on the whole validation split: the one number the choice rests on.
     steps = request.tune_steps or request.steps_per_run()
     config = replace(request.train_config(spec, scale, head_scale), steps=steps, epochs=None, eval_every=steps,
                      eval_batches=None, checkpoint_every=None)
     if (work / RESULT).is_file():
         point = json.loads((work / RESULT).read_text())
-        if (point["steps"], point["lr"], point["head_lr"]) == (steps, config.lr, config.head_lr):
+        if ((point["steps"], point["lr"], point["head_lr"]) == (steps, config.lr, config.head_lr)
+                and ("test" in point or not request.score_tuning)):
             return point
-        shutil.rmtree(work)  # made for other steps or rates (the request changed): train this point again
+        shutil.rmtree(work)  # made for other steps, rates or scoring (the request changed): train this point again
     model, tokenizer = prepare(spec)
     resume = work if (work / "checkpoints").is_dir() else None
     name = f"tune/{work.name}"
@@ -63,7 +68,10 @@ def train_point(request: RunRequest, spec: RunSpec, scale: float, head_scale: fl
     loss = result.eval["eval_loss"] if result.eval else float("nan")
     point = {"scale": scale, "lr": config.lr, "head_lr": config.head_lr,
              "val_loss": loss if math.isfinite(loss) else None, "steps": result.steps_done, "wall_s": result.wall_s}
-    write_json(work / RESULT, point)
+    if request.score_tuning:
+        point["test"], _, examples = score_split(model, tokenizer, request.dataset, config, request.eval_generate, 0)
+        write_jsonl(work / "predictions.jsonl", examples)
+    write_json(work / RESULT, point)  # last: a point without it is unfinished
     return point
 
 
