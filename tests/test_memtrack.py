@@ -16,7 +16,7 @@ from vera_core.adapters.config import LoraConfig, VeraConfig
 from vera_core.adapters.inject import add_adapter
 from vera_core.lab.memory import estimate_memory, largest_batch
 from vera_core.lab.memtrack import MemoryTracker
-from vera_core.lab.report import fold_policy_line, memory_differences, padding_note
+from vera_core.lab.report import fold_policy_line, gradients_note, memory_differences, padding_note
 from vera_core.lab.train import train
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))  # the scripts' shared harness is a sibling
@@ -276,3 +276,10 @@ def test_padding_note_gives_the_gap_and_its_reason():
     assert note.endswith("Here the predictions were 9.0–18.0% above the measured peaks.")
     assert "pads each batch only to its longest row" in note
     assert padding_note([0.001]).endswith("no prediction was more than 0.5% above its measured peak.")
+
+
+def test_a_gradients_column_of_zeros_is_explained_only_when_every_peak_holds_none():
+    assert gradients_note([{"gradients": 0, "activations": 5}, {"gradients": None}]).startswith(
+        "Gradients read 0 because every measured peak came before backward")
+    assert gradients_note([{"gradients": 0}, {"gradients": 3080}]) is None  # one peak holds a head's 770 floats
+    assert gradients_note([]) is None

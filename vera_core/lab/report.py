@@ -445,8 +445,20 @@ def report_markdown(report: Report, figures: Sequence[str] = ()) -> str:
                 error = f"{100 * (est - r.peak_memory_bytes) / r.peak_memory_bytes:+.1f}%" if label == "predicted" else ""
                 lines.append(f"| {r.name} {label} | " + " | ".join(cells) + f" | {error} |")
         lines += ["", padding_note([est / r.peak_memory_bytes - 1 for r, est in checks])]
+        lines += ["", note] if (note := gradients_note([r.memory_breakdown or {} for r, _ in checks])) else []
     lines += [""] + [f"![{Path(name).stem}]({name})" for name in figures]
     return "\n".join(lines) + "\n"
+
+
+def gradients_note(measured: Sequence[dict]) -> str | None:
+    """Why the gradients column reads 0 when no measured peak holds a gradient (None otherwise): a learner would
+    otherwise read it as "gradients cost nothing"."""
+    if not measured or any(parts.get("gradients") for parts in measured):
+        return None
+    return ("Gradients read 0 because every measured peak came before backward had made any: at the end of the "
+            "forward pass, when every activation saved for backward is alive. Gradients (one number per trainable "
+            "parameter) exist later in the step, once backward has freed part of those activations, and are freed "
+            "after each optimizer step.")
 
 
 def padding_note(errors: Sequence[float]) -> str:
