@@ -58,6 +58,25 @@ def quality_rows(quality: dict) -> list[tuple[str, str, str]]:
             group = GROUPS.get(pair["vera"].rsplit("-", 1)[-1], "")
             rows.append((f"Quality, {TASKS.get(task, task)} ({MODELS.get(model, model)}, {group}): VeRA − LoRA, "
                          "paired by seed and test row", pair_line(pair), _link("quality.md")))
+    return rows + sensitivity_rows(quality)
+
+
+def sensitivity_rows(quality: dict) -> list[tuple[str, str, str]]:
+    """Per task whose grid points were scored on the test split (reproduce.py's SCORE_TUNING): the test metric at
+    each grid rate of each tuned adapter setting, the chosen rate starred: how much a copied rate can cost."""
+    rows = []
+    for task, task_rows in quality["tasks"].items():
+        scored = [r for r in task_rows if r.get("lr_grid") and r.get("tuned_lr")
+                  and all("test" in p for p in r["lr_grid"]) and r.get("method") in ("vera", "lora")]
+        if not scored:
+            continue
+        metric = scored[0]["metric_name"]
+        text = "; ".join(f"{r['name']}: " + ", ".join(
+            f"{p['lr']:.2g}{'*' if p['lr'] == r['tuned_lr'] else ''} "
+            + (f"{p['test'][metric]:.1f}" if p["test"].get(metric) is not None else "-") for p in r["lr_grid"])
+            for r in scored)
+        rows.append((f"Rate sensitivity, {TASKS.get(task, task)}: test {metric} at each rate of the tuning grid "
+                     "(first seed, full budget; * chosen on validation loss)", text, _link("quality.md")))
     return rows
 
 

@@ -85,6 +85,19 @@ def test_rows_read_the_records_in_the_stated_units():
     assert len([line for line in text.splitlines() if line.startswith("| ")]) == 1 + 8
 
 
+def test_a_scored_tuning_grid_gives_a_rate_sensitivity_row():
+    records = made_up_records()
+    grid = [{"scale": 2.0, "lr": 2e-2, "val_loss": 1.22, "test": {"loss": 1.3, "bleu": 66.2, "rougeL": 71.0}},
+            {"scale": 4.0, "lr": 4e-2, "val_loss": 1.21, "test": {"loss": 1.4, "bleu": 59.3, "rougeL": None}}]
+    vera = records["quality"]["tasks"]["e2e"][0]
+    vera.update(method="vera", metric_name="bleu", lr_grid=grid, tuned_lr=4e-2)
+    text = summary.table(records)
+    assert ("| Rate sensitivity, E2E NLG: test bleu at each rate of the tuning grid (first seed, full budget; * chosen "
+            "on validation loss) | vera-r256-all: 0.02 66.2, 0.04* 59.3 |") in text
+    del grid[0]["test"]  # a grid scored only in part (a record from before scoring): no row
+    assert "Rate sensitivity" not in summary.table(records)
+
+
 def test_adapters_held_just_over_or_under_the_target_say_so_instead_of_rounding_to_it():
     records = made_up_records()
     records["serve"]["bank_1000_bytes"]["vera"] = 1_001_721_856  # the 2026-11-30 record: "1.00 GB" when rounded
