@@ -29,6 +29,7 @@ import hashlib
 import json
 import os
 import re
+import subprocess
 import sys
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -356,6 +357,71 @@ def refresh_records(results: Path, args: argparse.Namespace) -> None:
         merge_quality(results, task, *task_rows(task, task_dir, groups))
 
 
+def keep_previous(results: Path, source: str) -> None:
+    """Store an earlier record's pairs (`source`: a quality.json file, or a commit whose
+    benchmarks/results/quality.json is read), with what each side trained at, as quality.json's "previous": what
+    quality.md's "what changed" section reads."""
+    if Path(source).is_file():
+        text, label = Path(source).read_text(), source
+    else:
+        shown = subprocess.run(["git", "-C", str(ROOT), "show", f"{source}:benchmarks/results/quality.json"],
+                               capture_output=True, text=True)
+        text, label = shown.stdout, f"commit {source}"
+        if shown.returncode:
+            raise SystemExit(f"--previous {source}: neither a file nor a commit holding "
+                             f"benchmarks/results/quality.json ({shown.stderr.strip()}).")
+    try:
+        old = json.loads(text)
+        pairs = old["pairs"]
+    except (ValueError, KeyError) as err:
+        raise SystemExit(f"--previous {source}: not a quality.json with pairs ({err}); give an earlier record.") \
+            from None
+    previous = {}
+    for task, task_pairs in pairs.items():
+        rows = {r["name"]: r for r in old["tasks"].get(task, [])}
+        previous[task] = [{**{k: p[k] for k in ("vera", "lora", "metric", "seeds", "diff_mean", "ci95", "verdict")},
+                           **{f"{side}_{k}": rows.get(p[side], {}).get(k) for side in ("vera", "lora")
+                              for k in ("metric_mean", "tuned_lr", "head_lr")}} for p in task_pairs]
+    path = results / "quality.json"
+    quality = json.loads(path.read_text()) if path.is_file() else {"tasks": {}}
+    write_json(path, {**quality, "previous": {"from": label, "pairs": previous}})
+
+
+def change_lines(quality: dict) -> list[str]:
+    """quality.md's "what changed" section: each pair of the previous record (`keep_previous`) beside the same pair
+    now, with its seeds, rates and head rates; a pair the record no longer has says so."""
+    previous = quality.get("previous")
+    if not previous:
+        return []
+    rows = {(t, r["name"]): r for t, task_rows in quality["tasks"].items() for r in task_rows}
+    now = {(t, p["vera"], p["lora"]): p for t, task_pairs in quality.get("pairs", {}).items() for p in task_pairs}
+
+    def side(p: dict, vera: dict, lora: dict) -> str:
+        parts = [f"{len(p['seeds'])} seeds"]
+        parts += [f"{name} {r['metric_mean']:.1f} at lr {r['tuned_lr']:.2g}" for name, r in (("VeRA", vera), ("LoRA", lora))
+                  if r.get("metric_mean") is not None and r.get("tuned_lr") is not None]
+        heads = {vera.get("head_lr"), lora.get("head_lr")} - {None}
+        if len(heads) == 1:
+            parts.append(f"one head rate {heads.pop():.2g}")
+        elif heads:
+            parts.append(f"heads {vera['head_lr']:.2g} (VeRA) vs {lora['head_lr']:.2g} (LoRA)")
+        return (f"{p['diff_mean']:+.1f} [{p['ci95'][0]:+.1f}, {p['ci95'][1]:+.1f}] {p['verdict']} "
+                f"({'; '.join(parts)})")
+
+    lines = ["## What changed from the previous record", "",
+             f"Each pair of the previous record ({previous['from']}) and the same pair now (difference of the "
+             "means [95% interval] verdict):", ""]
+    for task, task_pairs in previous["pairs"].items():
+        for old in task_pairs:
+            was = side(old, {k.removeprefix("vera_"): v for k, v in old.items() if k.startswith("vera_")},
+                       {k.removeprefix("lora_"): v for k, v in old.items() if k.startswith("lora_")})
+            new = now.get((task, old["vera"], old["lora"]))
+            is_ = (side(new, rows.get((task, new["vera"]), {}), rows.get((task, new["lora"]), {})) if new
+                   else "not in this record")
+            lines.append(f"- {task} {old['vera']} − {old['lora']}: was {was}; now {is_}")
+    return lines + [""]
+
+
 def quality_row(task: str, run: dict, report: dict, name: str, subset: str | None) -> dict:
     metric_name = METRICS[task] if task in METRICS else "accuracy"
     return {**run, "name": name, "task": task, "metric_name": metric_name, "metric": run["eval"][metric_name],
@@ -443,7 +509,7 @@ def markdown(quality: dict) -> str:
                      "runs' last validation loss instead (those runs evaluate on the first 8 validation batches at "
                      "the full step budget): a near-tie there could go either way on another seed."
                      if any(r.get("lr_grid") and not r.get("tie") for r in rows) else ""), "", *ties, ""]
-    return "\n".join(lines + sensitivity_lines(rows))
+    return "\n".join(lines + sensitivity_lines(rows) + change_lines(quality))
 
 
 def sensitivity_lines(rows: list[dict]) -> list[str]:
@@ -545,19 +611,27 @@ def main(argv: list[str] | None = None) -> int:
                              "e2e 2,4,8,16; --quick: 0.5,2)")
     parser.add_argument("--head-tune", type=lambda v: float_list(v, "scales"),
                         help="head-only's scales of the 1e-3 head rate, tuned first; its choice is every method's "
-                             "head rate (default 0.25 to 64 by doublings; --quick: 1,8)")
+                             "head rate (default 0.25 to 1024 by doublings; --quick: 1,8)")
     parser.add_argument("--no-tune", action="store_true", help="run every method at its centre rate, untuned")
     parser.add_argument("--tune-steps", type=int, help="steps per tuning run (default: the task's --steps)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", default="auto")
     parser.add_argument("--records-only", action="store_true",
                         help="train nothing: rewrite every record in --out from its saved runs and predictions")
+    parser.add_argument("--previous", metavar="COMMIT_OR_FILE",
+                        help="with --records-only: the earlier record (a commit, whose "
+                             "benchmarks/results/quality.json is read, or a quality.json file), kept in quality.json "
+                             "as \"previous\" so quality.md says what changed, pair by pair")
     args = parser.parse_args(argv)
     if args.quick and args.full:
         parser.error("--quick and --full exclude each other")
+    if args.previous and not args.records_only:
+        parser.error("--previous goes with --records-only (it compares records, it trains nothing)")
 
     results = Path(args.out)
     if args.records_only:
+        if args.previous:
+            keep_previous(results, args.previous)
         refresh_records(results, args)
         print((results / "quality.md").read_text() if (results / "quality.md").is_file() else
               f"no runs under {results / 'repro'}: nothing to rewrite")
