@@ -398,7 +398,8 @@ def change_lines(quality: dict) -> list[str]:
 
     def side(p: dict, vera: dict, lora: dict) -> str:
         parts = [f"{len(p['seeds'])} seeds"]
-        parts += [f"{name} {r['metric_mean']:.1f} at lr {r['tuned_lr']:.2g}" for name, r in (("VeRA", vera), ("LoRA", lora))
+        parts += [f"{name} {r['metric_mean']:.1f} at lr {r['tuned_lr']:.2g}"
+                  for name, r in (("VeRA", vera), ("LoRA", lora))
                   if r.get("metric_mean") is not None and r.get("tuned_lr") is not None]
         heads = {vera.get("head_lr"), lora.get("head_lr")} - {None}
         if len(heads) == 1:

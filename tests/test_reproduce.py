@@ -203,7 +203,8 @@ def test_a_row_tuned_with_the_second_seed_check_reports_that_check():
     assert reproduce.tie_line(row) == (
         "- sst2 lora-r8-qv: x4 0.4900 first, runner-up x2 0.5000; seed 1 spread 0.0200; near-tie with x2: two-seed "
         "means x4 0.5050, x2 0.4900; x2 chosen")
-    clear = {**row, "tuned_lr": 4e-3, "tie": {**tie, "near": [], "val_loss_second_seed": tie["val_loss_second_seed"][:1]}}
+    clear = {**row, "tuned_lr": 4e-3,
+             "tie": {**tie, "near": [], "val_loss_second_seed": tie["val_loss_second_seed"][:1]}}
     assert reproduce.tie_line(clear).endswith("x4 0.4900 first, runner-up x2 0.5000; seed 1 spread 0.0200: clear")
     page = reproduce.markdown({"tasks": {"sst2": [{**row, "metric_name": "accuracy", "metric": 90.0,
                                                     "trainable_params": 73728, "lr": 2e-3}]}})
@@ -230,20 +231,21 @@ def test_the_previous_record_is_kept_and_each_pair_says_what_changed(tmp_path):
         return {"vera": "vera-r256-qv", "lora": "lora-r8-qv", "metric": "accuracy", "seeds": seeds,
                 "diff_mean": diff, "ci95": ci, "verdict": verdict}
 
-    old = {"tasks": {"rotten-tomatoes": [row("vera-r256-qv", 74.9, 2e-2, 2e-3), row("lora-r8-qv", 75.6, 5e-4, 1e-3)],
-                     "e2e": []},
+    old = {"tasks": {"rotten-tomatoes": [row("vera-r256-qv", 74.9, 2e-2, 2e-3),
+                                         row("lora-r8-qv", 75.6, 5e-4, 1e-3)], "e2e": []},
            "pairs": {"rotten-tomatoes": [pair(-0.6, [-3.0, 2.2], [0, 1, 2])],
                      "e2e": [{**pair(-0.1, [-1.6, 1.3], [0, 1, 2]), "vera": "vera-r256-all", "lora": "lora-r8-all"}]}}
     (tmp_path / "old.json").write_text(json.dumps(old))
-    now = {"tasks": {"rotten-tomatoes": [row("vera-r256-qv", 76.84, 4e-2, 0.128), row("lora-r8-qv", 76.76, 2e-3, 0.128)]},
+    now = {"tasks": {"rotten-tomatoes": [row("vera-r256-qv", 76.84, 4e-2, 0.128),
+                                         row("lora-r8-qv", 76.76, 2e-3, 0.128)]},
            "pairs": {"rotten-tomatoes": [pair(0.08, [-1.8, 2.0], [0, 1, 2, 3, 4])]}}
     (tmp_path / "quality.json").write_text(json.dumps(now))
     reproduce.keep_previous(tmp_path, str(tmp_path / "old.json"))
     quality = json.loads((tmp_path / "quality.json").read_text())
     assert quality["tasks"] == now["tasks"] and quality["previous"]["from"] == str(tmp_path / "old.json")
     lines = reproduce.change_lines(quality)
-    assert lines[4] == ("- rotten-tomatoes vera-r256-qv − lora-r8-qv: was -0.6 [-3.0, +2.2] cannot tell (3 seeds; VeRA "
-                        "74.9 at lr 0.02; LoRA 75.6 at lr 0.0005; heads 0.002 (VeRA) vs 0.001 (LoRA)); now +0.1 "
+    assert lines[4] == ("- rotten-tomatoes vera-r256-qv − lora-r8-qv: was -0.6 [-3.0, +2.2] cannot tell (3 seeds; "
+                        "VeRA 74.9 at lr 0.02; LoRA 75.6 at lr 0.0005; heads 0.002 (VeRA) vs 0.001 (LoRA)); now +0.1 "
                         "[-1.8, +2.0] cannot tell (5 seeds; VeRA 76.8 at lr 0.04; LoRA 76.8 at lr 0.002; one head "
                         "rate 0.13)")
     assert lines[5] == ("- e2e vera-r256-all − lora-r8-all: was -0.1 [-1.6, +1.3] cannot tell (3 seeds); now not in "
