@@ -17,6 +17,15 @@
 # use both cores (each still one thread); copy a finished repro/<task>/<group>/ into the other worktree and run
 # `reproduce.py --records-only --out benchmarks/results/rerun` there to rebuild quality.json from every group.
 #
+# When every comparison has finished, the rerun replaces the record (from the repository root):
+#     old=$(git rev-parse HEAD)   # the commit still holding the 3-seed, scaled-head record
+#     for g in rotten-tomatoes/qv sst2/qv sst2/all e2e/all; do
+#       rm -rf benchmarks/results/repro/$g && cp -r benchmarks/results/rerun/repro/$g benchmarks/results/repro/$g; done
+#     .venv/bin/python benchmarks/reproduce.py --records-only --previous $old   # quality.*: what changed, pair by pair
+#     .venv/bin/python benchmarks/summary.py                                    # the README's table
+# then DEFAULT_LR in lab/train.py (tests/test_train.py recomputes it from quality.json), reproduction.md's text, and
+# the notebooks that read the record (02, 04, 06) are executed again.
+#
 # Data: $VERA_REPRO_DATA (a folder holding sst2/ and e2e/), else ../shared/data beside the repository.
 set -euo pipefail
 cd "$(dirname "$0")/.."

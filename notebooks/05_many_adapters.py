@@ -219,7 +219,7 @@ LABELS = {"ours-vera": "VeRA (ours, mixed batch)", "ours-lora": "LoRA (ours, mix
 STYLE = {"ours-vera": "-", "merged-grouped": "-.", "peft-vera-grouped": ":", "ours-lora": "-", "peft-lora": "--"}
 record = Path(vera_core.__file__).resolve().parents[1] / "benchmarks" / "results" / "serve.json"
 serve = json.loads(record.read_text())
-fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4.2))
+fig, (left, right) = plt.subplots(1, 2, figsize=(12, 5))
 for impl in ("ours-vera", "peft-lora", "ours-lora", "peft-vera-grouped", "merged-grouped"):
     pts = sorted((r["K"], r["tokens_per_s"]) for r in serve["rows"] if r["impl"] == impl)
     left.plot(*zip(*pts), marker="o", label=LABELS[impl], color=plots.method_colour("lora" if "lora" in impl else "vera"),
@@ -231,7 +231,7 @@ left.set(xlabel="distinct adapters K in the batch", ylabel="generated tokens / s
          title=f"Recorded: {serve['mode']} mode, {serve['device'][:40]}")
 left.title.set_fontsize(9)
 left.set_ylim(0, None)
-left.legend(fontsize=7, loc="lower left")  # the curves stay above ~50 tokens/s at small K: room below them
+left.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.15), ncols=2)  # below: the curves fill the axes
 
 n_rows, n_new = (6, 4) if QUICK else (24, 16)
 live_prompts = [PROMPTS[i % len(PROMPTS)] for i in range(n_rows)]
