@@ -29,8 +29,8 @@
 # that each row equals running it alone with its adapter, and read throughput against the number of distinct
 # adapters K from the recorded benchmark (`benchmarks/serve.py`).
 #
-# **Time:** full mode takes 6 min on this 2-core CPU when a benchmark holds the other core (5.2 min of the kernel's
-# CPU time; the recorded run took 7.4 min of wall time while more jobs shared the cores); quick mode
+# **Time:** full mode takes 6 min on this 2-core CPU when a benchmark holds the other core (4.8 min of the kernel's
+# CPU time; the recorded run took 7.1 min of wall time while two benchmark jobs held both cores); quick mode
 # (`VERA_LAB_QUICK=1`, CI) trains 2 steps, so its outputs are noise.
 
 # %%
