@@ -3,7 +3,8 @@ and the lab's own Rotten Tomatoes bar (all-MiniLM-L6-v2, query + value, the buil
 
 Each task is one or two comparisons (one per set of target layers, e.g. query+value and every linear layer), each a
 `vera_core.lab.compare` call with the same verbs a user has: `tune=` tunes head-only first on its own grid, and its
-chosen rate is the one head rate of every method of the comparison; then every adapter gets the same learning-rate
+chosen rate is the one head rate of every method of the comparison (and of the task's comparison without head-only,
+SST-2's every linear layer, which waits for it); then every adapter gets the same learning-rate
 grid and step budget on the validation split (first seed); `seeds=` then runs the chosen rate once per seed on the
 test split. A comparison writes <out>/repro/<task>/<group>/ and is resumed there (finished runs and tuning points
 kept); after each one the rows are merged into <out>/quality.json and
@@ -246,9 +247,17 @@ def run_task(task: str, args: argparse.Namespace) -> list[dict]:
         if (run_dir / "report.json").is_file() and run_summary(run_dir)["status"] == "finished":
             print(f"   {group.name}: done earlier, kept ({run_dir})")
             continue
+        lrs, head_from = {"vera": args.vera_lr, "lora": args.lora_lr}, None
+        if ds.task == "classification" and "head" not in group.methods and not args.no_tune:
+            shared = task_head_rate(task_dir, plan(task, args))
+            if shared is None:
+                print(f"   {group.name}: waits for the head rate head-only tunes in {task}'s other comparison; "
+                      "run that one first", flush=True)
+                continue
+            head_from, lrs["head"] = shared
         print(f"   {group.name}: training {', '.join(group.methods)} (resumable) ...", flush=True)
         report = compare(MODELS[task], ds, methods=group.methods, vera=list(group.vera), lora=list(group.lora),
-                         train=train, out_dir=run_dir, lrs={"vera": args.vera_lr, "lora": args.lora_lr},
+                         train=train, out_dir=run_dir, lrs=lrs,
                          eval_generate=n_test_groups, samples=n_test_groups, seeds=seeds,
                          tune=tune_grids(group, scales, args),
                          tune_steps=tune_steps, score_tuning=task in SCORE_TUNING,
@@ -256,7 +265,7 @@ def run_task(task: str, args: argparse.Namespace) -> list[dict]:
         if task == "e2e":
             write_outputs(run_dir, report)
         write_json(run_dir / "subset.json", {"task": task, "subset": note, "full": bool(args.full),
-                                             "quick": bool(args.quick)})
+                                             "quick": bool(args.quick), "head_lr_from": head_from})
         for row in report.settings:
             print(f"   {row['setting']}: {row['metric']} {mean_cell(row)} over seeds {row['seeds']}", flush=True)
         for line in tuning_lines(report.tuning):  # a choice at a grid's end: widen that grid for every setting alike
@@ -266,6 +275,19 @@ def run_task(task: str, args: argparse.Namespace) -> list[dict]:
     rows, pairs = task_rows(task, task_dir, plan(task, args))
     merge_quality(Path(args.out), task, rows, pairs)
     return rows
+
+
+def task_head_rate(task_dir: Path, groups: list[Group]) -> tuple[str, float] | None:
+    """(comparison, rate): the head rate head-only chose in the task's comparison that tunes it, once that comparison
+    has finished; None before. A comparison without head-only trains its heads at it, so the task's comparisons
+    share one head rate, tuned once (issue 31)."""
+    for group in groups:
+        path = task_dir / group.name / "report.json"
+        if "head" in group.methods and path.is_file() and run_summary(path.parent)["status"] == "finished":
+            report = json.loads(path.read_text())
+            if report.get("head_lr") is not None and "head" in (report.get("tuning") or {}):
+                return group.name, report["head_lr"]
+    return None
 
 
 def write_outputs(run_dir: Path, report: Report) -> None:
@@ -294,8 +316,10 @@ def task_rows(task: str, task_dir: Path, groups: list[Group]) -> tuple[list[dict
         source = {"run_dir": _shown(task_dir / group.name), "comparison_head_lr": report.get("head_lr"),
                   "head_rule": "one rate per comparison" if "head_lr" in report else "scaled with each adapter",
                   "head_lr_tuned": "head" in (report.get("tuning") or {})}
-        subset = json.loads((task_dir / group.name / "subset.json").read_text())["subset"] \
-            if (task_dir / group.name / "subset.json").is_file() else None
+        written = json.loads((task_dir / group.name / "subset.json").read_text()) \
+            if (task_dir / group.name / "subset.json").is_file() else {}
+        subset = written.get("subset")
+        source["head_lr_from"] = written.get("head_lr_from")  # the comparison whose head-only chose the head rate
         runs = {r["name"]: r for r in report["runs"]}
         histories = load_run(task_dir / group.name)[1]
         named = {s["setting"]: s["setting"] + (f"-{group.name}" if s["method"] in ("vera", "lora") else "")
@@ -543,7 +567,9 @@ def head_line(row: dict) -> str:
     if row.get("comparison_head_lr") is None:
         return (f"- head rate, {where}: none apart from the body" if row.get("head_rule") == "one rate per comparison"
                 else f"- head rate, {where}: 1e-3 x each adapter's tuned scale (the record before one head rate)")
-    source = "head-only's tuned rate" if row.get("head_lr_tuned") else "the default, untuned"
+    source = ("head-only's tuned rate" if row.get("head_lr_tuned") else
+              f"head-only's tuned rate in the {row['head_lr_from']} comparison" if row.get("head_lr_from") else
+              "the default, untuned")
     return f"- head rate, {where}: {row['comparison_head_lr']:.2g} for every method ({source})"
 
 

@@ -82,9 +82,12 @@ def test_quick_run_tunes_every_method_runs_two_seeds_and_writes_pairs(tmp_path, 
     for name, lr in centre.items():
         assert rows[name]["tuned_lr"] in (pytest.approx(lr * 0.5), pytest.approx(lr * 2))
     assert rows["head"]["tuned_lr"] in (pytest.approx(1e-3), pytest.approx(8e-3))
-    # the qv comparison's heads all train at head-only's choice; every linear layer's (no head-only) at 1e-3
-    assert quality["head_lr"]["sst2"] == {"qv": rows["head"]["tuned_lr"], "all": 1e-3}
-    assert {rows[n]["head_lr"] for n in ("head", "lora-r8-qv", "vera-r1024-qv")} == {rows["head"]["tuned_lr"]}
+    # every head of the task trains at head-only's choice: the qv comparison tunes it, every linear layer's reuses it
+    assert quality["head_lr"]["sst2"] == {"qv": rows["head"]["tuned_lr"], "all": rows["head"]["tuned_lr"]}
+    assert {rows[n]["head_lr"] for n in ("head", "lora-r8-qv", "vera-r1024-qv", "lora-r8-all", "vera-r256-all")} == {
+        rows["head"]["tuned_lr"]}
+    assert (f"head rate, sst2 all ({out}/repro/sst2/all): {rows['head']['tuned_lr']:.2g} for every method (head-only's "
+            "tuned rate in the qv comparison)") in (out / "quality.md").read_text()
     assert rows["lora-r8-qv"]["trainable_params"] == 73_728 and rows["vera-r256-qv"]["trainable_params"] == 7_680
     assert rows["head"]["trainable_params"] == 0 and rows["head"]["head_params"] > 0
     pairs = {(p["vera"], p["lora"]): p for p in quality["pairs"]["sst2"]}
@@ -99,6 +102,14 @@ def test_quick_run_tunes_every_method_runs_two_seeds_and_writes_pairs(tmp_path, 
     reproduce.main(["--task", "sst2", "--quick", "--out", str(out)])
     assert (out / "repro" / "sst2" / "qv" / "report.json").stat().st_mtime_ns == stamp
     assert "qv: done earlier, kept" in capsys.readouterr().out
+
+
+@needs_sst2
+def test_every_linear_layers_comparison_waits_for_the_head_rate_the_qv_comparison_tunes(tmp_path, capsys):
+    assert reproduce.main(["--task", "sst2", "--group", "all", "--quick", "--out", str(tmp_path)]) == 0
+    assert ("all: waits for the head rate head-only tunes in sst2's other comparison; run that one first"
+            in capsys.readouterr().out)
+    assert not (tmp_path / "repro" / "sst2" / "all").exists()  # nothing trained, no folder made
 
 
 def test_the_bar_line_judges_the_mean_and_the_ratio_apart_from_the_intervals_verdict():
