@@ -24,7 +24,8 @@
 #     .venv/bin/python benchmarks/reproduce.py --records-only --previous $old   # quality.*: what changed, pair by pair
 #     .venv/bin/python benchmarks/summary.py                                    # the README's table
 # then DEFAULT_LR in lab/train.py (tests/test_train.py recomputes it from quality.json), reproduction.md's text, and
-# the notebooks that read the record (02, 04, 06) are executed again.
+# the notebooks that read the record (02, 04, 06) are executed again (04 and 06 name the rerun's folder for the head
+# grid: point them at benchmarks/results/repro/ first).
 #
 # Data: $VERA_REPRO_DATA (a folder holding sst2/ and e2e/), else ../shared/data beside the repository.
 set -euo pipefail
