@@ -15,7 +15,7 @@ from vera_core.lab.data import BUILTIN_DATASETS
 from vera_core.lab.parse import float_list, int_list
 from vera_core.lab.request import RunRequest, TooManyRuns
 from vera_core.lab.train import DEFAULT_LR
-from vera_core.lab.tune import LR_SCALES
+from vera_core.lab.tune import HEAD_LR_SCALES, LR_SCALES
 
 UPLOAD = "uploaded file"
 UPLOAD_SUFFIXES = (".jsonl", ".csv", ".tsv")
@@ -24,7 +24,7 @@ TARGET_PRESETS = {
     "all-linear (every projection, head excluded)": ALL_LINEAR,
     "custom": "custom",
 }
-METHOD_CHOICES = ["base", "vera", "lora", "full"]
+METHOD_CHOICES = ["base", "head", "vera", "lora", "full"]
 SAMPLES = 4  # test inputs whose outputs every method writes to samples.jsonl (shown in the Outputs tab)
 CONFIRM_ABOVE = 24  # the lab's run cap: a sweep with more runs starts only with the form's confirm_runs ticked
 
@@ -49,12 +49,13 @@ class RunForm:
     vera_lr: float = DEFAULT_LR["vera"][0]
     lora_lr: float = DEFAULT_LR["lora"][0]
     full_lr: float = DEFAULT_LR["full"][0]
+    head_lr: float = DEFAULT_LR["head"][1]  # the classifier head's one rate under every method (classification)
     steps: int = 20  # ≈4-5 s a step for SmolLM2 at batch 4 x 128 on 2 quiet CPU cores: a few minutes in all
     batch_size: int = 4
     max_length: int = 128  # built-in restaurant rows are 67-114 SmolLM2 tokens, chat template included
     seed: int = 0  # the data split's seed, and the first training seed
     seeds: int = 1  # training seeds per setting (seed, seed + 1, ...): several give mean ± std and intervals
-    tune_lr: bool = False  # every method's learning rates x LR_SCALES on validation first, the best kept
+    tune_lr: bool = False  # every method's learning rates x LR_SCALES (head-only: x HEAD_LR_SCALES) on validation
     eval_batches: int = 2  # validation batches per evaluation during training (0: the whole split)
     eval_generate: int = 4  # test inputs generated and scored with BLEU / ROUGE-L after training (causal LM)
     prefer: str = "memory"  # VeRA's folded weights: "memory" rebuilds them in backward, "speed" keeps them
@@ -118,7 +119,7 @@ def run_request(form: RunForm, upload: str | None) -> RunRequest:
     CONFIRM_ABOVE until the form's confirm_runs is ticked: the lab's words for the library's TooManyRuns."""
     unknown = [m for m in form.methods if m not in METHOD_CHOICES]
     if unknown or not any(m != "base" for m in form.methods):
-        raise ValueError(f"choose at least one method to train among vera, lora, full (got {form.methods}).")
+        raise ValueError(f"choose at least one method to train among head, vera, lora, full (got {form.methods}).")
     targets = target_modules(form)
     seed, seeds = number("seed", form.seed, True), number("seeds", form.seeds, True)
     if isinstance(seeds, bool) or not isinstance(seeds, int) or seeds < 1:
@@ -144,13 +145,21 @@ def _request(form: RunForm, upload: str | None, targets, seed: int, seeds: int) 
                           seed=seed, prefer=form.prefer,
                           eval_batches=number("eval batches", form.eval_batches, True) or None),
         lrs={m: number(f"{m} learning rate", rate) for m, rate in
-             (("vera", form.vera_lr), ("lora", form.lora_lr), ("full", form.full_lr))},
+             (("vera", form.vera_lr), ("lora", form.lora_lr), ("full", form.full_lr), ("head", form.head_lr))},
         task=None if form.task == "auto" else form.task, max_rows=number("rows per split", form.max_rows, True) or None,
         quantization="4bit" if form.quantize_4bit else None, trust_remote_code=form.trust_remote_code,
         eval_generate=number("test generations scored", form.eval_generate, True), samples=SAMPLES,
-        seeds=list(range(seed, seed + seeds)), tune={"lr_scale": list(LR_SCALES)} if form.tune_lr else None,
+        seeds=list(range(seed, seed + seeds)), tune=_tune(form),
         isolate=True,  # each method in its own process: one the OOM killer ends takes only its run, not the lab
         max_runs=None if form.confirm_runs else CONFIRM_ABOVE)
+
+
+def _tune(form: RunForm) -> dict | None:
+    """The tuning grids when the form asks to tune: every method's, and head-only's own (wider: a new head's best
+    rate moves with the model) when head-only runs."""
+    if not form.tune_lr:
+        return None
+    return {"lr_scale": list(LR_SCALES), **({"head_lr_scale": list(HEAD_LR_SCALES)} if "head" in form.methods else {})}
 
 
 def keep_upload(source: str, run_dir: Path) -> str:

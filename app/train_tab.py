@@ -19,7 +19,6 @@ from vera_core.lab.models import OFFLINE_MODELS
 from vera_core.lab.plots import loss_figure
 from vera_core.lab.request import RunRequest
 from vera_core.lab.runs import new_run_dir
-from vera_core.lab.tune import LR_SCALES
 
 from .common import MAX_UPLOAD, Lab, read_lab_meta, write_form
 from .form import (CONFIRM_ABOVE, METHOD_CHOICES, TARGET_PRESETS, UPLOAD, UPLOAD_SUFFIXES, RunForm, dataset_source,
@@ -49,7 +48,9 @@ def plan_text(request: RunRequest, time_estimate: dict | None = None) -> str:
         line += f", each trained with seeds {', '.join(map(str, seeds))}"
     if tuning:
         fewest, most = request.tie_runs()
-        line += (f", after {tuning} tuning runs (learning rate x {', '.join(f'{x:g}' for x in LR_SCALES)}) and "
+        grids = "; ".join(f"{'head-only' if key == 'head_lr_scale' else 'learning rate'} x "
+                          + ", ".join(f"{x:g}" for x in scales) for key, scales in request.tune.items())
+        line += (f", after {tuning} tuning runs ({grids}) and "
                  f"{fewest} second-seed run{'s' * (fewest != 1)} (up to {most} if grid points tie)")
     if time_estimate is None:
         return line + ". Time: press *Measure time* (it trains 2-3 steps of the smallest and largest run)."
@@ -295,7 +296,8 @@ def _methods_and_training(defaults: RunForm) -> dict[str, gr.components.Componen
     with gr.Column():
         gr.Markdown("### Methods and adapters")
         methods = gr.CheckboxGroup(METHOD_CHOICES, value=defaults.methods, label="Methods",
-                                   info="base: evaluate only; full: full fine-tuning")
+                                   info="base: evaluate only; head: the classifier head alone (the baseline an "
+                                        "adapter must beat); full: full fine-tuning")
         gr.Markdown("One value each, or comma-separated lists for a **sweep**: every VeRA r with every d_init, and "
                     "every LoRA r (alpha empty: 2 × r each).")
         with gr.Row():
@@ -314,6 +316,7 @@ def _methods_and_training(defaults: RunForm) -> dict[str, gr.components.Componen
             vera_lr = gr.Number(defaults.vera_lr, label="VeRA lr")
             lora_lr = gr.Number(defaults.lora_lr, label="LoRA lr")
             full_lr = gr.Number(defaults.full_lr, label="full lr")
+            head_lr = gr.Number(defaults.head_lr, label="head lr (classifier, every method)")
         with gr.Row():
             steps = gr.Number(defaults.steps, precision=0, label="Steps")
             batch_size = gr.Number(defaults.batch_size, precision=0, label="Batch")
@@ -323,7 +326,7 @@ def _methods_and_training(defaults: RunForm) -> dict[str, gr.components.Componen
             seeds = gr.Number(defaults.seeds, precision=0, minimum=1,
                               label="Seeds per setting (several: mean ± std, intervals)")
             tune_lr = gr.Checkbox(defaults.tune_lr, label="Tune the learning rate (every method, validation, "
-                                                          "x0.25-x4; Measure time first)")
+                                                          "x0.25-x4; head-only x0.25-x64; Measure time first)")
         with gr.Row():
             eval_batches = gr.Number(defaults.eval_batches, precision=0, label="Eval batches (0 = whole split)")
             eval_generate = gr.Number(defaults.eval_generate, precision=0, label="Test generations scored (BLEU)")
@@ -333,5 +336,6 @@ def _methods_and_training(defaults: RunForm) -> dict[str, gr.components.Componen
                                "weight-sized copy per adapted layer until backward)")
     return dict(methods=methods, vera_r=vera_r, vera_d_init=vera_d_init, lora_r=lora_r, lora_alpha=lora_alpha,
                 targets=targets, custom_targets=custom_targets, vera_lr=vera_lr, lora_lr=lora_lr, full_lr=full_lr,
+                head_lr=head_lr,
                 steps=steps, batch_size=batch_size, max_length=max_length, seed=seed, seeds=seeds, tune_lr=tune_lr,
                 eval_batches=eval_batches, eval_generate=eval_generate, prefer=prefer)

@@ -364,6 +364,12 @@ def test_the_form_plans_seeds_and_tuning_and_asks_before_too_many_runs():
     assert big.run_count() == 27 + 2 and big.tie_runs() == (2, 10) and big.max_runs is None
     with pytest.raises(ValueError, match="seeds is how many training seeds to run, a whole number >= 1; got 0"):
         run_request(RunForm(**TINY_LAB_RUN, seeds=0), None)
+    # head-only: the baseline a classifier's adapters must beat; its own, wider grid; the form's head rate is every
+    # method's head rate (and the centre of head-only's grid)
+    head = run_request(RunForm(**{**TINY_LAB_RUN, "methods": ["head", "vera"]}, head_lr=0.02, tune_lr=True), None)
+    assert head.tune == {"lr_scale": [0.25, 0.5, 1.0, 2.0, 4.0], "head_lr_scale": [0.25, 1.0, 4.0, 16.0, 64.0]}
+    assert head.head_rate() == 0.02 and head.rates(head.plan()[1])[1] == 0.02
+    assert "10 tuning runs (learning rate x 0.25, 0.5, 1, 2, 4; head-only x 0.25, 1, 4, 16, 64)" in plan_text(head)
 
 
 @pytest.mark.integration

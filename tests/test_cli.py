@@ -126,6 +126,29 @@ def test_cli_compare_with_seeds_and_tuning_prints_mean_std_and_the_pair(assets, 
     assert sorted(report["tuning"]) == ["lora-r4", "vera-r16"]
 
 
+def test_the_head_rate_and_head_onlys_own_grid_come_from_the_command_line(assets):
+    from vera_core.lab.cli import _request, build_parser
+    from vera_core.lab.tune import HEAD_LR_SCALES
+
+    base = ["compare", "--model", str(assets / "bert"), "--dataset", str(assets / "sentiment.jsonl")]
+
+    def request(*extra):
+        args = build_parser().parse_args([*base, *extra])
+        return _request(args, args.methods.split(","))
+
+    untuned = request("--methods", "vera,lora", "--head-lr", "0.05")
+    assert untuned.head_rate() == 0.05 and untuned.tune is None
+    assert untuned.rates(untuned.plan()[0]) == (untuned.rates(untuned.plan()[0])[0], 0.05)
+    tuned = request("--methods", "head,vera", "--tune", "0.5,2")
+    assert tuned.tune == {"lr_scale": [0.5, 2.0], "head_lr_scale": list(HEAD_LR_SCALES)}
+    assert [s for spec, s in tuned.tuning_plan() if spec.method == "head"] == list(HEAD_LR_SCALES)
+    own = request("--methods", "head,vera", "--tune", "1", "--head-tune", "1,10")
+    assert own.tune == {"lr_scale": [1.0], "head_lr_scale": [1.0, 10.0]}
+    assert request("--methods", "vera", "--tune", "1").tune == {"lr_scale": [1.0]}  # no head-only: no head grid
+    with pytest.raises(ValueError, match="--head-tune sets head-only's grid within tuning; add --tune"):
+        request("--methods", "head,vera", "--head-tune", "1,10")
+
+
 def test_isolated_tuning_points_score_as_in_process_ones(assets, tmp_path):
     # By default every tuning point trains in its own process (an OOM kill ends the comparison, not the CLI); its
     # result must be the in-process one, seed for seed.

@@ -69,10 +69,25 @@ def _request(args, methods: list[str]):
         vera=vera_grid(r=args.vera_r, d_init=args.d_init, target_modules=args.targets),
         lora=lora_grid(r=args.lora_r, alpha=args.lora_alpha, target_modules=args.targets),
         train=_train_config(args),
-        lrs={m: v for m, v in (("vera", args.vera_lr), ("lora", args.lora_lr)) if v is not None},
+        lrs={m: v for m, v in (("vera", args.vera_lr), ("lora", args.lora_lr), ("head", args.head_lr))
+             if v is not None},
         max_rows=args.max_rows, isolate=not args.in_process, eval_generate=args.eval_generate, samples=args.samples,
-        seeds=args.seeds, tune={"lr_scale": args.tune} if args.tune is not None else None, tune_steps=args.tune_steps,
+        seeds=args.seeds, tune=_tune(args, methods), tune_steps=args.tune_steps,
         max_runs=args.max_runs)
+
+
+def _tune(args, methods: list[str]) -> dict | None:
+    """The request's tuning grids: --tune for every method, and head-only's own (--head-tune, else HEAD_LR_SCALES)
+    when head-only runs."""
+    from .tune import HEAD_LR_SCALES
+
+    if args.tune is None:
+        if args.head_tune is not None:
+            raise ValueError("--head-tune sets head-only's grid within tuning; add --tune SCALES (the other methods' "
+                             "grid) as well.")
+        return None
+    head = {"head_lr_scale": args.head_tune or list(HEAD_LR_SCALES)} if "head" in methods else {}
+    return {"lr_scale": args.tune, **head}
 
 
 def _train_config(args):
@@ -247,11 +262,17 @@ def _compare_args(p: argparse.ArgumentParser) -> None:
                    help="default: DEFAULT_LR['vera'] in lab/train.py (from the tuned records)")
     p.add_argument("--lora-lr", type=float, default=None,
                    help="default: DEFAULT_LR['lora'] in lab/train.py (from the tuned records)")
+    p.add_argument("--head-lr", type=float, default=None,
+                   help="the one classifier-head rate of every method (and head-only's grid centre when tuned); "
+                        "default: DEFAULT_LR['head'] in lab/train.py (benchmarks/results/head_rate.md)")
     p.add_argument("--samples", type=int, default=8, help="test inputs written to samples.jsonl")
     p.add_argument("--seeds", type=_seeds, default=None,
                    help="training seeds, e.g. 0,1,2: every setting once per seed on the same split (default: --seed)")
     p.add_argument("--tune", type=_floats, default=None, metavar="SCALES",
                    help="tune each method's learning rates on validation: default x each scale, e.g. 0.25,0.5,1,2,4")
+    p.add_argument("--head-tune", type=_floats, default=None, metavar="SCALES",
+                   help="head-only's own grid, x the head rate (default 0.25,1,4,16,64: a new head's best rate moves "
+                        "with the model); its choice is every method's head rate")
     p.add_argument("--tune-steps", type=int, default=None, help="steps of each tuning run (default: --steps)")
     p.add_argument("--max-runs", type=int, default=60,
                    help="refuse more runs than this (seeds x settings + tuning, one second-seed run per tuned setting)")

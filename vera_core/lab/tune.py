@@ -35,6 +35,10 @@ from .train import train as train_model
 
 RESULT = "tune.json"
 LR_SCALES = (0.25, 0.5, 1.0, 2.0, 4.0)  # the default grid: a factor 16 around each method's default rates
+# Head-only's grid in the CLI and the lab: a new head's best rate moves with the features it reads (on Rotten
+# Tomatoes, 0.1 for all-MiniLM-L6-v2 and 0.01 for SmolLM2: benchmarks/results/head_rate.md), so its grid spans
+# factors of 4 from x0.25 to x64 of the default head rate.
+HEAD_LR_SCALES = (0.25, 1.0, 4.0, 16.0, 64.0)
 
 
 # train_point(spec, scale, head_scale, work): one grid point's result, None when stopped (`train_point` below
