@@ -60,7 +60,8 @@ def test_seeds_and_tuning_give_intervals_pairs_and_chosen_rates(tokenizer, tmp_p
     # grid's own points move it with their scale)
     assert data["head_lr"] == pytest.approx(DEFAULT_LR["head"][1] * tuning["head"]["scale"])
     assert [runs[n]["head_lr"] for n in runs if n != "base"] == [data["head_lr"]] * 6
-    assert [p["head_lr"] for p in tuning["head"]["grid"]] == pytest.approx([1e-3 * x for x in GRIDS["head_lr_scale"]])
+    assert [p["head_lr"] for p in tuning["head"]["grid"]] == pytest.approx(
+        [DEFAULT_LR["head"][1] * x for x in GRIDS["head_lr_scale"]])
     assert {p["head_lr"] for s in ("vera-r16", "lora-r4") for p in tuning[s]["grid"]} == {data["head_lr"]}
     starts = [e["run"] for e in events if e["type"] == "tune_start"]
     assert starts[:2] == ["head", "head"] and "head" not in starts[starts.index("vera-r16"):]
@@ -203,8 +204,8 @@ def test_head_only_is_tuned_first_and_its_rate_is_every_adapter_points_head_rate
         return {"scale": scale, "lr": lr, "head_lr": head_lr, "val_loss": loss, "steps": 2, "wall_s": 0.0}
 
     request = RunRequest((tiny_bert(tokenizer=tokenizer, num_labels=2), tokenizer), sentiment(),
-                         methods=("vera", "head"), vera=VeraConfig(r=16), train=TINY, seeds=[3],
-                         tune={"lr_scale": [0.5, 2], "head_lr_scale": [1, 2, 4]})
+                         methods=("vera", "head"), vera=VeraConfig(r=16), train=TINY, seeds=[3], lrs={"head": 1e-3},
+                         tune={"lr_scale": [0.5, 2], "head_lr_scale": [1, 2, 4]})  # head grid: x 1e-3, as given
     chosen = tune.tune_rates(request, tmp_path, point, emit=lambda e: None)
     assert trained == [("head-x1", 1e-3), ("head-x2", 2e-3), ("head-x4", 4e-3), ("head-x2-s4", 2e-3),
                        ("vera-r16-x0.5", 2e-3), ("vera-r16-x2", 2e-3), ("vera-r16-x2-s4", 2e-3)]
@@ -335,7 +336,8 @@ def test_a_resume_with_another_grid_retrains_only_the_runs_whose_rate_changed(to
     # again, so one comparison never mixes two head rates.
     path = tmp_path / "run" / "report.json"
     data = json.loads(path.read_text())
-    data["runs"] = [{**r, "head_lr": 1e-3} if r["name"] == "lora-r4" else r for r in data["runs"]]
+    data["runs"] = [{**r, "head_lr": DEFAULT_LR["head"][1]} if r["name"] == "lora-r4" else r for r in data["runs"]]
     path.write_text(json.dumps(data))
     assert run([2.0])[0] == ["lora-r4"]
-    assert {r["head_lr"] for r in load_run(tmp_path / "run")[0]["runs"] if r["method"] != "base"} == {2e-3}
+    assert {r["head_lr"] for r in load_run(tmp_path / "run")[0]["runs"] if r["method"] != "base"} == {
+        2 * DEFAULT_LR["head"][1]}
