@@ -99,6 +99,15 @@ def machine(torch, device: str) -> str:
     return f"{where}, torch {torch.__version__}"
 
 
+def committed_file(commit: str, path: str) -> str:
+    """The text of `path` (relative to the repository) as of `commit`; ValueError with git's own words when the
+    commit or the file does not exist."""
+    done = subprocess.run(["git", "-C", str(ROOT), "show", f"{commit}:{path}"], capture_output=True, text=True)
+    if done.returncode:
+        raise ValueError(done.stderr.strip())
+    return done.stdout
+
+
 def source_commit() -> str:
     """The commit the benchmark code was run from (short hash, "+dirty" with uncommitted changes), so that a record
     names the code that measured it; "unknown" outside a git checkout."""

@@ -30,7 +30,6 @@ import hashlib
 import json
 import os
 import re
-import subprocess
 import sys
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -39,7 +38,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import torch  # noqa: E402
-from harness import RESULTS, ROOT, SMOLLM2  # noqa: E402
+from harness import RESULTS, ROOT, SMOLLM2, committed_file  # noqa: E402
 
 from vera_core.lab.parse import float_list, seed_list  # noqa: E402
 from vera_core.lab.compare import compare  # noqa: E402
@@ -391,12 +390,11 @@ def keep_previous(results: Path, source: str) -> None:
     if Path(source).is_file():
         text, label = Path(source).read_text(), source
     else:
-        shown = subprocess.run(["git", "-C", str(ROOT), "show", f"{source}:benchmarks/results/quality.json"],
-                               capture_output=True, text=True)
-        text, label = shown.stdout, f"commit {source}"
-        if shown.returncode:
+        try:
+            text, label = committed_file(source, "benchmarks/results/quality.json"), f"commit {source}"
+        except ValueError as err:
             raise SystemExit(f"--previous {source}: neither a file nor a commit holding "
-                             f"benchmarks/results/quality.json ({shown.stderr.strip()}).")
+                             f"benchmarks/results/quality.json ({err}).") from None
     try:
         old = json.loads(text)
         pairs = old["pairs"]
