@@ -7,7 +7,7 @@ from helpers import colours, sentiment, tiny_bert, tiny_llama
 
 from vera_core.lab.compare import compare
 from vera_core.adapters.config import LoraConfig, VeraConfig
-from vera_core.lab.report import load_run, pair_line, setting_table, tuning_lines
+from vera_core.lab.report import head_rate_line, load_run, pair_line, setting_table, tuning_lines
 from vera_core.lab.request import RunRequest
 from vera_core.lab.runs import list_runs, run_summary
 from vera_core.lab.stats import t_interval
@@ -96,6 +96,9 @@ def test_seeds_and_tuning_give_intervals_pairs_and_chosen_rates(tokenizer, tmp_p
     assert "the data split (seed 0) and VeRA's projection seed stay fixed" in md and pair["verdict"] in md
     assert "vera-r16: lr" in md and "validation loss by scale" in md
     assert f"Classifier head: one rate for every method, {data['head_lr']:.2g} (head-only's tuned rate)" in md
+    untuned = head_rate_line({**data, "tuning": {}})
+    assert untuned.startswith(f"Classifier head: one rate for every method, {data['head_lr']:.2g} (not tuned")
+    assert "add head-only with tuning when the head matters" in untuned
     assert json.loads((tmp_path / "config.json").read_text())["run_seeds"]["vera-r16-s1"] == 1  # load_run_model's
     entry = run_summary(tmp_path)  # what list_runs shows: each method's best setting by its mean over seeds
     assert entry["best"]["vera"] == vera["mean"] and entry["best"]["lora"] == settings["lora-r4"]["mean"]

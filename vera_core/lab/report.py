@@ -383,7 +383,8 @@ def head_rate_line(report: Report | dict) -> str | None:
     if report.get("head_lr") is None:
         return None
     source = ("head-only's tuned rate" if "head" in (report.get("tuning") or {})
-              else "not tuned: the request's head rate or the default")
+              else "not tuned: the request's head rate or the default; a new head's best rate depends on the model "
+                   "(the default is a compromise), so add head-only with tuning when the head matters")
     return (f"Classifier head: one rate for every method, {report['head_lr']:.2g} ({source}); tuning moves the "
             "adapters' rates only, so the methods differ in their adapters alone.")
 
