@@ -15,7 +15,7 @@ from vera_core.lab.data import BUILTIN_DATASETS
 from vera_core.lab.parse import float_list, int_list
 from vera_core.lab.request import RunRequest, TooManyRuns
 from vera_core.lab.train import DEFAULT_LR
-from vera_core.lab.tune import HEAD_LR_SCALES, LR_SCALES
+from vera_core.lab.tune import tuning_grids
 
 UPLOAD = "uploaded file"
 UPLOAD_SUFFIXES = (".jsonl", ".csv", ".tsv")
@@ -149,17 +149,9 @@ def _request(form: RunForm, upload: str | None, targets, seed: int, seeds: int) 
         task=None if form.task == "auto" else form.task, max_rows=number("rows per split", form.max_rows, True) or None,
         quantization="4bit" if form.quantize_4bit else None, trust_remote_code=form.trust_remote_code,
         eval_generate=number("test generations scored", form.eval_generate, True), samples=SAMPLES,
-        seeds=list(range(seed, seed + seeds)), tune=_tune(form),
+        seeds=list(range(seed, seed + seeds)), tune=tuning_grids(form.methods) if form.tune_lr else None,
         isolate=True,  # each method in its own process: one the OOM killer ends takes only its run, not the lab
         max_runs=None if form.confirm_runs else CONFIRM_ABOVE)
-
-
-def _tune(form: RunForm) -> dict | None:
-    """The tuning grids when the form asks to tune: every method's, and head-only's own (wider: a new head's best
-    rate moves with the model) when head-only runs."""
-    if not form.tune_lr:
-        return None
-    return {"lr_scale": list(LR_SCALES), **({"head_lr_scale": list(HEAD_LR_SCALES)} if "head" in form.methods else {})}
 
 
 def keep_upload(source: str, run_dir: Path) -> str:

@@ -79,15 +79,14 @@ def _request(args, methods: list[str]):
 def _tune(args, methods: list[str]) -> dict | None:
     """The request's tuning grids: --tune for every method, and head-only's own (--head-tune, else HEAD_LR_SCALES)
     when head-only runs."""
-    from .tune import HEAD_LR_SCALES
+    from .tune import tuning_grids
 
     if args.tune is None:
         if args.head_tune is not None:
             raise ValueError("--head-tune sets head-only's grid within tuning; add --tune SCALES (the other methods' "
                              "grid) as well.")
         return None
-    head = {"head_lr_scale": args.head_tune or list(HEAD_LR_SCALES)} if "head" in methods else {}
-    return {"lr_scale": args.tune, **head}
+    return tuning_grids(methods, args.tune, args.head_tune)
 
 
 def _train_config(args):

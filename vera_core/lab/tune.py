@@ -41,6 +41,13 @@ LR_SCALES = (0.25, 0.5, 1.0, 2.0, 4.0)  # the default grid: a factor 16 around e
 HEAD_LR_SCALES = (0.25, 1.0, 4.0, 16.0, 64.0)
 
 
+def tuning_grids(methods, scales=LR_SCALES, head_scales=None) -> dict:
+    """RunRequest's `tune` for the CLI and the lab: `scales` for every method, and head-only's own grid
+    (`head_scales`, else HEAD_LR_SCALES) when head-only is among `methods`."""
+    head = {"head_lr_scale": list(head_scales or HEAD_LR_SCALES)} if "head" in methods else {}
+    return {"lr_scale": list(scales), **head}
+
+
 # train_point(spec, scale, head_scale, work): one grid point's result, None when stopped (`train_point` below
 # in this process; compare runs it in a child process when the request isolates its runs).
 PointTrainer = Callable[[RunSpec, float, float, Path], "dict | None"]
