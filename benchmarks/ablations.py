@@ -27,6 +27,7 @@ restarts at what did not. Tuning runs train half the steps (--tune-steps), as re
     .venv/bin/python benchmarks/ablations.py --data-dir ../shared/data                 # the full run (CPU)
     .venv/bin/python benchmarks/ablations.py --estimate --data-dir ../shared/data      # its time, from step timings
     .venv/bin/python benchmarks/ablations.py --quick --out /tmp/abl                    # smoke run, minutes
+    .venv/bin/python benchmarks/ablations.py --phase sweep --data-dir ../shared/data   # one phase (a second core)
 
 Full run's cost (--estimate, 2026-12-05, this 2-core machine at 1 thread, load average 6-7 from other sessions and
 a 1-thread reproduction rerun beside it): 1.1-1.4 s/step for VeRA r=1-1024 and LoRA r=1-64 at batch 32 x 64 (a
@@ -74,6 +75,7 @@ VARIANTS = {  # name -> the VeraConfig fields it changes (one component at a tim
 SCALES = (0.5, 1.0, 2.0)  # the 3-point grid around default VeRA's tuned rates
 SWEEP = {"vera": (1, 4, 16, 64, 256, 1024), "lora": (1, 2, 4, 8, 16, 32, 64)}  # the paper's ranks (Section 4.5)
 SWEEP_SEEDS = 3
+PHASES = ("variants", "sweep")  # the sweep trains VeRA at the rate the variants' default group tuned
 LORA_ALPHA = 16
 QUICK = {"seeds": [0, 1], "scales": [0.5, 2.0], "tune_steps": 2, "sweep": {"vera": (1, 16, 256), "lora": (1, 2)}}
 MODEL = "minilm-l6"
@@ -664,6 +666,9 @@ def main() -> int:
     parser.add_argument("--max-length", type=int)
     parser.add_argument("--sst2-train-rows", type=int, default=4000)
     parser.add_argument("--seed", type=int, default=0, help="the data split's seed")
+    parser.add_argument("--phase", choices=PHASES, action="append",
+                        help="run only this phase (repeatable; default both, in order): two processes, one per phase, "
+                             "use two cores once the variants' default group has tuned (the sweep trains at its rate)")
     args = parse_or_serve(parser, child_work)
     if args is None:
         return 0
@@ -677,13 +682,15 @@ def main() -> int:
     if args.estimate:
         print(estimate(args, rates))
         return 0
+    if "variants" not in (args.phase or PHASES):
+        tuned_lr(group_dir(args, "default"))  # the sweep alone needs default's tuning: say so before any child starts
     errors: list[str] = []
 
     def recorded(row: dict) -> None:
         print(f"   {row['group']}: {'done earlier, kept' if row['kept'] else 'finished'}", flush=True)
         record(args, rates, errors, draw=False)  # the figure is drawn once, at the end
 
-    for phase in ("variants", "sweep"):
+    for phase in args.phase or PHASES:
         print(f"== {phase} ({args.task}, {args.model}) ...", flush=True)
         groups = [group for group, _, _ in plan(args, phase)]
         if not args.fresh and all(finished(group_dir(args, g), phase_seeds(args, phase), rates["vera"][1])

@@ -78,13 +78,13 @@ def test_a_record_from_before_one_head_rate_per_comparison_is_refused(tmp_path):
             ablations.centre_rates(committed, "sst2")
 
 
-def _run(assets: Path, out: Path) -> str:
+def _run(assets: Path, out: Path, *extra: str, code: int = 0) -> str:
     command = [sys.executable, str(ROOT / "benchmarks" / "ablations.py"), "--quick", "--task", "rotten-tomatoes",
                "--model", str(assets / "bert"), "--out", str(out),
-               "--rates-from", str(_quality(out.parent / "quality.json", 0.002, 0.001, 0.01))]
+               "--rates-from", str(_quality(out.parent / "quality.json", 0.002, 0.001, 0.01)), *extra]
     done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
-    return done.stdout
+    assert done.returncode == code, done.stdout[-2000:] + done.stderr[-3000:]
+    return done.stdout + done.stderr
 
 
 @pytest.mark.integration
@@ -137,5 +137,13 @@ def test_quick_run_writes_a_well_formed_record_and_a_rerun_trains_only_what_is_m
     text = _run(assets, out)
     assert "sweep/lora-r2: finished" in text
     assert text.count("done earlier, kept") == len(ablations.VARIANTS) + 3  # vera r1, r16, lora r1
+    # --phase sweep (a second process on a second core) touches only the sweep's groups ...
+    shutil.rmtree(out / "ablations" / "sweep" / "lora-r2")
+    text = _run(assets, out, "--phase", "sweep")
+    assert "sweep/lora-r2: finished" in text and "== variants" not in text
+    assert text.count("done earlier, kept") == 3
+    # ... and, before default's tuning exists, refuses with the reason instead of starting a child that fails.
+    refused = _run(assets, tmp_path / "fresh", "--phase", "sweep", code=1)
+    assert "tuning.json is missing" in refused and "run the variants first" in refused and "== sweep" not in refused
     assert (out / "ablations" / "default" / "metrics.jsonl").read_bytes() == default_log
     assert json.loads((out / "ablations.json").read_text())["rows"] == rows
