@@ -44,6 +44,8 @@ import json
 import math
 import os
 import re
+import signal
+import subprocess
 import sys
 from dataclasses import replace
 from pathlib import Path
@@ -269,8 +271,9 @@ def setting_of(run_dir: Path, seeds: list[int] | None = None) -> dict | None:
     row = rows[0]
     row["by_seed"] = dict(zip(row["seeds"], row["runs"]))
     row["tuning"] = (report.get("tuning") or {}).get(row["setting"])
-    row["wall_s"] = sum(r.get("wall_s") or 0.0 for r in report["runs"]) + sum(
-        p.get("wall_s") or 0.0 for p in ((report.get("tuning") or {}).get(row["setting"]) or {}).get("grid", []))
+    points = ((report.get("tuning") or {}).get(row["setting"]) or {}).get("grid", [])
+    for key in ("wall_s", "cpu_s"):  # the group's time: its seed runs and its tuning points
+        row[key] = sum(r.get(key) or 0.0 for r in [*report["runs"], *points])
     return row
 
 
@@ -326,7 +329,7 @@ def variant_rows(args: argparse.Namespace) -> list[dict]:
             "paper_direction": paper_sign(variant) if variant != "default" else None,
             "direction": direction(paper_sign(variant), pair["ci95"] if pair else None)
             if variant != "default" else None,
-            "complete": len(s["seeds"]) == len(seeds_of(args)), "wall_s": s["wall_s"]})
+            "complete": len(s["seeds"]) == len(seeds_of(args)), "wall_s": s["wall_s"], "cpu_s": s["cpu_s"]})
     return rows
 
 
@@ -341,7 +344,7 @@ def sweep_rows(args: argparse.Namespace) -> list[dict]:
                      "trainable_params": s["trainable_params"], "seeds": s["seeds"], "values": s["values"],
                      "metric_mean": s["mean"], "metric_std": s["std"], "ci95": s["ci95"], "lr": s["lr"],
                      "head_lr": s["head_lr"], "group": name, "by_seed": s["by_seed"],
-                     "wall_s": s["wall_s"] if name != "default" else 0.0})  # default's time is counted in its row
+                     **{k: s[k] if name != "default" else 0.0 for k in ("wall_s", "cpu_s")}})  # default's: its row
     return rows
 
 
@@ -415,7 +418,7 @@ def record(args: argparse.Namespace, rates: dict, errors: list[str], draw: bool 
     rows, sweep = variant_rows(args), sweep_rows(args)
     ds_note = json.loads((group_dir(args, "default") / "config.json").read_text())["splits"] \
         if (group_dir(args, "default") / "config.json").is_file() else None
-    wall = sum(r["wall_s"] for r in rows) + sum(r["wall_s"] for r in sweep)
+    wall, cpu = (sum(r[key] for r in [*rows, *sweep]) for key in ("wall_s", "cpu_s"))
     result = {"task": args.task, "model": args.model, "targets": ["query", "value"], "r": RANK,
               "splits": ds_note, "quick": bool(args.quick), "seeds": seeds_of(args), "sweep_seeds": sweep_seeds(args),
               "lr_scales": list(QUICK["scales"] if args.quick else SCALES), "centre_rates": rates,
@@ -424,7 +427,8 @@ def record(args: argparse.Namespace, rates: dict, errors: list[str], draw: bool 
               "rows": rows, "rank_sweep": [{k: v for k, v in r.items() if k != "by_seed"} for r in sweep],
               "equal_budget": equal_budget_pair(args, sweep), "layers": layer_picture(args),
               "paper": {"citation": CITATION, "sweep": PAPER_SWEEP, "table7_shared": PAPER_SHARED_TABLE7},
-              "wall_h": wall / 3600, "threads": torch.get_num_threads(), "load_average": list(os.getloadavg()),
+              "wall_h": wall / 3600, "cpu_h": cpu / 3600, "threads": torch.get_num_threads(),
+              "load_average": list(os.getloadavg()), "nice": os.nice(0), "beside": beside(args),
               "errors": errors}
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -578,6 +582,28 @@ def reading(result: dict) -> list[str]:
     return [" ".join(text)]
 
 
+def pace(result: dict) -> str:
+    """What the run cost and what shared the machine: CPU hours are the work; wall hours also hold the waiting."""
+    nice = f" and nice {result['nice']} (it yields the cores to the jobs beside it)" if result["nice"] else ""
+    seen = result["beside"]
+    beside = (f"beside it, {seen['busy']} of {seen['samples']} five-minute samples saw other processes over 20% CPU "
+              f"({seen['log']} lists them); " if seen else "")
+    return (f"{result['cpu_h']:.2f} CPU hours in the runs' own processes, {result['wall_h']:.2f} h wall at "
+            f"{result['threads']} thread(s){nice}; {beside}load average at the last write "
+            f"{', '.join(f'{x:.1f}' for x in result['load_average'])}.")
+
+
+def beside(args: argparse.Namespace) -> dict | None:
+    """{"samples", "busy", "log"} from the beside.log the run's sampler writes (benchmarks/beside.sh), None before
+    its first sample."""
+    log = Path(args.out) / "ablations" / "beside.log"
+    lines = log.read_text().splitlines() if log.is_file() else []
+    if not lines:
+        return None
+    return {"samples": len(lines), "busy": sum("%);" in line for line in lines),
+            "log": str(log.relative_to(Path(args.out)))}
+
+
 def markdown(result: dict, choice: list[str]) -> str:
     lines = ["# Why VeRA works: the paper's ablations beside the lab's", "",
              f"Written by `benchmarks/ablations.py`{' (--quick smoke run: not a result)' if result['quick'] else ''}. "
@@ -588,8 +614,7 @@ def markdown(result: dict, choice: list[str]) -> str:
              f"sweep point alike, trains its classifier head at one rate, {result['head_lr']:g} "
              f"({result['head_lr_source']}), so no comparison differs in the head. A row's interval is a t-interval over seeds; a difference's "
              "is the two-level paired bootstrap (seeds and test rows resampled). Training: "
-             f"{result['wall_h']:.2f} h wall at {result['threads']} thread(s); load average at the last write "
-             f"{', '.join(f'{x:.1f}' for x in result['load_average'])}.", ""]
+             f"{pace(result)}", ""]
     if choice:
         lines += ["Why this task (from quality.json, the reproduction's record):", "", *choice, ""]
     lines += ["## Ablations: the paper beside the lab", "", f"Paper: {CITATION}. Reference for \"unique\": Table 7's "
@@ -685,10 +710,25 @@ def main() -> int:
     if "variants" not in (args.phase or PHASES):
         tuned_lr(group_dir(args, "default"))  # the sweep alone needs default's tuning: say so before any child starts
     errors: list[str] = []
+    (Path(args.out) / "ablations").mkdir(parents=True, exist_ok=True)
+    sampler = subprocess.Popen(["bash", str(Path(__file__).with_name("beside.sh")),  # what runs beside, for the record
+                                str(Path(args.out) / "ablations" / "beside.log"), str(os.getpgid(0))],
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        train_phases(args, rates, errors)
+    finally:
+        os.killpg(sampler.pid, signal.SIGTERM)  # its group: the sampler and the sleep it waits in
+    result = record(args, rates, errors)
+    print(markdown(result, []))
+    return 1 if errors else 0
 
+
+def train_phases(args: argparse.Namespace, rates: dict, errors: list[str]) -> None:
+    """Each phase's groups in one child process; a finished group is kept, and every group that ends rewrites the
+    record (without the figure: it is drawn once, at the end)."""
     def recorded(row: dict) -> None:
         print(f"   {row['group']}: {'done earlier, kept' if row['kept'] else 'finished'}", flush=True)
-        record(args, rates, errors, draw=False)  # the figure is drawn once, at the end
+        record(args, rates, errors, draw=False)
 
     for phase in args.phase or PHASES:
         print(f"== {phase} ({args.task}, {args.model}) ...", flush=True)
@@ -703,9 +743,6 @@ def main() -> int:
         except ChildFailed as err:
             errors.append(f"{phase}: {err}")
             print(f"   {phase} stopped: {err}\n{err.tail}", flush=True)
-    result = record(args, rates, errors)
-    print(markdown(result, []))
-    return 1 if errors else 0
 
 
 if __name__ == "__main__":

@@ -39,25 +39,11 @@ for need in sst2/train.tsv sst2/dev.tsv e2e/devset.csv; do
   [ -f "$VERA_REPRO_DATA/$need" ] || { echo "rerun: $VERA_REPRO_DATA/$need not found; set VERA_REPRO_DATA." >&2; exit 1; }
 done
 
-# What ran beside the rerun: every 5 minutes, the 1-minute load and each other process whose ps %CPU (its average
-# since it started) is over 20 (this script's own process group left out), written into the comparison's folder and
-# summed up in its commit message.
-sample_beside() {
-  local log=$1 own
-  own=$(ps -o pgid= $$ | tr -d ' ')
-  while sleep 300; do
-    printf '%s load %s |' "$(date '+%F %T')" "$(cut -d' ' -f1 /proc/loadavg)"
-    ps -eo pgid=,pcpu=,args= --sort=-pcpu | awk -v own="$own" '$1 != own && $2 > 20 {
-      $1 = ""; pcpu = $2; $2 = ""; sub(/^ +/, ""); printf " %s (%s%%);", substr($0, 1, 80), pcpu }'
-    echo
-  done >> "$log"
-}
-
 run_group() {
   local task=$1 group=$2 dir=$OUT/repro/$1/$2 sampler
   mkdir -p "$dir"
   echo "== $(date '+%F %T') $task/$group"
-  sample_beside "$dir/beside.log" & sampler=$!
+  benchmarks/beside.sh "$dir/beside.log" "$(ps -o pgid= $$ | tr -d ' ')" & sampler=$!  # what ran beside it
   "$PY" benchmarks/reproduce.py --task "$task" --group "$group" --out "$OUT" || { kill "$sampler"; exit 1; }
   kill "$sampler"
   local busy samples

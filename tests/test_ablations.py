@@ -1,5 +1,6 @@
 """benchmarks/ablations.py: the quick smoke run's record (every variant paired against default, the rank sweep, the
 per-layer picture), the direction column read from the intervals, and a rerun that keeps finished groups."""
+import argparse
 import importlib.util
 import json
 import shutil
@@ -59,6 +60,38 @@ def test_every_group_trains_its_head_at_the_comparisons_one_rate(tmp_path):
     # The top-level per-comparison rate wins over a row's own (it is what every run of the comparison used).
     top = _quality(tmp_path / "top.json", 0.002, 0.001, 0.064)
     assert ablations.centre_rates(top, "rotten-tomatoes")["lora"] == (5e-4, 0.064)
+
+
+def test_the_record_says_what_ran_beside_it_and_its_cpu_hours_apart_from_wall_hours(tmp_path):
+    log = tmp_path / "ablations" / "beside.log"
+    log.parent.mkdir()
+    log.write_text("2026-12-05 21:00:00 load 2.1 | reproduce.py --task e2e (95.0%);\n"
+                   "2026-12-05 21:05:00 load 1.0 |\n")
+    seen = ablations.beside(argparse.Namespace(out=str(tmp_path)))
+    assert seen == {"samples": 2, "busy": 1, "log": "ablations/beside.log"}
+    line = ablations.pace({"cpu_h": 1.5, "wall_h": 4.25, "threads": 1, "nice": 19, "beside": seen,
+                           "load_average": [2.0, 2.1, 2.2]})
+    assert line.startswith("1.50 CPU hours in the runs' own processes, 4.25 h wall at 1 thread(s) and nice 19")
+    assert "beside it, 1 of 2 five-minute samples saw other processes over 20% CPU (ablations/beside.log" in line
+    assert ablations.beside(argparse.Namespace(out=str(tmp_path / "none"))) is None
+
+
+def test_the_beside_sampler_logs_other_processes_and_leaves_out_its_own_group(tmp_path):
+    # benchmarks/beside.sh with its 5-minute wait cut to none: one sample, a busy process in another group listed
+    script = (ROOT / "benchmarks" / "beside.sh").read_text().replace("while sleep 300", "for once in 1")
+    (tmp_path / "beside.sh").write_text(script)
+    busy = subprocess.Popen([sys.executable, "-c", "while True: pass"], start_new_session=True)
+    try:
+        subprocess.run(["sleep", "2"])  # its %CPU (an average since it started) climbs to ~100
+        subprocess.run(["bash", str(tmp_path / "beside.sh"), str(tmp_path / "log")], check=True, timeout=60)
+        own = subprocess.run(["bash", str(tmp_path / "beside.sh"), str(tmp_path / "own"), str(busy.pid)],
+                             check=True, timeout=60)
+    finally:
+        busy.kill()
+    assert own.returncode == 0
+    (line,) = (tmp_path / "log").read_text().splitlines()
+    assert " load " in line and "while True: pass" in line and line.endswith("%);")
+    assert "while True: pass" not in (tmp_path / "own").read_text()  # its own group (here: the busy one) left out
 
 
 def test_a_record_from_before_one_head_rate_per_comparison_is_refused(tmp_path):
@@ -129,6 +162,8 @@ def test_quick_run_writes_a_well_formed_record_and_a_rerun_trains_only_what_is_m
         assert line.split(" | ")[5] == row["direction"]
     assert "trains its classifier head at one rate, 0.01 (the per-comparison head rate of" in page
     assert "Kopiczko" in page and "(-32.7)" in page and "Rank sweep" in page
+    assert record["cpu_h"] > 0 and f"{record['cpu_h']:.2f} CPU hours in the runs' own processes" in page
+    assert record["beside"] is None  # the sampler writes its first line after 5 minutes
     assert (out / "ablations.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
     # A killed run: one sweep group never ran. The rerun trains it alone and keeps every finished group as it was.

@@ -3,6 +3,7 @@ predictions, intervals, paired VeRA − LoRA differences, resuming, and the refu
 import json
 
 import pytest
+import torch
 from helpers import colours, sentiment, tiny_bert, tiny_llama
 
 from vera_core.lab.compare import compare
@@ -34,6 +35,9 @@ def test_seeds_and_tuning_give_intervals_pairs_and_chosen_rates(tokenizer, tmp_p
     assert list(runs) == ["base", "head-s0", "head-s1", "vera-r16-s0", "vera-r16-s1", "lora-r4-s0", "lora-r4-s1"]
     assert [runs[n]["seed"] for n in ("vera-r16-s0", "vera-r16-s1")] == [0, 1] and data["seeds"] == [0, 1]
     assert data["seed"] == 0 and runs["lora-r4-s1"]["setting"] == "lora-r4"
+    # every run and tuning point records its process CPU seconds beside its wall time (the cost on a shared machine)
+    timed = [*runs.values(), *(p for entry in data["tuning"].values() for p in entry["grid"])]
+    assert all(0 < t["cpu_s"] <= t["wall_s"] * torch.get_num_threads() + 1 for t in timed)
     # tuning: head-only first on its own grid, then the adapters on theirs, the same steps for all; the lowest
     # validation loss wins unless a second seed (the request's seed 1) finds a near-tie and the mean over both decides
     tuning = data["tuning"]

@@ -88,7 +88,7 @@ def _run_one(request: RunRequest, spec: RunSpec, load: Callable[[int], tuple], r
     (one row per scored test example).
 
     The trainer writes run_dir/train/<run>/: a checkpoint when stopped, which the next call resumes from."""
-    t0 = time.perf_counter()
+    t0, cpu0 = time.perf_counter(), time.process_time()
     dataset, config = request.dataset, request.train_config(spec, scale, head_scale)
     model, tokenizer = load(spec.seed)
     dtype = str(next(model.parameters()).dtype).removeprefix("torch.")
@@ -138,7 +138,7 @@ def _run_one(request: RunRequest, spec: RunSpec, load: Callable[[int], tuple], r
                                                      request.samples)
         (run_dir / "predictions").mkdir(exist_ok=True)
         write_jsonl(run_dir / "predictions" / f"{spec.name}.jsonl", examples)
-    report.wall_s = time.perf_counter() - t0
+    report.wall_s, report.cpu_s = time.perf_counter() - t0, time.process_time() - cpu0
     return report, outputs, device, dtype
 
 

@@ -50,6 +50,7 @@ class RunReport:
     eval: dict | None = None  # {"loss", "accuracy"} or {"loss", "bleu", "rougeL"} on the test split
     stopped: bool = False  # the stop flag ended this run early (its eval is then None)
     wall_s: float | None = None
+    cpu_s: float | None = None  # the process's CPU seconds over the same span: the work, whatever shared the cores
     memory_estimate: dict | None = None  # estimate_memory(...) made before the run started, same categories
     prefer: str | None = None  # TrainConfig.prefer: "memory" or "speed" (what VeRA does with its folded weights)
     fold_estimates: dict | None = None  # VeRA: memory.fold_estimates, {"keep", "rebuild" (peak bytes), "keep_saving"}

@@ -24,6 +24,7 @@ import json
 import math
 import shutil
 import threading
+import time
 from dataclasses import replace
 from pathlib import Path
 from typing import Callable
@@ -56,8 +57,8 @@ PointTrainer = Callable[[RunSpec, float, float, Path], "dict | None"]
 def train_point(request: RunRequest, spec: RunSpec, scale: float, head_scale: float,
                 prepare: Callable[[RunSpec], tuple], work: Path, emit: Callable[[dict], None],
                 stop: threading.Event | None) -> dict | None:
-    """One grid point's {"scale", "lr", "head_lr", "val_loss", "steps", "wall_s"} (and "test" when the request
-    scores its tuning); None when stopped. prepare(spec) gives the fresh, trainable (model, tokenizer) of the point."""
+    """One grid point's {"scale", "lr", "head_lr", "val_loss", "steps", "wall_s", "cpu_s"} (and "test" when the
+    request scores its tuning); None when stopped. prepare(spec) gives the fresh, trainable (model, tokenizer) of the point."""
     # Evaluated once, at the end, on the whole validation split: the one number the choice rests on.
     steps = request.tune_steps or request.steps_per_run()
     config = replace(request.train_config(spec, scale, head_scale), steps=steps, epochs=None, eval_every=steps,
@@ -68,6 +69,7 @@ def train_point(request: RunRequest, spec: RunSpec, scale: float, head_scale: fl
                 and ("test" in point or not request.score_tuning)):
             return point
         shutil.rmtree(work)  # made for other steps, rates or scoring (the request changed): train this point again
+    cpu0 = time.process_time()  # the point's CPU seconds: its cost on a shared machine, where wall time is not
     model, tokenizer = prepare(spec)
     resume = work if (work / "checkpoints").is_dir() else None
     name = f"tune/{work.name}"
@@ -82,6 +84,7 @@ def train_point(request: RunRequest, spec: RunSpec, scale: float, head_scale: fl
     if request.score_tuning:
         point["test"], _, examples = score_split(model, tokenizer, request.dataset, config, request.eval_generate, 0)
         write_jsonl(work / "predictions.jsonl", examples)
+    point["cpu_s"] = time.process_time() - cpu0
     write_json(work / RESULT, point)  # last: a point without it is unfinished
     return point
 
