@@ -47,7 +47,7 @@ from vera_core.lab.data import MR_INSTRUCTION, TextDataset, load_dataset  # noqa
 from vera_core.adapters.files import write_json, write_text  # noqa: E402
 from vera_core.lab.plots import tradeoff_figure  # noqa: E402
 from vera_core.lab.report import (Report, load_run, mean_cell, pair_line, pair_rows, seeds_note,  # noqa: E402
-                                  tuning_lines)
+                                  tuning_lines, verdict_text)
 from vera_core.lab.runs import run_summary  # noqa: E402
 from vera_core.lab.stats import CI_SEEDS, MARGIN, mean_std  # noqa: E402
 from vera_core.lab.train import TrainConfig  # noqa: E402
@@ -431,8 +431,7 @@ def change_lines(quality: dict) -> list[str]:
             parts.append(f"one head rate {heads.pop():.2g}")
         elif heads:
             parts.append(f"heads {vera['head_lr']:.2g} (VeRA) vs {lora['head_lr']:.2g} (LoRA)")
-        return (f"{p['diff_mean']:+.1f} [{p['ci95'][0]:+.1f}, {p['ci95'][1]:+.1f}] {p['verdict']} "
-                f"({'; '.join(parts)})")
+        return f"{p['diff_mean']:+.1f} [{p['ci95'][0]:+.1f}, {p['ci95'][1]:+.1f}] {verdict_text(p)} ({'; '.join(parts)})"
 
     lines = ["## What changed from the previous record", "",
              f"Each pair of the previous record ({previous['from']}) and the same pair now (difference of the "

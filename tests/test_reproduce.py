@@ -245,7 +245,8 @@ def test_the_previous_record_is_kept_and_each_pair_says_what_changed(tmp_path):
     old = {"tasks": {"rotten-tomatoes": [row("vera-r256-qv", 74.9, 2e-2, 2e-3),
                                          row("lora-r8-qv", 75.6, 5e-4, 1e-3)], "e2e": []},
            "pairs": {"rotten-tomatoes": [pair(-0.6, [-3.0, 2.2], [0, 1, 2])],
-                     "e2e": [{**pair(-0.1, [-1.6, 1.3], [0, 1, 2]), "vera": "vera-r256-all", "lora": "lora-r8-all"}]}}
+                     "e2e": [{**pair(0.9, [0.4, 1.3], [0, 1, 2], "matches within 1 point"), "vera": "vera-r256-all",
+                              "lora": "lora-r8-all"}]}}
     (tmp_path / "old.json").write_text(json.dumps(old))
     now = {"tasks": {"rotten-tomatoes": [row("vera-r256-qv", 76.84, 4e-2, 0.128),
                                          row("lora-r8-qv", 76.76, 2e-3, 0.128)]},
@@ -259,8 +260,8 @@ def test_the_previous_record_is_kept_and_each_pair_says_what_changed(tmp_path):
                         "VeRA 74.9 at lr 0.02; LoRA 75.6 at lr 0.0005; heads 0.002 (VeRA) vs 0.001 (LoRA)); now +0.1 "
                         "[-1.8, +2.0] cannot tell (5 seeds; VeRA 76.8 at lr 0.04; LoRA 76.8 at lr 0.002; one head "
                         "rate 0.13)")
-    assert lines[5] == ("- e2e vera-r256-all − lora-r8-all: was -0.1 [-1.6, +1.3] cannot tell (3 seeds); now not in "
-                        "this record")
+    assert lines[5] == ("- e2e vera-r256-all − lora-r8-all: was +0.9 [+0.4, +1.3] matches within 1 point "
+                        "(vera-r256-all ahead: the whole interval is above 0) (3 seeds); now not in this record")
     assert reproduce.change_lines(now) == []
     with pytest.raises(SystemExit, match="neither a file nor a commit"):
         reproduce.keep_previous(tmp_path, "no-such-commit")

@@ -348,12 +348,19 @@ def pair_line(pair: dict) -> str:
     """"vera-r256 − lora-r8 = +0.9 points [-0.8, +2.6] (accuracy, 3 seeds; 9.6x fewer parameters): matches within
     1 point"."""
     low, high = pair["ci95"]
+    return (f"{pair['vera']} − {pair['lora']} = {pair['diff_mean']:+.1f} points [{low:+.1f}, {high:+.1f}] "
+            f"({pair['metric']}, {len(pair['seeds'])} seed{'s' * (len(pair['seeds']) > 1)}; "
+            f"{pair['param_ratio']:.1f}x fewer parameters): {verdict_text(pair)}")
+
+
+def verdict_text(pair: dict) -> str:
+    """The pair's verdict, and where its interval sits against 0 when that says more: "matches within 1 point (vera-r256
+    ahead: the whole interval is above 0)"."""
+    low, high = pair["ci95"]
     # The verdicts read the interval against -1 only; "matches" would also cover a clear lead or a clear small lag.
     side = (f" ({pair['vera']} ahead: the whole interval is above 0)" if low > 0 else
             f" ({pair['vera']} slightly behind: the whole interval is below 0)" if high < 0 and low >= -1 else "")
-    return (f"{pair['vera']} − {pair['lora']} = {pair['diff_mean']:+.1f} points [{low:+.1f}, {high:+.1f}] "
-            f"({pair['metric']}, {len(pair['seeds'])} seed{'s' * (len(pair['seeds']) > 1)}; "
-            f"{pair['param_ratio']:.1f}x fewer parameters): {pair['verdict']}{side}")
+    return pair["verdict"] + side
 
 
 def tuning_lines(tuning: dict | None) -> list[str]:
