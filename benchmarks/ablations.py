@@ -44,8 +44,6 @@ import json
 import math
 import os
 import re
-import signal
-import subprocess
 import sys
 from dataclasses import replace
 from pathlib import Path
@@ -54,7 +52,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import numpy as np  # noqa: E402
-from harness import RESULTS, ChildFailed, command_line, parse_or_serve, run_child, write_page  # noqa: E402
+from harness import (RESULTS, ChildFailed, beside_sampler, command_line, parse_or_serve, run_child,  # noqa: E402
+                     write_page)
 from reproduce import budgets, data_dir, missing_data, sst2_dataset  # noqa: E402
 
 from vera_core.adapters.config import LoraConfig, VeraConfig  # noqa: E402
@@ -710,14 +709,8 @@ def main() -> int:
     if "variants" not in (args.phase or PHASES):
         tuned_lr(group_dir(args, "default"))  # the sweep alone needs default's tuning: say so before any child starts
     errors: list[str] = []
-    (Path(args.out) / "ablations").mkdir(parents=True, exist_ok=True)
-    sampler = subprocess.Popen(["bash", str(Path(__file__).with_name("beside.sh")),  # what runs beside, for the record
-                                str(Path(args.out) / "ablations" / "beside.log"), str(os.getpgid(0))],
-                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-    try:
+    with beside_sampler(Path(args.out) / "ablations" / "beside.log"):  # what ran beside it, for the record
         train_phases(args, rates, errors)
-    finally:
-        os.killpg(sampler.pid, signal.SIGTERM)  # its group: the sampler and the sleep it waits in
     result = record(args, rates, errors)
     print(markdown(result, []))
     return 1 if errors else 0

@@ -9,10 +9,12 @@ Each configuration runs in its own process so that peak memory and timings are t
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import platform
 import resource
+import signal
 import subprocess
 import sys
 import tempfile
@@ -138,3 +140,16 @@ def write_page(path: Path, record: str) -> None:
     old = path.read_text() if path.is_file() else ""
     notes = old[old.index(NOTES_MARKER):] if NOTES_MARKER in old else ""
     write_text(path, record.rstrip("\n") + "\n\n" + notes if notes else record)
+
+
+@contextlib.contextmanager
+def beside_sampler(log: Path) -> Iterator[None]:
+    """While the block runs, benchmarks/beside.sh appends to `log` every 5 minutes what else runs on the machine (this
+    process group, its children included, left out): a long run's record can say what shared its cores."""
+    log.parent.mkdir(parents=True, exist_ok=True)
+    sampler = subprocess.Popen(["bash", str(ROOT / "benchmarks" / "beside.sh"), str(log), str(os.getpgid(0))],
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        yield
+    finally:
+        os.killpg(sampler.pid, signal.SIGTERM)  # its own group: the sampler and the sleep it waits in

@@ -57,8 +57,21 @@ def quality_rows(quality: dict) -> list[tuple[str, str, str]]:
         for pair in pairs:
             group = GROUPS.get(pair["vera"].rsplit("-", 1)[-1], "")
             rows.append((f"Quality, {TASKS.get(task, task)} ({MODELS.get(model, model)}, {group}): VeRA − LoRA, "
-                         "paired by seed and test row", pair_line(pair), _link("quality.md")))
+                         "paired by seed and test row", pair_line(pair) + _before(quality, task, pair),
+                         _link("quality.md")))
     return rows + sensitivity_rows(quality)
+
+
+def _before(quality: dict, task: str, pair: dict) -> str:
+    """The same pair in the record this one replaced (reproduce.py --previous), when it differs: what a reader of the
+    earlier README was told; quality.md's "what changed" section has the rest."""
+    old = next((p for p in (quality.get("previous") or {}).get("pairs", {}).get(task, [])
+                if (p["vera"], p["lora"]) == (pair["vera"], pair["lora"])), None)
+    if old is None or (old["diff_mean"], old["ci95"], old["seeds"]) == (pair["diff_mean"], pair["ci95"], pair["seeds"]):
+        return ""
+    heads = {old.get("vera_head_lr"), old.get("lora_head_lr")} - {None}
+    return (f"; the previous record: {old['diff_mean']:+.1f} [{old['ci95'][0]:+.1f}, {old['ci95'][1]:+.1f}], "
+            f"{len(old['seeds'])} seeds{', heads at two rates' if len(heads) > 1 else ''}")
 
 
 def sensitivity_rows(quality: dict) -> list[tuple[str, str, str]]:

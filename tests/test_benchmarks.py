@@ -3,6 +3,7 @@ right units, the results pages keep their hand-written notes, and the harness is
 processes."""
 import ast
 import json
+import subprocess
 import sys
 from pathlib import Path
 
@@ -83,6 +84,15 @@ def test_rows_read_the_records_in_the_stated_units():
     assert ("VeRA r=256 1,250.0 MB (10^6 bytes) = 1,192 MiB, measured (RSS); target 1 GB (10^9 bytes): missed by "
             "25.0%. LoRA r=8 9,000.0 MB (10^6 bytes) = 8,583 MiB, computed from its shapes") in text
     assert len([line for line in text.splitlines() if line.startswith("| ")]) == 1 + 8
+    # A record that replaced another (reproduce.py --previous) says what the earlier one told, when it differs.
+    records = made_up_records()
+    old = {**records["quality"]["pairs"]["e2e"][0], "diff_mean": -1.3, "ci95": [-3.2, 0.5],
+           "vera_head_lr": 4e-3, "lora_head_lr": 2e-3}
+    records["quality"]["previous"] = {"from": "commit abc", "pairs": {"e2e": [old]}}
+    assert ("cannot tell; the previous record: -1.3 [-3.2, +0.5], 3 seeds, heads at two rates | "
+            in summary.table(records))
+    records["quality"]["previous"]["pairs"]["e2e"] = [records["quality"]["pairs"]["e2e"][0]]  # unchanged: no note
+    assert "the previous record" not in summary.table(records)
 
 
 def test_a_scored_tuning_grid_gives_a_rate_sensitivity_row():
@@ -225,3 +235,21 @@ def test_the_old_fold_policy_kept_every_smollm2_layer_at_4_x_128_where_the_defau
     assert speed.layers_keeping(128, 256) == {"default": 0, "old_default": 210, "folded": 210}
     assert speed.layers_keeping(128, 1024) == {"default": 0, "old_default": 210, "folded": 210}
     assert speed.layers_keeping(512, 256) == {"default": 0, "old_default": 0, "folded": 210}
+
+
+def test_the_beside_sampler_logs_other_processes_and_leaves_out_its_own_group(tmp_path):
+    # benchmarks/beside.sh with its 5-minute wait cut to none: one sample, a busy process in another group listed
+    script = (ROOT / "benchmarks" / "beside.sh").read_text().replace("while sleep 300", "for once in 1")
+    (tmp_path / "beside.sh").write_text(script)
+    busy = subprocess.Popen([sys.executable, "-c", "while True: pass"], start_new_session=True)
+    try:
+        subprocess.run(["sleep", "2"])  # its %CPU (an average since it started) climbs to ~100
+        subprocess.run(["bash", str(tmp_path / "beside.sh"), str(tmp_path / "log")], check=True, timeout=60)
+        own = subprocess.run(["bash", str(tmp_path / "beside.sh"), str(tmp_path / "own"), str(busy.pid)],
+                             check=True, timeout=60)
+    finally:
+        busy.kill()
+    assert own.returncode == 0
+    (line,) = (tmp_path / "log").read_text().splitlines()
+    assert " load " in line and "while True: pass" in line and line.endswith("%);")
+    assert "while True: pass" not in (tmp_path / "own").read_text()  # its own group (here: the busy one) left out
