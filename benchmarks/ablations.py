@@ -45,6 +45,7 @@ import math
 import os
 import re
 import sys
+import threading
 from dataclasses import replace
 from pathlib import Path
 
@@ -52,8 +53,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import numpy as np  # noqa: E402
-from harness import (RESULTS, ChildFailed, beside_sampler, command_line, parse_or_serve, run_child,  # noqa: E402
-                     write_page)
+from harness import (RESULTS, STOPPED, ChildFailed, beside_sampler, command_line, parse_or_serve,  # noqa: E402
+                     run_child, stop_on_sigterm, write_page)
 from reproduce import budgets, data_dir, missing_data, sst2_dataset  # noqa: E402
 
 from vera_core.adapters.config import LoraConfig, VeraConfig  # noqa: E402
@@ -188,8 +189,9 @@ def finished(run_dir: Path, seeds: list[int], head_lr: float) -> bool:
 
 
 def run_group(args: argparse.Namespace, run_dir: Path, method: str, adapter, rates: tuple[float, float],
-              seeds: list[int], tune: bool) -> dict:
-    """One compare() into `run_dir`, resumed when it holds one (`--fresh`: replaced); {"group", "kept"}."""
+              seeds: list[int], tune: bool, stop: threading.Event | None = None) -> dict:
+    """One compare() into `run_dir`, resumed when it holds one (`--fresh`: replaced); {"group", "kept"}. `stop` set
+    (SIGTERM) ends it within a step, checkpointed, and the process with exit status STOPPED."""
     from vera_core.lab.compare import compare
 
     if finished(run_dir, seeds, rates[1]) and not args.fresh:
@@ -197,11 +199,13 @@ def run_group(args: argparse.Namespace, run_dir: Path, method: str, adapter, rat
     ds, b = task_dataset(args)
     exists = "overwrite" if args.fresh else ("resume" if (run_dir / "config.json").is_file() else "refuse")
     tune_steps = QUICK["tune_steps"] if args.quick else (args.tune_steps or max(1, b["steps"] // 2))
-    compare(args.model, ds, methods=(method,), vera=adapter if method == "vera" else VeraConfig(),
-            lora=adapter if method == "lora" else LoraConfig(), train=train_config(args, b, rates[1]),
-            out_dir=run_dir, lrs={method: rates[0]}, seeds=seeds, samples=0, progress=False, exists=exists,
-            tune={"lr_scale": list(QUICK["scales"] if args.quick else SCALES)} if tune else None,
-            tune_steps=tune_steps if tune else None)
+    report = compare(args.model, ds, methods=(method,), vera=adapter if method == "vera" else VeraConfig(),
+                     lora=adapter if method == "lora" else LoraConfig(), train=train_config(args, b, rates[1]),
+                     out_dir=run_dir, lrs={method: rates[0]}, seeds=seeds, samples=0, progress=False, exists=exists,
+                     tune={"lr_scale": list(QUICK["scales"] if args.quick else SCALES)} if tune else None,
+                     tune_steps=tune_steps if tune else None, stop=stop)
+    if report.stopped:
+        raise SystemExit(STOPPED)
     return {"group": str(run_dir.relative_to(Path(args.out) / "ablations")), "kept": False}
 
 
@@ -233,9 +237,10 @@ def child_work(cfg: dict):
     rates = {k: tuple(v) for k, v in cfg["rates"].items()}
     if cfg["phase"] == "sweep":
         rates["vera"] = (tuned_lr(group_dir(args, "default")), rates["vera"][1])
-    for group, method, adapter in plan(args, cfg["phase"]):
-        yield run_group(args, group_dir(args, group), method, adapter, rates[method], phase_seeds(args, cfg["phase"]),
-                        tune=cfg["phase"] == "variants")
+    with stop_on_sigterm() as stop:  # kill -TERM -PGID: the run in progress checkpoints; the next start resumes it
+        for group, method, adapter in plan(args, cfg["phase"]):
+            yield run_group(args, group_dir(args, group), method, adapter, rates[method],
+                            phase_seeds(args, cfg["phase"]), tune=cfg["phase"] == "variants", stop=stop)
 
 
 # ---------------------------------------------------------------------------------------------- the record
@@ -709,16 +714,18 @@ def main() -> int:
     if "variants" not in (args.phase or PHASES):
         tuned_lr(group_dir(args, "default"))  # the sweep alone needs default's tuning: say so before any child starts
     errors: list[str] = []
-    with beside_sampler(Path(args.out) / "ablations" / "beside.log"):  # what ran beside it, for the record
-        train_phases(args, rates, errors)
+    # SIGTERM (to the process group) reaches the child, which checkpoints and exits STOPPED; this process outlives it
+    # to stop the sampler and write the record.
+    with beside_sampler(Path(args.out) / "ablations" / "beside.log"), stop_on_sigterm() as stop:
+        stopped = train_phases(args, rates, errors, stop)
     result = record(args, rates, errors)
     print(markdown(result, []))
-    return 1 if errors else 0
+    return STOPPED if stopped else 1 if errors else 0
 
 
-def train_phases(args: argparse.Namespace, rates: dict, errors: list[str]) -> None:
+def train_phases(args: argparse.Namespace, rates: dict, errors: list[str], stop: threading.Event) -> bool:
     """Each phase's groups in one child process; a finished group is kept, and every group that ends rewrites the
-    record (without the figure: it is drawn once, at the end)."""
+    record (without the figure: it is drawn once, at the end). A stopped child, or `stop`, ends the phases: True."""
     def recorded(row: dict) -> None:
         print(f"   {row['group']}: {'done earlier, kept' if row['kept'] else 'finished'}", flush=True)
         record(args, rates, errors, draw=False)
@@ -734,8 +741,15 @@ def train_phases(args: argparse.Namespace, rates: dict, errors: list[str]) -> No
         try:
             run_child(__file__, {"phase": phase, "args": vars(args), "rates": rates}, on_result=recorded)
         except ChildFailed as err:
+            if err.returncode == STOPPED:
+                print(f"   {phase}: stopped (SIGTERM) at a step, checkpointed: run again to resume it", flush=True)
+                return True
             errors.append(f"{phase}: {err}")
             print(f"   {phase} stopped: {err}\n{err.tail}", flush=True)
+        if stop.is_set():
+            print("   stopped (SIGTERM) between phases: run again to go on", flush=True)
+            return True
+    return False
 
 
 if __name__ == "__main__":

@@ -18,6 +18,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -153,3 +154,19 @@ def beside_sampler(log: Path) -> Iterator[None]:
         yield
     finally:
         os.killpg(sampler.pid, signal.SIGTERM)  # its own group: the sampler and the sleep it waits in
+
+
+STOPPED = 3  # the exit status of a benchmark that SIGTERM stopped at a step: its run is checkpointed, a rerun resumes
+
+
+@contextlib.contextmanager
+def stop_on_sigterm() -> Iterator[threading.Event]:
+    """An event that SIGTERM sets instead of killing the process (the previous handler is restored after): a
+    compare() given it ends within one optimizer step and checkpoints the run, so the next start resumes that step
+    instead of training the run again — what a session's end costs a long benchmark."""
+    stop = threading.Event()
+    previous = signal.signal(signal.SIGTERM, lambda signum, frame: stop.set())
+    try:
+        yield stop
+    finally:
+        signal.signal(signal.SIGTERM, previous)

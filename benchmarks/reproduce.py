@@ -31,6 +31,7 @@ import json
 import os
 import re
 import sys
+import threading
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -38,7 +39,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import torch  # noqa: E402
-from harness import RESULTS, ROOT, SMOLLM2, committed_file  # noqa: E402
+from harness import RESULTS, ROOT, SMOLLM2, STOPPED, committed_file, stop_on_sigterm  # noqa: E402
 
 from vera_core.lab.parse import float_list, seed_list  # noqa: E402
 from vera_core.lab.compare import compare  # noqa: E402
@@ -216,8 +217,9 @@ def subset_note(task: str, ds: TextDataset, b: dict) -> str:
 
 # ---------------------------------------------------------------------------------------------- running
 
-def run_task(task: str, args: argparse.Namespace) -> list[dict]:
-    """Run (or resume) every comparison of `task` not already finished; returns its quality.json rows."""
+def run_task(task: str, args: argparse.Namespace, stop: threading.Event | None = None) -> list[dict]:
+    """Run (or resume) every comparison of `task` not already finished; returns its quality.json rows. `stop` set
+    (SIGTERM) ends the comparison within a step, checkpointed, and the script with exit status STOPPED."""
     root = data_dir(args.data_dir)
     message = missing_data(task, root)
     if message:
@@ -262,8 +264,11 @@ def run_task(task: str, args: argparse.Namespace) -> list[dict]:
                          train=train, out_dir=run_dir, lrs=lrs,
                          eval_generate=n_test_groups, samples=n_test_groups, seeds=seeds,
                          tune=tune_grids(group, scales, args),
-                         tune_steps=tune_steps, score_tuning=task in SCORE_TUNING,
+                         tune_steps=tune_steps, score_tuning=task in SCORE_TUNING, stop=stop,
                          exists="resume" if (run_dir / "config.json").is_file() else "refuse")
+        if report.stopped:
+            print(f"   {group.name}: stopped (SIGTERM) at a step, checkpointed: run again to resume it", flush=True)
+            raise SystemExit(STOPPED)
         if task == "e2e":
             write_outputs(run_dir, report)
         write_json(run_dir / "subset.json", {"task": task, "subset": note, "full": bool(args.full),
@@ -663,8 +668,9 @@ def main(argv: list[str] | None = None) -> int:
         print((results / "quality.md").read_text() if (results / "quality.md").is_file() else
               f"no runs under {results / 'repro'}: nothing to rewrite")
         return 0
-    for task in TASKS if args.task == "all" else (args.task,):
-        run_task(task, args)
+    with stop_on_sigterm() as stop:  # kill -TERM: the run in progress checkpoints and the next start resumes it
+        for task in TASKS if args.task == "all" else (args.task,):
+            run_task(task, args, stop)
     path = results / "quality.json"
     if path.is_file():
         print(markdown(json.loads(path.read_text())))

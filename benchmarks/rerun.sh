@@ -10,6 +10,9 @@
 #
 # Resumable: run it again after a kill. A finished comparison is kept; an unfinished one resumes from its finished
 # tuning points and seed runs and continues a stopped run from its checkpoint (compare's exists="resume").
+# To stop it (a session's end): `kill -TERM -PGID` (its process group). reproduce.py then ends the run in progress
+# within one step, checkpointed (a tuning point's E2E scoring finishes first: up to a few minutes), this script
+# commits what the comparison has so far and exits 3; the next start resumes that step. SIGKILL loses the run.
 #
 #     setsid nohup bash benchmarks/rerun.sh > /work/logs/rerun.log 2>&1 &
 #
@@ -44,17 +47,26 @@ run_group() {
   mkdir -p "$dir"
   echo "== $(date '+%F %T') $task/$group"
   benchmarks/beside.sh "$dir/beside.log" "$(ps -o pgid= $$ | tr -d ' ')" & sampler=$!  # what ran beside it
-  "$PY" benchmarks/reproduce.py --task "$task" --group "$group" --out "$OUT" || { kill "$sampler"; exit 1; }
-  kill "$sampler"
-  local busy samples
+  local status=0 busy samples
+  "$PY" benchmarks/reproduce.py --task "$task" --group "$group" --out "$OUT" || status=$?
+  kill "$sampler" 2>/dev/null || true  # a group SIGTERM has ended it already
+  [ "$status" = 0 ] || [ "$status" = 3 ] || exit 1
   samples=$(wc -l < "$dir/beside.log" 2>/dev/null || echo 0)
   busy=$(grep -c '%);' "$dir/beside.log" 2>/dev/null || true)
   git add "$OUT"
+  if [ "$status" = 3 ]; then  # stopped (SIGTERM): keep the finished points and runs in git, then stop
+    git diff --cached --quiet || git commit -q -m "head-rate rerun, partial: $task/$group stopped at a step (SIGTERM)" \
+      -m "Finished tuning points and seed runs so far; the next start resumes the stopped run from its checkpoint."
+    exit 3
+  fi
   git diff --cached --quiet || git commit -q -m "head-rate rerun: $task/$group (one head rate, seeds $(
     "$PY" -c "import json,sys; print(','.join(map(str, json.load(open(sys.argv[1]))['seeds'])))" "$dir/report.json"))" \
     -m "Ran at OMP_NUM_THREADS=1 on the shared 2-core machine; beside it, $busy of $samples five-minute samples saw other
 processes over 20% CPU (other engineers' tests; $dir/beside.log lists them)."
 }
+
+# SIGTERM reaches reproduce.py too (one process group); this script waits for it to checkpoint and exit.
+trap 'echo "== $(date "+%F %T") SIGTERM: the run in progress checkpoints, then what finished is committed"' TERM
 
 pairs=("$@")
 [ ${#pairs[@]} -gt 0 ] || pairs=(rotten-tomatoes/qv sst2/qv sst2/all e2e/all)

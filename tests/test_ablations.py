@@ -3,9 +3,12 @@ per-layer picture), the direction column read from the intervals, and a rerun th
 import argparse
 import importlib.util
 import json
+import os
 import shutil
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -164,3 +167,27 @@ def test_quick_run_writes_a_well_formed_record_and_a_rerun_trains_only_what_is_m
     assert "tuning.json is missing" in refused and "run the variants first" in refused and "== sweep" not in refused
     assert (out / "ablations" / "default" / "metrics.jsonl").read_bytes() == default_log
     assert json.loads((out / "ablations.json").read_text())["rows"] == rows
+
+
+@pytest.mark.integration
+def test_sigterm_stops_the_run_at_a_step_and_leaves_nothing_running(assets, tmp_path):
+    """kill -TERM on the process group (a session's end): the child checkpoints and exits, the parent writes the
+    record, stops its sampler and exits STOPPED; a rerun goes on from there."""
+    out = tmp_path / "abl"
+    command = [sys.executable, str(ROOT / "benchmarks" / "ablations.py"), "--quick", "--task", "rotten-tomatoes",
+               "--model", str(assets / "bert"), "--out", str(out),
+               "--rates-from", str(_quality(tmp_path / "quality.json", 0.002, 0.001, 0.01))]
+    proc = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True)
+    deadline = time.monotonic() + 300
+    while not list((out / "ablations").glob("*/metrics.jsonl")) and time.monotonic() < deadline:
+        time.sleep(0.2)  # until the first group trains
+    os.killpg(proc.pid, signal.SIGTERM)
+    text = proc.communicate(timeout=300)[0]
+    assert proc.returncode == ablations.STOPPED, text[-3000:]
+    assert "stopped (SIGTERM)" in text and (out / "ablations.json").is_file()
+    left = subprocess.run(["pgrep", "-f", str(out)], capture_output=True, text=True).stdout
+    assert left == "", left  # no sampler, no child left behind
+    _run(assets, out)  # the rerun finishes what the stop left
+    record = json.loads((out / "ablations.json").read_text())
+    assert [r["variant"] for r in record["rows"]] == list(ablations.VARIANTS) and record["errors"] == []

@@ -3,6 +3,8 @@ import argparse
 import csv
 import importlib.util
 import json
+import os
+import signal
 import sys
 from pathlib import Path
 
@@ -157,12 +159,37 @@ def test_head_only_has_its_own_wider_grid_and_the_minilm_tasks_five_seeds():
 
 
 @pytest.mark.integration
-def test_quick_rotten_tomatoes_records_one_head_rate_per_comparison(tmp_path):
+def test_quick_rotten_tomatoes_records_one_head_rate_per_comparison(tmp_path, monkeypatch, capsys):
     """The smoke run on the built-in set: head-only tuned on its own grid first; its choice is the head rate of
-    every run in report.json and the comparison's head rate in quality.json, whose rows say where they come from."""
+    every run in report.json and the comparison's head rate in quality.json, whose rows say where they come from.
+    A SIGTERM in the middle of the first seed run stops it at a step, checkpointed; the next start resumes it."""
     out = tmp_path / "out"
+    real = reproduce.compare
+
+    def interrupted(*args, **kwargs):  # SIGTERM at the first seed run's first step (after tuning)
+        def on_event(event):
+            if event["type"] == "step" and event.get("phase") != "tune" and event["step"] == 1:
+                os.kill(os.getpid(), signal.SIGTERM)
+        return real(*args, on_event=on_event, **kwargs)
+
+    monkeypatch.setattr(reproduce, "compare", interrupted)
+    with pytest.raises(SystemExit) as stopped:
+        reproduce.main(["--task", "rotten-tomatoes", "--quick", "--out", str(out)])
+    assert stopped.value.code == reproduce.STOPPED
+    assert "qv: stopped (SIGTERM) at a step, checkpointed: run again to resume it" in capsys.readouterr().out
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # the handler was the script's alone
+    run_dir = out / "repro" / "rotten-tomatoes" / "qv"
+    tuned = {p: p.stat().st_mtime_ns for p in (run_dir / "tune").rglob("tune.json")}
+    (checkpoint,) = run_dir.glob("train/*/checkpoints/step-*")  # the stopped run's, at the step it reached
+    assert tuned and not (out / "quality.json").exists()
+    monkeypatch.setattr(reproduce, "compare", real)
     assert reproduce.main(["--task", "rotten-tomatoes", "--quick", "--out", str(out)]) == 0
-    report = json.loads((out / "repro" / "rotten-tomatoes" / "qv" / "report.json").read_text())
+    assert {p: p.stat().st_mtime_ns for p in tuned} == tuned  # the tuning was kept, not trained again
+    stopped_run = checkpoint.parents[1].name
+    log = [json.loads(line) for line in (run_dir / "metrics.jsonl").open()]
+    firsts = [e for e in log if e["type"] == "step" and e.get("run") == stopped_run and e["step"] == 1]
+    assert len(firsts) == 1  # resumed from its checkpoint: its first step was not trained again
+    report = json.loads((run_dir / "report.json").read_text())
     head = report["tuning"]["head"]
     assert list(report["tuning"]) == ["head", "lora-r8", "vera-r256"]
     assert [p["scale"] for p in head["grid"]] == [1.0, 8.0] and report["head_lr"] == pytest.approx(1e-3 * head["scale"])
