@@ -132,9 +132,10 @@ ax.figure.tight_layout()
 #
 # **Rates.** The adapters train at the library's defaults (from the project's tuning records). The classifier head is
 # trained from scratch, and one head rate serves every method of a comparison, so the methods differ in their adapters
-# alone. The library's default head rate (1e-3) is far too low for a head that starts random: the project's head-rate
-# rerun tuned head-only on Rotten Tomatoes over a wide grid (400 steps, validation loss) and chose 1.28e-1. This
-# notebook uses that rate instead of tuning again, which would cost more than its whole budget. The record, read here:
+# alone. The library's default head rate (1e-2, DEFAULT_LR) is too low for a head that starts random: the project's
+# head-rate rerun tuned head-only on Rotten Tomatoes over a wide grid (400 steps, validation loss) and chose 1.28e-1.
+# This notebook uses that rate instead of tuning again, which would cost more than its whole budget. The record, read
+# here:
 
 # %%
 RESULTS = Path(vera_core.__file__).resolve().parents[1] / "benchmarks" / "results"

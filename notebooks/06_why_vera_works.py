@@ -66,7 +66,7 @@ PAPER = {"VeRA": (90.5, 85.8), "VeRA only_d": (89.7, 67.0), "VeRA only_b": (81.6
 # The classifier head starts random, so it needs a far higher rate than the adapters. One head rate for every run
 # here: the project's head-rate rerun tuned head-only on Rotten Tomatoes over 1/4 x ... 1024 x 1e-3 at 400 steps and
 # chose 1.28e-1 (lowest validation loss; benchmarks/results/rerun/repro/rotten-tomatoes/qv/metrics.jsonl,
-# "tune_done" events). The adapters train at the lab's default rates (VeRA 4e-2, LoRA 1e-3).
+# "tune_done" events). The adapters train at the lab's default rates (DEFAULT_LR in lab/train.py).
 HEAD_LR = 1.28e-1
 if QUICK:   # CI: every part runs for real, with tiny budgets
     BUDGET = dict(max_rows=48, steps=3, batch_size=8, max_length=48, seeds=[0], ranks=[4, 64, 1024],
@@ -373,7 +373,7 @@ print(f"(parts 1-4 ran in {(time.perf_counter() - START) / 60:.1f} min on this m
 #   record.
 # - A run that has not trained (validation loss near ln 2) says nothing about a method: check the loss before the
 #   accuracy. A classifier head trained from scratch needs a far higher rate than the lab's default head rate
-#   (1e-3): here 1.28e-1, head-only's tuned rate in the project's record.
+#   (1e-2, DEFAULT_LR): here 1.28e-1, head-only's tuned rate in the project's record.
 # - Two seeds and a few hundred test reviews cannot separate variants a few points apart; the record's paired
 #   intervals (part 4) and the paper's Table 6 are where a direction is read.
 #

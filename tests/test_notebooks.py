@@ -262,3 +262,14 @@ def test_05_recorded_takeaway_is_the_serve_record():
     for name in ("chef", "critic", "terse"):
         assert re.search(rf"{name} *: adapter .* -> (does its job|does not do its job yet)", out), name
     assert "ours-vera" not in out and "peft-lora" not in out  # learners read names, not the benchmark's ids
+
+
+def test_a_default_rate_a_notebook_names_is_the_librarys():
+    """Prose cannot compute: a default head rate typed into a notebook must be DEFAULT_LR's (it moved once, from 1e-3
+    to 1e-2, and the text kept the old one)."""
+    from vera_core.lab.train import DEFAULT_LR
+
+    named = [(path.name, float(m)) for path in sorted(NOTEBOOKS.glob("0*.py"))
+             for m in re.findall(r"default head rate\s*\(([0-9.e-]+)", path.read_text().replace("\n# ", " "))]
+    assert named, "no notebook names the default head rate: drop this test or the phrase it reads"
+    assert all(rate == DEFAULT_LR["head"][1] for _, rate in named), named
