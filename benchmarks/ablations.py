@@ -473,9 +473,9 @@ def figure(result: dict):
             axes[1, 0].errorbar([p["trainable_params"] for p in pts], [p["metric_mean"] for p in pts],
                                 yerr=[p["metric_std"] or 0.0 for p in pts], fmt="-o", color=colour, capsize=3,
                                 label=method.upper())
-            for p in pts:
+            for i, p in enumerate(pts):  # staggered: VeRA r = 1, 4, 16 differ by a few parameters, one x apart
                 axes[1, 0].annotate(f"r={p['r']}", (p["trainable_params"], p["metric_mean"]), fontsize=7,
-                                    textcoords="offset points", xytext=(3, 3))
+                                    textcoords="offset points", xytext=(3, 3 + 9 * (i % 3)))
     axes[1, 0].set(xscale="log", xlabel="trainable parameters (head excluded)", ylabel="accuracy (%)",
                    title="rank sweep: mean, bars ± std over seeds")
     axes[1, 0].legend()
@@ -544,7 +544,33 @@ def layer_lines(layers: list[dict] | None) -> list[str]:
                      f"mean |b| {min(p['mean_abs_b'] for p in pts):.2e}–{max(p['mean_abs_b'] for p in pts):.2e}, "
                      f"||ΔW||/||W0|| {min(p['delta_ratio'] for p in pts):.2e}–{top['delta_ratio']:.2e} "
                      f"(largest in layer {top['layer']})")
-    return lines
+    return lines + figure3_lines(layers)
+
+
+def figure3_lines(layers: list[dict] | None) -> list[str]:
+    """The paper's Figure 3 read on this adapter: mean ||d||₂ of query against value, and of the later half of the
+    layers against the earlier half."""
+    if not layers:
+        return []
+
+    def mean(rows: list[dict]) -> float:
+        return sum(r["d_norm"] for r in rows) / len(rows)
+
+    depths = sorted({r["layer"] for r in layers})
+    middle = depths[len(depths) // 2]
+    query, value = ([r for r in layers if r["module"] == m] for m in ("query", "value"))
+    early, late = [r for r in layers if r["layer"] < middle], [r for r in layers if r["layer"] >= middle]
+    if not (query and value and early and late):
+        return []
+    def side(a: float, b: float, paper: str, other: str) -> str:  # within 2%: one seed's adapter cannot order them
+        return ("about equal, within 2%" if abs(a - b) <= 0.02 * max(a, b) else
+                f"{paper} larger, as in the paper" if a > b else f"{other} larger, unlike the paper")
+
+    by_module = side(mean(query), mean(value), "query", "value")
+    by_depth = side(mean(late), mean(early), "later", "earlier")
+    return [f"- Figure 3's pattern here (one trained adapter: a description, not a test with an interval): mean "
+            f"||d||₂ query {mean(query):.3g} against value {mean(value):.3g} ({by_module}); layers {middle}–"
+            f"{depths[-1]} {mean(late):.3g} against layers {depths[0]}–{middle - 1} {mean(early):.3g} ({by_depth})."]
 
 
 def reading(result: dict) -> list[str]:

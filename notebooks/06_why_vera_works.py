@@ -360,6 +360,10 @@ else:
     for verdict in sorted({r["direction"] for r in record["rows"] if r["direction"]}):
         print(f"- {verdict}: {', '.join(r['variant'] for r in record['rows'] if r['direction'] == verdict)}")
     display(Image(str(RECORD.with_suffix(".png"))))  # drawn by ablations.py: colour = variant, error bars
+    page = RECORD.with_suffix(".md").read_text()  # the record's own reading of its numbers, computed by ablations.py
+    for title in ("What a CPU-sized model and task can and cannot tell", "Per layer after training"):
+        section = page.split(f"## {title}", 1)[1].split("\n## ", 1)[0]
+        print(f"\n{title}{section.rstrip()}")
 print(f"(parts 1-4 ran in {(time.perf_counter() - START) / 60:.1f} min on this machine, now)")
 
 # %% [markdown]

@@ -79,6 +79,24 @@ def test_the_record_says_what_ran_beside_it_and_its_cpu_hours_apart_from_wall_ho
     assert ablations.beside(argparse.Namespace(out=str(tmp_path / "none"))) is None
 
 
+def test_figure_3s_pattern_is_read_from_the_trained_adapter_per_module_and_depth():
+    def layer(i, module, d):
+        return {"layer": i, "module": module, "d_norm": d, "mean_abs_b": 0.1, "mean_abs_d": 0.1, "delta_ratio": 0.01}
+
+    # query 1, 1, 3, 3 (mean 2) against value 1, 1, 1, 1; layers 2-3 mean 2 against layers 0-1 mean 1
+    layers = [layer(i, "query", 1.0 if i < 2 else 3.0) for i in range(4)] + [layer(i, "value", 1.0) for i in range(4)]
+    (line,) = ablations.figure3_lines(layers)
+    assert "query 2 against value 1 (query larger, as in the paper)" in line
+    assert "layers 2–3 2 against layers 0–1 1 (later larger, as in the paper)" in line
+    flipped = [{**r, "d_norm": 4.0 - r["d_norm"]} for r in layers]  # query 3, 3, 1, 1 against value 3, ...
+    (line,) = ablations.figure3_lines(flipped)
+    assert "(value larger, unlike the paper)" in line and "(earlier larger, unlike the paper)" in line
+    level = [{**r, "d_norm": 1.0 + 0.01 * (r["module"] == "value")} for r in layers]  # 1% apart: no order
+    assert "query 1 against value 1.01 (about equal, within 2%)" in ablations.figure3_lines(level)[0]
+    assert ablations.figure3_lines(None) == [] and ablations.layer_lines(layers)[-1] == ablations.figure3_lines(
+        layers)[0]
+
+
 def test_a_record_from_before_one_head_rate_per_comparison_is_refused(tmp_path):
     old = _quality(tmp_path / "old.json", 0.002, 0.001, None)  # the heads scaled with each adapter's rate
     with pytest.raises(SystemExit) as refused:

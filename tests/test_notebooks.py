@@ -183,6 +183,9 @@ def test_06_recorded_numbers_agree_with_each_other_and_the_record():
 
     missing = not (ROOT / "benchmarks" / "results" / "ablations.json").is_file()
     assert ("The ablation record (ablations.json) has not been run yet" in out) == missing
+    if not missing:  # the record's reading and its per-layer lines, printed as ablations.md has them
+        page = (ROOT / "benchmarks" / "results" / "ablations.md").read_text()
+        assert all(line in out for line in page.splitlines() if line.startswith(("- query:", "- Figure 3's")))
     ran = _number(r"parts 1-4 ran in (\S+) min", out)
     stated = _number(r"full mode takes (\d+) min", markdown[0].replace("\n", " "))
     assert round(ran) <= stated <= ran + 3  # measured with other work beside it: stated conservatively
