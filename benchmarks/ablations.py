@@ -22,7 +22,9 @@ kept, a stopped run continues from its checkpoint):
 - the per-layer picture of default VeRA's seed-0 adapter (mean |b|, mean |d|, ||d||_2, ||dW||_F / ||W0||_F).
 The groups train in two child processes (harness.run_child: the variants, then the sweep); every group that ends
 rewrites ablations.{json,md} (the figure is drawn when the run ends), so a killed run keeps what finished and a rerun
-restarts at what did not. Tuning runs train half the steps (--tune-steps), as reproduce.py tunes E2E.
+restarts at what did not; stopped with `kill -TERM -PGID` (its process group), the run in progress checkpoints first
+and the rerun resumes it at that step (exit status 3). Tuning runs train half the steps (--tune-steps), as
+reproduce.py tunes E2E. CPU hours and what ran beside it (benchmarks/beside.sh, every 5 minutes) go into the record.
 
     .venv/bin/python benchmarks/ablations.py --data-dir ../shared/data                 # the full run (CPU)
     .venv/bin/python benchmarks/ablations.py --estimate --data-dir ../shared/data      # its time, from step timings
