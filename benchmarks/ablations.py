@@ -564,6 +564,7 @@ def figure3_lines(layers: list[dict] | None) -> list[str]:
     early, late = [r for r in layers if r["layer"] < middle], [r for r in layers if r["layer"] >= middle]
     if not (query and value and early and late):
         return []
+
     def side(a: float, b: float, paper: str, other: str) -> str:  # within 2%: one seed's adapter cannot order them
         return ("about equal, within 2%" if abs(a - b) <= 0.02 * max(a, b) else
                 f"{paper} larger, as in the paper" if a > b else f"{other} larger, unlike the paper")
